@@ -1,0 +1,31 @@
+# The two commands a newcomer needs (see README):
+#   make run    set up .venv, then run the main job (smoke experiment, embedded Whisper tiny.en, CPU)
+#   make test   set up .venv, then run the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup run test bench clean-reports
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: here it is the CPU wheel on disk; on a GPU box PyPI's CUDA build.
+# Installing anything that pulls torch before it would fetch the newest CUDA build (GBs).
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+run: setup
+	$(BIN)/omni run experiments/smoke.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+clean-reports:
+	rm -rf reports/*/ reports/index.html

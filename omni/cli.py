@@ -1,0 +1,118 @@
+"""The `omni` command. Each subcommand is a thin shell over one library function.
+
+    omni run EXPERIMENT.yaml [-p NAME=VALUE ...] [--workers N]   papermill -> reports/ + MLflow
+    omni index                                                   rebuild reports/index.html
+    omni data smoke                                              (re)write the smoke wavs
+    omni data synth --out data/synth --sentences 3000            synthesized multi-voice corpus
+    omni data librispeech ROOT/train-clean-100 --out M.jsonl     manifest from LibriSpeech
+    omni features --manifest M.jsonl --encoder tiny.en --out cache/
+    omni transcribe --run RUN_DIR --manifest M.jsonl | AUDIO ...
+
+Imports happen inside the handlers: `omni --help` should not pay for torch or mlflow.
+Bad input ends with one line `omni: error: ...` naming the file, line or parameter, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from omni.report import parse_overrides, run_experiment
+
+    results = run_experiment(args.experiment, parse_overrides(args.param), reports=args.reports, workers=args.workers)
+    failed = [r for r in results if r.status != "FINISHED"]
+    for r in results:
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()) if "/" not in k)
+        print(f"{r.status:8s} {r.name}  {r.report_dir / 'report.html'}")
+        if r.error:
+            print(f"         error: {r.error}")
+        elif metrics:
+            print(f"         {metrics[:400]}")
+    print(f"\nreports: {Path(args.reports).resolve() / 'index.html'}")
+    print("runs:    mlflow ui --backend-store-uri " + _uri())
+    return 1 if failed else 0
+
+
+def _uri() -> str:
+    from omni.track import tracking_uri
+
+    return tracking_uri()
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from omni.report import write_index
+
+    print(write_index(args.reports))
+    return 0
+
+
+def cmd_data_smoke(args: argparse.Namespace) -> int:
+    from omni.data.smoke import ensure_clips
+
+    for p in ensure_clips(args.manifest):
+        print(p)
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from omni.data.synth import SynthConfig, build_corpus, datasheet
+
+    cfg = SynthConfig(out=args.out, n_sentences=args.sentences, seed=args.seed, workers=args.workers)
+    out = build_corpus(cfg)
+    print(f"corpus: {out / 'manifest.jsonl'}")
+    print(f"datasheet: {datasheet(out, args.reports)}")
+    return 0
+
+
+def cmd_data_librispeech(args: argparse.Namespace) -> int:
+    from omni.data.librispeech import librispeech_manifest
+
+    n = librispeech_manifest(args.root, args.out)
+    print(f"{n} utterances -> {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="omni", description="Teach a small GPT to hear.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run an experiment YAML through papermill; reports under reports/")
+    r.add_argument("experiment")
+    r.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="override a notebook parameter (YAML value; a list makes a grid axis)")
+    r.add_argument("--workers", type=int, default=1, help="grid points run in this many parallel kernels")
+    r.add_argument("--reports", default="reports")
+    r.set_defaults(fn=cmd_run)
+
+    i = sub.add_parser("index", help="rebuild reports/index.html")
+    i.add_argument("--reports", default="reports")
+    i.set_defaults(fn=cmd_index)
+
+    d = sub.add_parser("data", help="build data sets and manifests").add_subparsers(dest="what", required=True)
+    ds = d.add_parser("smoke", help="write the smoke wavs named by the committed manifest")
+    ds.add_argument("--manifest", default="data/audio_smoke/manifest.jsonl")
+    ds.set_defaults(fn=cmd_data_smoke)
+    dy = d.add_parser("synth", help="synthesize the multi-voice texture corpus (espeak-ng, offline)")
+    dy.add_argument("--out", default="data/synth")
+    dy.add_argument("--sentences", type=int, default=3000)
+    dy.add_argument("--seed", type=int, default=0)
+    dy.add_argument("--workers", type=int, default=2)
+    dy.add_argument("--reports", default="reports")
+    dy.set_defaults(fn=cmd_data_synth)
+    dl = d.add_parser("librispeech", help="manifest from a LibriSpeech split folder")
+    dl.add_argument("root")
+    dl.add_argument("--out", required=True)
+    dl.set_defaults(fn=cmd_data_librispeech)
+
+    args = p.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:  # our errors are ValueErrors that name the culprit
+        print(f"omni: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

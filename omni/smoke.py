@@ -1,0 +1,154 @@
+"""The smoke experiment: can a random-init GPT learn five captions through the audio path?
+
+wav -> frozen Whisper (run once) -> layer choice -> projector -> soft tokens before a random-init
+depth-6 GPT -> cross-entropy on the caption only. Projector and GPT train together.
+
+A random LM can memorise five strings whatever the audio says: the loss drop alone mostly
+measures that. So the same run is repeated as a control, from the same initialisation, with
+the audio made uninformative (re-shuffled between captions at every step, or zeroed). The gap
+between the two final losses, and how many captions greedy decoding gets exactly right from
+audio alone, are what the audio path adds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from omni import audio
+from omni.data.manifest import read_manifest
+from omni.encoder import WhisperEncoder
+from omni.gpt import GPT, GPTConfig
+from omni.speech_lm import SpeechLM, SpeechLMConfig, collate_states
+from omni.tokenizer import ByteTokenizer
+from omni.track import NullTracker, Tracker
+from omni.train import History, TrainConfig, train
+
+CONTROLS = ("shuffle", "zero", "none")
+
+
+@dataclass
+class SmokeConfig:
+    steps: int = 50  # optimiser steps, full batch of all clips each step
+    lr: float = 3e-3  # AdamW peak lr for GPT and projector
+    seed: int = 0  # fixes init, control shuffles and decoding
+    depth: int = 6  # GPT depth; width is 64 * depth (nanochat rule)
+    layer: str = "last"  # Whisper state: last | middle | <index> | weighted | weighted_ln
+    k: int = 4  # frames per audio token
+    encoder: str = "tiny.en"  # Whisper source (see omni.encoder.resolve_source)
+    encoder_mode: str = "var"  # var (variable length) | pad30
+    control: str = "shuffle"  # shuffle | zero | none
+    device: str = "cpu"  # cpu | cuda | auto
+    manifest: str = "data/audio_smoke/manifest.jsonl"
+    min_drop: float = 0.5  # pass when the loss drops by at least this much
+
+
+@dataclass
+class SmokeResult:
+    config: SmokeConfig
+    real: History
+    control: History | None
+    texts: list[str]
+    decoded: list[str]  # greedy decoding of each clip by the trained model
+    control_decoded: list[str] = field(default_factory=list)
+    encode_seconds: float = 0.0
+
+    @property
+    def loss_drop(self) -> float:
+        return self.real.loss[0] - self.real.loss[-1]
+
+    @property
+    def control_gap(self) -> float:
+        return self.control.loss[-1] - self.real.loss[-1] if self.control else float("nan")
+
+    @property
+    def caption_accuracy(self) -> float:
+        return sum(d == t for d, t in zip(self.decoded, self.texts)) / len(self.texts)
+
+    @property
+    def control_caption_accuracy(self) -> float:
+        if not self.control_decoded:
+            return float("nan")
+        return sum(d == t for d, t in zip(self.control_decoded, self.texts)) / len(self.texts)
+
+    @property
+    def passed(self) -> bool:
+        return self.loss_drop >= self.config.min_drop
+
+    def metrics(self) -> dict[str, float]:
+        m = {
+            "initial_loss": self.real.loss[0],
+            "final_loss": self.real.loss[-1],
+            "loss_drop": self.loss_drop,
+            "caption_accuracy": self.caption_accuracy,
+            "train_seconds": self.real.seconds,
+            "encode_seconds": self.encode_seconds,
+            "passed": float(self.passed),
+        }
+        if self.control is not None:
+            m |= {
+                "control_final_loss": self.control.loss[-1],
+                "control_gap": self.control_gap,
+                "control_caption_accuracy": self.control_caption_accuracy,
+            }
+        return m
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available (parameter `device`)")
+    return torch.device(device)
+
+
+def _fit(cfg: SmokeConfig, hidden, lengths, texts, n_states, d_whisper, control: str, tracker, prefix: str):
+    torch.manual_seed(cfg.seed)  # same init for the real run and its control
+    device = hidden.device
+    tok = ByteTokenizer()
+    gpt = GPT(GPTConfig.from_depth(cfg.depth, vocab_size=tok.vocab_size)).to(device)
+    model = SpeechLM(gpt, tok, n_states, d_whisper, SpeechLMConfig(layer=cfg.layer, k=cfg.k)).to(device)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    n_tokens = sum(len(tok.encode(t)) + 1 for t in texts)
+
+    def loss_fn(step: int):
+        h, ln = hidden, lengths
+        if control == "shuffle":  # a fresh permutation each step: the audio says nothing about the caption
+            perm = torch.randperm(len(texts), generator=gen).to(device)
+            h, ln = hidden[perm], lengths[perm]
+        elif control == "zero":
+            h = torch.zeros_like(hidden)
+        return model(h, ln, texts), n_tokens
+
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    hist = train(params, loss_fn, TrainConfig(steps=cfg.steps, lr=cfg.lr, min_lr_frac=1.0), tracker, metric_prefix=prefix)
+    model.eval()
+    decoded = model.transcribe(hidden if control != "zero" else torch.zeros_like(hidden), lengths, max_new_tokens=80)
+    return hist, decoded
+
+
+def run_smoke(cfg: SmokeConfig, tracker: Tracker | NullTracker | None = None) -> SmokeResult:
+    if cfg.control not in CONTROLS:
+        raise ValueError(f"control {cfg.control!r} is not one of {CONTROLS} (parameter `control`)")
+    from omni.data.smoke import ensure_clips
+
+    tracker = tracker or NullTracker()
+    device = pick_device(cfg.device)
+    ensure_clips(cfg.manifest)
+    examples = read_manifest(cfg.manifest).examples
+    texts = [e.text for e in examples]
+    t0 = time.perf_counter()
+    encoder = WhisperEncoder.from_source(cfg.encoder, device=device)
+    states = encoder.encode([audio.load(e.audio).to(device) for e in examples], mode=cfg.encoder_mode)
+    hidden, lengths = collate_states(states)
+    encode_seconds = time.perf_counter() - t0
+    args = (hidden.to(device), lengths.to(device), texts, encoder.n_states, encoder.d_model)
+    real, decoded = _fit(cfg, *args, control="none", tracker=tracker, prefix="")
+    control, control_decoded = (None, [])
+    if cfg.control != "none":
+        control, control_decoded = _fit(cfg, *args, control=cfg.control, tracker=tracker, prefix="control/")
+    res = SmokeResult(cfg, real, control, texts, decoded, control_decoded, encode_seconds)
+    tracker.log_metrics(res.metrics(), step=cfg.steps)
+    return res

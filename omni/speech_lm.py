@@ -1,0 +1,157 @@
+"""SpeechLM: the trainable path from cached Whisper hidden states to text.
+
+    hidden (B, S, T, d_whisper) --LayerSelect--> (B, T, d) --Projector--> audio tokens (B, A, n_embd)
+    GPT input: [left pad][prompt?][audio tokens][prompt?][BOS text] -> loss on the text (and the closing BOS)
+
+Design choices:
+- The encoder is NOT part of this module: it is frozen and its states are cached, so every
+  experiment that changes the layer choice, the projector or the LM starts from hidden states.
+- The soft prefix is left-padded: every sample's text starts right after its last audio token, and
+  the GPT masks the padding as keys, so a batch gives the same result as each clip alone.
+- BOS doubles as end-of-text (nanochat uses <|bos|> as the document delimiter); generation stops on it.
+- A text prompt ("Transcribe:") can sit before the audio (inside the soft prefix, as embeddings of
+  its tokens) or after it (ordinary tokens with ignored targets).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from omni.encoder import LayerSelect
+from omni.gpt import GPT
+from omni.projector import Projector, ProjectorConfig
+
+PROMPT_POSITIONS = ("before", "after")
+
+
+@dataclass
+class SpeechLMConfig:
+    layer: str = "last"  # Whisper state(s) fed to the projector: last | middle | <index> | weighted | weighted_ln
+    k: int = 4  # frames stacked per audio token
+    projector: str = "stack"  # stack | conv | avg
+    prompt: str = ""  # optional text prompt, e.g. "Transcribe:"
+    prompt_position: str = "after"  # before | after the audio
+
+
+def collate_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-clip hidden states [(S, T_i, d)] -> right-padded (B, S, T_max, d) and lengths (B,)."""
+    lengths = torch.tensor([s.size(1) for s in states], dtype=torch.long)
+    S, d = states[0].size(0), states[0].size(2)
+    out = states[0].new_zeros(len(states), S, int(lengths.max()), d)
+    for i, s in enumerate(states):
+        out[i, :, : s.size(1)] = s
+    return out, lengths
+
+
+def left_pad(x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, A, D) -> left-padded (B, A, D) and a mask (B, A), True on real tokens."""
+    B, A, _ = x.shape
+    pos = torch.arange(A, device=x.device)[None, :]
+    shift = (A - lengths)[:, None]
+    src = (pos - shift).clamp(min=0)
+    mask = pos >= shift
+    out = torch.gather(x, 1, src[..., None].expand(-1, -1, x.size(-1))) * mask[..., None].to(x.dtype)
+    return out, mask
+
+
+class SpeechLM(nn.Module):
+    def __init__(self, gpt: GPT, tokenizer, n_states: int, d_whisper: int, config: SpeechLMConfig):
+        super().__init__()
+        if config.prompt_position not in PROMPT_POSITIONS:
+            raise ValueError(
+                f"prompt_position {config.prompt_position!r} is not one of {PROMPT_POSITIONS} (parameter `prompt_position`)"
+            )
+        self.config = config
+        self.gpt = gpt
+        self.tokenizer = tokenizer
+        self.select = LayerSelect(config.layer, n_states)
+        self.projector = Projector(
+            ProjectorConfig(d_in=d_whisper, d_out=gpt.config.n_embd, k=config.k, kind=config.projector)
+        )
+        self.match_text_scale()
+
+    @torch.no_grad()
+    def match_text_scale(self) -> float:
+        """Set the projector's output RMS to the RMS of the LM's text embeddings (re-run after loading an LM)."""
+        ids = torch.arange(self.gpt.config.vocab_size, device=self.gpt_device)[None, :]
+        rms = self.gpt.embed(ids).float().pow(2).mean().sqrt().item()
+        self.projector.set_target_rms(rms)
+        return rms
+
+    @property
+    def gpt_device(self) -> torch.device:
+        return next(self.gpt.parameters()).device
+
+    def _prompt_ids(self) -> list[int]:
+        return self.tokenizer.encode(self.config.prompt) if self.config.prompt else []
+
+    def audio_tokens(self, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded audio tokens (B, A, n_embd) and their lengths, before any prompt or padding."""
+        return self.projector(self.select(hidden), frame_lengths)
+
+    def prefix(self, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The soft prefix the GPT sees before the text: left-padded (B, P, n_embd) and its mask."""
+        tokens, lengths = self.audio_tokens(hidden, frame_lengths)
+        prompt = self._prompt_ids()
+        if prompt and self.config.prompt_position == "before":
+            ids = torch.tensor([prompt], device=tokens.device)
+            emb = self.gpt.embed(ids).to(tokens.dtype).expand(tokens.size(0), -1, -1)
+            # prompt first, then the real audio tokens, then the right padding; left_pad moves the padding
+            tokens = torch.cat([emb, tokens], dim=1)
+            lengths = lengths + len(prompt)
+        return left_pad(tokens, lengths)
+
+    def text_batch(self, texts: list[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """idx = [prompt?][BOS][text], targets = [-1 ...][text][BOS]; right-padded, pad targets -1."""
+        bos = self.tokenizer.bos_id
+        after = self._prompt_ids() if self.config.prompt_position == "after" else []
+        rows = [after + [bos] + self.tokenizer.encode(t) for t in texts]
+        T = max(len(r) for r in rows)
+        idx = torch.zeros(len(rows), T, dtype=torch.long)
+        targets = torch.full((len(rows), T), -1, dtype=torch.long)
+        for i, r in enumerate(rows):
+            idx[i, : len(r)] = torch.tensor(r)
+            n_text = len(r) - len(after)  # BOS + text tokens; their targets are text + closing BOS
+            targets[i, len(after) : len(r)] = torch.tensor(r[len(after) + 1 :] + [bos])
+            assert n_text >= 1
+        return idx.to(device), targets.to(device)
+
+    def forward(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        prefix, mask = self.prefix(hidden, frame_lengths)
+        idx, targets = self.text_batch(texts, hidden.device)
+        return self.gpt(idx, targets=targets, audio=prefix, audio_mask=mask)
+
+    @torch.no_grad()
+    def transcribe(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, max_new_tokens: int = 200, **sampling) -> list[str]:
+        prefix, mask = self.prefix(hidden, frame_lengths)
+        bos = self.tokenizer.bos_id
+        after = self._prompt_ids() if self.config.prompt_position == "after" else []
+        idx = torch.tensor([after + [bos]] * hidden.size(0), device=hidden.device)
+        out = self.gpt.generate(idx, audio=prefix, audio_mask=mask, max_new_tokens=max_new_tokens, stop_token=bos, **sampling)
+        texts = []
+        for row in out.tolist():
+            if bos in row:
+                row = row[: row.index(bos)]
+            texts.append(self.tokenizer.decode(row))
+        return texts
+
+    # -- checkpoints: the trainable audio path only (the GPT saves itself); safetensors + JSON, no pickles
+    def save_audio_path(self, directory: str | Path) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {f"select.{k}": v for k, v in self.select.state_dict().items()}
+        state |= {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, d / "audio_path.safetensors")
+        meta = {"speech_lm": asdict(self.config), "n_states": self.select.n_states, "d_whisper": self.projector.config.d_in}
+        (d / "audio_path.json").write_text(json.dumps(meta, indent=2))
+
+    def load_audio_path(self, directory: str | Path) -> None:
+        state = load_file(Path(directory) / "audio_path.safetensors")
+        self.select.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("select.")})
+        self.projector.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("projector.")})

@@ -1,0 +1,145 @@
+"""MLflow tracking, reduced to what experiments here need.
+
+Design choices:
+- The runner (`omni run`) owns a run's life: it creates the run, passes its id to the notebook as
+  the `mlflow_run_id` parameter, and closes it as FINISHED or FAILED. A notebook only *attaches*
+  and logs. So a crashed notebook still leaves a run, marked failed, with what it logged so far.
+- Everything goes through `MlflowClient` with explicit run ids: no global "active run", which is
+  what makes parallel grid workers and nested (parent/child) runs safe.
+- Per-step metrics are buffered and sent with `log_batch` (one sqlite transaction per flush,
+  not one per number).
+- `NullTracker` has the same methods and does nothing: a notebook opened by hand without a run
+  logs nowhere, with no `if`s in the code.
+- Default store: `sqlite:///mlflow.db` in the working directory; `MLFLOW_TRACKING_URI` wins.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+FLUSH_EVERY = 200  # buffered metric values before a log_batch
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _client():
+    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
+    from mlflow.tracking import MlflowClient  # imported late: mlflow costs ~1 s to import
+
+    return MlflowClient(tracking_uri=tracking_uri())
+
+
+def experiment_id(name: str) -> str:
+    """Get or create an experiment. Create it once, before parallel workers (creation races)."""
+    client = _client()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # another process created it between our two calls
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _flat(params: dict[str, Any]) -> dict[str, str]:
+    # MLflow params are strings of at most 6000 characters
+    return {k: str(v)[:6000] for k, v in params.items()}
+
+
+def start_run(experiment: str, run_name: str, params: dict[str, Any] | None = None, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+    client = _client()
+    tags = dict(tags or {})
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id(experiment), run_name=run_name, tags=tags)
+    if params:
+        from mlflow.entities import Param
+
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in _flat(params).items()])
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    _client().set_terminated(run_id, status=status)
+
+
+def run_metrics(run_id: str) -> dict[str, float]:
+    """Latest value of every metric of a run."""
+    return dict(_client().get_run(run_id).data.metrics)
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in _client().get_metric_history(run_id, key)]
+
+
+class Tracker:
+    """Logs into one existing MLflow run."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.client = _client()
+        self._buffer: list = []
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        have = self.client.get_run(self.run_id).data.params
+        # a param cannot change within a run; the runner already logged the notebook's parameters
+        new = {k: v for k, v in _flat(params).items() if k not in have}
+        if new:
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in new.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for k, v in metrics.items():
+            self._buffer.append(Metric(k, float(v), now, int(step)))
+        if len(self._buffer) >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._buffer:
+            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]  # MLflow's batch limit
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_figure(self, fig, name: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / name
+            fig.savefig(path, dpi=120, bbox_inches="tight")
+            self.client.log_artifact(self.run_id, str(path), artifact_path="figures")
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        if p.is_dir():
+            self.client.log_artifacts(self.run_id, str(p), artifact_path=artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(p), artifact_path=artifact_path)
+
+
+class NullTracker:
+    """Same surface as Tracker; does nothing."""
+
+    run_id = ""
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None: ...
+    def flush(self) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_figure(self, fig, name: str) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+
+def attach(run_id: str | None) -> Tracker | NullTracker:
+    """What a notebook calls with its `mlflow_run_id` parameter ("" when opened by hand)."""
+    return Tracker(run_id) if run_id else NullTracker()

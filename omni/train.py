@@ -1,0 +1,192 @@
+"""One training loop for every stage: which parameters train is the caller's choice.
+
+The loop knows nothing about audio or text. It is handed the parameters to optimise and a
+`loss_fn(step) -> (loss, n_tokens)` that draws its own batch; everything else is the same
+for the smoke test, LM pretraining, projector-only alignment and (later) LoRA tuning.
+
+Stability measures from audio-LLM practice:
+- warmup then cosine decay to `min_lr_frac` of the peak;
+- gradient clipping by global norm;
+- bf16 autocast on CUDA when asked; the trainable modules stay fp32 (autocast casts per op);
+- a guard that skips a step whose loss or gradient norm is not finite, and counts it;
+- checkpoints (safetensors model state + JSON loop state) every `ckpt_every` steps, and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from omni.track import NullTracker, Tracker
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 50  # optimiser steps
+    lr: float = 3e-3  # peak learning rate
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup: int = 0  # linear warmup steps
+    min_lr_frac: float = 0.1  # cosine decay ends at lr * min_lr_frac; 1.0 keeps lr constant
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    dtype: str = "float32"  # float32 | bfloat16 (autocast; only used on CUDA)
+    log_every: int = 1  # steps between metric logs
+    eval_every: int = 0  # steps between eval_fn calls; 0 = only at the end
+    ckpt_every: int = 0  # steps between checkpoints; 0 = none
+    ckpt_dir: str = ""  # where checkpoints go; resume reads from here
+    progress: bool = True  # tqdm bar (shown on terminals; papermill runs get papermill's own bar)
+
+
+@dataclass
+class History:
+    step: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+    tokens_per_s: list[float] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)  # [{"step": s, **metrics}]
+    skipped: int = 0
+    seconds: float = 0.0
+
+    @property
+    def final_loss(self) -> float:
+        return self.loss[-1] if self.loss else float("nan")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup)
+    progress = min(1.0, (step - cfg.warmup) / span)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.dtype == "bfloat16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype {cfg.dtype!r} is not float32 or bfloat16 (parameter `dtype`)")
+    return nullcontext()
+
+
+def train(
+    params: dict[str, torch.nn.Parameter],
+    loss_fn: Callable[[int], tuple[torch.Tensor, int]],
+    cfg: TrainConfig,
+    tracker: Tracker | NullTracker | None = None,
+    eval_fn: Callable[[int], dict[str, float]] | None = None,
+    metric_prefix: str = "",
+) -> History:
+    """Optimise `params` (name -> parameter; names key the checkpoints) with AdamW.
+
+    Metrics go to `tracker` as `{metric_prefix}loss` etc., so two trainings (a run and its
+    control) can share one MLflow run."""
+    tracker = tracker or NullTracker()
+    names = list(params)
+    plist = [params[n] for n in names]
+    if not plist:
+        raise ValueError("nothing to train: the parameter list is empty")
+    device = plist[0].device
+    # no weight decay on vectors and scalars (norm gains, biases, layer weights), as usual
+    groups = [
+        {"params": [p for p in plist if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in plist if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
+    hist = History()
+    start = _resume(cfg, names, plist, opt, hist)
+
+    bar = tqdm(range(start, cfg.steps), desc="train", disable=not cfg.progress or None, leave=False)
+    t_start = time.perf_counter()
+    for step in bar:
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with _autocast(cfg, device):
+            loss, n_tokens = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        if math.isfinite(loss_value):
+            loss.backward()
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            gnorm = torch.nn.utils.clip_grad_norm_(plist, clip).item()
+        else:
+            gnorm = float("nan")
+        if not (math.isfinite(loss_value) and math.isfinite(gnorm)):
+            hist.skipped += 1  # the guard: a non-finite step changes nothing but this counter
+            opt.zero_grad(set_to_none=True)
+        else:
+            opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        hist.step.append(step)
+        hist.loss.append(loss_value)
+        hist.lr.append(lr)
+        hist.grad_norm.append(gnorm)
+        hist.tokens_per_s.append(n_tokens / dt if dt > 0 else float("nan"))
+        if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+            logged = {"loss": loss_value, "lr": lr, "grad_norm": gnorm, "tokens_per_s": hist.tokens_per_s[-1], "skipped_steps": hist.skipped}
+            tracker.log_metrics({metric_prefix + k: v for k, v in logged.items()}, step=step)
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+        last = step == cfg.steps - 1
+        if eval_fn is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
+            metrics = eval_fn(step)
+            hist.evals.append({"step": step, **metrics})
+            tracker.log_metrics({metric_prefix + k: v for k, v in metrics.items()}, step=step)
+        if cfg.ckpt_every and cfg.ckpt_dir and ((step + 1) % cfg.ckpt_every == 0 or last):
+            _save(cfg, names, plist, opt, hist, step + 1)
+    hist.seconds += time.perf_counter() - t_start
+    tracker.flush()
+    return hist
+
+
+def _save(cfg: TrainConfig, names, plist, opt, hist: History, next_step: int) -> None:
+    d = Path(cfg.ckpt_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in zip(names, plist)}
+    for i, p in enumerate(plist):
+        st = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                tensors[f"adam/{names[i]}/{key}"] = st[key].detach().cpu().contiguous()
+    tmp = d / "train_state.safetensors.tmp"
+    save_file(tensors, tmp)
+    tmp.replace(d / "train_state.safetensors")
+    meta = {"next_step": next_step, "config": asdict(cfg), "history": asdict(hist)}
+    (d / "train_state.json").write_text(json.dumps(meta))
+
+
+def _resume(cfg: TrainConfig, names, plist, opt, hist: History) -> int:
+    d = Path(cfg.ckpt_dir) if cfg.ckpt_dir else None
+    if d is None or not (d / "train_state.json").exists():
+        return 0
+    meta = json.loads((d / "train_state.json").read_text())
+    tensors = load_file(d / "train_state.safetensors")
+    missing = [n for n in names if f"param/{n}" not in tensors]
+    if missing:
+        raise ValueError(f"checkpoint {d} does not hold parameters {missing[:5]}: it is from another setup")
+    with torch.no_grad():
+        for n, p in zip(names, plist):
+            p.copy_(tensors[f"param/{n}"])
+    step = meta["next_step"]
+    for n, p in zip(names, plist):
+        if f"adam/{n}/exp_avg" in tensors:
+            opt.state[p] = {
+                "step": torch.tensor(float(step)),
+                "exp_avg": tensors[f"adam/{n}/exp_avg"].to(p.device),
+                "exp_avg_sq": tensors[f"adam/{n}/exp_avg_sq"].to(p.device),
+            }
+    for key, value in meta["history"].items():
+        setattr(hist, key, value)
+    return step

@@ -1,0 +1,66 @@
+import math
+
+import torch
+
+from omni.train import TrainConfig, lr_at, train
+
+
+def _problem():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.zeros(4))
+    target = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    return w, (lambda step: (((w - target) ** 2).sum(), 4)), target
+
+
+def test_it_learns():
+    w, loss_fn, target = _problem()
+    hist = train({"w": w}, loss_fn, TrainConfig(steps=200, lr=0.1, progress=False))
+    assert hist.loss[-1] < 0.01 * hist.loss[0]
+    torch.testing.assert_close(w.detach(), target, atol=0.1, rtol=0)
+
+
+def test_non_finite_steps_are_skipped_and_counted():
+    w, loss_fn, _ = _problem()
+
+    def poisoned(step):
+        loss, n = loss_fn(step)
+        return (loss * float("nan") if step in (3, 7) else loss), n
+
+    hist = train({"w": w}, poisoned, TrainConfig(steps=20, lr=0.1, progress=False))
+    assert hist.skipped == 2
+    assert torch.isfinite(w).all()
+    assert math.isnan(hist.loss[3]) and hist.loss[-1] < hist.loss[0]
+
+
+def test_warmup_and_cosine_schedule():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup=10, min_lr_frac=0.1)
+    assert lr_at(0, cfg) == 0.1 and lr_at(9, cfg) == 1.0
+    assert abs(lr_at(10, cfg) - 1.0) < 1e-9 and abs(lr_at(100, cfg) - 0.1) < 1e-9
+    assert lr_at(50, cfg) < lr_at(20, cfg)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_a_straight_run(tmp_path):
+    cfg = TrainConfig(steps=10, lr=0.05, warmup=2, ckpt_every=3, ckpt_dir=str(tmp_path), progress=False)
+    w_ref, f_ref, _ = _problem()
+    straight = train({"w": w_ref}, f_ref, TrainConfig(steps=10, lr=0.05, warmup=2, progress=False))
+
+    w1, f1, _ = _problem()
+
+    def crashing(step):
+        if step == 7:
+            raise Interrupted  # dies during step 7; the last checkpoint is after step 5
+        return f1(step)
+
+    try:
+        train({"w": w1}, crashing, cfg)
+    except Interrupted:
+        pass
+    w2, f2, _ = _problem()  # a new process: parameters back at their init
+    resumed = train({"w": w2}, f2, cfg)
+    assert resumed.step == list(range(10))
+    assert resumed.loss == straight.loss  # bit-identical: weights and Adam moments were restored
+    torch.testing.assert_close(w2.detach(), w_ref.detach(), atol=0, rtol=0)
