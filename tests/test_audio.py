@@ -1,0 +1,131 @@
+"""omni.audio: loading, checks and the Whisper-compatible log-mel."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from omni import audio, tts
+
+
+@pytest.fixture(scope="module")
+def speech() -> list[torch.Tensor]:
+    return [
+        tts.synthesize("She sells seashells by the sea shore every summer morning."),
+        tts.synthesize("Hello world, how are you today?", "en-gb+f3"),
+    ]
+
+
+def test_log_mel_pad30_matches_feature_extractor(speech):
+    from transformers import WhisperFeatureExtractor
+
+    fe = WhisperFeatureExtractor(feature_size=80)
+    ref = fe([w.numpy() for w in speech], sampling_rate=audio.SAMPLE_RATE, return_tensors="np").input_features
+    mel, lengths = audio.log_mel(speech, pad30=True)
+    assert mel.shape == (2, 80, 3000) and ref.shape == (2, 80, 3000)
+    assert np.abs(mel.numpy() - ref).max() <= 1e-3
+    assert lengths.tolist() == [w.numel() // audio.HOP_LENGTH for w in speech]
+    assert torch.allclose(audio.mel_filters(80), torch.from_numpy(fe.mel_filters.T).float(), atol=1e-6)
+
+
+def test_log_mel_var_matches_padded_away_from_end(speech):
+    padded, _ = audio.log_mel(speech, pad30=True)
+    mel, lengths = audio.log_mel(speech)
+    assert mel.shape == (2, 80, int(lengths.max())) and lengths.dtype == torch.long
+    for i, n in enumerate(lengths.tolist()):
+        # the last 2 frames see reflect padding unpadded vs zeros padded: allowed to differ
+        assert (mel[i, :, : n - 2] - padded[i, :, : n - 2]).abs().max() < 1e-4
+        assert (mel[i, :, n:] == 0).all()
+
+
+def test_log_mel_does_not_depend_on_batch(speech):
+    both, _ = audio.log_mel(speech)
+    alone, n = audio.log_mel(speech[1])
+    assert alone.shape == (1, 80, int(n[0]))
+    assert torch.equal(alone[0], both[1, :, : int(n[0])])
+    # a loud neighbour must not change the clamp of a quiet clip
+    loud, _ = audio.log_mel([speech[1] * 0.01, speech[0]])
+    quiet, _ = audio.log_mel([speech[1] * 0.01])
+    assert torch.allclose(loud[0, :, : quiet.shape[2]], quiet[0], atol=1e-6)
+
+
+def test_log_mel_128_and_frame_count():
+    wave = torch.sin(torch.arange(16000 * 2 + 77) * 0.05)
+    mel, n = audio.log_mel(wave, n_mels=128)
+    assert mel.shape == (1, 128, (16000 * 2 + 77) // 160) and n.tolist() == [mel.shape[2]]
+    with pytest.raises(ValueError, match="30 s"):
+        audio.log_mel(torch.ones(audio.N_SAMPLES_30S + 1), pad30=True)
+
+
+def test_save_load_roundtrip(tmp_path, speech):
+    path = tmp_path / "sub" / "a.wav"
+    audio.save(path, speech[0])
+    assert sf.info(str(path)).subtype == "PCM_16"
+    back = audio.load(path)
+    assert back.dtype == torch.float32 and back.shape == speech[0].shape
+    assert (back - speech[0]).abs().max() < 1e-4  # 16-bit quantisation
+
+
+def test_stereo_downmix_and_resample(tmp_path, speech):
+    x = audio.resample(speech[0], audio.SAMPLE_RATE, 44100).numpy()
+    stereo = np.stack([x, 0.5 * x], axis=1)
+    path = tmp_path / "stereo44k.wav"
+    sf.write(str(path), stereo, 44100, subtype="FLOAT")
+    y = audio.load(path)
+    assert abs(y.numel() - speech[0].numel()) <= 2
+    n = min(y.numel(), speech[0].numel())
+    # mean of (x, x/2) = 0.75 x; soxr round trip is near transparent
+    err = (y[:n] - 0.75 * speech[0][:n]).pow(2).mean() / (0.75 * speech[0][:n]).pow(2).mean()
+    assert err < 1e-3, float(err)
+
+
+def _write(path, data, sr=audio.SAMPLE_RATE):
+    sf.write(str(path), data, sr, subtype="FLOAT")
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "file not found"),
+        ("corrupt", "unreadable"),
+        ("empty", "empty"),
+        ("silent", "silent"),
+        ("nan", "NaN"),
+        ("too_long", "longer than"),
+    ],
+)
+def test_load_errors_name_the_file(tmp_path, case, message):
+    path = tmp_path / f"{case}.wav"
+    if case == "corrupt":
+        path.write_bytes(b"RIFF\x00\x01garbage, not a wav file" * 10)
+    elif case == "empty":
+        _write(path, np.zeros(0, np.float32))
+    elif case == "silent":
+        _write(path, np.full(16000, 1e-6, np.float32))
+    elif case == "nan":
+        x = np.full(16000, 0.1, np.float32)
+        x[100] = np.nan
+        _write(path, x)
+    elif case == "too_long":
+        _write(path, np.full(16000 * 3, 0.1, np.float32))
+    with pytest.raises(audio.AudioError, match=message) as err:
+        audio.load(path, max_seconds=2.0)
+    assert str(path) in str(err.value)
+    assert isinstance(err.value, ValueError)
+
+
+def test_validate_in_memory():
+    ok = audio.validate(np.full(1600, 0.5, np.float64), "clip7")
+    assert ok.dtype == torch.float32 and ok.numel() == 1600
+    for bad, message in [
+        (torch.zeros(0), "empty"),
+        (torch.zeros(1600), "silent"),
+        (torch.tensor([0.1, float("inf")]), "NaN/inf"),
+        (torch.ones(2, 100), "1-D"),
+        (torch.full((16000 * 31,), 0.1), "longer than"),
+    ]:
+        with pytest.raises(audio.AudioError, match=message) as err:
+            audio.validate(bad, "clip7")
+        assert "clip7" in str(err.value)
+    assert audio.validate(torch.full((16000 * 31,), 0.1), "long", max_seconds=None).numel() == 16000 * 31
