@@ -75,6 +75,41 @@ def cmd_data_librispeech(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_features(args: argparse.Namespace) -> int:
+    from omni.data.features import FeatureCache, build_features
+
+    path = build_features(args.manifest, args.out, args.encoder, mode=args.mode, device=args.device, skip_bad=args.skip_bad)
+    cache = FeatureCache.open(path)
+    print(f"{len(cache)} clips, {cache.n_states} states x {cache.d_model} dims -> {path}")
+    return 0
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    import time
+
+    from omni import audio, metrics
+    from omni.align import load_aligned, transcribe_waves
+    from omni.data.manifest import read_manifest
+
+    if bool(args.manifest) == bool(args.audio):
+        raise ValueError("give either --manifest M.jsonl or audio files, not both or neither")
+    model, encoder, mode = load_aligned(args.run, args.device)
+    if args.manifest:
+        examples = read_manifest(args.manifest, skip_bad=args.skip_bad).examples
+        paths, refs = [e.audio for e in examples], [e.text for e in examples]
+    else:
+        paths, refs = [Path(a) for a in args.audio], []
+    waves = [audio.load(p) for p in paths]
+    t0 = time.perf_counter()
+    hyps = transcribe_waves(model, encoder, waves, mode=mode)
+    dt = time.perf_counter() - t0
+    for i, (p, h) in enumerate(zip(paths, hyps)):
+        print(f"{p}\t{h}" + (f"\t(ref: {refs[i]})" if refs else ""))
+    if refs:
+        print(f"WER {metrics.wer(refs, hyps):.3f}  CER {metrics.cer(refs, hyps):.3f}  ({len(refs)} clips, {dt:.1f} s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="omni", description="Teach a small GPT to hear.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -105,6 +140,23 @@ def main(argv: list[str] | None = None) -> int:
     dl.add_argument("root")
     dl.add_argument("--out", required=True)
     dl.set_defaults(fn=cmd_data_librispeech)
+
+    f = sub.add_parser("features", help="encode a manifest once with the frozen encoder; keep every hidden state")
+    f.add_argument("--manifest", required=True)
+    f.add_argument("--encoder", default="tiny.en")
+    f.add_argument("--out", default="cache/features")
+    f.add_argument("--mode", default="var", choices=["var", "pad30"])
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--skip-bad", action="store_true", help="skip (and count) bad manifest rows instead of stopping")
+    f.set_defaults(fn=cmd_features)
+
+    t = sub.add_parser("transcribe", help="transcribe audio with an aligned model; WER/CER when the manifest has text")
+    t.add_argument("--run", required=True, help="alignment run folder (reports/alignment/<stamp>) or MLflow run id")
+    t.add_argument("--manifest", help="flat or conversation JSONL manifest")
+    t.add_argument("audio", nargs="*", help="audio files (instead of --manifest)")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--skip-bad", action="store_true")
+    t.set_defaults(fn=cmd_transcribe)
 
     args = p.parse_args(argv)
     try:

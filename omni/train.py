@@ -9,7 +9,8 @@ Stability measures from audio-LLM practice:
 - gradient clipping by global norm;
 - bf16 autocast on CUDA when asked; the trainable modules stay fp32 (autocast casts per op);
 - a guard that skips a step whose loss or gradient norm is not finite, and counts it;
-- checkpoints (safetensors model state + JSON loop state) every `ckpt_every` steps, and resume.
+- checkpoints (safetensors model state + JSON loop state) every `ckpt_every` steps, and resume;
+- under torchrun, gradients are averaged over ranks (DDP without the wrapper).
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def train(
         loss_value = loss.item()
         if math.isfinite(loss_value):
             loss.backward()
+            _average_gradients(plist)
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             gnorm = torch.nn.utils.clip_grad_norm_(plist, clip).item()
         else:
@@ -149,6 +151,19 @@ def train(
     hist.seconds += time.perf_counter() - t_start
     tracker.flush()
     return hist
+
+
+def _average_gradients(plist: list[torch.nn.Parameter]) -> None:
+    """Under torchrun (DDP), average gradients over ranks; each rank drew its own batch. A no-op
+    in a single process. Done by hand rather than with a DDP wrapper because the loop only sees
+    parameters, not the module that owns them."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for p in plist:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
 
 
 def _save(cfg: TrainConfig, names, plist, opt, hist: History, next_step: int) -> None:

