@@ -1,0 +1,399 @@
+"""
+A small GPT that can take an audio prefix, in the style of nanochat's gpt.py.
+
+Design choices:
+- rotary position embeddings (no learned positions), base 10000
+- QK-norm: queries and keys are RMS-normed after rotary, before attention
+- ReLU^2 MLP with a 4x hidden width
+- parameter-free RMSNorm (F.rms_norm, no learnable weight); pre-norm blocks plus a final norm
+- token embeddings are normed right after lookup; `embed` returns exactly that, and an audio
+  prefix (soft tokens from the projector) is expected to live at the same scale
+- untied lm_head; logits are soft-capped with tanh (cap 15) and returned in float32
+- grouped-query attention (n_kv_head <= n_head); no biases anywhere
+- nanochat-like init: N(0, 1) embeddings, uniform +-sqrt(3/n_embd) for input projections, and a
+  small (not zero) lm_head and residual output projections so a fresh model predicts ~uniform
+  (loss ~ ln(vocab)) while gradient still reaches an audio prefix from the first step
+- audio prefix: `forward(idx, audio=(B, A, D), audio_mask=(B, A))` runs [audio][text] through the
+  transformer; the lm_head only sees text positions, the loss is text-only. A short prefix is padded
+  on the LEFT; each sample's positions are shifted by its own padding so its real tokens are numbered
+  0, 1, ... exactly as if it were alone, and padded slots are masked out as keys.
+- KV cache for generation: prefill [audio][idx] in one pass, then one token at a time.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 1024  # max total positions (audio prefix + text) in one forward
+    vocab_size: int = 257  # 257 = bytes + BOS (ByteTokenizer); a BPE tokenizer gives its own
+    n_layer: int = 6  # number of transformer blocks
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads (GQA when < n_head; must divide n_head)
+    n_embd: int = 384  # model width; head_dim = n_embd // n_head (must be even for rotary)
+    softcap: float = 15.0  # logits = softcap * tanh(logits / softcap); 0 disables
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if (self.n_embd // self.n_head) % 2 != 0:
+            raise ValueError(f"head_dim={self.n_embd // self.n_head} must be even (rotary embeddings)")
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+
+    @classmethod
+    def from_depth(cls, depth: int, vocab_size: int = 257, **kw) -> "GPTConfig":
+        # nanochat's single knob: width grows with depth, heads stay 64 wide
+        shape = dict(n_layer=depth, n_head=depth, n_kv_head=depth, n_embd=64 * depth)
+        return cls(vocab_size=vocab_size, **(shape | kw))
+
+
+def norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x (B, T, H, hd); cos/sin (B, T, 1, hd/2). Rotate pairs (x1[i], x2[i]) of the two halves.
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    y1 = x1 * cos + x2 * sin
+    y2 = x2 * cos - x1 * sin
+    return torch.cat([y1, y2], dim=-1).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, allocated on first use.
+
+    Also remembers, per sample, which key slots are padding (`key_mask`) and how many slots
+    of left padding the prefix had (`pad`), so later tokens get the right positions.
+    """
+
+    def __init__(self, batch_size: int, max_len: int):
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.pos = 0  # number of slots filled so far (same for every sample: padding is explicit)
+        self.k: Tensor | None = None  # (n_layer, B, n_kv_head, max_len, head_dim)
+        self.v: Tensor | None = None
+        self.key_mask: Tensor | None = None  # (B, max_len) bool, False = padded slot
+        self.pad: Tensor | None = None  # (B,) long, left padding of the prefill
+
+    def update(self, layer: int, k: Tensor, v: Tensor, n_layer: int) -> tuple[Tensor, Tensor]:
+        # k, v (B, n_kv_head, T, hd) for the new tokens; returns all keys/values up to pos + T
+        if self.k is None:
+            B, H, _, hd = k.shape
+            shape = (n_layer, B, H, self.max_len, hd)
+            # dtype follows the first k (bf16 under autocast) so the cache costs no casts later
+            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        T = k.size(2)
+        self.k[layer, :, :, self.pos : self.pos + T] = k
+        self.v[layer, :, :, self.pos : self.pos + T] = v
+        return self.k[layer, :, :, : self.pos + T], self.v[layer, :, :, : self.pos + T]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_layer = config.n_layer
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None) -> Tensor:
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        # .to: autocast may run rms_norm in float32 (CUDA's list differs from CPU's); SDPA wants one dtype
+        q, k = norm(q).to(v.dtype), norm(k).to(v.dtype)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v, self.n_layer)
+        if self.n_kv_head != self.n_head:
+            # repeat rather than SDPA's enable_gqa: works on every torch >= 2.4 and every backend
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None) -> Tensor:
+        x = x + self.attn(norm(x), cos, sin, mask, kv_cache)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # non-persistent: derived from the config, so never saved and never loaded
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self._build_rotary(config.sequence_len)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        D = self.config.n_embd
+        s = math.sqrt(3.0 / D)  # uniform with std 1/sqrt(D): unit-RMS inputs give unit-RMS outputs
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        # small rather than zero: the fresh model still predicts ~uniform, but an audio prefix
+        # gets a (small) gradient from step one, even through a frozen fresh GPT
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(lin.weight, -s, s)
+            nn.init.normal_(block.attn.c_proj.weight, mean=0.0, std=0.001)
+            nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=0.001)
+
+    def _build_rotary(self, seq_len: int, base: float = 10000.0) -> None:
+        head_dim = self.config.n_embd // self.config.n_head
+        device = self.transformer.wte.weight.device
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+        self.cos, self.sin = freqs.cos(), freqs.sin()  # (seq_len, head_dim/2), float32
+
+    def _rotary(self, pos: Tensor, total: int) -> tuple[Tensor, Tensor]:
+        # pos (B, T) long, all < total -> cos, sin (B, T, 1, hd/2). Grows only if sequence_len
+        # was raised after init (total never exceeds sequence_len, forward checks).
+        if total > self.cos.size(0):
+            self._build_rotary(max(total, self.config.sequence_len))
+        return self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)
+
+    def embed(self, idx: Tensor) -> Tensor:
+        """Token embeddings exactly as the transformer sees them: (B, T) -> (B, T, D), unit RMS."""
+        return norm(self.transformer.wte(idx))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        audio: Tensor | None = None,
+        audio_mask: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        """Logits (B, T, V) float32 for the text positions, or the mean text loss if targets are given.
+
+        idx (B, T) text tokens; audio (B, A, D) soft tokens prepended before idx; audio_mask (B, A)
+        bool, True = real, padding on the left. targets (B, T) aligned with idx, -1 = ignore.
+        With kv_cache, the call appends to the cache (an audio prefix only on the first call).
+        """
+        B, T = idx.shape
+        x = self.embed(idx)
+        A = 0
+        if audio is not None:
+            if audio.ndim != 3 or audio.size(0) != B or audio.size(2) != self.config.n_embd:
+                raise ValueError(f"audio must be (B={B}, A, n_embd={self.config.n_embd}), got {tuple(audio.shape)}")
+            A = audio.size(1)
+            if audio_mask is not None:
+                if audio_mask.shape != audio.shape[:2] or audio_mask.dtype != torch.bool:
+                    raise ValueError(
+                        f"audio_mask must be bool (B, A)={tuple(audio.shape[:2])}, "
+                        f"got {audio_mask.dtype} {tuple(audio_mask.shape)}"
+                    )
+                if A > 1 and bool((audio_mask[:, :-1] & ~audio_mask[:, 1:]).any()):
+                    raise ValueError("audio_mask must be padded on the LEFT (False... then True...)")
+                if bool(audio_mask.all()):
+                    audio_mask = None  # nothing padded: keep the is_causal fast path
+                else:
+                    # zero the padded slots so garbage (even NaN) there cannot leak through 0 * v
+                    audio = audio.masked_fill(~audio_mask.unsqueeze(-1), 0.0)
+            x = torch.cat([audio.to(x.dtype), x], dim=1)
+        elif audio_mask is not None:
+            raise ValueError("audio_mask given without audio")
+        if kv_cache is not None and A > 0 and kv_cache.pos > 0:
+            raise ValueError("an audio prefix can only be given on the first (prefill) call with a kv_cache")
+
+        S = A + T  # new positions in this call
+        start = kv_cache.pos if kv_cache is not None else 0
+        total = start + S
+        if total > self.config.sequence_len:
+            raise ValueError(
+                f"total length {total} (audio prefix {A} + text {T}"
+                f"{f' + cached {start}' if start else ''}) exceeds sequence_len={self.config.sequence_len}"
+            )
+        if kv_cache is not None and total > kv_cache.max_len:
+            raise ValueError(f"total length {total} exceeds the kv_cache's max_len={kv_cache.max_len}")
+
+        # per-sample left padding; positions are shifted by it so real tokens count from 0
+        if kv_cache is not None and kv_cache.pad is not None:
+            pad = kv_cache.pad
+        elif audio_mask is not None:
+            pad = (~audio_mask).sum(dim=1)
+        else:
+            pad = torch.zeros(B, dtype=torch.long, device=idx.device)
+        q_idx = torch.arange(start, total, device=idx.device)
+        pos = (q_idx.unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)  # padded slots: any valid position
+        cos, sin = self._rotary(pos, total)
+
+        mask = None  # None = is_causal fast path (no padding, no cache)
+        if kv_cache is not None or audio_mask is not None:
+            key_real = torch.ones(B, total, dtype=torch.bool, device=idx.device)
+            if kv_cache is not None:
+                if kv_cache.key_mask is None:
+                    kv_cache.key_mask = torch.ones(B, kv_cache.max_len, dtype=torch.bool, device=idx.device)
+                    kv_cache.pad = pad
+                if audio_mask is not None:
+                    kv_cache.key_mask[:, :A] = audio_mask
+                key_real = kv_cache.key_mask[:, :total]
+            elif audio_mask is not None:
+                key_real[:, :A] = audio_mask
+            k_idx = torch.arange(total, device=idx.device)
+            causal = k_idx.unsqueeze(0) <= q_idx.unsqueeze(1)  # (S, total)
+            # a query always sees itself: a padded slot would otherwise have no key at all and give NaN
+            mask = causal & (key_real.unsqueeze(1) | (k_idx.unsqueeze(0) == q_idx.unsqueeze(1)))
+            mask = mask.unsqueeze(1)  # (B, 1, S, total), broadcast over heads
+
+        for block in self.transformer.h:
+            x = block(x, cos, sin, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += S
+
+        x = norm(x[:, A:])  # the lm_head never sees audio positions
+        logits = self.lm_head(x).float()
+        if self.config.softcap > 0:
+            logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: Tensor,
+        audio: Tensor | None = None,
+        audio_mask: Tensor | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_token: int | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+    ) -> Tensor:
+        """New tokens (B, n_new), n_new <= max_new_tokens (stops early once every sample stopped).
+
+        temperature 0 is greedy. A sample that emitted stop_token keeps emitting it (padding).
+        use_cache=False recomputes the whole sequence each step: slow, the reference for the cache.
+        """
+        B, T = idx.shape
+        if T == 0:
+            raise ValueError("generate needs at least one text token in idx (e.g. BOS) to predict from")
+        A = 0 if audio is None else audio.size(1)
+        if A + T + max_new_tokens - 1 > self.config.sequence_len:
+            raise ValueError(
+                f"audio prefix {A} + prompt {T} + max_new_tokens {max_new_tokens} - 1 exceeds "
+                f"sequence_len={self.config.sequence_len}"
+            )
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=idx.device)
+            gen.manual_seed(seed)
+
+        out = torch.empty(B, 0, dtype=torch.long, device=idx.device)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        cache = KVCache(B, A + T + max_new_tokens) if use_cache else None
+        if use_cache:
+            logits = self.forward(idx, audio=audio, audio_mask=audio_mask, kv_cache=cache)[:, -1]
+        for step in range(max_new_tokens):
+            if not use_cache:
+                logits = self.forward(torch.cat([idx, out], dim=1), audio=audio, audio_mask=audio_mask)[:, -1]
+            nxt = sample_next(logits, temperature, top_k, top_p, gen)
+            if stop_token is not None:
+                nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)
+                done = done | (nxt == stop_token)
+            out = torch.cat([out, nxt.unsqueeze(1)], dim=1)
+            if (stop_token is not None and bool(done.all())) or step == max_new_tokens - 1:
+                break
+            if use_cache:
+                logits = self.forward(nxt.unsqueeze(1), kv_cache=cache)[:, -1]
+        return out
+
+    def save(self, directory: str | Path) -> None:
+        """Weights as model.safetensors plus config.json (never pickle)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / "model.safetensors"))
+        (directory / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "GPT":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config = GPTConfig(**json.loads((directory / "config.json").read_text()))
+        with torch.device("meta"):
+            model = cls(config)  # no init work: every parameter is overwritten below
+        state = load_file(str(directory / "model.safetensors"), device=str(device))
+        model.load_state_dict(state, strict=True, assign=True)
+        model._build_rotary(config.sequence_len)
+        return model
+
+
+def sample_next(
+    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, gen: torch.Generator | None
+) -> Tensor:
+    """One token per row from (B, V) logits: greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens before it already cover top_p; the most likely always stays
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[:, 0] = False
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(1)
