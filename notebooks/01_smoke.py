@@ -38,6 +38,9 @@ mlflow_run_id = ""
 out_dir = "reports/smoke/adhoc"
 
 # %%
+import matplotlib.pyplot as plt
+from IPython.display import display
+
 from omni import plots, track
 from omni.smoke import SmokeConfig, run_smoke
 
@@ -55,7 +58,8 @@ if res.control is not None:
     curves[f"control ({control})"] = res.control.loss
 fig = plots.loss_curves(curves, title=f"smoke: depth {depth}, layer {layer}, k={k}")
 tracker.log_figure(fig, "loss.png")
-fig
+display(fig)
+plt.close(fig)
 
 # %%
 m = res.metrics()

@@ -36,6 +36,9 @@ mlflow_run_id = ""
 out_dir = "reports/pretrain_lm/adhoc"
 
 # %%
+import matplotlib.pyplot as plt
+from IPython.display import display
+
 from omni import plots, track
 from omni.pretrain import PretrainConfig, pretrain
 
@@ -49,13 +52,15 @@ print(f"train tokens {res.n_train_tokens:,}; {res.history.seconds:.0f} s; valida
 # %%
 fig = plots.loss_curves({"train": res.history.loss}, title=f"LM pretraining: depth {depth}, {tokenizer} {vocab_size}")
 tracker.log_figure(fig, "loss.png")
-fig
+display(fig)
+plt.close(fig)
 
 # %%
 evals = res.history.evals
 fig = plots.curve([e["step"] + 1 for e in evals], [e["val_bpb"] for e in evals], xlabel="step", ylabel="bits per byte", title="validation bits per byte")
 tracker.log_figure(fig, "val_bpb.png")
-fig
+display(fig)
+plt.close(fig)
 
 # %% [markdown]
 # ## Samples (temperature 0.8, top-k 50)

@@ -42,7 +42,9 @@ mlflow_run_id = ""
 out_dir = "reports/alignment/adhoc"
 
 # %%
+import matplotlib.pyplot as plt
 import pandas as pd
+from IPython.display import display
 
 from omni import metrics, plots, track
 from omni.align import AlignConfig, run_alignment
@@ -74,14 +76,16 @@ table.style.format("{:.3f}")
 # %%
 fig = plots.loss_curves({"train loss": res.history.loss}, title=f"alignment: layer {layer}, k={k}, {projector}")
 tracker.log_figure(fig, "loss.png")
-fig
+display(fig)
+plt.close(fig)
 
 # %%
 fig = plots.curve([st for st, _ in res.wer_curve], [w for _, w in res.wer_curve], xlabel="step", ylabel="held-out WER",
                   title=f"WER on {eval_clips} held-out clips vs training steps",
                   hline=s.get("whisper_wer"), hline_label=f"Whisper {encoder}")
 tracker.log_figure(fig, "wer_curve.png")
-fig
+display(fig)
+plt.close(fig)
 
 # %% [markdown]
 # ## Where it fails: WER by voice, rate and pitch
@@ -92,7 +96,8 @@ labels = pd.DataFrame([r["labels"] for r in res.test["rows"]])
 labels["wer"] = per
 fig = plots.bars_by(labels, ["variant", "accent", "rate_bucket", "pitch_bucket", "style"], "wer", title="held-out WER by label")
 tracker.log_figure(fig, "wer_by_label.png")
-fig
+display(fig)
+plt.close(fig)
 
 # %% [markdown]
 # ## Examples

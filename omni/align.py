@@ -106,12 +106,15 @@ def ensure_lm(cfg: AlignConfig, device: torch.device) -> tuple[GPT, object]:
 
 
 def decode(model: SpeechLM, cache: FeatureCache, rows: list[int], states: list[torch.Tensor], batch_size: int, max_new_tokens: int, shuffle_seed: int | None = None) -> list[str]:
-    """Greedy transcripts of `rows`, in order. shuffle_seed: give each clip another clip's audio."""
+    """Greedy transcripts of `rows`, in order. shuffle_seed: give each clip another clip's audio
+    (a seeded derangement: with two or more clips, no clip keeps its own)."""
     device = model.gpt_device
     order = list(range(len(rows)))
     if shuffle_seed is not None:
         g = torch.Generator().manual_seed(shuffle_seed)
-        order = torch.randperm(len(rows), generator=g).tolist()
+        perm = torch.randperm(len(rows), generator=g).tolist()
+        for i, p in enumerate(perm):  # one cycle through a random order: clip perm[i] hears perm[i + 1]
+            order[p] = perm[(i + 1) % len(perm)]
     hyps = []
     model.eval()
     for i in range(0, len(rows), batch_size):
@@ -134,26 +137,47 @@ def held_out_loss(model: SpeechLM, cache: FeatureCache, rows: list[int], states:
 
 
 def whisper_hyps(cache: FeatureCache, rows: list[int], encoder: str) -> list[str]:
-    """Whisper's own greedy transcripts of `rows`, cached in the feature cache folder."""
+    """Whisper's own greedy transcripts of `rows`, cached in the feature cache folder, keyed by the
+    clip's audio path (not its row number: a view of the cache, e.g. omni.ablation.subset, numbers
+    its rows differently but shares the folder)."""
+    import os
+
     from omni import audio
     from omni.encoder import load_whisper_model, whisper_transcribe
 
     f = cache.path / f"whisper_hyps.{encoder.replace('/', '_')}.json"
     have = json.loads(f.read_text()) if f.exists() else {}
-    todo = [r for r in rows if str(r) not in have]
+    todo = [r for r in rows if cache.rows[r]["audio"] not in have]
     if todo:
         model, processor = load_whisper_model(encoder)
         waves = [audio.load(cache.rows[r]["audio"]) for r in todo]
         for r, h in zip(todo, whisper_transcribe(model, processor, waves)):
-            have[str(r)] = h
-        f.write_text(json.dumps(have))
-    return [have[str(r)] for r in rows]
+            have[cache.rows[r]["audio"]] = h
+        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")  # atomic: a reader never sees half a file
+        tmp.write_text(json.dumps(have))
+        os.replace(tmp, f)
+    return [have[cache.rows[r]["audio"]] for r in rows]
+
+
+def check_config(cfg: AlignConfig, n_states: int | None = None) -> None:
+    """The audio path's parameters, checked before minutes go into a corpus, a cache or an LM.
+    Without n_states the layer is checked by name only (its range needs the encoder)."""
+    from omni.encoder import LayerSelect
+    from omni.projector import Projector, ProjectorConfig
+    from omni.speech_lm import PROMPT_POSITIONS
+
+    if cfg.prompt_position not in PROMPT_POSITIONS:
+        raise ValueError(f"prompt_position {cfg.prompt_position!r} is not one of {PROMPT_POSITIONS} (parameter `prompt_position`)")
+    Projector(ProjectorConfig(d_in=1, d_out=1, k=cfg.k, kind=cfg.projector))  # raises naming `projector` or `k`
+    LayerSelect(cfg.layer, n_states if n_states is not None else 1 << 16)  # raises naming `layer`
 
 
 def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None, cache: FeatureCache | None = None) -> AlignResult:
     tracker = tracker or NullTracker()
     device = pick_device(cfg.device)
+    check_config(cfg)
     cache = cache or prepare_cache(cfg)
+    check_config(cfg, cache.n_states)
     gpt, tok = ensure_lm(cfg, device)
     for p in gpt.parameters():
         p.requires_grad_(False)  # frozen LM: only the audio path trains
@@ -250,6 +274,7 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
         scores["whisper_wer"] = metrics.wer(refs, test["whisper_hyps"])
         scores["whisper_cer"] = metrics.cer(refs, test["whisper_hyps"])
     tracker.log_metrics(scores, step=cfg.steps)
+    tracker.flush()  # the tracker buffers: unflushed, the final scores never reach MLflow
     if cfg.out:
         model.save_audio_path(cfg.out)
         meta = json.loads((Path(cfg.out) / "audio_path.json").read_text())

@@ -93,13 +93,16 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
     if bool(args.manifest) == bool(args.audio):
         raise ValueError("give either --manifest M.jsonl or audio files, not both or neither")
-    model, encoder, mode = load_aligned(args.run, args.device)
+    # the input first: a bad manifest line or audio file fails before seconds go into loading the model
     if args.manifest:
         examples = read_manifest(args.manifest, skip_bad=args.skip_bad).examples
         paths, refs = [e.audio for e in examples], [e.text for e in examples]
+        if not paths:
+            raise ValueError(f"{args.manifest}: no usable rows")
     else:
         paths, refs = [Path(a) for a in args.audio], []
     waves = [audio.load(p) for p in paths]
+    model, encoder, mode = load_aligned(args.run, args.device)
     t0 = time.perf_counter()
     hyps = transcribe_waves(model, encoder, waves, mode=mode)
     dt = time.perf_counter() - t0

@@ -61,6 +61,7 @@ class PretrainResult:
     samples: list[str] = field(default_factory=list)
     n_train_tokens: int = 0
     n_val_bytes: int = 0
+    model: GPT | None = field(default=None, repr=False)  # the trained GPT (what rank 0 saved to `out`)
 
 
 def corpus(sources: str) -> tuple[str, str]:
@@ -95,13 +96,23 @@ def _stream(tok, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def _eval_windows(n_val_ids: int, seq: int, max_tokens: int) -> int:
+    """How many whole windows of `seq` tokens validation scores; at least one, or a clear error."""
+    windows = min(n_val_ids - 1, max_tokens) // seq
+    if windows == 0:
+        raise ValueError(
+            f"validation scores whole windows of sequence_len={seq} tokens, but only {min(n_val_ids - 1, max_tokens)} "
+            f"are available (validation text {n_val_ids} tokens, eval_tokens={max_tokens}): raise eval_tokens or lower sequence_len"
+        )
+    return windows
+
+
 @torch.no_grad()
 def bits_per_byte(gpt: GPT, val_ids: torch.Tensor, n_bytes: int, seq: int, batch: int, max_tokens: int) -> float:
     """Validation loss over contiguous windows, in bits per UTF-8 byte of the text scored."""
     gpt.eval()
     device = next(gpt.parameters()).device
-    n = min(len(val_ids) - 1, max_tokens)
-    windows = n // seq
+    windows = _eval_windows(len(val_ids), seq, max_tokens)
     total_nats = 0.0
     for i in range(0, windows, batch):
         starts = range(i * seq, min(windows, i + batch) * seq, seq)
@@ -138,6 +149,7 @@ def pretrain(cfg: PretrainConfig, tracker: Tracker | NullTracker | None = None) 
         raise ValueError(f"tokenizer {cfg.tokenizer!r} is not bpe or byte (parameter `tokenizer`)")
     train_ids, val_ids = _stream(tok, train_text), _stream(tok, val_text)
     n_val_bytes = len(val_text.encode("utf-8"))
+    _eval_windows(len(val_ids), cfg.sequence_len, cfg.eval_tokens)  # fail now, not after training
 
     torch.manual_seed(cfg.seed)
     gpt = GPT(GPTConfig.from_depth(cfg.depth, vocab_size=tok.vocab_size, sequence_len=max(1024, cfg.sequence_len))).to(device)
@@ -165,9 +177,10 @@ def pretrain(cfg: PretrainConfig, tracker: Tracker | NullTracker | None = None) 
         meta = {"config": asdict(cfg), "val_bpb": val_bpb, "train_tokens": len(train_ids), "seconds": hist.seconds, "samples": samples}
         (out / "pretrain.json").write_text(json.dumps(meta, indent=2))
     tracker.log_metrics({"val_bpb": val_bpb, "train_tokens": float(len(train_ids)), "train_seconds": hist.seconds}, step=cfg.steps)
+    tracker.flush()  # the tracker buffers: unflushed, these final metrics never reach MLflow
     if ddp:
         torch.distributed.destroy_process_group()
-    return PretrainResult(cfg, hist, val_bpb, samples, len(train_ids), n_val_bytes)
+    return PretrainResult(cfg, hist, val_bpb, samples, len(train_ids), n_val_bytes, model=gpt)
 
 
 def sample(gpt: GPT, tok, prompts: list[str], seed: int = 0, max_new_tokens: int = 48) -> list[str]:
@@ -187,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     for f in fields(PretrainConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     res = pretrain(PretrainConfig(**vars(p.parse_args(argv))))
-    print(f"val bpb {res.val_bpb:.3f}; saved to {res.config.out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 saves
+        print(f"val bpb {res.val_bpb:.3f}; saved to {res.config.out}")
 
 
 if __name__ == "__main__":

@@ -286,6 +286,9 @@ def write_index(reports: str | Path) -> Path:
             f'<td class="{cls}">{html.escape(s.get("status", ""))}{err}</td><td>{metrics}</td>'
             f'<td class="p">{params}</td><td>{html.escape(s.get("finished", ""))}</td></tr>'
         )
+    loose = sorted(p.name for p in reports.glob("*.html") if p.name != "index.html")  # e.g. the corpus datasheet
+    others = "".join(f'<li><a href="{html.escape(n)}">{html.escape(n)}</a></li>' for n in loose)
+    others = f"<h2>Other reports</h2><ul>{others}</ul>" if others else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>omni reports</title><style>
 body{{font-family:system-ui,sans-serif;margin:2em}} table{{border-collapse:collapse}}
 td,th{{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}}
@@ -293,7 +296,7 @@ td,th{{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;vertical-ali
 .p{{font-size:80%;color:#555;max-width:30em}} tr.child td:nth-child(2){{padding-left:2em}} tr.grid{{background:#f4f6fa}}
 </style></head><body><h1>omni reports</h1><p>{len(rows)} reports; MLflow: <code>{html.escape(track.tracking_uri())}</code></p>
 <table><tr><th>experiment</th><th>report</th><th>status</th><th>headline</th><th>parameters</th><th>finished</th></tr>
-{''.join(body)}</table></body></html>"""
+{''.join(body)}</table>{others}</body></html>"""
     reports.mkdir(parents=True, exist_ok=True)
     out = reports / "index.html"
     out.write_text(page)

@@ -151,4 +151,5 @@ def run_smoke(cfg: SmokeConfig, tracker: Tracker | NullTracker | None = None) ->
         control, control_decoded = _fit(cfg, *args, control=cfg.control, tracker=tracker, prefix="control/")
     res = SmokeResult(cfg, real, control, texts, decoded, control_decoded, encode_seconds)
     tracker.log_metrics(res.metrics(), step=cfg.steps)
+    tracker.flush()  # the tracker buffers: unflushed, the verdict metrics never reach MLflow
     return res

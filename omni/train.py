@@ -161,9 +161,12 @@ def _average_gradients(plist: list[torch.nn.Parameter]) -> None:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
+    world = dist.get_world_size()
     for p in plist:
         if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+            # SUM then divide, not ReduceOp.AVG: gloo (CPU) gained AVG only in 2025 (pytorch#149781); torch>=2.4 is allowed
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(world)
 
 
 def _save(cfg: TrainConfig, names, plist, opt, hist: History, next_step: int) -> None:
@@ -197,8 +200,10 @@ def _resume(cfg: TrainConfig, names, plist, opt, hist: History) -> int:
     step = meta["next_step"]
     for n, p in zip(names, plist):
         if f"adam/{n}/exp_avg" in tensors:
+            # where torch keeps `step`: on the parameter's device for fused AdamW (CUDA here), else on the CPU
+            fused = bool(opt.param_groups[0].get("fused"))
             opt.state[p] = {
-                "step": torch.tensor(float(step)),
+                "step": torch.tensor(float(step), dtype=torch.float32, device=p.device if fused else "cpu"),
                 "exp_avg": tensors[f"adam/{n}/exp_avg"].to(p.device),
                 "exp_avg_sq": tensors[f"adam/{n}/exp_avg_sq"].to(p.device),
             }

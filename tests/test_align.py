@@ -1,0 +1,170 @@
+"""omni.align on a tiny synthesized corpus (4 held-out clips), its feature cache and a random 1-layer LM
+(the `tiny_alignment` fixture in conftest.py): what a run reports, that a saved run transcribes raw
+audio as the run decoded its cached states, prompts on either side of the audio, fail-fast parameter
+errors, and Whisper's own transcripts cached next to the features."""
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from omni import audio, metrics
+from omni.align import AlignConfig, decode, load_aligned, run_alignment, transcribe_waves, whisper_hyps
+from omni.data.features import FeatureCache
+from omni.speech_lm import collate_states
+
+
+def test_run_reports_scores_curves_and_layer_weights(tiny_alignment):
+    res, cache, cfg = tiny_alignment.result, tiny_alignment.cache, tiny_alignment.cfg
+    s = res.metrics()
+    for key in ("wer", "cer", "control_wer", "test_loss", "wer_seen_voice", "train_seconds", "load_seconds",
+                "decode_seconds_per_clip", "tokens_per_s", "step_seconds", "skipped_steps", "best_eval_step", "seconds_to_best"):
+        assert math.isfinite(s[key]), key
+    assert (s["n_train"], s["n_test"]) == (len(cache.select(split="train")), len(cache.select(split="test"))) == (11, 4)
+    assert s["skipped_steps"] == 0 and s["best_eval_step"] in (5, 10) and "whisper_wer" not in s
+    assert len(res.history.loss) == 10 and all(math.isfinite(v) for v in res.history.loss)
+    refs = [cache.rows[r]["text"] for r in cache.select(split="test")]
+    assert res.test["refs"] == refs and len(res.test["hyps"]) == len(res.test["control_hyps"]) == 4
+    assert s["wer"] == metrics.wer(refs, res.test["hyps"]) and s["control_wer"] == metrics.wer(refs, res.test["control_hyps"])
+    # the WER-vs-steps curve and the learned layer mix, at each evaluation (every 5 steps)
+    assert [step for step, _ in res.wer_curve] == [5, 10] and all(w >= 0 for _, w in res.wer_curve)
+    assert [e["step"] + 1 for e in res.history.evals] == [5, 10]
+    assert len(res.layer_weights_history) == 2
+    for w in res.layer_weights_history:
+        assert len(w) == cache.n_states and sum(w) == pytest.approx(1.0, abs=1e-5)
+    assert max(abs(x - 1 / cache.n_states) for x in res.layer_weights_history[-1]) > 0  # the mix trained
+    assert res.history.evals[-1][f"layer_weight.{cache.n_states - 1}"] == res.layer_weights_history[-1][-1]
+    # the run folder: the audio path's weights, where they came from, and the resume state
+    model_dir = tiny_alignment.run / "model"
+    meta = json.loads((model_dir / "audio_path.json").read_text())
+    assert meta["speech_lm"]["layer"] == "weighted" and meta["n_states"] == cache.n_states
+    assert meta["encoder"] == "tiny.en" and meta["encoder_mode"] == "var" and meta["align"]["steps"] == cfg.steps
+    assert (model_dir / "audio_path.safetensors").is_file() and (model_dir / "resume" / "train_state.json").is_file()
+
+
+def test_saved_run_transcribes_raw_audio_like_the_run_decoded_its_cache(tiny_alignment):
+    res, cache = tiny_alignment.result, tiny_alignment.cache
+    model, encoder, mode = load_aligned(tiny_alignment.run)  # a report folder holding model/
+    assert mode == "var" and not model.training
+    for a, b in zip(res.model.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a.cpu(), b.cpu())
+    rows = cache.select(split="test")
+    waves = [audio.load(cache.rows[r]["audio"]) for r in rows]
+    hyps = transcribe_waves(model, encoder, waves, mode=mode, batch_size=3, max_new_tokens=tiny_alignment.cfg.max_new_tokens)
+
+    # The run decoded float16 cached states; transcribe_waves runs the float32 encoder on the wavs.
+    # Their audio prefixes differ by float16 rounding only, far less than two clips' prefixes differ;
+    # a greedy step whose top two logits are that close could still flip, so "most", not "all".
+    cached, lengths = collate_states([s.float() for s in cache.load_states(rows)])
+    fresh, fresh_lengths = collate_states(encoder.encode(waves))
+    assert torch.equal(lengths, fresh_lengths)
+    with torch.no_grad():
+        p_cached, mask = model.prefix(cached, lengths)
+        p_fresh, _ = model.prefix(fresh, fresh_lengths)
+        idx = torch.full((len(rows), 1), model.tokenizer.bos_id)
+        logits_cached = model.gpt(idx, audio=p_cached, audio_mask=mask)[:, -1]
+        logits_fresh = model.gpt(idx, audio=p_fresh, audio_mask=mask)[:, -1]
+    rounding = (logits_cached - logits_fresh).abs().max().item()
+    between_clips = (logits_cached - logits_cached.roll(1, dims=0)).abs().max().item()
+    print(f"logits: float16 cache vs float32 encoder differ by {rounding:.2e}, two clips by {between_clips:.2e}")
+    assert rounding < 1e-2 and between_clips > 100 * rounding, (rounding, between_clips)
+    same = sum(a == b for a, b in zip(hyps, res.test["hyps"]))
+    assert same >= len(hyps) - 1, list(zip(hyps, res.test["hyps"]))
+
+
+def test_shuffled_control_gives_every_clip_another_clips_audio():
+    class Echo:  # a stand-in model: "transcribes" a clip as the id written into its states
+        gpt_device = torch.device("cpu")
+
+        def eval(self):
+            return self
+
+        def transcribe(self, hidden, lengths, max_new_tokens):
+            return [str(int(h[0, 0, 0])) for h in hidden]
+
+    states = [torch.full((1, 2 + i % 3, 1), float(i)) for i in range(7)]
+    rows = list(range(7))
+    assert decode(Echo(), None, rows, states, 3, 1) == [str(i) for i in rows]
+    for seed in range(20):
+        heard = [int(h) for h in decode(Echo(), None, rows, states, 3, 1, shuffle_seed=seed)]
+        assert sorted(heard) == rows and all(h != i for i, h in enumerate(heard)), (seed, heard)
+        assert heard == [int(h) for h in decode(Echo(), None, rows, states, 2, 1, shuffle_seed=seed)]
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_prompt_before_or_after_the_audio(tiny_alignment, tmp_path, position):
+    cache = tiny_alignment.cache
+    cfg = replace(tiny_alignment.cfg, layer="last", prompt="Transcribe:", prompt_position=position, steps=2,
+                  eval_every=0, eval_clips=2, max_new_tokens=6, out=str(tmp_path / "model"))
+    res = run_alignment(cfg, cache=cache)
+    assert math.isfinite(res.scores["test_loss"]) and len(res.test["hyps"]) == 4
+    model, encoder, mode = load_aligned(tmp_path / "model")
+    assert (model.config.prompt, model.config.prompt_position) == ("Transcribe:", position)
+    rows = cache.select(split="test")[:2]
+    hidden, lengths = collate_states([s.float() for s in cache.load_states(rows)])
+    prefix, _ = model.prefix(hidden, lengths)
+    idx, targets = model.text_batch(["a b"], "cpu")
+    n_prompt = len(model.tokenizer.encode("Transcribe:"))
+    n_audio = int(model.projector.token_lengths(lengths).max())
+    if position == "before":  # inside the soft prefix, as embeddings of its tokens
+        assert prefix.size(1) == n_audio + n_prompt and idx.size(1) == 1 + 3
+    else:  # after the audio: ordinary tokens whose targets are ignored
+        assert prefix.size(1) == n_audio and idx.size(1) == n_prompt + 1 + 3
+        assert (targets[0, :n_prompt] == -1).all()
+    waves = [audio.load(cache.rows[r]["audio"]) for r in rows]
+    hyps = transcribe_waves(model, encoder, waves, mode=mode, max_new_tokens=6)
+    assert sum(a == b for a, b in zip(hyps, res.test["hyps"][:2])) >= 1
+
+
+def test_bad_parameters_fail_before_any_work(tiny_alignment, tmp_path, monkeypatch):
+    import omni.pretrain
+
+    def no_pretraining(*a, **k):
+        raise AssertionError("a bad parameter must be reported before an LM is pretrained")
+
+    monkeypatch.setattr(omni.pretrain, "pretrain", no_pretraining)
+    missing = dict(corpus=str(tmp_path / "no-corpus"), lm=str(tmp_path / "no-lm"), device="cpu")
+    with pytest.raises(ValueError, match="layer='lats'"):  # before a corpus is synthesized
+        run_alignment(AlignConfig(layer="lats", **missing))
+    with pytest.raises(ValueError, match="parameter `projector`"):
+        run_alignment(AlignConfig(projector="mlp", **missing))
+    with pytest.raises(ValueError, match="parameter `prompt_position`"):
+        run_alignment(AlignConfig(prompt_position="middle", **missing))
+    # the range of an index needs the encoder: checked once the cache is open, before the LM
+    with pytest.raises(ValueError, match="layer='9' is out of range"):
+        run_alignment(replace(tiny_alignment.cfg, layer="9", lm=str(tmp_path / "no-lm")), cache=tiny_alignment.cache)
+
+
+def test_whisper_baseline_is_cached_next_to_the_features(tiny_alignment, tmp_path, monkeypatch):
+    import omni.encoder
+
+    cache = tiny_alignment.cache
+    calls = []
+    real = omni.encoder.whisper_transcribe
+
+    def counting(model, processor, waves, **kw):
+        calls.append(len(waves))
+        return real(model, processor, waves, **kw)
+
+    monkeypatch.setattr(omni.encoder, "whisper_transcribe", counting)
+    rows = cache.select(split="test")
+    refs = [cache.rows[r]["text"] for r in rows]
+    first = whisper_hyps(cache, rows[:3], "tiny.en")
+    stored = json.loads((cache.path / "whisper_hyps.tiny.en.json").read_text())
+    assert calls == [3] and stored == {cache.rows[r]["audio"]: h for r, h in zip(rows[:3], first)}
+    # no quality bar: tiny.en on 1-2 s clips of held-out espeak-ng voices is often far off
+    assert all(isinstance(h, str) and h for h in first)
+
+    # the alignment's baseline decodes only the clip not cached yet ...
+    res = run_alignment(replace(tiny_alignment.cfg, whisper_baseline=True, steps=1, eval_clips=1, out=""), cache=cache)
+    assert calls == [3, 1] and res.test["whisper_hyps"][:3] == first
+    assert res.scores["whisper_wer"] == metrics.wer(refs, res.test["whisper_hyps"])
+    assert res.scores["whisper_cer"] == metrics.cer(refs, res.test["whisper_hyps"])
+
+    # ... and a third call runs no Whisper at all, even through a view that numbers the rows differently
+    monkeypatch.setattr(omni.encoder, "load_whisper_model", lambda *a: pytest.fail("Whisper loaded again"))
+    assert whisper_hyps(cache, rows, "tiny.en") == res.test["whisper_hyps"] and calls == [3, 1]
+    view = FeatureCache(cache.path, dict(cache.index, rows=[cache.rows[r] for r in reversed(rows)]))
+    assert whisper_hyps(view, [0, 1, 2, 3], "tiny.en") == res.test["whisper_hyps"][::-1]

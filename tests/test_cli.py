@@ -1,0 +1,99 @@
+"""The `omni` command: transcription with a saved alignment run (the `tiny_alignment` fixture in
+conftest.py), and bad input ending in exit code 2 with one line that names the culprit."""
+
+import json
+import re
+
+import numpy as np
+import torch
+
+from omni import audio, metrics
+from omni.cli import main
+
+
+def _tone(path, seconds=1.0):
+    t = np.arange(int(seconds * audio.SAMPLE_RATE)) / audio.SAMPLE_RATE
+    audio.save(path, torch.from_numpy((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)))
+    return path
+
+
+def test_transcribe_a_manifest_prints_hypotheses_and_scores(tiny_alignment, capsys):
+    manifest = tiny_alignment.corpus / "test.jsonl"
+    refs = [json.loads(line)["text"] for line in manifest.read_text().splitlines() if line.strip()]
+    assert main(["transcribe", "--run", str(tiny_alignment.run), "--manifest", str(manifest)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split("\t") for line in lines if "\t" in line]
+    assert len(rows) == len(refs) == 4
+    hyps = [h for _, h, _ in rows]
+    assert [r for _, _, r in rows] == [f"(ref: {t})" for t in refs]
+    assert all(p.endswith(".wav") for p, _, _ in rows)
+    m = re.fullmatch(r"WER (\S+)  CER (\S+)  \(4 clips, \S+ s\)", lines[-1])
+    assert m, lines[-1]
+    assert float(m[1]) == round(metrics.wer(refs, hyps), 3) and float(m[2]) == round(metrics.cer(refs, hyps), 3)
+
+
+def test_transcribe_audio_files(tiny_alignment, tmp_path, capsys):
+    wavs = [str(_tone(tmp_path / "a.wav")), str(_tone(tmp_path / "b.wav", 2.0))]
+    model_dir = tiny_alignment.run / "model"  # the model folder itself also works
+    assert main(["transcribe", "--run", str(model_dir), *wavs]) == 0
+    out = capsys.readouterr().out
+    assert [line.split("\t")[0] for line in out.splitlines() if "\t" in line] == wavs
+    assert "WER" not in out  # no references, no scores
+
+
+def test_transcribe_by_mlflow_run_id(tiny_alignment, tmp_path, capsys):
+    from dataclasses import replace
+
+    from omni import track
+    from omni.align import run_alignment
+
+    # conftest.py points MLflow at a throwaway store; artifacts go to tmp, not ./mlruns of the repo
+    track._client().create_experiment("test-cli-alignment", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = track.start_run("test-cli-alignment", "tiny")
+    cfg = replace(tiny_alignment.cfg, steps=1, eval_clips=1, out=str(tmp_path / "model"))
+    res = run_alignment(cfg, track.Tracker(run_id), cache=tiny_alignment.cache)
+    track.end_run(run_id)
+    logged = track.run_metrics(run_id)  # the final scores reach MLflow (the tracker buffers)
+    assert logged["wer"] == res.scores["wer"] and logged["control_wer"] == res.scores["control_wer"]
+    wav = str(_tone(tmp_path / "a.wav"))
+    assert main(["transcribe", "--run", run_id, wav]) == 0  # the `model` artifact is fetched from MLflow
+    assert capsys.readouterr().out.startswith(f"{wav}\t")
+
+
+def test_transcribe_bad_input_names_file_and_line(tiny_alignment, tmp_path, capsys):
+    good = json.dumps({"audio": str(_tone(tmp_path / "a.wav")), "text": "a tone"})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good + "\n" + '{"audio": "a.wav", "text": \n')
+    assert main(["transcribe", "--run", str(tiny_alignment.run), "--manifest", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("omni: error: ") and f"{bad}:2: invalid JSON" in err
+
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(good + "\n\n" + json.dumps({"audio": "nope.wav", "text": "x"}) + "\n")
+    assert main(["transcribe", "--run", str(tiny_alignment.run), "--manifest", str(missing)]) == 2
+    assert f"{missing}:3: audio file not found" in capsys.readouterr().err
+
+    # both a manifest and audio files, or neither
+    assert main(["transcribe", "--run", str(tiny_alignment.run)]) == 2
+    assert "either --manifest" in capsys.readouterr().err
+
+
+def test_transcribe_unknown_run_is_named(tmp_path, capsys):
+    wav = str(_tone(tmp_path / "a.wav"))
+    assert main(["transcribe", "--run", str(tmp_path / "no-run"), wav]) == 2
+    assert f"--run {tmp_path / 'no-run'}" in capsys.readouterr().err
+
+
+def test_features_unknown_encoder_is_named(tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio": str(_tone(tmp_path / "a.wav")), "text": "a tone"}) + "\n")
+    code = main(["features", "--manifest", str(manifest), "--encoder", "no-such-encoder", "--out", str(tmp_path / "cache")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("omni: error: ") and "no-such-encoder" in err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_run_unknown_experiment_file(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml"), "--reports", str(tmp_path / "reports")]) == 2
+    assert f"{tmp_path / 'nope.yaml'}: no such experiment file" in capsys.readouterr().err

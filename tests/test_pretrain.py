@@ -1,0 +1,167 @@
+"""omni.pretrain on a tiny setting (depth 1, 300-token BPE, 32-token windows, 8 steps, Sherlock only):
+the LM folder loads through omni.align.load_lm and gives the same logits, bits per byte is sane and
+right on a known answer, the speech corpus's held-out sentences never reach the LM, a seed fixes the
+run, and under torchrun (2 processes, gloo) the ranks stay identical because gradients are averaged."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from omni import track
+from omni.align import load_lm
+from omni.data import text
+from omni.data.synth import held_out_sentences
+from omni.gpt import GPT, GPTConfig
+from omni.pretrain import PretrainConfig, bits_per_byte, corpus, pretrain
+from omni.tokenizer import BPETokenizer, ByteTokenizer
+
+TINY = dict(sources="sherlock", vocab_size=300, depth=1, sequence_len=32, batch_size=4, steps=8, warmup=2,
+            eval_every=4, eval_tokens=512, device="cpu", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain") / "lm"
+    run_id = track.start_run("test-pretrain", "tiny")  # conftest.py points MLflow at a throwaway store
+    res = pretrain(PretrainConfig(out=str(out), **TINY), track.Tracker(run_id))
+    res.run_id = run_id
+    return res
+
+
+def test_lm_folder_loads_and_gives_the_same_logits(tiny):
+    out = Path(tiny.config.out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "pretrain.json", "tokenizer.json"]
+    gpt, tok = load_lm(out, torch.device("cpu"))
+    assert isinstance(tok, BPETokenizer) and tok.vocab_size == 300 == gpt.config.vocab_size
+    s = "It was a dark night, said Holmes."
+    assert tok.decode(tok.encode(s)) == s and len(tok.encode(s)) < len(s)  # merges were learned
+    idx = torch.tensor([tok.encode(s, bos=True)])
+    tiny.model.eval()
+    with torch.no_grad():
+        assert torch.equal(gpt(idx), tiny.model(idx))
+    meta = json.loads((out / "pretrain.json").read_text())
+    assert meta["val_bpb"] == tiny.val_bpb and meta["config"]["depth"] == 1 and len(meta["samples"]) == 4
+    assert meta["train_tokens"] == tiny.n_train_tokens
+
+
+def test_training_and_validation_numbers(tiny):
+    logged = track.run_metrics(tiny.run_id)  # the final numbers reach MLflow (the tracker buffers)
+    assert logged["val_bpb"] == pytest.approx(tiny.val_bpb) and logged["train_tokens"] == tiny.n_train_tokens
+    assert [s for s, _ in track.metric_history(tiny.run_id, "val_bpb")] == [3, 7, 8]
+    h = tiny.history
+    assert len(h.loss) == 8 and h.loss[-1] < h.loss[0] and h.skipped == 0
+    assert [e["step"] for e in h.evals] == [3, 7] and tiny.val_bpb == h.evals[-1]["val_bpb"]
+    assert math.isfinite(tiny.val_bpb) and 0 < tiny.val_bpb < 8.0
+    assert all(s.startswith(p) for s, p in zip(tiny.samples, ["Holmes", "It was a dark", "The door opened and", "I have"]))
+
+
+def test_bits_per_byte_of_a_uniform_model():
+    # all logits 0: every token costs ln(V) nats; bytes per token are measured on the stream itself
+    tok = ByteTokenizer()
+    gpt = GPT(GPTConfig(sequence_len=64, n_layer=1, n_head=1, n_kv_head=1, n_embd=16))
+    torch.nn.init.zeros_(gpt.lm_head.weight)
+    val_text = "Holmes looked at the door. " * 40
+    val_ids = torch.tensor(tok.encode(val_text, bos=True))
+    n_bytes = len(val_text.encode())
+    got = bits_per_byte(gpt, val_ids, n_bytes, seq=64, batch=3, max_tokens=10_000)
+    assert got == pytest.approx(math.log2(257) * len(val_ids) / n_bytes, rel=1e-5)
+    with pytest.raises(ValueError, match="eval_tokens=32"):
+        bits_per_byte(gpt, val_ids, n_bytes, seq=64, batch=3, max_tokens=32)
+
+
+def test_held_out_speech_sentences_never_reach_the_lm():
+    held = {text.sentence_key(s) for s in held_out_sentences()}
+
+    def units(*texts):  # the sentences of the LM text, as the exclusion keys them
+        return {text.sentence_key(u) for t in texts for para in t.split("\n\n") for u in text.split_sentences(para)}
+
+    train, val = corpus("sherlock")
+    assert len(held) > 100 and not held & units(train, val)
+    # the check can fail: without the exclusion every held-out sentence is in the text
+    assert held <= units(*text.lm_splits(sources=("sherlock",)))
+
+
+def test_a_seed_fixes_the_run(tiny, tmp_path):
+    again = pretrain(PretrainConfig(out=str(tmp_path / "again"), **TINY))
+    assert again.history.loss == tiny.history.loss and again.val_bpb == tiny.val_bpb
+    for (n, a), b in zip(again.model.state_dict().items(), tiny.model.state_dict().values()):
+        assert torch.equal(a, b), n
+    other = pretrain(replace(PretrainConfig(out=str(tmp_path / "other"), **TINY), seed=1, steps=2))
+    assert other.history.loss != tiny.history.loss[:2]
+
+
+def test_bad_parameters_are_named_before_training(tmp_path):
+    with pytest.raises(ValueError, match="parameter `tokenizer`"):
+        pretrain(replace(PretrainConfig(out=str(tmp_path / "x"), **TINY), tokenizer="words"))
+    with pytest.raises(ValueError, match="eval_tokens=16"):
+        pretrain(replace(PretrainConfig(out=str(tmp_path / "x"), **TINY), tokenizer="byte", eval_tokens=16))
+    assert not (tmp_path / "x").exists()
+
+
+# Runs `python -m omni.pretrain`'s main() in each torchrun process, keeping what that rank trained.
+SPY = r"""
+import json, os, sys
+import torch
+from safetensors.torch import save_file
+from omni import pretrain as P, train as T
+
+out, mode = sys.argv[1], sys.argv[2]
+if mode == "no-average":
+    T._average_gradients = lambda plist: None  # what DDP would be without the all-reduce
+kept = {}
+real_train = P.train
+
+def train(params, *a, **k):
+    probe = torch.nn.Parameter(torch.zeros(3))  # a known gradient per rank: 1 on rank 0, 2 on rank 1
+    probe.grad = torch.full((3,), float(os.environ["RANK"]) + 1)
+    T._average_gradients([probe])
+    kept["_probe"] = probe.grad.tolist()
+    hist = real_train(params, *a, **k)
+    kept.update({n: p.detach().clone().contiguous() for n, p in params.items()})
+    kept["_losses"] = hist.loss
+    return hist
+
+P.train = train
+P.main(["--out", out, "--sources", "sherlock", "--tokenizer", "byte", "--depth", "1", "--sequence-len", "32",
+        "--batch-size", "4", "--steps", "5", "--warmup", "0", "--eval-every", "5", "--eval-tokens", "256", "--device", "cpu"])
+rank = os.environ["RANK"]
+json.dump({"losses": kept.pop("_losses"), "probe": kept.pop("_probe")}, open(f"{out}/losses{rank}.json", "w"))
+save_file(kept, f"{out}/rank{rank}.safetensors")
+"""
+
+
+def _torchrun(tmp_path: Path, mode: str) -> Path:
+    script = tmp_path / "spy.py"
+    script.write_text(SPY)
+    out = tmp_path / mode
+    out.mkdir()
+    # `torchrun` itself is this module: --standalone picks a free local port, so parallel runs do not collide
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out), mode]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("saved to") == 1  # rank 0 saves and says so
+    return out
+
+
+def test_ddp_ranks_stay_identical_only_with_gradient_averaging(tmp_path):
+    out = _torchrun(tmp_path, "average")
+    r0, r1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    saved = load_file(out / "model.safetensors")
+    assert set(r0) == set(saved) and len(r0) > 3
+    for n in r0:
+        assert torch.equal(r0[n], r1[n]) and torch.equal(r0[n], saved[n]), n
+    l0, l1 = (json.loads((out / f"losses{r}.json").read_text()) for r in (0, 1))
+    assert l0["losses"] != l1["losses"]  # each rank drew its own batches, yet the weights agree
+    assert l0["probe"] == l1["probe"] == [1.5, 1.5, 1.5]  # the mean of the ranks' gradients, not their sum
+
+    diverged = _torchrun(tmp_path, "no-average")  # the check can fail: without the all-reduce they drift
+    d0, d1 = load_file(diverged / "rank0.safetensors"), load_file(diverged / "rank1.safetensors")
+    assert any(not torch.equal(d0[n], d1[n]) for n in d0)
