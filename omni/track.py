@@ -15,6 +15,7 @@ Design choices:
 
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
 import time
@@ -35,6 +36,14 @@ def _client():
     return MlflowClient(tracking_uri=tracking_uri())
 
 
+def artifact_root() -> str | None:
+    """Artifacts beside a sqlite database (`mlartifacts/`), not in whatever directory a process runs in."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    return None  # a tracking server decides for itself
+
+
 def experiment_id(name: str) -> str:
     """Get or create an experiment. Create it once, before parallel workers (creation races)."""
     client = _client()
@@ -42,7 +51,8 @@ def experiment_id(name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        root = artifact_root()
+        return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
     except Exception:  # another process created it between our two calls
         return client.get_experiment_by_name(name).experiment_id
 
@@ -85,6 +95,7 @@ class Tracker:
         self.run_id = run_id
         self.client = _client()
         self._buffer: list = []
+        atexit.register(self.flush)  # a notebook that forgets to flush still gets its last metrics logged
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
