@@ -41,6 +41,8 @@ out_dir = "reports/smoke/adhoc"
 import matplotlib.pyplot as plt
 from IPython.display import display
 
+import math
+
 from omni import plots, track
 from omni.smoke import SmokeConfig, run_smoke
 
@@ -65,7 +67,8 @@ plt.close(fig)
 m = res.metrics()
 print(f"loss {m['initial_loss']:.3f} -> {m['final_loss']:.3f}  (drop {m['loss_drop']:.3f}, need >= {min_drop})")
 if res.control is not None:
-    print(f"control final loss {m['control_final_loss']:.3f}  gap {m['control_gap']:.3f} nats/token")
+    print(f"control final loss {m['control_final_loss']:.3f}  gap {m['control_gap']:.3f} nats/token "
+          f"= {m['control_gap_bits_per_caption']:.2f} bits per caption (ceiling: log2 {len(res.texts)} = {math.log2(len(res.texts)):.2f})")
     print(f"captions decoded exactly from audio: real {m['caption_accuracy']:.0%}, control {m['control_caption_accuracy']:.0%}")
 print(f"encoder {m['encode_seconds']:.1f} s, training {m['train_seconds']:.1f} s ({steps} steps)")
 

@@ -12,6 +12,7 @@ audio alone, are what the audio path adds.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -64,6 +65,13 @@ class SmokeResult:
         return self.control.loss[-1] - self.real.loss[-1] if self.control else float("nan")
 
     @property
+    def control_gap_bits(self) -> float:
+        """The gap per caption, in bits: what the audio tells the LM beyond the captions' prior.
+        Its ceiling is log2(number of clips) (2.32 bits for five): naming which caption it is."""
+        tokens = sum(len(t.encode("utf-8")) + 1 for t in self.texts) / len(self.texts)  # bytes + closing BOS
+        return self.control_gap * tokens / math.log(2)
+
+    @property
     def caption_accuracy(self) -> float:
         return sum(d == t for d, t in zip(self.decoded, self.texts)) / len(self.texts)
 
@@ -91,6 +99,7 @@ class SmokeResult:
             m |= {
                 "control_final_loss": self.control.loss[-1],
                 "control_gap": self.control_gap,
+                "control_gap_bits_per_caption": self.control_gap_bits,
                 "control_caption_accuracy": self.control_caption_accuracy,
             }
         return m
