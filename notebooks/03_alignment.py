@@ -29,6 +29,7 @@ k = 4
 projector = "stack"
 prompt = ""
 prompt_position = "after"
+trainable = "projector"
 steps = 1000
 batch_size = 32
 lr = 2e-3
@@ -50,7 +51,7 @@ from omni import metrics, plots, track
 from omni.align import AlignConfig, run_alignment
 
 cfg = AlignConfig(corpus=corpus, sentences=sentences, features=features, encoder=encoder, encoder_mode=encoder_mode,
-                  lm=lm, layer=str(layer), k=k, projector=projector, prompt=prompt, prompt_position=prompt_position,
+                  lm=lm, layer=str(layer), k=k, projector=projector, prompt=prompt, prompt_position=prompt_position, trainable=trainable,
                   steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, eval_every=eval_every,
                   eval_clips=eval_clips, seed=seed, device=device, whisper_baseline=whisper_baseline,
                   out=f"{out_dir}/model")

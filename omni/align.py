@@ -19,6 +19,7 @@ Design choices:
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ class AlignConfig:
     projector: str = "stack"  # stack | conv | avg
     prompt: str = ""  # e.g. "Transcribe:"
     prompt_position: str = "after"  # before | after the audio
+    trainable: str = "projector"  # projector (frozen LM: the research setting) | projector+lm (diagnostic: is the frozen LM the limit?)
     steps: int = 1000
     batch_size: int = 32
     lr: float = 2e-3
@@ -159,6 +161,9 @@ def whisper_hyps(cache: FeatureCache, rows: list[int], encoder: str) -> list[str
     return [have[cache.rows[r]["audio"]] for r in rows]
 
 
+TRAINABLE = ("projector", "projector+lm")
+
+
 def check_config(cfg: AlignConfig, n_states: int | None = None) -> None:
     """The audio path's parameters, checked before minutes go into a corpus, a cache or an LM.
     Without n_states the layer is checked by name only (its range needs the encoder)."""
@@ -166,6 +171,8 @@ def check_config(cfg: AlignConfig, n_states: int | None = None) -> None:
     from omni.projector import Projector, ProjectorConfig
     from omni.speech_lm import PROMPT_POSITIONS
 
+    if cfg.trainable not in TRAINABLE:
+        raise ValueError(f"trainable {cfg.trainable!r} is not one of {TRAINABLE} (parameter `trainable`)")
     if cfg.prompt_position not in PROMPT_POSITIONS:
         raise ValueError(f"prompt_position {cfg.prompt_position!r} is not one of {PROMPT_POSITIONS} (parameter `prompt_position`)")
     Projector(ProjectorConfig(d_in=1, d_out=1, k=cfg.k, kind=cfg.projector))  # raises naming `projector` or `k`
@@ -179,11 +186,12 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
     cache = cache or prepare_cache(cfg)
     check_config(cfg, cache.n_states)
     gpt, tok = ensure_lm(cfg, device)
+    train_lm = cfg.trainable == "projector+lm"
     for p in gpt.parameters():
-        p.requires_grad_(False)  # frozen LM: only the audio path trains
+        p.requires_grad_(train_lm)  # frozen LM (default): only the audio path trains
     torch.manual_seed(cfg.seed)
     model = SpeechLM(gpt, tok, cache.n_states, cache.d_model, SpeechLMConfig(cfg.layer, cfg.k, cfg.projector, cfg.prompt, cfg.prompt_position)).to(device)
-    model.gpt.eval()
+    model.gpt.train(train_lm)
 
     train_rows = cache.select(split="train")
     test_rows = cache.select(split="test")
@@ -234,6 +242,8 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
 
     params = {f"select.{n}": p for n, p in model.select.named_parameters()}
     params |= {f"projector.{n}": p for n, p in model.projector.named_parameters()}
+    if train_lm:
+        params |= {f"gpt.{n}": p for n, p in model.gpt.named_parameters()}
     tcfg = TrainConfig(
         steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, dtype=cfg.dtype, eval_every=cfg.eval_every,
         ckpt_every=cfg.eval_every if cfg.out else 0, ckpt_dir=str(Path(cfg.out) / "resume") if cfg.out else "",
@@ -278,7 +288,13 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
     if cfg.out:
         model.save_audio_path(cfg.out)
         meta = json.loads((Path(cfg.out) / "audio_path.json").read_text())
-        meta |= {"lm": str(Path(cfg.lm).resolve()), "encoder": cfg.encoder, "encoder_mode": cfg.encoder_mode, "align": asdict(cfg)}
+        lm_dir = Path(cfg.lm)
+        if train_lm:  # the LM changed too: the run carries its own copy, so `omni transcribe` uses it
+            lm_dir = Path(cfg.out) / "lm"
+            model.gpt.save(lm_dir)
+            if (Path(cfg.lm) / "tokenizer.json").exists():
+                shutil.copy(Path(cfg.lm) / "tokenizer.json", lm_dir / "tokenizer.json")
+        meta |= {"lm": str(lm_dir.resolve()), "encoder": cfg.encoder, "encoder_mode": cfg.encoder_mode, "align": asdict(cfg)}
         (Path(cfg.out) / "audio_path.json").write_text(json.dumps(meta, indent=2))
         tracker.log_artifact(cfg.out, artifact_path="model")
     return AlignResult(cfg, hist, model, test, scores, weights_history, wer_curve)

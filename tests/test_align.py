@@ -132,9 +132,29 @@ def test_bad_parameters_fail_before_any_work(tiny_alignment, tmp_path, monkeypat
         run_alignment(AlignConfig(projector="mlp", **missing))
     with pytest.raises(ValueError, match="parameter `prompt_position`"):
         run_alignment(AlignConfig(prompt_position="middle", **missing))
+    with pytest.raises(ValueError, match="parameter `trainable`"):
+        run_alignment(AlignConfig(trainable="lm", **missing))
     # the range of an index needs the encoder: checked once the cache is open, before the LM
     with pytest.raises(ValueError, match="layer='9' is out of range"):
         run_alignment(replace(tiny_alignment.cfg, layer="9", lm=str(tmp_path / "no-lm")), cache=tiny_alignment.cache)
+
+
+def test_projector_plus_lm_trains_the_lm_and_the_run_carries_it(tiny_alignment, tmp_path):
+    from omni.align import load_lm
+
+    cfg = replace(tiny_alignment.cfg, trainable="projector+lm", layer="last", steps=4, eval_every=4, out=str(tmp_path / "model"))
+    res = run_alignment(cfg, cache=tiny_alignment.cache)
+    original, _ = load_lm(cfg.lm, torch.device("cpu"))
+    changed = [n for n, p in res.model.gpt.named_parameters() if not torch.equal(p.detach(), original.state_dict()[n])]
+    assert changed, "the LM did not train"
+    meta = json.loads((tmp_path / "model" / "audio_path.json").read_text())
+    assert meta["lm"] == str((tmp_path / "model" / "lm").resolve())  # its own copy, not the frozen original
+    model, _, _ = load_aligned(tmp_path / "model")
+    for n, p in model.gpt.named_parameters():
+        assert torch.equal(p, res.model.gpt.state_dict()[n])
+    # the default leaves the LM exactly as pretrained
+    frozen = tiny_alignment.result.model.gpt
+    assert all(torch.equal(p, original.state_dict()[n]) for n, p in frozen.named_parameters())
 
 
 def test_whisper_baseline_is_cached_next_to_the_features(tiny_alignment, tmp_path, monkeypatch):
