@@ -29,11 +29,10 @@ import torch
 from omni import metrics
 from omni.data.features import FeatureCache, build_features
 from omni.gpt import GPT
-from omni.smoke import pick_device
 from omni.speech_lm import SpeechLM, SpeechLMConfig, collate_states
 from omni.tokenizer import ByteTokenizer, load_tokenizer
 from omni.track import NullTracker, Tracker
-from omni.train import History, TrainConfig, train
+from omni.train import History, TrainConfig, pick_device, train
 
 
 @dataclass

@@ -28,10 +28,9 @@ from pathlib import Path
 import torch
 
 from omni.gpt import GPT, GPTConfig
-from omni.smoke import pick_device
 from omni.tokenizer import BPETokenizer, ByteTokenizer
 from omni.track import NullTracker, Tracker
-from omni.train import History, TrainConfig, train
+from omni.train import History, TrainConfig, pick_device, train
 
 
 @dataclass

@@ -25,7 +25,7 @@ from omni.gpt import GPT, GPTConfig
 from omni.speech_lm import SpeechLM, SpeechLMConfig, collate_states
 from omni.tokenizer import ByteTokenizer
 from omni.track import NullTracker, Tracker
-from omni.train import History, TrainConfig, train
+from omni.train import History, TrainConfig, pick_device, train
 
 CONTROLS = ("shuffle", "zero", "none")
 
@@ -105,12 +105,6 @@ class SmokeResult:
         return m
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available (parameter `device`)")
-    return torch.device(device)
 
 
 def _fit(cfg: SmokeConfig, hidden, lengths, texts, n_states, d_whisper, control: str, tracker, prefix: str):

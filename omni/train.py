@@ -63,6 +63,14 @@ class History:
         return self.loss[-1] if self.loss else float("nan")
 
 
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available (parameter `device`)")
+    return torch.device(device)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if cfg.warmup and step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup

@@ -252,7 +252,7 @@ def load_models(path: Path, device: str = "cpu"):
     The initial model shares the trained one's (frozen) GPT; its audio path is rebuilt exactly as
     run_alignment built it: torch.manual_seed(seed), then SpeechLM(...) with the run's config."""
     from omni.align import load_lm
-    from omni.smoke import pick_device
+    from omni.train import pick_device
     from omni.speech_lm import SpeechLM, SpeechLMConfig
 
     meta = json.loads((path / "audio_path.json").read_text())
