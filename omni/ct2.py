@@ -141,6 +141,16 @@ def ct2_to_hf_state_dict(vars: dict[str, np.ndarray], dtype: torch.dtype = torch
             else:
                 sd[f"{dst}.{names[i]}.bias"] = bi.contiguous()
 
+    def self_attention(src: str, dst: str) -> None:  # the same in encoder and decoder layers
+        fused(f"{src}/self_attention/linear_0", f"{dst}.self_attn", ["q_proj", "k_proj", "v_proj"])
+        linear(f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj")
+        norm(f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm")
+
+    def ffn(src: str, dst: str) -> None:
+        linear(f"{src}/ffn/linear_0", f"{dst}.fc1")
+        linear(f"{src}/ffn/linear_1", f"{dst}.fc2")
+        norm(f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm")
+
     for c in ("conv1", "conv2"):
         sd[f"model.encoder.{c}.weight"] = t(f"encoder/{c}/weight")
         sd[f"model.encoder.{c}.bias"] = t(f"encoder/{c}/bias")
@@ -148,12 +158,8 @@ def ct2_to_hf_state_dict(vars: dict[str, np.ndarray], dtype: torch.dtype = torch
     norm("encoder/layer_norm", "model.encoder.layer_norm")
     for i in range(_n_layers(vars, "encoder")):
         src, dst = f"encoder/layer_{i}", f"model.encoder.layers.{i}"
-        fused(f"{src}/self_attention/linear_0", f"{dst}.self_attn", ["q_proj", "k_proj", "v_proj"])
-        linear(f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj")
-        norm(f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm")
-        linear(f"{src}/ffn/linear_0", f"{dst}.fc1")
-        linear(f"{src}/ffn/linear_1", f"{dst}.fc2")
-        norm(f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm")
+        self_attention(src, dst)
+        ffn(src, dst)
 
     if any(k.startswith("decoder/") for k in vars):
         sd["model.decoder.embed_tokens.weight"] = t("decoder/embeddings/weight")
@@ -162,16 +168,12 @@ def ct2_to_hf_state_dict(vars: dict[str, np.ndarray], dtype: torch.dtype = torch
         norm("decoder/layer_norm", "model.decoder.layer_norm")
         for i in range(_n_layers(vars, "decoder")):
             src, dst = f"decoder/layer_{i}", f"model.decoder.layers.{i}"
-            fused(f"{src}/self_attention/linear_0", f"{dst}.self_attn", ["q_proj", "k_proj", "v_proj"])
-            linear(f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj")
-            norm(f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm")
+            self_attention(src, dst)
             linear(f"{src}/attention/linear_0", f"{dst}.encoder_attn.q_proj")
             fused(f"{src}/attention/linear_1", f"{dst}.encoder_attn", ["k_proj", "v_proj"])
             linear(f"{src}/attention/linear_2", f"{dst}.encoder_attn.out_proj")
             norm(f"{src}/attention/layer_norm", f"{dst}.encoder_attn_layer_norm")
-            linear(f"{src}/ffn/linear_0", f"{dst}.fc1")
-            linear(f"{src}/ffn/linear_1", f"{dst}.fc2")
-            norm(f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm")
+            ffn(src, dst)
     return sd
 
 
