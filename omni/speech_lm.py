@@ -117,9 +117,7 @@ class SpeechLM(nn.Module):
         targets = torch.full((len(rows), T), -1, dtype=torch.long)
         for i, r in enumerate(rows):
             idx[i, : len(r)] = torch.tensor(r)
-            n_text = len(r) - len(after)  # BOS + text tokens; their targets are text + closing BOS
-            targets[i, len(after) : len(r)] = torch.tensor(r[len(after) + 1 :] + [bos])
-            assert n_text >= 1
+            targets[i, len(after) : len(r)] = torch.tensor(r[len(after) + 1 :] + [bos])  # text + closing BOS
         return idx.to(device), targets.to(device)
 
     def forward(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, texts: list[str]) -> torch.Tensor:
