@@ -255,8 +255,8 @@ def run_experiment(path: str | Path, overrides: dict[str, Any] | None = None, re
             meta = base | {"run_name": f"{exp.name}-{stamp}", "parent_run_id": "", "started": stamp, "grid_parent": True}
             summary = execute(exp.summary, {}, reports / exp.name / stamp, parent, exp.headline, meta)
             results.append(summary)
-        else:
-            track.end_run(parent, status)
+            status = "FINISHED" if status == "FINISHED" and summary.status == "FINISHED" else "FAILED"
+        track.end_run(parent, status)  # a failed child fails the parent, whatever the summary did
     write_index(reports)
     return results
 
