@@ -444,8 +444,8 @@ def alias_source(run_id: str, layer: str, n_states: int) -> str | None:
         return None
     from omni import track
 
-    client = track._client()
-    run = client.get_run(run_id)
+    mlc = track.client()
+    run = mlc.get_run(run_id)
     parent = run.data.tags.get("mlflow.parentRunId")
     if not parent:
         return None
@@ -464,10 +464,10 @@ def copy_run_metrics(source: str, tracker, skip: Sequence[str] = ("time.", "data
     facts) with its whole history, steps kept, into `tracker`'s run; tags it omni.alias_of."""
     from omni import track
 
-    client = track._client()
-    latest = {k: v for k, v in client.get_run(source).data.metrics.items() if not k.startswith(tuple(skip))}
+    mlc = track.client()
+    latest = {k: v for k, v in mlc.get_run(source).data.metrics.items() if not k.startswith(tuple(skip))}
     for key in latest:
-        for m in client.get_metric_history(source, key):
+        for m in mlc.get_metric_history(source, key):
             tracker.log_metrics({key: m.value}, step=m.step)
     tracker.set_tags({"omni.alias_of": source})
     tracker.flush()
@@ -484,8 +484,8 @@ def child_runs(parent_run_id: str):
 
     from omni import track
 
-    client = track._client()
-    exp = client.get_run(parent_run_id).info.experiment_id
+    mlc = track.client()
+    exp = mlc.get_run(parent_run_id).info.experiment_id
     return mlflow.search_runs(experiment_ids=[exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                               max_results=50000, output_format="pandas")
 
@@ -494,7 +494,7 @@ def grid_axes(parent_run_id: str) -> dict[str, list]:
     """The grid of a parent run (the runner logs it as the JSON param `grid`), in YAML order."""
     from omni import track
 
-    params = track._client().get_run(parent_run_id).data.params
+    params = track.client().get_run(parent_run_id).data.params
     return json.loads(params.get("grid", "{}"))
 
 

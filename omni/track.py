@@ -29,7 +29,7 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def _client():
+def client():
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
     from mlflow.tracking import MlflowClient  # imported late: mlflow costs ~1 s to import
 
@@ -46,15 +46,15 @@ def artifact_root() -> str | None:
 
 def experiment_id(name: str) -> str:
     """Get or create an experiment. Create it once, before parallel workers (creation races)."""
-    client = _client()
-    exp = client.get_experiment_by_name(name)
+    mlc = client()
+    exp = mlc.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     try:
         root = artifact_root()
-        return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+        return mlc.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
     except Exception:  # another process created it between our two calls
-        return client.get_experiment_by_name(name).experiment_id
+        return mlc.get_experiment_by_name(name).experiment_id
 
 
 def _flat(params: dict[str, Any]) -> dict[str, str]:
@@ -63,29 +63,29 @@ def _flat(params: dict[str, Any]) -> dict[str, str]:
 
 
 def start_run(experiment: str, run_name: str, params: dict[str, Any] | None = None, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
-    client = _client()
+    mlc = client()
     tags = dict(tags or {})
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id(experiment), run_name=run_name, tags=tags)
+    run = mlc.create_run(experiment_id(experiment), run_name=run_name, tags=tags)
     if params:
         from mlflow.entities import Param
 
-        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in _flat(params).items()])
+        mlc.log_batch(run.info.run_id, params=[Param(k, v) for k, v in _flat(params).items()])
     return run.info.run_id
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
-    _client().set_terminated(run_id, status=status)
+    client().set_terminated(run_id, status=status)
 
 
 def run_metrics(run_id: str) -> dict[str, float]:
     """Latest value of every metric of a run."""
-    return dict(_client().get_run(run_id).data.metrics)
+    return dict(client().get_run(run_id).data.metrics)
 
 
 def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
-    return [(m.step, m.value) for m in _client().get_metric_history(run_id, key)]
+    return [(m.step, m.value) for m in client().get_metric_history(run_id, key)]
 
 
 class Tracker:
@@ -93,7 +93,7 @@ class Tracker:
 
     def __init__(self, run_id: str):
         self.run_id = run_id
-        self.client = _client()
+        self.client = client()
         self._buffer: list = []
         atexit.register(self.flush)  # a notebook that forgets to flush still gets its last metrics logged
 

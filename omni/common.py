@@ -1,0 +1,88 @@
+"""Small helpers that several modules need: one way each to write a file atomically, to hold a file
+lock, to shuffle audio away from its text (the control), and to limit torch's threads.
+
+Design choices:
+- atomic writes go to a uniquely named temporary file in the same folder, then `os.replace`: a reader
+  sees the old file or the new one, never half of one, and two writers never share a temporary name.
+- locks are advisory `fcntl.flock` on a lock file: enough for processes of one machine sharing a cache.
+- the shuffled-audio control is a seeded *derangement*: with two or more items, none keeps its own
+  audio, so a control can never score by accident on the clip it was given back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write text or bytes to `path` atomically."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_save(path: str | Path, save: Callable[[Path], None]) -> Path:
+    """`save(tmp)` writes the file (safetensors, wav, ...); it lands at `path` only if that succeeds."""
+    with atomic_path(path) as tmp:
+        save(tmp)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created if missing), released on exit."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def derangement(n: int, seed: int) -> list[int]:
+    """A seeded permutation in which no index maps to itself (n >= 2): item i gets item out[i]'s audio.
+    One cycle through a random order; n = 1 returns [0] (nothing else to give)."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g).tolist()
+    out = list(range(n))
+    for i, p in enumerate(order):
+        out[p] = order[(i + 1) % n]
+    return out
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with `n` torch threads (e.g. many small probes in parallel workers)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
