@@ -131,7 +131,7 @@ if n_states:
 times = {c: runs[f"metrics.{c}"].mean() for c in ("time.total", "time.probes", "time.content", "time.prepare", "time.probe.linear",
                                                   "time.probe.attention") if f"metrics.{c}" in runs}
 wall = (runs["end_time"].max() - runs["start_time"].min()).total_seconds()
-parent_start = pd.Timestamp(track._client().get_run(mlflow_run_id).info.start_time, unit="ms", tz="UTC")
+parent_start = pd.Timestamp(track.client().get_run(mlflow_run_id).info.start_time, unit="ms", tz="UTC")
 total = (pd.Timestamp.now(tz="UTC") - parent_start).total_seconds()
 cost = {"grid.wall_seconds": wall, "grid.total_seconds": total, "grid.n_runs": float(len(runs)), "grid.n_failed": float(len(failed))}
 cost |= {f"grid.mean_{k}": v for k, v in times.items()}

@@ -112,7 +112,7 @@ def test_tiny_grid_end_to_end(tiny, tmp_path, monkeypatch):
     results = run_experiment("exp.yaml")
     assert [r.status for r in results] == ["FINISHED"] * 3, [r.error for r in results]
     *children, summary = results
-    client = track._client()
+    client = track.client()
     parent = client.get_run(summary.run_id)
     assert parent.info.status == "FINISHED"
     assert {client.get_run(c.run_id).data.tags["mlflow.parentRunId"] for c in children} == {summary.run_id}
@@ -152,4 +152,4 @@ def test_last_reuses_the_finished_run_of_the_same_state():  # MLflow: the sessio
     copied = ablation.copy_run_metrics(src, track.Tracker(last))
     assert copied == {"content.loss": 1.0, "content.wer": 0.5}  # not its cost
     assert [v for _, v in track.metric_history(last, "content.loss")] == [3.0, 2.0, 1.0]
-    assert track._client().get_run(last).data.tags["omni.alias_of"] == src
+    assert track.client().get_run(last).data.tags["omni.alias_of"] == src

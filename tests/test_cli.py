@@ -48,7 +48,7 @@ def test_transcribe_by_mlflow_run_id(tiny_alignment, tmp_path, capsys):
     from omni.align import run_alignment
 
     # conftest.py points MLflow at a throwaway store; artifacts go to tmp, not ./mlruns of the repo
-    track._client().create_experiment("test-cli-alignment", artifact_location=(tmp_path / "artifacts").as_uri())
+    track.client().create_experiment("test-cli-alignment", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = track.start_run("test-cli-alignment", "tiny")
     cfg = replace(tiny_alignment.cfg, steps=1, eval_clips=1, out=str(tmp_path / "model"))
     res = run_alignment(cfg, track.Tracker(run_id), cache=tiny_alignment.cache)

@@ -45,9 +45,9 @@ def test_run_logs_to_mlflow_and_writes_reports(project):
     assert r.status == "FINISHED", r.error
     assert r.metrics["score"] == 7.5
     assert [v for _, v in track.metric_history(r.run_id, "y")] == [30, 31, 32]
-    run = track._client().get_run(r.run_id)
+    run = track.client().get_run(r.run_id)
     assert run.data.params["x"] == "3" and run.info.status == "FINISHED"
-    artifacts = {a.path for a in track._client().list_artifacts(r.run_id)}
+    artifacts = {a.path for a in track.client().list_artifacts(r.run_id)}
     assert {"notebook.ipynb", "report.html"} <= artifacts
     summary = json.loads((r.report_dir / "summary.json").read_text())
     assert summary["headline"] == {"score": 7.5} and summary["status"] == "FINISHED"
@@ -64,7 +64,7 @@ def test_failed_notebook_still_reports_and_is_marked(project, capsys):
     assert "FAILED" in out and "asked to fail" in out
     (summary,) = [json.loads(p.read_text()) for p in Path("reports").glob("**/summary.json")]
     assert summary["status"] == "FAILED" and "asked to fail" in summary["error"]
-    assert track._client().get_run(summary["run_id"]).info.status == "FAILED"
+    assert track.client().get_run(summary["run_id"]).info.status == "FAILED"
     assert "asked to fail" in (Path("reports") / "tiny").glob("*/report.html").__next__().read_text()
     assert "FAILED" in Path("reports/index.html").read_text()
 
@@ -85,8 +85,8 @@ def test_unknown_parameter_is_named(project, capsys):
 def test_grid_makes_parent_and_children(project):
     results = run_experiment("exp.yaml", {"x": [1, 2]}, workers=2)
     assert sorted(r.metrics["score"] for r in results) == [2.5, 5.0]
-    parents = {track._client().get_run(r.run_id).data.tags.get("mlflow.parentRunId") for r in results}
+    parents = {track.client().get_run(r.run_id).data.tags.get("mlflow.parentRunId") for r in results}
     assert len(parents) == 1 and None not in parents
-    parent = track._client().get_run(parents.pop())
+    parent = track.client().get_run(parents.pop())
     assert parent.info.status == "FINISHED"
     assert len(list(Path("reports/tiny").glob("*/x=*/report.html"))) == 2

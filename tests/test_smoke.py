@@ -26,7 +26,7 @@ def smoke(tmp_path_factory):
         mp.chdir(REPO)  # the experiment's paths (notebook, smoke manifest) are relative to the repo
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
         # MLflow's default artifact root is ./mlruns of the working directory, the repo here: keep it in tmp
-        track._client().create_experiment("smoke", artifact_location=(tmp / "artifacts").as_uri())
+        track.client().create_experiment("smoke", artifact_location=(tmp / "artifacts").as_uri())
         (passed,) = run_experiment("experiments/smoke.yaml", {"steps": 10, "depth": 1}, reports=tmp / "reports")
         (failed,) = run_experiment("experiments/smoke.yaml", {"steps": 1, "depth": 1}, reports=tmp / "reports")
         yield {"passed": passed, "failed": failed, "reports": tmp / "reports"}
@@ -47,7 +47,7 @@ def test_smoke_passes_and_reports(smoke):
         # both curves of the figure: the real run's loss and its control's, one value per step
         assert [s for s, _ in track.metric_history(r.run_id, "loss")] == list(range(10))
         assert [s for s, _ in track.metric_history(r.run_id, "control/loss")] == list(range(10))
-        artifacts = {a.path for a in track._client().list_artifacts(r.run_id, "figures")}
+        artifacts = {a.path for a in track.client().list_artifacts(r.run_id, "figures")}
         assert "figures/loss.png" in artifacts
     assert (smoke["reports"].parent / "artifacts" / r.run_id / "artifacts" / "figures" / "loss.png").is_file()
     html = (r.report_dir / "report.html").read_text()
