@@ -1,13 +1,21 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: omni,-jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
 #     name: python3
+#   omni:
+#     config: omni.pretrain.PretrainConfig
+#     derived:
+#     - ckpt_dir
+#     experiment: pretrain_lm
 # ---
 
 # %% [markdown]
@@ -19,38 +27,40 @@
 # `torchrun --nproc_per_node N -m omni.pretrain --depth 12 ...`.
 
 # %% tags=["parameters"]
-out = "runs/lm"
-sources = "all"
-tokenizer = "bpe"
-vocab_size = 4096
-depth = 4
-sequence_len = 256
-batch_size = 16
-steps = 800
-lr = 3e-3
-warmup = 50
-eval_every = 200
-seed = 0
-device = "auto"
-mlflow_run_id = ""
-out_dir = "reports/pretrain_lm/adhoc"
+# generated from omni.pretrain.PretrainConfig by `python -m omni.params`: edit the dataclass, not this cell
+out: str = 'runs/lm'  # where the LM folder is written
+sources: str = 'all'  # "all" (every installed source) or comma-separated names of omni.data.text sources
+tokenizer: str = 'bpe'  # bpe | byte
+vocab_size: int = 4096  # BPE vocabulary (ignored for byte)
+depth: int = 4  # GPT depth; width 64 * depth
+sequence_len: int = 256  # training window in tokens
+batch_size: int = 16  # windows per step (per rank under DDP)
+steps: int = 800  # optimiser steps
+lr: float = 0.003  # AdamW peak learning rate
+warmup: int = 50  # linear warm-up steps
+eval_every: int = 200  # steps between validation bits-per-byte measurements
+eval_tokens: int = 32768  # validation tokens per evaluation
+seed: int = 0  # fixes init, batches and samples
+device: str = 'auto'  # auto | cpu | cuda
+dtype: str = 'bfloat16'  # autocast on CUDA; CPU runs float32
+ckpt_every: int = 100  # steps between resumable checkpoints (when ckpt_dir is set)
+mlflow_run_id: str = ""  # MLflow run to log into; empty: start a new run in the default store
+out_dir: str = "reports/pretrain_lm/adhoc"  # folder this run writes its files into
 
 # %%
 import matplotlib.pyplot as plt
 from IPython.display import display
 
-from omni import plots, track
+from omni import params, plots, track
 from omni.pretrain import PretrainConfig, pretrain
 
-cfg = PretrainConfig(out=out, sources=sources, tokenizer=tokenizer, vocab_size=vocab_size, depth=depth,
-                     sequence_len=sequence_len, batch_size=batch_size, steps=steps, lr=lr, warmup=warmup,
-                     eval_every=eval_every, seed=seed, device=device)
-tracker = track.attach(mlflow_run_id)
+cfg = params.from_params(PretrainConfig, globals(), ckpt_dir=f"{out_dir}/ckpt")  # a rerun in this folder resumes
+tracker = track.open_run("pretrain_lm", mlflow_run_id, cfg, {"out_dir": out_dir})
 res = pretrain(cfg, tracker)
 print(f"train tokens {res.n_train_tokens:,}; {res.history.seconds:.0f} s; validation {res.val_bpb:.3f} bits/byte")
 
 # %%
-fig = plots.loss_curves({"train": res.history.loss}, title=f"LM pretraining: depth {depth}, {tokenizer} {vocab_size}")
+fig = plots.loss_curves({"train": res.history.loss}, title=f"LM pretraining: depth {cfg.depth}, {cfg.tokenizer} {cfg.vocab_size}")
 tracker.log_figure(fig, "loss.png")
 display(fig)
 plt.close(fig)
@@ -71,3 +81,4 @@ for s in res.samples:
 
 # %%
 assert res.val_bpb < 8.0, "validation bits per byte above the 8 bits a byte costs uncompressed: the LM learned nothing"
+tracker.finish()

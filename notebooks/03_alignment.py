@@ -1,13 +1,21 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: omni,-jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
 #     name: python3
+#   omni:
+#     config: omni.align.AlignConfig
+#     derived:
+#     - out
+#     experiment: alignment
 # ---
 
 # %% [markdown]
@@ -18,44 +26,43 @@
 # decodes each clip with another clip's audio.
 
 # %% tags=["parameters"]
-corpus = "data/synth"
-sentences = 3000
-features = "cache/features"
-encoder = "tiny.en"
-encoder_mode = "var"
-lm = "runs/lm"
-layer = "last"
-k = 4
-projector = "stack"
-prompt = ""
-prompt_position = "after"
-trainable = "projector"
-steps = 1000
-batch_size = 32
-lr = 2e-3
-warmup = 50
-eval_every = 250
-eval_clips = 100
-seed = 0
-device = "auto"
-whisper_baseline = True
-mlflow_run_id = ""
-out_dir = "reports/alignment/adhoc"
+# generated from omni.align.AlignConfig by `python -m omni.params`: edit the dataclass, not this cell
+corpus: str = 'data/synth'  # synthesized corpus folder (built if missing)
+sentences: int = 3000  # corpus size when it has to be built
+features: str = 'cache/features'  # feature cache root
+encoder: str = 'tiny.en'  # Whisper source
+encoder_mode: str = 'var'  # var | pad30
+lm: str = 'runs/lm'  # pretrained LM folder (omni.pretrain); pretrained with defaults if missing
+layer: str = 'last'  # last | middle | <index> | weighted | weighted_ln
+k: int = 4  # frames per audio token
+projector: str = 'stack'  # stack | conv | avg
+prompt: str = ''  # e.g. "Transcribe:"
+prompt_position: str = 'after'  # before | after the audio
+trainable: str = 'projector'  # projector (frozen LM: the research setting) | projector+lm (diagnostic: is the frozen LM the limit?)
+steps: int = 1000
+batch_size: int = 32
+lr: float = 0.002
+warmup: int = 50
+eval_every: int = 250  # steps between held-out evaluations (the WER-vs-steps curve)
+eval_clips: int = 100  # held-out clips decoded at each intermediate evaluation
+max_new_tokens: int = 80
+seed: int = 0
+device: str = 'auto'
+dtype: str = 'bfloat16'  # autocast dtype on CUDA; CPU runs float32
+whisper_baseline: bool = True  # also decode the held-out clips with Whisper's own decoder
+mlflow_run_id: str = ""  # MLflow run to log into; empty: start a new run in the default store
+out_dir: str = "reports/alignment/adhoc"  # folder this run writes its files into
 
 # %%
 import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-from omni import metrics, plots, track
+from omni import metrics, params, plots, track
 from omni.align import AlignConfig, run_alignment
 
-cfg = AlignConfig(corpus=corpus, sentences=sentences, features=features, encoder=encoder, encoder_mode=encoder_mode,
-                  lm=lm, layer=str(layer), k=k, projector=projector, prompt=prompt, prompt_position=prompt_position, trainable=trainable,
-                  steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, eval_every=eval_every,
-                  eval_clips=eval_clips, seed=seed, device=device, whisper_baseline=whisper_baseline,
-                  out=f"{out_dir}/model")
-tracker = track.attach(mlflow_run_id)
+cfg = params.from_params(AlignConfig, globals(), out=f"{out_dir}/model")  # checkpoints there: a rerun resumes
+tracker = track.open_run("alignment", mlflow_run_id, cfg, {"out_dir": out_dir})
 res = run_alignment(cfg, tracker)
 s = res.scores
 

@@ -1,6 +1,7 @@
 """The `omni` command. Each subcommand is a thin shell over one library function.
 
     omni run EXPERIMENT.yaml [-p NAME=VALUE ...] [--workers N]   papermill -> reports/ + MLflow
+    omni run --resume REPORT_DIR|RUN_ID                          continue an interrupted run or grid
     omni index                                                   rebuild reports/index.html
     omni data smoke                                              (re)write the smoke wavs
     omni data synth --out data/synth --sentences 3000            synthesized multi-voice corpus
@@ -20,9 +21,16 @@ from pathlib import Path
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from omni.report import parse_overrides, run_experiment
+    from omni.runner import parse_overrides, resume_experiment, run_experiment
 
-    results = run_experiment(args.experiment, parse_overrides(args.param), reports=args.reports, workers=args.workers)
+    if args.resume:
+        if args.param or args.experiment:
+            raise ValueError("--resume reruns a run as it was: give no experiment file and no -p")
+        results = resume_experiment(args.resume, reports=args.reports, workers=args.workers)
+    elif not args.experiment:
+        raise ValueError("give an experiment file (omni run experiments/NAME.yaml) or --resume RUN")
+    else:
+        results = run_experiment(args.experiment, parse_overrides(args.param), reports=args.reports, workers=args.workers)
     failed = [r for r in results if r.status != "FINISHED"]
     for r in results:
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()) if "/" not in k)
@@ -43,8 +51,10 @@ def _uri() -> str:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from omni.report import write_index
+    from omni.index import mark_dead_runs, write_index
 
+    for d in mark_dead_runs(args.reports):
+        print(f"marked KILLED (its process is gone): {d}")
     print(write_index(args.reports))
     return 0
 
@@ -118,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="run an experiment YAML through papermill; reports under reports/")
-    r.add_argument("experiment")
-    r.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="override a notebook parameter (YAML value; a list makes a grid axis)")
+    r.add_argument("experiment", nargs="?", help="experiments/NAME.yaml")
+    r.add_argument("-p", "--param", action="append", nargs="+", default=[], metavar="NAME=VALUE",
+                   help="set a notebook parameter: -p NAME=VALUE or -p NAME VALUE (YAML value; a list makes a grid axis)")
+    r.add_argument("--resume", metavar="RUN", help="rerun an interrupted run in place (report folder or MLflow run id); for a grid, its unfinished points")
     r.add_argument("--workers", type=int, default=1, help="grid points run in this many parallel kernels")
     r.add_argument("--reports", default="reports")
     r.set_defaults(fn=cmd_run)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from omni.params import require, require_choice
 from omni.gpt import GPT, GPTConfig
 from omni.tokenizer import BPETokenizer, ByteTokenizer
 from omni.track import NullTracker, Tracker
@@ -42,14 +43,26 @@ class PretrainConfig:
     depth: int = 4  # GPT depth; width 64 * depth
     sequence_len: int = 256  # training window in tokens
     batch_size: int = 16  # windows per step (per rank under DDP)
-    steps: int = 800
-    lr: float = 3e-3
-    warmup: int = 50
-    eval_every: int = 200
+    steps: int = 800  # optimiser steps
+    lr: float = 3e-3  # AdamW peak learning rate
+    warmup: int = 50  # linear warm-up steps
+    eval_every: int = 200  # steps between validation bits-per-byte measurements
     eval_tokens: int = 32768  # validation tokens per evaluation
-    seed: int = 0
-    device: str = "auto"
+    seed: int = 0  # fixes init, batches and samples
+    device: str = "auto"  # auto | cpu | cuda
     dtype: str = "bfloat16"  # autocast on CUDA; CPU runs float32
+    ckpt_every: int = 100  # steps between resumable checkpoints (when ckpt_dir is set)
+    ckpt_dir: str = ""  # checkpoint folder; a rerun with the same folder resumes from it ("" = none)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "depth", "sequence_len", "batch_size", "steps", "eval_tokens"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        require(self.lr > 0, "lr", self.lr, "> 0")
+        require(self.warmup >= 0 and self.eval_every >= 0, "warmup" if self.warmup < 0 else "eval_every",
+                min(self.warmup, self.eval_every), ">= 0")
+        require_choice("tokenizer", self.tokenizer, ("bpe", "byte"))
+        require_choice("dtype", self.dtype, ("bfloat16", "float16", "float32"))
+        require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", self.device, "auto, cpu or cuda[:N]")
 
 
 @dataclass
@@ -152,10 +165,11 @@ def pretrain(cfg: PretrainConfig, tracker: Tracker | NullTracker | None = None) 
 
     torch.manual_seed(cfg.seed)
     gpt = GPT(GPTConfig.from_depth(cfg.depth, vocab_size=tok.vocab_size, sequence_len=max(1024, cfg.sequence_len))).to(device)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     T = cfg.sequence_len
 
     def loss_fn(step: int):
+        # the batch is a function of (seed, rank, step) alone, so a resumed run draws the same batches
+        gen = torch.Generator().manual_seed((cfg.seed * 1000 + rank) * 1_000_003 + step)
         starts = torch.randint(0, len(train_ids) - T - 1, (cfg.batch_size,), generator=gen)
         x = torch.stack([train_ids[s : s + T] for s in starts]).to(device)
         y = torch.stack([train_ids[s + 1 : s + T + 1] for s in starts]).to(device)
@@ -164,7 +178,8 @@ def pretrain(cfg: PretrainConfig, tracker: Tracker | NullTracker | None = None) 
     def eval_fn(step: int) -> dict[str, float]:
         return {"val_bpb": bits_per_byte(gpt, val_ids, n_val_bytes, T, cfg.batch_size, cfg.eval_tokens)}
 
-    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, eval_every=cfg.eval_every, dtype=cfg.dtype, weight_decay=0.0)
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, eval_every=cfg.eval_every, dtype=cfg.dtype,
+                       weight_decay=0.0, ckpt_every=cfg.ckpt_every if cfg.ckpt_dir else 0, ckpt_dir=cfg.ckpt_dir)
     hist = train(dict(gpt.named_parameters()), loss_fn, tcfg, tracker, eval_fn=eval_fn)
     val_bpb = hist.evals[-1]["val_bpb"]
     samples = sample(gpt, tok, ["Holmes", "It was a dark", "The door opened and", "I have"], seed=cfg.seed)

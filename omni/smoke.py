@@ -20,6 +20,7 @@ import torch
 
 from omni import audio
 from omni.data.manifest import read_manifest
+from omni.params import require, require_choice
 from omni.encoder import WhisperEncoder
 from omni.gpt import GPT, GPTConfig
 from omni.speech_lm import SpeechLM, SpeechLMConfig, collate_states
@@ -38,12 +39,22 @@ class SmokeConfig:
     depth: int = 6  # GPT depth; width is 64 * depth (nanochat rule)
     layer: str = "last"  # Whisper state: last | middle | <index> | weighted | weighted_ln
     k: int = 4  # frames per audio token
-    encoder: str = "tiny.en"  # Whisper source (see omni.encoder.resolve_source)
+    encoder: str = "tiny.en"  # Whisper source: tiny.en (embedded), a local folder or a hub id
     encoder_mode: str = "var"  # var (variable length) | pad30
-    control: str = "shuffle"  # shuffle | zero | none
-    device: str = "cpu"  # cpu | cuda | auto
-    manifest: str = "data/audio_smoke/manifest.jsonl"
-    min_drop: float = 0.5  # pass when the loss drops by at least this much
+    control: str = "shuffle"  # shuffle | zero | none: how the control run hides the audio
+    device: str = "auto"  # auto | cpu | cuda
+    manifest: str = "data/audio_smoke/manifest.jsonl"  # the captioned clips (written on first use)
+    min_drop: float = 0.5  # pass needs the loss to drop by at least this much
+    min_gap_bits: float = 1.0  # ... and the audio to tell at least this many bits per caption beyond the control
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 1, "steps", self.steps, ">= 1")
+        require(self.lr > 0, "lr", self.lr, "> 0")
+        require(self.depth >= 1, "depth", self.depth, ">= 1")
+        require(self.k >= 1, "k", self.k, ">= 1")
+        require_choice("control", self.control, CONTROLS)
+        require_choice("encoder_mode", self.encoder_mode, ("var", "pad30"))
+        require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", self.device, "auto, cpu or cuda[:N]")
 
 
 @dataclass
@@ -83,7 +94,22 @@ class SmokeResult:
 
     @property
     def passed(self) -> bool:
-        return self.loss_drop >= self.config.min_drop
+        """The model trained (loss drop) AND the audio carried the captions: more bits per caption than
+        `min_gap_bits` beyond the control, and more captions decoded from audio than the control decodes."""
+        if self.loss_drop < self.config.min_drop:
+            return False
+        if self.control is None:
+            return True
+        return self.control_gap_bits >= self.config.min_gap_bits and self.caption_accuracy > self.control_caption_accuracy
+
+    def verdict(self) -> str:
+        """One line a person can read: PASS/FAIL and the numbers it rests on."""
+        parts = [f"loss drop {self.loss_drop:.3f} (need >= {self.config.min_drop})"]
+        if self.control is not None:
+            parts.append(f"audio adds {self.control_gap_bits:.2f} bits per caption (need >= {self.config.min_gap_bits}, "
+                         f"ceiling {math.log2(len(self.texts)):.2f})")
+            parts.append(f"captions decoded from audio {self.caption_accuracy:.0%} vs control {self.control_caption_accuracy:.0%}")
+        return ("PASS" if self.passed else "FAIL") + ": " + "; ".join(parts)
 
     def metrics(self) -> dict[str, float]:
         m = {
@@ -103,8 +129,6 @@ class SmokeResult:
                 "control_caption_accuracy": self.control_caption_accuracy,
             }
         return m
-
-
 
 
 def _fit(cfg: SmokeConfig, hidden, lengths, texts, n_states, d_whisper, control: str, tracker, prefix: str):
@@ -133,13 +157,12 @@ def _fit(cfg: SmokeConfig, hidden, lengths, texts, n_states, d_whisper, control:
 
 
 def run_smoke(cfg: SmokeConfig, tracker: Tracker | NullTracker | None = None) -> SmokeResult:
-    if cfg.control not in CONTROLS:
-        raise ValueError(f"control {cfg.control!r} is not one of {CONTROLS} (parameter `control`)")
     from omni.data.smoke import ensure_clips
 
     tracker = tracker or NullTracker()
     device = pick_device(cfg.device)
     ensure_clips(cfg.manifest)
+    tracker.log_input("manifest", cfg.manifest)
     examples = read_manifest(cfg.manifest).examples
     texts = [e.text for e in examples]
     t0 = time.perf_counter()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 FLUSH_EVERY = 200  # buffered metric values before a log_batch
+FLUSH_SECONDS = 15.0  # ... or this long since the last flush: a killed run loses at most this much
 
 
 def tracking_uri() -> str:
@@ -79,6 +80,36 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
     client().set_terminated(run_id, status=status)
 
 
+def reopen_run(run_id: str) -> None:
+    """Mark an ended run RUNNING again: a resumed run continues the same run and metric history."""
+    client().update_run(run_id, status="RUNNING")
+
+
+def last_step(run_id: str) -> int | None:
+    """The highest step of any metric the run logged (what a killed run reached)."""
+    run = client().get_run(run_id)
+    steps = [m.step for key in run.data.metrics for m in client().get_metric_history(run_id, key)]
+    return max(steps) if steps else None
+
+
+def init_store() -> None:
+    """Create or migrate the tracking database once, under a file lock: two first runs started
+    together on a fresh sqlite file otherwise race MLflow's schema migration and one crashes."""
+    from omni.common import file_lock
+
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return
+    with file_lock(uri[len("sqlite:///") :] + ".lock"):
+        client().search_experiments(max_results=1)
+
+
+def run_url(run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """Where `mlflow ui` shows the run."""
+    run = client().get_run(run_id)
+    return f"{ui}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
 def run_metrics(run_id: str) -> dict[str, float]:
     """Latest value of every metric of a run."""
     return dict(client().get_run(run_id).data.metrics)
@@ -95,7 +126,9 @@ class Tracker:
         self.run_id = run_id
         self.client = client()
         self._buffer: list = []
-        atexit.register(self.flush)  # a notebook that forgets to flush still gets its last metrics logged
+        self._flushed = time.monotonic()
+        self.owned = False  # True when this process started the run (plain papermill): it also ends it
+        atexit.register(self._at_exit)  # a notebook that forgets to flush still gets its last metrics logged
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -112,10 +145,11 @@ class Tracker:
         now = int(time.time() * 1000)
         for k, v in metrics.items():
             self._buffer.append(Metric(k, float(v), now, int(step)))
-        if len(self._buffer) >= FLUSH_EVERY:
+        if len(self._buffer) >= FLUSH_EVERY or time.monotonic() - self._flushed > FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
+        self._flushed = time.monotonic()
         while self._buffer:
             chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]  # MLflow's batch limit
             self.client.log_batch(self.run_id, metrics=chunk)
@@ -123,6 +157,23 @@ class Tracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
+
+    def log_input(self, name: str, path: str | Path) -> None:
+        """Name the data or model a run read: tag `input.<name>` = path and a content hash."""
+        self.set_tags({f"input.{name}": f"{path} sha256:{content_hash(path)}"})
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run if this process started it; a run the runner owns is ended by the runner."""
+        self.flush()
+        if self.owned:
+            end_run(self.run_id, status)
+            self.owned = False
+
+    def _at_exit(self) -> None:
+        self.flush()
+        if self.owned:  # the process ends before the notebook reached finish(): it failed
+            end_run(self.run_id, "FAILED")
+            self.owned = False
 
     def log_figure(self, fig, name: str) -> None:
         with tempfile.TemporaryDirectory() as d:
@@ -147,10 +198,59 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None: ...
     def flush(self) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_input(self, name: str, path: str | Path) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
     def log_figure(self, fig, name: str) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
 
 def attach(run_id: str | None) -> Tracker | NullTracker:
-    """What a notebook calls with its `mlflow_run_id` parameter ("" when opened by hand)."""
+    """Log into an existing run, or nowhere when run_id is empty (library code called from Python)."""
     return Tracker(run_id) if run_id else NullTracker()
+
+
+def git_state(cwd: str | Path = ".") -> dict[str, str]:
+    """The commit a run ran from and whether the tree had uncommitted changes (MLflow's own tag name)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return {}
+    return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no")))}
+
+
+def content_hash(path: str | Path, length: int = 16) -> str:
+    """sha256 of a file, or of a folder's files (names and bytes), truncated: names the data a run read."""
+    import hashlib
+
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else []
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:length] if files else "missing"
+
+
+def open_run(experiment: str, run_id: str, config: Any, extra: dict[str, Any] | None = None) -> Tracker:
+    """What every notebook calls: log into `run_id` (given by `omni run`), or start a run of its own
+    in `experiment` when the notebook runs under plain papermill or by hand, so no run logs nowhere.
+    Every field of `config` (a dataclass) is logged as a param under its own name, with `extra`
+    (e.g. out_dir), and the git commit as tags."""
+    from dataclasses import asdict
+
+    params = asdict(config) | dict(extra or {})
+    if run_id:
+        tracker = Tracker(run_id)
+    else:
+        tracker = Tracker(start_run(experiment, f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        tracker.owned = True
+    tracker.log_params(params)
+    tracker.set_tags(git_state(Path(__file__).resolve().parent))
+    return tracker

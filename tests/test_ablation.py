@@ -98,7 +98,7 @@ def test_comparison_and_findings():
 
 
 def test_tiny_grid_end_to_end(tiny, tmp_path, monkeypatch):
-    from omni.report import run_experiment
+    from omni.runner import run_experiment
 
     monkeypatch.chdir(tmp_path)  # reports/ here; MLflow: the session's throwaway sqlite store (conftest)
     root = tiny["root"]

@@ -185,7 +185,7 @@ print(a.shape == (80, 2) and bool(np.array_equal(a, b)))
 
 @pytest.mark.slow  # numba compiles umap-learn on first use: 25-70 s on 2 busy cores, ~5 s once cached
 def test_umap_is_deterministic_given_a_seed():
-    # In a subprocess with the runner's numba cache (omni.report: ~/.cache/omni/numba), not conftest's
+    # In a subprocess with the runner's numba cache (omni.runner: ~/.cache/omni/numba), not conftest's
     # fresh one: umap-learn is then compiled once per machine instead of once per test session.
     env = os.environ | {"NUMBA_CACHE_DIR": str(Path.home() / ".cache" / "omni" / "numba")}
     out = subprocess.run([sys.executable, "-c", UMAP_CHECK], capture_output=True, text=True, env=env, timeout=300)
@@ -250,7 +250,7 @@ def test_analyse_is_deterministic_given_a_seed(runs):
 
 
 def test_report_end_to_end(runs, monkeypatch):
-    from omni.report import run_experiment
+    from omni.runner import run_experiment
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     params = {"run": f"{runs / 'frozen'},{runs / 'weighted'}", "split": "test,test_seen_voice", "clips": 8, "candidates": 4,

@@ -1,0 +1,420 @@
+"""`omni run EXPERIMENT.yaml`: papermill -> executed notebook -> code-free HTML -> reports/index.html.
+
+An experiment file names a notebook, its parameters, and optionally a grid:
+
+    name: smoke
+    notebook: notebooks/01_smoke.ipynb
+    parameters: {steps: 50, layer: last}
+    grid: {seed: [0, 1, 2]}              # optional: the product of these axes ...
+    points: [{k: 4}, {k: 8, projector: conv}]   # ... times these listed points (each a set of values)
+    summary: notebooks/05_ablation_report.ipynb  # optional, grids only: run last, logging into the parent run
+    headline: [final_loss, passed]       # metrics shown in reports/index.html
+
+Design choices:
+- Everything is checked before a kernel starts: the YAML's shape, every parameter's name (against the
+  notebook's `parameters` cell) and, where the notebook names its config dataclass, every value's type
+  and range (omni.params). A bad value is one line naming the parameter and what it may be.
+- The runner owns each MLflow run (see omni.track); the notebook receives `mlflow_run_id` and
+  `out_dir`. The run's params are the config's fields, defaults included, under their own names.
+- Report folders are created exclusively (a second run in the same second gets `-2`), and each
+  holds a summary.json from the start (status RUNNING, pid, host), so a killed run is found later
+  (omni.index marks it KILLED) and can be resumed: `--resume FOLDER|RUN_ID` runs the same notebook
+  with the same parameters, run id and folder, and the training loop picks up its checkpoints there.
+  Resuming a grid reruns only the points that did not finish.
+- A failed notebook still gets its executed copy, its HTML (showing the error) and its index
+  entry marked failed; the other grid points go on; the exit code is non-zero.
+- Grid points run one after another, or in `workers` threads: each point is a separate kernel
+  process, so threads only wait; torch threads are split between workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import html
+import itertools
+import json
+import os
+import re
+import socket
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from omni import index, params, track
+from omni.common import atomic_write
+
+RESERVED = tuple(params.RESERVED)  # filled in by the runner, declared by every notebook
+KEYS = {"name", "notebook", "parameters", "grid", "points", "headline", "summary", "description"}
+
+
+class ExperimentError(ValueError):
+    pass
+
+
+@dataclass
+class Experiment:
+    name: str
+    notebook: Path
+    parameters: dict[str, Any]
+    grid: dict[str, list]
+    points: list[dict[str, Any]]
+    headline: list[str]
+    summary: Path | None
+    source: Path
+    description: str = ""
+    defaults: dict[str, Any] = field(default_factory=dict)  # the notebook's parameters cell
+
+
+@dataclass
+class RunResult:
+    name: str
+    status: str  # FINISHED | FAILED
+    run_id: str
+    report_dir: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+
+
+def read_notebook(path: Path):
+    import jupytext
+    import nbformat
+
+    if path.suffix == ".ipynb":
+        return nbformat.read(path, as_version=4)
+    return jupytext.read(path)
+
+
+def notebook_parameters(path: Path) -> dict[str, Any]:
+    """Defaults from the cell tagged `parameters`, evaluated in an empty namespace."""
+    nb = read_notebook(path)
+    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not cells:
+        raise ExperimentError(f"{path}: no cell tagged `parameters` (add `# %% tags=[\"parameters\"]`)")
+    ns: dict[str, Any] = {}
+    exec(compile(cells[0].source, f"{path}:parameters", "exec"), {}, ns)
+    missing = [r for r in RESERVED if r not in ns]
+    if missing:
+        raise ExperimentError(f"{path}: the parameters cell must declare {missing}")
+    return {k: v for k, v in ns.items() if not k.startswith("_")}
+
+
+def parse_overrides(items: list[str] | list[list[str]]) -> dict[str, Any]:
+    """`-p NAME=VALUE` or papermill's `-p NAME VALUE`; VALUE is YAML (a list makes a grid axis)."""
+    out = {}
+    for item in items:
+        words = [item] if isinstance(item, str) else list(item)
+        if len(words) == 1 and "=" in words[0]:
+            words = words[0].split("=", 1)
+        if len(words) != 2 or not words[0].strip():
+            raise ExperimentError(f"-p {' '.join(words)!r}: expected NAME=VALUE or NAME VALUE")
+        key, value = words
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            raise ExperimentError(f"-p {key}: value {value!r} is not valid YAML: {e}") from e
+    return out
+
+
+def _shape(path: Path, spec: Any) -> None:
+    """Refuse a malformed experiment file in one line, before anything runs."""
+    if not isinstance(spec, dict):
+        raise ExperimentError(f"{path}: expected a mapping of keys {sorted(KEYS)}, got {type(spec).__name__}")
+    unknown = set(spec) - KEYS
+    if unknown:
+        raise ExperimentError(f"{path}: unknown keys {sorted(unknown)}; valid: {sorted(KEYS)}")
+    if not isinstance(spec.get("notebook"), str):
+        raise ExperimentError(f"{path}: missing `notebook` (a path to an .ipynb)")
+    if not isinstance(spec.get("parameters") or {}, dict):
+        raise ExperimentError(f"{path}: `parameters` must be a mapping NAME: VALUE")
+    grid = spec.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise ExperimentError(f"{path}: `grid` must be a mapping NAME: [VALUE, ...]")
+    for k, v in grid.items():
+        if not isinstance(v, list) or not v:
+            raise ExperimentError(f"{path}: grid axis `{k}` must be a non-empty list, got {v!r}")
+    points = spec.get("points")
+    if points is not None and (not isinstance(points, list) or not points or not all(isinstance(p, dict) for p in points)):
+        raise ExperimentError(f"{path}: `points` must be a non-empty list of mappings NAME: VALUE")
+    headline = spec.get("headline") or []
+    if not isinstance(headline, list) or not all(isinstance(h, str) for h in headline):
+        raise ExperimentError(f"{path}: `headline` must be a list of metric names")
+
+
+def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:
+    path = Path(path)
+    if not path.exists():
+        raise ExperimentError(f"{path}: no such experiment file")
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ExperimentError(f"{path}: not valid YAML: {e}") from e
+    _shape(path, spec)
+    notebook = Path(spec["notebook"])
+    if not notebook.exists():
+        raise ExperimentError(f"{path}: notebook {notebook} does not exist (paths are relative to the working directory)")
+    defaults = notebook_parameters(notebook)
+    exp_params = dict(spec.get("parameters") or {})
+    grid = {k: list(v) for k, v in (spec.get("grid") or {}).items()}
+    points = [dict(p) for p in spec.get("points") or []]
+    named = [(f"{path} parameters", exp_params), (f"{path} grid", grid), ("-p", overrides or {})]
+    named += [(f"{path} points[{i}]", p) for i, p in enumerate(points)]
+    for where, names in named:
+        bad = [n for n in names if n not in defaults or n in RESERVED]
+        if bad:
+            valid = ", ".join(k for k in defaults if k not in RESERVED)
+            raise ExperimentError(f"{where}: unknown parameter {bad[0]!r} for {notebook}; valid: {valid}")
+    for k, v in (overrides or {}).items():
+        # a list override makes (or replaces) a grid axis; a scalar fixes the value
+        if isinstance(v, list):
+            if not v:
+                raise ExperimentError(f"-p {k}: an empty list makes an empty grid")
+            grid[k] = v
+            exp_params.pop(k, None)
+        else:
+            exp_params[k] = v
+            grid.pop(k, None)
+            for p in points:
+                p.pop(k, None)
+    summary = Path(spec["summary"]) if spec.get("summary") else None
+    if summary is not None and not summary.exists():
+        raise ExperimentError(f"{path}: summary notebook {summary} does not exist")
+    return Experiment(
+        name=str(spec.get("name") or path.stem),
+        notebook=notebook,
+        parameters=exp_params,
+        grid=grid,
+        points=points,
+        headline=list(spec.get("headline") or []),
+        summary=summary,
+        source=path,
+        description=str(spec.get("description") or ""),
+        defaults=defaults,
+    )
+
+
+def grid_points(exp: Experiment) -> list[dict[str, Any]]:
+    """The product of the grid axes, times the listed points (each overriding what it names)."""
+    product = [dict(zip(exp.grid, combo)) for combo in itertools.product(*exp.grid.values())] or [{}]
+    listed = exp.points or [{}]
+    return [dict(exp.parameters) | g | p for p in listed for g in product]
+
+
+def varying(exp: Experiment) -> list[str]:
+    """The parameters that differ between grid points: they name each point's folder."""
+    keys = list(exp.grid) + [k for p in exp.points for k in p]
+    return list(dict.fromkeys(keys))
+
+
+def checked_params(exp: Experiment, point: dict[str, Any]) -> dict[str, Any]:
+    """Every effective parameter of one point (defaults included), checked by the notebook's config
+    when it names one. Raises ExperimentError naming the parameter."""
+    values = {k: v for k, v in exp.defaults.items() if k not in RESERVED} | point
+    found = params.notebook_config(read_notebook(exp.notebook))
+    if found is None:
+        return values
+    cls, derived = found
+    try:
+        cfg = params.check(cls, values, derived)
+    except (params.ParamError, TypeError) as e:
+        where = ", ".join(f"{k}={point[k]}" for k in varying(exp) if k in point)
+        raise ExperimentError(f"{exp.source}{' [' + where + ']' if where else ''}: {e}") from e
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in derived}
+
+
+def _slug(point: dict[str, Any], keys: list[str]) -> str:
+    s = "-".join(f"{k}={point[k]}" for k in keys if k in point)
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", s)
+
+
+def new_report_dir(parent: Path, stamp: str) -> Path:
+    """reports/<experiment>/<stamp>, created exclusively: two runs in the same second never share one."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for i in itertools.count(1):
+        d = parent / (stamp if i == 1 else f"{stamp}-{i}")
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def write_summary(out_dir: Path, summary: dict) -> None:
+    atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+
+
+def execute(notebook: Path, values: dict[str, Any], out_dir: Path, run_id: str, headline: list[str], meta: dict) -> RunResult:
+    """Run one notebook into out_dir; never raises for a notebook failure."""
+    import papermill as pm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    executed = out_dir / "notebook.ipynb"
+    summary = {
+        **meta,
+        "status": "RUNNING",
+        "error": "",
+        "run_id": run_id,
+        "params": values,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "mlflow_url": track.run_url(run_id) if run_id else "",
+    }
+    write_summary(out_dir, summary)
+    error = ""
+    try:
+        pm.execute_notebook(
+            read_notebook(notebook),
+            str(executed),
+            parameters=values | {"mlflow_run_id": run_id, "out_dir": str(out_dir)},
+            kernel_name="python3",
+            language="python",
+            cwd=os.getcwd(),
+            progress_bar=sys.stderr.isatty(),
+        )
+        status = "FINISHED"
+    except Exception as e:  # papermill's execution error, a dead kernel, ...
+        status = "FAILED"
+        error = _last_line(str(e))
+    report = out_dir / "report.html"
+    if executed.exists():
+        _to_html(executed, report, values, summary["mlflow_url"], meta.get("run_name", ""))
+    metrics = {}
+    if run_id:
+        for path in (executed, report):
+            if path.exists():
+                track.Tracker(run_id).log_artifact(path)
+        metrics = track.run_metrics(run_id)
+        track.end_run(run_id, status)
+    summary |= {
+        "status": status,
+        "error": error,
+        "headline": {k: metrics[k] for k in headline if k in metrics},
+        "html": "report.html" if report.exists() else "",
+        "finished": dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    write_summary(out_dir, summary)
+    return RunResult(meta["run_name"], status, run_id, out_dir, metrics, error)
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines() if ln.strip()]
+    return lines[-1][:500] if lines else "failed"
+
+
+def _to_html(executed: Path, report: Path, values: dict[str, Any], mlflow_url: str, title: str) -> None:
+    """Code-free HTML, opened by what a reader needs first: the parameters and a link to the MLflow run."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
+    rows = "".join(f"<tr><td><code>{html.escape(str(k))}</code></td><td>{html.escape(str(v))}</td></tr>" for k, v in values.items())
+    link = f' · <a href="{html.escape(mlflow_url)}">MLflow run</a> (with <code>mlflow ui</code> running)' if mlflow_url else ""
+    header = (
+        f'<div style="font-family:system-ui,sans-serif;margin:1em 2em;font-size:90%">'
+        f"<details><summary><b>{html.escape(title)}</b>: parameters{link}</summary>"
+        f'<table style="border-collapse:collapse">{rows}</table></details></div>'
+    )
+    body = re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + header, body, count=1)
+    atomic_write(report, body)
+
+
+def _resume_targets(resume: str, reports: Path) -> list[Path]:
+    """Report folders to rerun: one run's folder, or a grid's unfinished children."""
+    folder = Path(resume)
+    if not folder.is_dir():
+        folder = index.report_dir_of(resume, reports)
+    summary = index.read_summary(folder)
+    if summary.get("grid_parent"):
+        children = sorted(p.parent for p in folder.glob("*/summary.json"))
+        return [c for c in children if index.read_summary(c).get("status") != "FINISHED"]
+    return [folder]
+
+
+def resume_experiment(resume: str, reports: str | Path = "reports", workers: int = 1) -> list[RunResult]:
+    """Rerun an interrupted run (or a grid's unfinished points) in place: same notebook, parameters,
+    MLflow run and folder; training resumes from the checkpoints the run left there."""
+    reports = Path(reports)
+    targets = _resume_targets(resume, reports)
+    _prepare_env(workers)
+    index.mark_dead_runs(reports)
+
+    def one(folder: Path) -> RunResult:
+        s = index.read_summary(folder)
+        if s.get("run_id"):
+            track.reopen_run(s["run_id"])
+        meta = {k: s[k] for k in ("experiment", "source", "notebook", "description", "run_name", "parent_run_id", "started") if k in s}
+        meta["resumed"] = True
+        return execute(Path(s["notebook"]), s.get("params", {}), folder, s.get("run_id", ""), s.get("headline_keys", []), meta)
+
+    results = _map(one, targets, workers)
+    index.write_index(reports)
+    return results
+
+
+def _prepare_env(workers: int) -> None:
+    os.environ.setdefault("MLFLOW_TRACKING_URI", track.tracking_uri())  # the kernels inherit it
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "omni" / "numba"))
+    os.environ.setdefault("TQDM_DISABLE", "1")  # a report is read after the fact: progress bars are noise there
+    if workers > 1:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // workers))
+    track.init_store()  # migrations once, under a lock: parallel first runs race otherwise
+
+
+def _map(fn, items: list, workers: int) -> list:
+    if workers > 1 and len(items) > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(fn, items))
+    return [fn(x) for x in items]
+
+
+def run_experiment(path: str | Path, overrides: dict[str, Any] | None = None, reports: str | Path = "reports", workers: int = 1) -> list[RunResult]:
+    exp = load_experiment(path, overrides)
+    points = grid_points(exp)
+    checked = [checked_params(exp, p) for p in points]  # every point's values, before any kernel starts
+    reports = Path(reports)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    _prepare_env(workers)
+    index.mark_dead_runs(reports)
+    track.experiment_id(exp.name)  # create once, before any parallel worker
+    top = new_report_dir(reports / exp.name, stamp)
+    stamp = top.name
+    base = {"experiment": exp.name, "source": str(exp.source), "notebook": str(exp.notebook), "description": exp.description,
+            "headline_keys": exp.headline}
+    keys = varying(exp) if len(points) > 1 else []
+    parent = ""
+    if len(points) > 1:
+        grid_desc = {"grid": json.dumps(exp.grid), "points": json.dumps(exp.points)}
+        parent = track.start_run(exp.name, f"{exp.name}-{stamp}", params=exp.parameters | grid_desc)
+        write_summary(top, base | {"run_name": f"{exp.name}-{stamp}", "run_id": parent, "status": "RUNNING", "grid_parent": True,
+                                   "started": stamp, "params": exp.parameters | grid_desc, "pid": os.getpid(),
+                                   "host": socket.gethostname(), "mlflow_url": track.run_url(parent)})
+
+    def one(i: int) -> RunResult:
+        suffix = _slug(points[i], keys) if keys else ""
+        run_name = f"{exp.name}-{stamp}" + (f"-{suffix}" if suffix else "")
+        run_id = track.start_run(exp.name, run_name, params=checked[i], parent_run_id=parent or None)
+        out = top / (suffix or f"point{i}") if parent else top
+        meta = base | {"run_name": run_name, "parent_run_id": parent, "started": stamp}
+        return execute(exp.notebook, checked[i], out, run_id, exp.headline, meta)
+
+    results = _map(one, list(range(len(points))), workers)
+
+    if parent:
+        status = "FINISHED" if all(r.status == "FINISHED" for r in results) else "FAILED"
+        if exp.summary is not None:
+            # the summary notebook logs into the parent run and reads its children from there
+            meta = base | {"run_name": f"{exp.name}-{stamp}", "parent_run_id": "", "started": stamp, "grid_parent": True}
+            summary = execute(exp.summary, {}, top, parent, exp.headline, meta)
+            results.append(summary)
+            status = "FINISHED" if status == "FINISHED" and summary.status == "FINISHED" else "FAILED"
+        else:
+            write_summary(top, index.read_summary(top) | {"status": status, "finished": dt.datetime.now().isoformat(timespec="seconds")})
+        track.end_run(parent, status)  # a failed child fails the parent, whatever the summary did
+    index.write_index(reports)
+    return results

@@ -1,0 +1,115 @@
+"""Runs that survive (issue 14), through `omni run` with real kernels on a tiny training notebook:
+kill -9 of the runner mid-training leaves a RUNNING report that the next `omni index` marks KILLED
+with its last step, `omni run --resume` finishes it in place, bit-identical to an uninterrupted run;
+several runs started at once on a fresh database and reports folder all land."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from omni import track
+from omni.cli import main
+
+NOTEBOOK = '''# %% tags=["parameters"]
+steps = 8
+kill_file = ""
+mlflow_run_id = ""
+out_dir = ""
+
+# %%
+import os, signal
+import torch
+from safetensors.torch import save_file
+from omni import track
+from omni.train import TrainConfig, train
+
+t = track.attach(mlflow_run_id)
+torch.manual_seed(0)
+w = torch.nn.Parameter(torch.randn(4, 4))
+data = torch.randn(steps, 4)
+
+def loss_fn(step):
+    if kill_file and step == 5 and os.path.exists(kill_file):
+        os.unlink(kill_file)
+        t.flush()
+        os.kill(os.getppid(), signal.SIGKILL)  # the runner dies, as under kill -9 ...
+        os.kill(os.getpid(), signal.SIGKILL)  # ... and its kernel with it
+    return ((data[step] @ w) ** 2).mean(), 4
+
+train({"w": w}, loss_fn, TrainConfig(steps=steps, lr=0.1, ckpt_every=2, ckpt_dir=f"{out_dir}/ckpt", progress=False), t)
+save_file({"w": w.detach()}, f"{out_dir}/final.safetensors")
+'''
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    Path("notebooks").mkdir()
+    Path("notebooks/train.py").write_text(NOTEBOOK)
+    Path("exp.yaml").write_text("name: tiny\nnotebook: notebooks/train.py\nheadline: [loss]\n")
+    return tmp_path
+
+
+def omni_run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "omni.cli", "run", *args], capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def test_killed_run_is_marked_then_resumed_bit_identical(project):
+    Path("kill-me").touch()
+    killed = omni_run("exp.yaml", "-p", "kill_file", "kill-me")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    (folder,) = [p for p in Path("reports/tiny").iterdir() if p.is_dir()]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "RUNNING"  # what kill -9 leaves behind
+    assert (folder / "ckpt" / "train_state.json").exists() and not (folder / "final.safetensors").exists()
+
+    assert main(["index"]) == 0
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "KILLED" and summary["last_step"] == 5  # steps 0..5 were flushed before the kill
+    assert track.client().get_run(summary["run_id"]).info.status == "KILLED"
+    assert "KILLED" in Path("reports/index.html").read_text()
+
+    run_id = summary["run_id"]
+    resumed = omni_run("--resume", str(folder))
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "FINISHED" and summary["run_id"] == run_id  # the same run, continued
+    run = track.client().get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    steps = {s for s, _ in track.metric_history(summary["run_id"], "loss")}
+    assert steps == set(range(8))  # one run, one history: the steps before the kill and after the resume
+
+    straight = omni_run("exp.yaml")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    (other,) = [p for p in Path("reports/tiny").iterdir() if p.is_dir() and p != folder]
+    a, b = load_file(folder / "final.safetensors")["w"], load_file(other / "final.safetensors")["w"]
+    assert a.equal(b)  # bit-identical on CPU
+
+
+def test_resume_by_run_id_and_unknown_run(project, capsys):
+    assert main(["run", "--resume", "0123456789abcdef"]) == 2
+    assert "0123456789abcdef" in capsys.readouterr().err
+
+
+def test_parallel_first_runs_on_a_fresh_store_all_land(project):
+    procs = [subprocess.Popen([sys.executable, "-m", "omni.cli", "run", "exp.yaml", "-p", "steps", str(2 + i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+             for i in range(3)]
+    outs = [p.communicate(timeout=400) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-1500:] for o in outs]
+    folders = [p for p in Path("reports/tiny").iterdir() if p.is_dir()]
+    assert len(folders) == 3  # started in the same second, they still got a folder each
+    summaries = [json.loads((f / "summary.json").read_text()) for f in folders]
+    assert sorted(s["params"]["steps"] for s in summaries) == [2, 3, 4]
+    assert all(s["status"] == "FINISHED" for s in summaries)
+    index = Path("reports/index.html").read_text()
+    assert all(s["run_name"] in index for s in summaries)
+    runs = track.client().search_runs([track.experiment_id("tiny")])
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
