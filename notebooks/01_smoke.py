@@ -13,6 +13,8 @@
 #     name: python3
 #   omni:
 #     config: omni.smoke.SmokeConfig
+#     derived:
+#     - ckpt_dir
 #     experiment: smoke
 # ---
 
@@ -44,6 +46,7 @@ device: str = 'auto'  # auto | cpu | cuda
 manifest: str = 'data/audio_smoke/manifest.jsonl'  # the captioned clips (written on first use)
 min_drop: float = 0.5  # pass needs the loss to drop by at least this much
 min_gap_bits: float = 1.0  # ... and the audio to tell at least this many bits per caption beyond the control
+ckpt_every: int = 10  # steps between resumable checkpoints (when ckpt_dir is set)
 mlflow_run_id: str = ""  # MLflow run to log into; empty: start a new run in the default store
 out_dir: str = "reports/smoke/adhoc"  # folder this run writes its files into
 
@@ -56,7 +59,7 @@ from IPython.display import display
 from omni import params, track
 from omni.smoke import SmokeConfig, run_smoke
 
-cfg = params.from_params(SmokeConfig, globals())
+cfg = params.from_params(SmokeConfig, globals(), ckpt_dir=f"{out_dir}/ckpt")  # a rerun in this folder resumes
 tracker = track.open_run("smoke", mlflow_run_id, cfg, {"out_dir": out_dir})
 res = run_smoke(cfg, tracker)
 

@@ -46,6 +46,8 @@ class SmokeConfig:
     manifest: str = "data/audio_smoke/manifest.jsonl"  # the captioned clips (written on first use)
     min_drop: float = 0.5  # pass needs the loss to drop by at least this much
     min_gap_bits: float = 1.0  # ... and the audio to tell at least this many bits per caption beyond the control
+    ckpt_every: int = 10  # steps between resumable checkpoints (when ckpt_dir is set)
+    ckpt_dir: str = ""  # checkpoint folder; a rerun with the same folder resumes from it ("" = none)
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", self.steps, ">= 1")
@@ -137,20 +139,22 @@ def _fit(cfg: SmokeConfig, hidden, lengths, texts, n_states, d_whisper, control:
     tok = ByteTokenizer()
     gpt = GPT(GPTConfig.from_depth(cfg.depth, vocab_size=tok.vocab_size)).to(device)
     model = SpeechLM(gpt, tok, n_states, d_whisper, SpeechLMConfig(layer=cfg.layer, k=cfg.k)).to(device)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
     n_tokens = sum(len(tok.encode(t)) + 1 for t in texts)
 
     def loss_fn(step: int):
         h, ln = hidden, lengths
         if control == "shuffle":  # a fresh permutation each step: the audio says nothing about the caption
-            perm = torch.randperm(len(texts), generator=gen).to(device)
+            # drawn from (seed, step) alone, so a resumed run sees the same permutations
+            perm = torch.randperm(len(texts), generator=torch.Generator().manual_seed((cfg.seed + 1) * 100_003 + step)).to(device)
             h, ln = hidden[perm], lengths[perm]
         elif control == "zero":
             h = torch.zeros_like(hidden)
         return model(h, ln, texts), n_tokens
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    hist = train(params, loss_fn, TrainConfig(steps=cfg.steps, lr=cfg.lr, min_lr_frac=1.0), tracker, metric_prefix=prefix)
+    ckpt = f"{cfg.ckpt_dir}/{control}" if cfg.ckpt_dir else ""
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, min_lr_frac=1.0, ckpt_every=cfg.ckpt_every if ckpt else 0, ckpt_dir=ckpt)
+    hist = train(params, loss_fn, tcfg, tracker, metric_prefix=prefix)
     model.eval()
     decoded = model.transcribe(hidden if control != "zero" else torch.zeros_like(hidden), lengths, max_new_tokens=80)
     return hist, decoded
