@@ -17,11 +17,13 @@ Design choices:
   transformer; the lm_head only sees text positions, the loss is text-only. A short prefix is padded
   on the LEFT; each sample's positions are shifted by its own padding so its real tokens are numbered
   0, 1, ... exactly as if it were alone, and padded slots are masked out as keys.
-- KV cache for generation: prefill [audio][idx] in one pass, then one token at a time.
+- KV cache for generation: prefill [audio][idx] in one pass, then one token at a time; `stream`
+  yields each step's tokens (for a server), `generate` collects them.
 """
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -320,6 +322,28 @@ class GPT(nn.Module):
 
         temperature 0 is greedy. A sample that emitted stop_token keeps emitting it (padding).
         use_cache=False recomputes the whole sequence each step: slow, the reference for the cache.
+        All of `stream`'s steps, stacked: the one decoding loop lives there.
+        """
+        steps = list(self.stream(idx, audio, audio_mask, max_new_tokens, temperature, top_k, top_p, stop_token, seed, use_cache))
+        return torch.stack(steps, dim=1) if steps else torch.empty(idx.size(0), 0, dtype=torch.long, device=idx.device)
+
+    @torch.no_grad()
+    def stream(
+        self,
+        idx: Tensor,
+        audio: Tensor | None = None,
+        audio_mask: Tensor | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_token: int | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[Tensor]:
+        """Yields the next token of every sample, (B,) long, one step at a time; arguments as `generate`.
+
+        A generator, so a server can send each token as it is made; its checks run at the first next().
         """
         B, T = idx.shape
         if T == 0:
@@ -347,12 +371,13 @@ class GPT(nn.Module):
             if stop_token is not None:
                 nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)
                 done = done | (nxt == stop_token)
-            out = torch.cat([out, nxt.unsqueeze(1)], dim=1)
+            yield nxt
             if (stop_token is not None and bool(done.all())) or step == max_new_tokens - 1:
                 break
             if use_cache:
                 logits = self.forward(nxt.unsqueeze(1), kv_cache=cache)[:, -1]
-        return out
+            else:
+                out = torch.cat([out, nxt.unsqueeze(1)], dim=1)
 
     def save(self, directory: str | Path) -> None:
         """Weights as model.safetensors plus config.json (never pickle)."""
