@@ -14,6 +14,7 @@ import shutil
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from copy import copy
 from pathlib import Path
 
@@ -54,8 +55,8 @@ def clips(tiny_alignment):
     return [(p, p.read_bytes()) for p in paths]
 
 
-@pytest.fixture(scope="module")
-def server(session):
+@contextmanager
+def serving(session):
     """A real uvicorn on a free local port, in a thread: base URL."""
     import uvicorn
 
@@ -70,9 +71,17 @@ def server(session):
             break
         time.sleep(0.05)
     assert srv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(session):
+    with serving(session) as url:
+        yield url
 
 
 def expected(session, wave: torch.Tensor, prompt: str | None = None, max_new_tokens: int = 40) -> str:
@@ -340,19 +349,26 @@ def test_cli_streams_answers_and_refuses_a_run_that_is_not_a_model(tiny_alignmen
 
 # --- one real browser -------------------------------------------------------------------------
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium; .ci/run does)")
-def test_browser_uploads_a_clip_asks_and_sees_the_answer_stream(server, session, tmp_path):
+def test_browser_uploads_a_clip_asks_and_sees_the_answer_stream(session, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     from omni import tts
 
+    def slowly(events):  # 20 ms per piece, so the browser gets them in separate reads and shows each
+        for e in events:
+            time.sleep(0.02)
+            yield e
+
+    slow = copy(session)
+    slow.answer = lambda *a: slowly(session.answer(*a))
     wav = tmp_path / "hello.wav"
     audio.save(wav, tts.synthesize("Hello, can you hear me?"))
-    want = expected(session, audio.load(wav), prompt="What did you hear?", max_new_tokens=120)
-    with sync_playwright() as p:
+    want = expected(session, audio.load(wav), prompt="What did you hear?", max_new_tokens=30)
+    with serving(slow) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
-            page.goto(server)
+            page.goto(url)
             expect(page.locator("#model")).to_contain_text("transcriber", timeout=15000)
             page.set_input_files("#file", str(wav))
             expect(page.locator("#clip-label")).to_contain_text("audio tokens", timeout=20000)
@@ -360,12 +376,14 @@ def test_browser_uploads_a_clip_asks_and_sees_the_answer_stream(server, session,
             page.evaluate("""() => { window.seen = []; new MutationObserver(() => {
                 const b = document.querySelector('.bot .bubble'); if (b) window.seen.push(b.textContent);
               }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true}); }""")
+            page.fill("#max_tokens", "30")
             page.fill("#text", "What did you hear?")
             page.click("#send")
             expect(page.locator(".bot .stats")).to_contain_text("first token", timeout=20000)
             assert page.locator(".bot .bubble").text_content() == want
-            seen = [s for s in page.evaluate("window.seen") if s]
-            assert len(set(seen)) >= 2, seen  # more than one partial text before the last
+            partial = {s for s in page.evaluate("window.seen") if s and s != want}
+            assert len(partial) >= 3, partial  # the answer appeared piece by piece, not at once
             assert page.locator(".user .bubble audio").count() == 1
+            page.screenshot(path=str(tmp_path / "chat.png"))
         finally:
             browser.close()

@@ -38,7 +38,7 @@ function setClip(clip, url) {
   state.clipUrl = clip ? url : null;
   $("attachment").hidden = !clip;
   $("clip-label").textContent = clip
-    ? `🎧 ${clip.name} · ${clip.seconds.toFixed(1)} s · ${clip.audio_tokens} audio tokens · encoded in ${Math.round(clip.encode_ms)} ms`
+    ? `♪ ${clip.name} · ${clip.seconds.toFixed(1)} s · ${clip.audio_tokens} audio tokens · encoded in ${Math.round(clip.encode_ms)} ms`
     : "";
 }
 
@@ -158,7 +158,7 @@ async function send(event) {
   if (clip) {
     const label = document.createElement("div");
     label.className = "clip";
-    label.textContent = `🎧 ${clip.name} (${clip.seconds.toFixed(1)} s)`;
+    label.textContent = `♪ ${clip.name} (${clip.seconds.toFixed(1)} s)`;
     const player = document.createElement("audio");
     player.controls = true;
     player.src = state.clipUrl;
@@ -238,7 +238,7 @@ async function start() {
     if (res && res.ok) {
       state.conv = saved;
       for (const t of (await res.json()).history) {
-        addTurn("user", (t.question || "(no question)") + (t.clip ? `\n🎧 ${t.clip}` : ""));
+        addTurn("user", (t.question || "(no question)") + (t.clip ? `\n♪ ${t.clip}` : ""));
         const bot = addTurn("bot", t.answer);
         const stats = document.createElement("div");
         stats.className = "stats";
