@@ -305,26 +305,13 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     @torch.no_grad()
-    def generate(
-        self,
-        idx: Tensor,
-        audio: Tensor | None = None,
-        audio_mask: Tensor | None = None,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        stop_token: int | None = None,
-        seed: int | None = None,
-        use_cache: bool = True,
-    ) -> Tensor:
+    def generate(self, idx: Tensor, **kwargs) -> Tensor:
         """New tokens (B, n_new), n_new <= max_new_tokens (stops early once every sample stopped).
 
-        temperature 0 is greedy. A sample that emitted stop_token keeps emitting it (padding).
-        use_cache=False recomputes the whole sequence each step: slow, the reference for the cache.
-        All of `stream`'s steps, stacked: the one decoding loop lives there.
+        Keyword arguments as `stream` (audio, audio_mask, max_new_tokens, temperature, top_k, top_p,
+        stop_token, seed, use_cache): all of its steps, stacked; the one decoding loop lives there.
         """
-        steps = list(self.stream(idx, audio, audio_mask, max_new_tokens, temperature, top_k, top_p, stop_token, seed, use_cache))
+        steps = list(self.stream(idx, **kwargs))
         return torch.stack(steps, dim=1) if steps else torch.empty(idx.size(0), 0, dtype=torch.long, device=idx.device)
 
     @torch.no_grad()
@@ -341,9 +328,12 @@ class GPT(nn.Module):
         seed: int | None = None,
         use_cache: bool = True,
     ) -> Iterator[Tensor]:
-        """Yields the next token of every sample, (B,) long, one step at a time; arguments as `generate`.
+        """Yields the next token of every sample, (B,) long, one decoding step at a time.
 
-        A generator, so a server can send each token as it is made; its checks run at the first next().
+        temperature 0 is greedy. A sample that emitted stop_token keeps emitting it (padding); the
+        steps end once every sample stopped, or after max_new_tokens. use_cache=False recomputes the
+        whole sequence each step: slow, the reference for the cache. A generator, so a server can send
+        each token as it is made; its checks run at the first next().
         """
         B, T = idx.shape
         if T == 0:
