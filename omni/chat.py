@@ -53,6 +53,7 @@ MIN_SECONDS = 0.1  # shorter clips give no encoder frame worth a token
 MAX_CONVERSATIONS = 64  # the least recently used conversation is forgotten beyond this
 MAX_CLIPS = 8  # clips kept per conversation (oldest dropped)
 MIN_ANSWER_TOKENS = 16  # the clip limit leaves at least this much room for an answer
+MAX_TOKENS = 1024  # the most tokens one answer may ask for (the model's sequence_len may allow fewer)
 
 
 class Sampling(BaseModel):
@@ -61,7 +62,7 @@ class Sampling(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0)  # 0 = greedy
     top_k: int = Field(0, ge=0, le=1000)  # 0 = off
     top_p: float = Field(1.0, gt=0.0, le=1.0)  # 1 = off
-    max_tokens: int = Field(120, ge=1, le=1024)  # also bounded by the model's sequence_len
+    max_tokens: int = Field(120, ge=1, le=MAX_TOKENS)  # also bounded by the model's sequence_len
     seed: int | None = Field(None, ge=0, le=2**31 - 1)  # fixes sampling when temperature > 0
 
 
@@ -86,10 +87,10 @@ def load_run(run: str, device: str = "cpu"):
 
     try:
         return load_aligned(run, device)
-    except (KeyError, TypeError, RuntimeError, OSError) as e:  # half a run: missing keys, tensors, files
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise ValueError(f"--run {run}: not a trained model ({type(e).__name__}: {e})") from e
+    except FileNotFoundError:  # already names the run and what is missing
+        raise
+    except Exception as e:  # half a run: bad JSON, missing keys, tensors that do not fit
+        raise ValueError(f"--run {run}: not a trained model ({type(e).__name__}: {e})".replace("\n", " ")) from e
 
 
 def decode_upload(data: bytes, name: str, max_seconds: float) -> torch.Tensor:
@@ -154,12 +155,6 @@ class Session:
         per_second = audio.SAMPLE_RATE / audio.HOP_LENGTH / 2 / model.config.k  # mel hop, conv stride 2, k frames
         self.max_seconds = max(0.0, min(audio.MAX_SECONDS, room / per_second))
         self.description = describe(model, encoder)
-
-    def audio_tokens(self, n_samples: int) -> int:
-        """How many positions a clip of n_samples takes before the text (a prompt before it included)."""
-        frames = torch.tensor([(n_samples // audio.HOP_LENGTH + 1) // 2])
-        before = len(self.tokenizer.encode(self.model.config.prompt)) if self.model.config.prompt and not self.own_prompt else 0
-        return int(self.model.projector.token_lengths(frames)) + before
 
     def encode(self, wave: torch.Tensor, name: str) -> Iterator[Clip]:
         """One step (for the worker): the clip's soft prefix."""
@@ -282,7 +277,7 @@ def create_app(session: Session):
         return {
             "model": session.description,
             "limits": {"upload_bytes": MAX_UPLOAD_BYTES, "message_chars": MAX_MESSAGE_CHARS, "clip_seconds": round(session.max_seconds, 1),
-                       "sequence_len": session.sequence_len, "max_tokens": Sampling.model_fields["max_tokens"].metadata[1].le},
+                       "sequence_len": session.sequence_len, "max_tokens": MAX_TOKENS},
             "defaults": Sampling().model_dump(),
         }
 
