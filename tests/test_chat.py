@@ -365,7 +365,9 @@ def test_browser_uploads_a_clip_asks_and_sees_the_answer_stream(session, tmp_pat
     audio.save(wav, tts.synthesize("Hello, can you hear me?"))
     want = expected(session, audio.load(wav), prompt="What did you hear?", max_new_tokens=30)
     with serving(slow) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        # a fake microphone (a beep) and no permission prompt: the Record button can be tested too
+        fake_mic = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + fake_mic)
         try:
             page = browser.new_page()
             page.goto(url)
@@ -384,6 +386,13 @@ def test_browser_uploads_a_clip_asks_and_sees_the_answer_stream(session, tmp_pat
             partial = {s for s in page.evaluate("window.seen") if s and s != want}
             assert len(partial) >= 3, partial  # the answer appeared piece by piece, not at once
             assert page.locator(".user .bubble audio").count() == 1
-            page.screenshot(path=str(tmp_path / "chat.png"))
+            # record ~1 s from the microphone: the page converts Chromium's WebM to WAV and uploads it
+            page.click("#record")
+            expect(page.locator("#record")).to_contain_text("Stop")
+            page.wait_for_timeout(1200)
+            page.click("#record")
+            expect(page.locator("#clip-label")).to_contain_text("recording.wav", timeout=20000)
+            expect(page.locator("#clip-label")).to_contain_text("audio tokens")
+            assert page.locator("#error").is_hidden()
         finally:
             browser.close()
