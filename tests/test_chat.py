@@ -338,6 +338,11 @@ def test_cli_streams_answers_and_refuses_a_run_that_is_not_a_model(tiny_alignmen
     assert main(["chat", "--run", str(tmp_path / "notarun")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("omni: error: --run") and "\n" not in err
+    (tmp_path / "half" / "model").mkdir(parents=True)  # a run folder whose metadata is incomplete
+    (tmp_path / "half" / "model" / "audio_path.json").write_text("{}")
+    assert main(["chat", "--run", str(tmp_path / "half")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("omni: error: --run") and "not a trained model" in err and "\n" not in err
     assert main(["chat", "--run", str(tiny_alignment.run), "--cli", str(clips[0][0]), "--temperature", "9"]) == 2
     assert "temperature" in capsys.readouterr().err
     path = str(clips[0][0])
