@@ -8,6 +8,7 @@
     omni data librispeech ROOT/train-clean-100 --out M.jsonl     manifest from LibriSpeech
     omni features --manifest M.jsonl --encoder tiny.en --out cache/
     omni transcribe --run RUN_DIR --manifest M.jsonl | AUDIO ...
+    omni chat --run RUN [--host H --port P] | --cli AUDIO ... [--question Q]   chat demo (web page or terminal)
 
 Imports happen inside the handlers: `omni --help` should not pay for torch or mlflow.
 Bad input ends with one line `omni: error: ...` naming the file, line or parameter, exit code 2.
@@ -123,6 +124,23 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from omni.chat import Session, chat_cli, load_run, sampling, serve
+
+    s = sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: must be in 1..65535")
+    for a in args.cli or []:  # before seconds go into loading the model
+        if not Path(a).is_file():
+            raise FileNotFoundError(f"{a}: file not found")
+    session = Session(*load_run(args.run, args.device))
+    if args.cli:
+        chat_cli(session, args.cli, args.question, s)
+    else:
+        serve(session, args.host, args.port)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="omni", description="Teach a small GPT to hear.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -172,6 +190,20 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--device", default="cpu")
     t.add_argument("--skip-bad", action="store_true")
     t.set_defaults(fn=cmd_transcribe)
+
+    c = sub.add_parser("chat", help="chat demo: a local web page (or --cli, the terminal) that streams a trained model's answers to audio")
+    c.add_argument("--run", required=True, help="trained run folder (reports/alignment/<stamp>) or MLflow run id")
+    c.add_argument("--host", default="127.0.0.1", help="address to bind; anything but localhost exposes the model to the network")
+    c.add_argument("--port", type=int, default=8000)
+    c.add_argument("--cli", nargs="+", metavar="AUDIO", help="answer these audio files in the terminal instead of serving the page")
+    c.add_argument("--question", default="", help="with --cli: text after the audio (default: the run's own prompt)")
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (0..2)")
+    c.add_argument("--top-k", type=int, default=0, help="0 = off")
+    c.add_argument("--top-p", type=float, default=1.0, help="1 = off (0 < p <= 1)")
+    c.add_argument("--max-tokens", type=int, default=120)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--device", default="cpu")
+    c.set_defaults(fn=cmd_chat)
 
     args = p.parse_args(argv)
     try:

@@ -17,11 +17,13 @@ Design choices:
   transformer; the lm_head only sees text positions, the loss is text-only. A short prefix is padded
   on the LEFT; each sample's positions are shifted by its own padding so its real tokens are numbered
   0, 1, ... exactly as if it were alone, and padded slots are masked out as keys.
-- KV cache for generation: prefill [audio][idx] in one pass, then one token at a time.
+- KV cache for generation: prefill [audio][idx] in one pass, then one token at a time; `stream`
+  yields each step's tokens (for a server), `generate` collects them.
 """
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -303,7 +305,17 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     @torch.no_grad()
-    def generate(
+    def generate(self, idx: Tensor, **kwargs) -> Tensor:
+        """New tokens (B, n_new), n_new <= max_new_tokens (stops early once every sample stopped).
+
+        Keyword arguments as `stream` (audio, audio_mask, max_new_tokens, temperature, top_k, top_p,
+        stop_token, seed, use_cache): all of its steps, stacked; the one decoding loop lives there.
+        """
+        steps = list(self.stream(idx, **kwargs))
+        return torch.stack(steps, dim=1) if steps else torch.empty(idx.size(0), 0, dtype=torch.long, device=idx.device)
+
+    @torch.no_grad()
+    def stream(
         self,
         idx: Tensor,
         audio: Tensor | None = None,
@@ -315,11 +327,13 @@ class GPT(nn.Module):
         stop_token: int | None = None,
         seed: int | None = None,
         use_cache: bool = True,
-    ) -> Tensor:
-        """New tokens (B, n_new), n_new <= max_new_tokens (stops early once every sample stopped).
+    ) -> Iterator[Tensor]:
+        """Yields the next token of every sample, (B,) long, one decoding step at a time.
 
-        temperature 0 is greedy. A sample that emitted stop_token keeps emitting it (padding).
-        use_cache=False recomputes the whole sequence each step: slow, the reference for the cache.
+        temperature 0 is greedy. A sample that emitted stop_token keeps emitting it (padding); the
+        steps end once every sample stopped, or after max_new_tokens. use_cache=False recomputes the
+        whole sequence each step: slow, the reference for the cache. A generator, so a server can send
+        each token as it is made; its checks run at the first next().
         """
         B, T = idx.shape
         if T == 0:
@@ -347,12 +361,13 @@ class GPT(nn.Module):
             if stop_token is not None:
                 nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)
                 done = done | (nxt == stop_token)
-            out = torch.cat([out, nxt.unsqueeze(1)], dim=1)
+            yield nxt
             if (stop_token is not None and bool(done.all())) or step == max_new_tokens - 1:
                 break
             if use_cache:
                 logits = self.forward(nxt.unsqueeze(1), kv_cache=cache)[:, -1]
-        return out
+            else:
+                out = torch.cat([out, nxt.unsqueeze(1)], dim=1)
 
     def save(self, directory: str | Path) -> None:
         """Weights as model.safetensors plus config.json (never pickle)."""

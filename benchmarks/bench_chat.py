@@ -1,0 +1,198 @@
+"""Chat demo latency through the HTTP API (issue 13): time to the first token and tokens/s for a 5 s
+clip, 1 conversation vs 4 at once, measured side by side (alternating) in one run.
+
+    python benchmarks/bench_chat.py [--run RUN] [--repeats 5] [--new 64] [--work /tmp/omni-bench-chat]
+
+A real uvicorn serves omni.chat's app on a free local port in this process; clients are threads
+speaking HTTP to it (http.client, streamed reads). Each conversation: POST a conversation, POST the
+clip (the server decodes it and runs encoder + layer choice + projector: "upload"), then POST the
+question and read the server-sent events: "first token" is from sending the question to receiving
+the first token event (prefill, one step, waiting in the worker's queue); tokens/s per conversation is
+over the tokens after the first; "aggregate" is all tokens of the round over its wall time.
+With 4 conversations the 4 uploads go together, then (after a barrier) the 4 questions.
+
+Sampling: temperature 1, top-k 50, a fixed seed per conversation, so answers run to --new tokens
+rather than stopping at an early BOS; the count actually generated is printed.
+
+Without --run a quick smoke-size model is trained into --work (reused next time): a 24-sentence
+synthesized corpus, omni.pretrain's default LM (depth 4, BPE 4096) for 20 steps, a 20-step
+alignment. Timing does not depend on how well it is trained, only on its shape.
+Prints absolute ms and ratios; asserts nothing about timing.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
+
+import argparse  # noqa: E402
+import http.client  # noqa: E402
+import json  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+SENTENCE = "The quick brown fox jumps over the lazy dog near the quiet river bank this morning."
+
+
+def quick_run(work: Path) -> Path:
+    """A smoke-size alignment run folder under `work` (built once)."""
+    from omni.align import AlignConfig, prepare_cache, run_alignment
+    from omni.pretrain import PretrainConfig, pretrain
+
+    run = work / "run"
+    if (run / "model" / "audio_path.json").exists():
+        return run
+    lm = work / "lm"
+    if not (lm / "model.safetensors").exists():
+        pretrain(PretrainConfig(out=str(lm), steps=20, eval_every=20, eval_tokens=4096, device="cpu"))
+    cfg = AlignConfig(corpus=str(work / "corpus"), sentences=24, features=str(work / "features"), lm=str(lm), steps=20,
+                      eval_every=20, eval_clips=4, batch_size=8, max_new_tokens=20, whisper_baseline=False, device="cpu",
+                      out=str(run / "model"))
+    run_alignment(cfg, cache=prepare_cache(cfg))
+    return run
+
+
+def clip_bytes(seconds: float) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    from omni import audio, tts
+
+    wave = tts.synthesize(SENTENCE).numpy()
+    n = int(seconds * audio.SAMPLE_RATE)
+    wave = np.pad(wave[:n], (0, max(0, n - len(wave))))
+    buf = io.BytesIO()
+    sf.write(buf, wave, audio.SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def start_server(session) -> tuple[int, object]:
+    import uvicorn
+
+    from omni.chat import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(session), host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=srv.run, daemon=True).start()
+    while not srv.started:
+        time.sleep(0.05)
+    return port, srv
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None, ctype: str = "application/json") -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request(method, path, body=body, headers={"Content-Type": ctype})
+    r = conn.getresponse()
+    out = json.loads(r.read())
+    conn.close()
+    if r.status != 200:
+        raise RuntimeError(f"{method} {path}: {r.status} {out}")
+    return out
+
+
+def conversation(port: int, wav: bytes, new: int, seed: int, barrier: threading.Barrier, out: list) -> None:
+    cid = request(port, "POST", "/api/conversations")["id"]
+    t0 = time.perf_counter()
+    clip = request(port, "POST", f"/api/conversations/{cid}/clips?name=bench.wav", wav, "audio/wav")
+    upload_ms = (time.perf_counter() - t0) * 1000
+    barrier.wait()
+    body = json.dumps({"clip": clip["id"], "text": "", "max_tokens": new, "temperature": 1.0, "top_k": 50, "seed": seed}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    t_send = time.perf_counter()
+    conn.request("POST", f"/api/conversations/{cid}/messages", body=body, headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    t_first = t_last = None
+    done = None
+    while line := r.readline():
+        if not line.startswith(b"data: "):
+            continue
+        ev = json.loads(line[6:])
+        if ev["event"] == "token":
+            t_last = time.perf_counter()
+            t_first = t_first or t_last
+        elif ev["event"] == "done":
+            done = ev
+        elif ev["event"] == "error":
+            raise RuntimeError(ev["message"])
+    conn.close()
+    t_end = time.perf_counter()
+    n = done["tokens"]
+    out.append({
+        "upload_ms": upload_ms, "encode_ms": clip["encode_ms"], "first_ms": ((t_first or t_end) - t_send) * 1000,
+        "server_first_ms": done["first_token_ms"], "tokens": n, "t_send": t_send, "t_end": t_end,
+        "tps": (n - 1) / (t_last - t_first) if n > 1 and t_last and t_last > t_first else float("nan"),
+    })
+
+
+def round_(port: int, wav: bytes, k: int, new: int, seed: int) -> dict:
+    out: list[dict] = []
+    barrier = threading.Barrier(k)
+    threads = [threading.Thread(target=conversation, args=(port, wav, new, seed + i, barrier, out)) for i in range(k)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if len(out) != k:
+        raise RuntimeError(f"{k - len(out)} of {k} conversations failed (see above)")
+    wall = max(o["t_end"] for o in out) - min(o["t_send"] for o in out)
+    return {"convs": out, "aggregate_tps": sum(o["tokens"] for o in out) / wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", default="", help="trained run folder or MLflow run id; default: train a smoke-size one into --work")
+    ap.add_argument("--work", default="/tmp/omni-bench-chat")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds of each (1 and 4 conversations), alternating")
+    ap.add_argument("--new", type=int, default=64, help="max tokens per answer")
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    from omni.chat import Session, load_run
+
+    run = args.run or str(quick_run(Path(args.work)))
+    session = Session(*load_run(run, args.device))
+    gpt = session.model.gpt
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, device {session.model.gpt_device}, "
+          f"load average {'/'.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"run {run}: GPT {gpt.num_params() / 1e6:.1f}M params ({gpt.config.n_layer} layers x {gpt.config.n_embd}, vocab "
+          f"{gpt.config.vocab_size}); {session.description}")
+    port, srv = start_server(session)
+    wav = clip_bytes(args.seconds)
+    round_(port, wav, 1, args.new, 0)  # warm-up: first calls allocate
+    rounds: dict[int, list[dict]] = {1: [], 4: []}
+    for r in range(args.repeats):
+        for k in (1, 4):
+            rounds[k].append(round_(port, wav, k, args.new, 100 * r))
+    srv.should_exit = True
+
+    def med(k: int, key: str) -> float:
+        return statistics.median(c[key] for rd in rounds[k] for c in rd["convs"])
+
+    print(f"\n{args.seconds:.1f} s clip, up to {args.new} new tokens, {args.repeats} rounds each, medians over conversations")
+    print(f"{'':34s}{'1 conv':>12s}{'4 convs':>12s}{'ratio 4/1':>11s}")
+    rows = [("upload (decode+encoder+proj) ms", "upload_ms"), ("  of which encoder+projector ms", "encode_ms"),
+            ("question -> first token ms", "first_ms"), ("  server-measured ms", "server_first_ms"),
+            ("tokens/s per conversation", "tps"), ("tokens per answer", "tokens")]
+    for label, key in rows:
+        a, b = med(1, key), med(4, key)
+        print(f"{label:34s}{a:12.1f}{b:12.1f}{b / a:11.2f}")
+    agg = {k: statistics.median(rd["aggregate_tps"] for rd in rounds[k]) for k in (1, 4)}
+    print(f"{'aggregate tokens/s (all convs)':34s}{agg[1]:12.1f}{agg[4]:12.1f}{agg[4] / agg[1]:11.2f}")
+    e2e = med(1, "upload_ms") + med(1, "first_ms")
+    print(f"\n1 conversation, upload + question -> first token: {e2e:.0f} ms; the encoder+projector is "
+          f"{med(1, 'encode_ms') / e2e:.0%} of it and runs at upload, before the question is sent.")
+
+
+if __name__ == "__main__":
+    main()
