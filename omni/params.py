@@ -56,6 +56,32 @@ def require_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None
     require(value in choices, name, value, "one of " + ", ".join(map(str, choices)))
 
 
+# hidden states of the embedded encoder (4 layers + the input); other encoders are checked when loaded
+KNOWN_STATES = {"tiny.en": 5}
+LAYER_NAMES = ("last", "middle", "weighted", "weighted_ln")
+
+
+def require_layer(layer: str, encoder: str) -> None:
+    """`layer` names a Whisper state choice; an index must exist in the encoder (where known now)."""
+    if layer in LAYER_NAMES:
+        return
+    try:
+        index = int(layer)
+    except ValueError:
+        raise ParamError(f"parameter `layer` = {layer!r}: must be one of {', '.join(LAYER_NAMES)} or a state index") from None
+    n = KNOWN_STATES.get(encoder)
+    require(n is None or -n <= index < n, "layer", layer, f"a state index of {encoder}: 0..{(n or 1) - 1} (or negative from the end)")
+
+
+def require_device(device: str) -> None:
+    """auto | cpu | cuda[:N], and cuda only where CUDA is there: refused before any work starts."""
+    require(device in ("auto", "cpu") or device.startswith("cuda"), "device", device, "auto, cpu or cuda[:N]")
+    if device.startswith("cuda"):
+        import torch
+
+        require(torch.cuda.is_available(), "device", device, "auto or cpu: CUDA is not available on this machine")
+
+
 def config_class(path: str) -> type:
     """`omni.align.AlignConfig` -> the class."""
     module, _, name = path.rpartition(".")

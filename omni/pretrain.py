@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from omni.params import require, require_choice
+from omni.params import require, require_choice, require_device
 from omni.gpt import GPT, GPTConfig
 from omni.tokenizer import BPETokenizer, ByteTokenizer
 from omni.track import NullTracker, Tracker
@@ -62,7 +62,7 @@ class PretrainConfig:
                 min(self.warmup, self.eval_every), ">= 0")
         require_choice("tokenizer", self.tokenizer, ("bpe", "byte"))
         require_choice("dtype", self.dtype, ("bfloat16", "float16", "float32"))
-        require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", self.device, "auto, cpu or cuda[:N]")
+        require_device(self.device)
 
 
 @dataclass

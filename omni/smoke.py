@@ -20,7 +20,7 @@ import torch
 
 from omni import audio
 from omni.data.manifest import read_manifest
-from omni.params import require, require_choice
+from omni.params import require, require_choice, require_device, require_layer
 from omni.encoder import WhisperEncoder
 from omni.gpt import GPT, GPTConfig
 from omni.speech_lm import SpeechLM, SpeechLMConfig, collate_states
@@ -56,7 +56,8 @@ class SmokeConfig:
         require(self.k >= 1, "k", self.k, ">= 1")
         require_choice("control", self.control, CONTROLS)
         require_choice("encoder_mode", self.encoder_mode, ("var", "pad30"))
-        require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", self.device, "auto, cpu or cuda[:N]")
+        require_layer(self.layer, self.encoder)
+        require_device(self.device)
 
 
 @dataclass

@@ -82,3 +82,16 @@ def test_plain_papermill_runs_a_notebook_and_logs_to_mlflow(tmp_path):
     assert run.data.params["steps"] == "1" and run.data.params["depth"] == "1"
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40
     assert run.data.metrics["loss_drop"] == 0.0
+
+
+def test_layer_and_device_are_checked_before_work():
+    with pytest.raises(params.ParamError, match=r"parameter `layer` = '7': must be a state index of tiny.en: 0..4"):
+        SmokeConfig(layer="7")
+    with pytest.raises(params.ParamError, match=r"parameter `layer` = 'top'"):
+        SmokeConfig(layer="top")
+    assert SmokeConfig(layer="-1").layer == "-1" and SmokeConfig(layer="weighted_ln", encoder="openai/whisper-base")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(params.ParamError, match="CUDA is not available"):
+            SmokeConfig(device="cuda")
