@@ -210,11 +210,10 @@ def varying(exp: Experiment) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-def checked_params(exp: Experiment, point: dict[str, Any]) -> dict[str, Any]:
+def checked_params(exp: Experiment, point: dict[str, Any], found: tuple[type, tuple[str, ...]] | None) -> dict[str, Any]:
     """Every effective parameter of one point (defaults included), checked by the notebook's config
-    when it names one. Raises ExperimentError naming the parameter."""
+    (`found`: params.notebook_config) when it names one. Raises ExperimentError naming the parameter."""
     values = {k: v for k, v in exp.defaults.items() if k not in RESERVED} | point
-    found = params.notebook_config(read_notebook(exp.notebook))
     if found is None:
         return values
     cls, derived = found
@@ -324,23 +323,25 @@ def _to_html(executed: Path, report: Path, values: dict[str, Any], mlflow_url: s
     atomic_write(report, body)
 
 
-def _resume_targets(resume: str, reports: Path) -> list[Path]:
-    """Report folders to rerun: one run's folder, or a grid's unfinished children."""
+def _resume_targets(resume: str, reports: Path) -> tuple[Path | None, list[Path]]:
+    """(the grid's folder or None, the report folders to rerun: one run's, or a grid's unfinished points)."""
     folder = Path(resume)
     if not folder.is_dir():
         folder = index.report_dir_of(resume, reports)
     summary = index.read_summary(folder)
+    if not summary:
+        raise ExperimentError(f"{folder}: not a report folder (no summary.json)")
     if summary.get("grid_parent"):
         children = sorted(p.parent for p in folder.glob("*/summary.json"))
-        return [c for c in children if index.read_summary(c).get("status") != "FINISHED"]
-    return [folder]
+        return folder, [c for c in children if index.read_summary(c).get("status") != "FINISHED"]
+    return None, [folder]
 
 
 def resume_experiment(resume: str, reports: str | Path = "reports", workers: int = 1) -> list[RunResult]:
     """Rerun an interrupted run (or a grid's unfinished points) in place: same notebook, parameters,
     MLflow run and folder; training resumes from the checkpoints the run left there."""
     reports = Path(reports)
-    targets = _resume_targets(resume, reports)
+    grid, targets = _resume_targets(resume, reports)
     _prepare_env(workers)
     index.mark_dead_runs(reports)
 
@@ -348,11 +349,17 @@ def resume_experiment(resume: str, reports: str | Path = "reports", workers: int
         s = index.read_summary(folder)
         if s.get("run_id"):
             track.reopen_run(s["run_id"])
-        meta = {k: s[k] for k in ("experiment", "source", "notebook", "description", "run_name", "parent_run_id", "started") if k in s}
-        meta["resumed"] = True
-        return execute(Path(s["notebook"]), s.get("params", {}), folder, s.get("run_id", ""), s.get("headline_keys", []), meta)
+        meta = {k: s[k] for k in ("experiment", "source", "notebook", "description", "run_name", "parent_run_id", "started", "headline_keys") if k in s}
+        return execute(Path(s["notebook"]), s.get("params", {}), folder, s.get("run_id", ""), s.get("headline_keys", []), meta | {"resumed": True})
 
     results = _map(one, targets, workers)
+    if grid is not None:  # the grid is finished once every point is
+        s = index.read_summary(grid)
+        children = [index.read_summary(p.parent) for p in grid.glob("*/summary.json")]
+        status = "FINISHED" if all(c.get("status") == "FINISHED" for c in children) else "FAILED"
+        write_summary(grid, s | {"status": status, "finished": dt.datetime.now().isoformat(timespec="seconds")})
+        if s.get("run_id"):
+            track.end_run(s["run_id"], status)
     index.write_index(reports)
     return results
 
@@ -376,7 +383,8 @@ def _map(fn, items: list, workers: int) -> list:
 def run_experiment(path: str | Path, overrides: dict[str, Any] | None = None, reports: str | Path = "reports", workers: int = 1) -> list[RunResult]:
     exp = load_experiment(path, overrides)
     points = grid_points(exp)
-    checked = [checked_params(exp, p) for p in points]  # every point's values, before any kernel starts
+    found = params.notebook_config(read_notebook(exp.notebook))
+    checked = [checked_params(exp, p, found) for p in points]  # every point's values, before any kernel starts
     reports = Path(reports)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     _prepare_env(workers)

@@ -144,9 +144,12 @@ def _fit(cfg: SmokeConfig, hidden, lengths, texts, n_states, d_whisper, control:
 
     def loss_fn(step: int):
         h, ln = hidden, lengths
-        if control == "shuffle":  # a fresh permutation each step: the audio says nothing about the caption
-            # drawn from (seed, step) alone, so a resumed run sees the same permutations
-            perm = torch.randperm(len(texts), generator=torch.Generator().manual_seed((cfg.seed + 1) * 100_003 + step)).to(device)
+        if control == "shuffle":  # a fresh uniform permutation each step: the audio says nothing about the caption.
+            # Not a derangement (omni.common): "never your own clip" is itself information, and a control
+            # trained on it measured 5.6 bits per caption against a 2.3-bit ceiling. Drawn from (seed, step)
+            # alone, so a resumed run sees the same permutations.
+            g = torch.Generator().manual_seed((cfg.seed + 1) * 100_003 + step)
+            perm = torch.randperm(len(texts), generator=g).to(device)
             h, ln = hidden[perm], lengths[perm]
         elif control == "zero":
             h = torch.zeros_like(hidden)

@@ -113,3 +113,20 @@ def test_parallel_first_runs_on_a_fresh_store_all_land(project):
     assert all(s["run_name"] in index for s in summaries)
     runs = track.client().search_runs([track.experiment_id("tiny")])
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_resumed_grid_reruns_only_unfinished_points(project):
+    Path("kill-me").touch()
+    killed = omni_run("exp.yaml", "-p", "kill_file", "kill-me", "-p", "steps=[4,8]")  # steps=4 ends before the kill at step 5
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    (grid,) = [p for p in Path("reports/tiny").iterdir() if p.is_dir()]
+    done, cut = grid / "steps=4", grid / "steps=8"
+    assert json.loads((done / "summary.json").read_text())["status"] == "FINISHED"
+    finished_at = json.loads((done / "summary.json").read_text())["finished"]
+    resumed = omni_run("--resume", str(grid))
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert resumed.stdout.count("FINISHED") == 1  # only the cut point ran again
+    assert json.loads((done / "summary.json").read_text())["finished"] == finished_at
+    assert json.loads((cut / "summary.json").read_text())["status"] == "FINISHED" and (cut / "final.safetensors").exists()
+    parent = json.loads((grid / "summary.json").read_text())
+    assert parent["status"] == "FINISHED" and track.client().get_run(parent["run_id"]).info.status == "FINISHED"
