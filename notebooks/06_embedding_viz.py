@@ -41,19 +41,18 @@ mlflow_run_id = ""
 out_dir = "reports/embedding_viz/adhoc"
 
 # %%
+import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 from IPython.display import HTML, display
 
-from omni import track, viz
+from omni import embedding_map, embedding_page, plots, track
 
-cfg = viz.VizConfig(run=str(run), split=str(split), clips=clips, text_points=text_points, audio_points=audio_points,
-                    umap=bool(umap), n_neighbors=n_neighbors, min_dist=min_dist, candidates=candidates, topk=topk,
-                    word_timing=word_timing, validate_clips=validate_clips, seed=seed, device=device)
+cfg = embedding_map.MapConfig(**{f: globals()[f] for f in embedding_map.MapConfig.__dataclass_fields__ if f in globals()})
 tracker = track.attach(mlflow_run_id)
-runs = viz.analyse(cfg)
-tracker.log_metrics(viz.flat_metrics(runs))
+runs = embedding_map.analyse(cfg)
+tracker.log_metrics(embedding_map.flat_metrics(runs))
 tracker.flush()
 projections = list(runs[0].map.xy)
 for r in runs:
@@ -63,16 +62,16 @@ for r in runs:
 
 # %% [markdown]
 # ## Numbers: before vs after training, per run
-# `_control` rows break the pairing (clip i against clip i+1's transcript, or the words shuffled among
+# `_control` rows break the pairing (each clip against another clip's transcript, or the words shuffled among
 # the audio tokens): a statistic means something only where it clears its control. Retrieval is
 # top-1 among `retrieval_candidates` clips (audio -> transcript and back); chance is `retrieval_chance`.
 # `nn_cos` is how close an audio token sits to its nearest LM token, `text_nn_cos` the same for a
 # transcript token's nearest *other* token (how tightly the table itself is packed).
 
 # %%
-table = viz.stats_table(runs)
+table = embedding_map.stats_table(runs)
 display(table.style.format("{:.3f}"))
-fig = viz.stats_figure(runs)
+fig = plots.alignment_bars(runs)
 tracker.log_figure(fig, "stats.png")
 fig
 
@@ -85,8 +84,8 @@ fig
 # %%
 for r in runs:
     for p in projections:
-        fig = viz.map_figure(r, p)
-        tracker.log_figure(fig, f"map_{viz.slug(r.name)}_{p}.png")
+        fig = plots.embedding_map(r, p)
+        tracker.log_figure(fig, f"map_{embedding_map.slug(r.name)}_{p}.png")
         display(fig)
         plt.close(fig)
 
@@ -96,8 +95,8 @@ for r in runs:
 # %%
 for r in runs:
     for p in projections:
-        fig = viz.label_figure(r, p)
-        tracker.log_figure(fig, f"labels_{viz.slug(r.name)}_{p}.png")
+        fig = plots.embedding_labels(r, p)
+        tracker.log_figure(fig, f"labels_{embedding_map.slug(r.name)}_{p}.png")
         display(fig)
         plt.close(fig)
 
@@ -109,7 +108,7 @@ for r in runs:
 
 # %%
 for r in runs:
-    display(HTML(f"<h4>{r.name}</h4>" + viz.readout_html(r, list(range(min(readout_clips, len(r.clips)))), k=3)))
+    display(HTML(f"<h4>{r.name}</h4>" + embedding_page.readout_html(r, list(range(min(readout_clips, len(r.clips)))), k=3)))
 
 # %% [markdown]
 # ## Word timing: which word each audio token hears
@@ -133,17 +132,15 @@ for r in runs:
 # ## Interactive map
 
 # %%
-page = viz.write_interactive(Path(out_dir) / "embedding_map.html", runs,
-                             note=f"seed {seed}; UMAP with random_state runs single-threaded; split {split}, {clips} clips")
+page = embedding_page.write_interactive(Path(out_dir) / "embedding_map.html", runs,
+                                        note=f"seed {seed}; UMAP with random_state runs single-threaded; split {split}, {clips} clips")
 tracker.log_artifact(page)
 display(HTML(f'<p>Open <a href="embedding_map.html">embedding_map.html</a> ({page.stat().st_size / 1e6:.1f} MB, works offline).</p>'))
 
 # %%
-import math
-
 for r in runs:
-    for s in viz.STAGES:
+    for s in embedding_map.STAGES:
         bad = [k for k, v in r.stats[s].items() if not math.isfinite(v)]
         assert not bad, f"{r.name} {s}: non-finite statistics {bad}"
         assert abs(r.stats[s]["rms_audio"] / r.stats[s]["rms_text"] - 1) < 0.05, "audio tokens are not at the text-embedding scale"
-assert not viz.remote_references(page.read_text()), "the interactive page must not load anything from the network"
+assert not embedding_page.remote_references(page.read_text()), "the interactive page must not load anything from the network"
