@@ -126,6 +126,14 @@ def weight_history(run_id: str, prefix: str, n_states: int) -> list[tuple[int, l
 
 
 
+def label_points(runs, axes: Sequence[str]):
+    """(runs with a `params.point` column "k=4 projector=stack", {"point": labels in the order the points
+    started}) for a grid of several axes, so that each point is one row of the comparison."""
+    labels = [" ".join(f"{a}={r[f'params.{a}']}" for a in axes) for _, r in runs.iterrows()]
+    runs = runs.assign(**{"params.point": labels})
+    return runs, {"point": list(dict.fromkeys(runs.sort_values("start_time")["params.point"]))}
+
+
 @dataclass
 class GridSummary:
     runs: object  # pandas DataFrame: one row per child run (mlflow.search_runs)
@@ -204,10 +212,8 @@ def summarize(parent_run_id: str, reference: str = "") -> GridSummary:
     by = [k for k in grid if k != "seed"] or ["seed"]
     n_states = int(runs["metrics.data.n_states"].max()) if "metrics.data.n_states" in runs else None
     order = grid_order(grid, n_states)
-    if len(by) > 1:  # several axes (a product, or listed points): one row label per point, in the order they ran
-        labels = [" ".join(f"{a}={r[f'params.{a}']}" for a in by) for _, r in runs.iterrows()]
-        runs = runs.assign(**{"params.point": labels})
-        order = {"point": list(dict.fromkeys(runs.sort_values("start_time")["params.point"]))}
+    if len(by) > 1:  # several axes (a product, or listed points): one row label per point
+        runs, order = label_points(runs, by)
         by = ["point"]
     table = comparison(runs, by, order=order)
     first = order[by[0]][0] if order.get(by[0]) else str(table.index[0])

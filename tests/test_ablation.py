@@ -44,6 +44,8 @@ def test_probes_one_state_and_weighted(tiny):
             assert m[f"probe.{a}.n_test.{split}"] + m[f"probe.{a}.dropped.{split}"] == 3
     assert "probe.voice.linear.test_seen_voice" in m and "probe.voice.linear.test" not in m  # identity: seen voices only
     assert m["time.probe.linear"] > 0 and m["time.probe.attention"] > 0 and not res.weights
+    t = res.table()
+    assert t.loc[("gender", "test"), "linear"] == m["probe.gender.linear.test"] and ("voice", "test") not in t.index
 
     w = layer_probes.run_probes(cache, "weighted_ln", attributes=["gender", "style"], probes=["linear"], weighted_steps=10)
     assert set(w.weights) == {"gender", "style"}
@@ -97,6 +99,29 @@ def test_comparison_and_findings():
     assert f.metrics["finding.gender.linear.test_seen_voice.gap_to_last"] == pytest.approx(0.1)
     (c,) = findings.content_findings(t, "last", candidates=["0", "1", "2"])
     assert c.metrics["finding.content.wer.gap_to_last"] == pytest.approx(0.15) and "0, 1, 2: 1 0.550" in c.text and "better by 0.150" in c.text
+
+
+def test_listed_points_are_one_row_each():
+    runs = pd.DataFrame({
+        "run_id": list("abcd"), "status": ["FINISHED"] * 4, "start_time": pd.to_datetime([3, 1, 4, 2], unit="s"),
+        "params.k": ["4", "4", "1", "1"], "params.projector": ["conv", "stack", "stack", "stack"], "params.seed": ["0"] * 4,
+        "metrics.content.wer": [0.6, 0.5, 0.9, 0.8],
+    })
+    runs, order = compare.label_points(runs, ["k", "projector"])
+    assert order == {"point": ["k=4 projector=stack", "k=1 projector=stack", "k=4 projector=conv"]}  # in the order they started
+    t = compare.comparison(runs, ["point"], order=order)
+    assert list(t.index) == order["point"] and t.loc["k=1 projector=stack", "content.wer"] == pytest.approx(0.85)
+    (f,) = findings.content_findings(t, "k=4 projector=stack")
+    assert "finding.content.wer.gap_to_k_4 projector_stack" in f.metrics  # no "=" in an MLflow metric name
+
+
+def test_ablation_config_is_an_alignment_config():
+    cfg = ablation.AblationConfig(layer="weighted", eval_every=0, weights_every=7, steps=3, whisper_baseline=True, out="x")
+    a = cfg.align_config()
+    assert type(a) is AlignConfig and (a.steps, a.eval_every, a.whisper_baseline, a.out) == (3, 7, False, "")
+    assert ablation.AblationConfig(layer=2).align_config().layer == "2" and ablation.AblationConfig(layer="last").align_config().eval_every == 0
+    with pytest.raises(ValueError, match="probes"):
+        ablation.run_point(ablation.AblationConfig(probes="linear,svm"))
 
 
 def test_tiny_grid_end_to_end(tiny, tmp_path, monkeypatch):
