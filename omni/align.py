@@ -304,7 +304,7 @@ def load_aligned(run: str | Path, device: str = "cpu") -> tuple[SpeechLM, "Whisp
     from omni.encoder import WhisperEncoder
     from omni.runs import load_run
 
-    model, meta = load_run(run, device)
+    model, meta = load_run(run, device, name="--run")
     encoder = WhisperEncoder.from_source(meta["encoder"], device=model.gpt_device)
     return model, encoder, meta.get("encoder_mode", "var")
 

@@ -24,9 +24,9 @@ from omni.speech_lm import SpeechLM, SpeechLMConfig
 from omni.train import pick_device
 
 
-def model_dir(run: str | Path) -> Path:
+def model_dir(run: str | Path, name: str = "run") -> Path:
     """The model folder (holding audio_path.json) of one run: a folder, a report folder holding
-    model/, or an MLflow run id."""
+    model/, or an MLflow run id. `name`: the parameter an error names (e.g. "--run" for the CLI)."""
     path = Path(run)
     if not path.exists() and len(str(run)) == 32 and str(run).isalnum():
         import mlflow
@@ -35,7 +35,7 @@ def model_dir(run: str | Path) -> Path:
     if (path / "model" / "audio_path.json").exists():
         path = path / "model"
     if not (path / "audio_path.json").exists():
-        raise FileNotFoundError(f"run {str(run)!r}: neither an alignment run folder (audio_path.json) nor a known MLflow run id")
+        raise FileNotFoundError(f"{name} {run}: neither an alignment run folder (audio_path.json) nor a known MLflow run id")
     return path
 
 
@@ -61,9 +61,9 @@ def run_dirs(run: str) -> list[Path]:
     return out
 
 
-def load_run(run: str | Path, device: str = "cpu") -> tuple[SpeechLM, dict]:
+def load_run(run: str | Path, device: str = "cpu", name: str = "run") -> tuple[SpeechLM, dict]:
     """(trained SpeechLM in eval mode, its audio_path.json) of one run (see `model_dir`)."""
-    path = model_dir(run)
+    path = model_dir(run, name)
     meta = json.loads((path / "audio_path.json").read_text())
     dev = pick_device(device)
     gpt, tok = load_lm(meta["lm"], dev)
