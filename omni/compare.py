@@ -195,8 +195,8 @@ class GridSummary:
         hist |= {f"texture: {a}": weight_history(run_id, f"probe.{a}.weight.", self.n_states) for a in ATTRIBUTES}
         return {k: v for k, v in hist.items() if v}
 
-    def final_weights(self, layer: str) -> dict[str, "np.ndarray"]:  # noqa: F821
-        """Mean final layer weights of `layer` over seeds: content objective, then each texture one."""
+    def final_weights(self, layer: str) -> dict:
+        """{objective: (S,) mean final layer weights of `layer` over seeds}: content, then each texture one."""
         finals = {"content": weights_of(self.table, layer, "content.layer_weight.", self.n_states)}
         finals |= {a: weights_of(self.table, layer, f"probe.{a}.weight.", self.n_states) for a in ATTRIBUTES}
         return {k: v for k, v in finals.items() if v is not None}
