@@ -1,13 +1,22 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: omni,-jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
 #     name: python3
+#   omni:
+#     config: omni.ablation.AblationConfig
+#     derived:
+#     - out
+#     - whisper_baseline
+#     experiment: layer_ablation
 # ---
 
 # %% [markdown]
@@ -22,36 +31,41 @@
 # the alignment's own (omni.align.AlignConfig) plus the probes'.
 
 # %% tags=["parameters"]
-corpus = "data/synth"  # synthesized corpus folder (built if it has no manifest)
-sentences = 3000  # corpus size, only used when the corpus has to be built
-features = "cache/features"  # feature cache root
-encoder = "tiny.en"  # Whisper source
-encoder_mode = "var"  # var | pad30
-lm = "runs/lm"  # frozen pretrained LM folder
-layer = "last"  # <state index> | last | middle | weighted | weighted_ln
-k = 4  # frames per audio token
-projector = "stack"  # stack | conv | avg
-steps = 150  # alignment steps of the content arm, 0 for no content measurement
-batch_size = 16
-lr = 2e-3
-warmup = 20
-eval_every = 0  # alignment evaluations every this many steps, 0 for only at the end
-weights_every = 20  # ... for weighted choices: each evaluation records the content layer weights
-eval_clips = 8  # clips decoded per intermediate evaluation: only the curves use them
-test_clips = 100  # held-out clips decoded at the end (split test, unseen voices)
-seen_clips = 0  # ... and of split test_seen_voice
-max_new_tokens = 60  # decoding budget per clip, in LM tokens
-probes = "linear,attention"  # which texture probes, empty for none
-probe_seeds = 1  # probes run for seeds below this: the linear probes are deterministic
-attributes = "voice,gender,accent,rate,pitch,style"
-attn_stride = 4  # the attention probe reads frames averaged in runs of this many (4: 12.5 per second)
-attn_steps = 200
-weighted_steps = 100  # L-BFGS iterations of the joint texture probe: layer weights and classifier
-seed = 0
-device = "cpu"
-threads = 1  # torch threads: 1 is fastest on a shared 2-core box
-mlflow_run_id = ""
-out_dir = "reports/layer_ablation/adhoc"
+# generated from omni.ablation.AblationConfig by `python -m omni.params`: edit the dataclass, not this cell
+corpus: str = 'data/synth'  # synthesized corpus folder (built if missing)
+sentences: int = 3000  # corpus size when it has to be built
+features: str = 'cache/features'  # feature cache root
+encoder: str = 'tiny.en'  # Whisper source
+encoder_mode: str = 'var'  # var | pad30
+lm: str = 'runs/lm'  # pretrained LM folder (omni.pretrain); pretrained with defaults if missing
+layer: str = 'last'  # last | middle | <index> | weighted | weighted_ln
+k: int = 4  # frames per audio token
+projector: str = 'stack'  # stack | conv | avg
+prompt: str = ''  # e.g. "Transcribe:"
+prompt_position: str = 'after'  # before | after the audio
+trainable: str = 'projector'  # projector (frozen LM: the research setting) | projector+lm (diagnostic: is the frozen LM the limit?)
+steps: int = 150  # alignment steps of the content arm, 0 for no content measurement
+batch_size: int = 16  # clips per alignment step
+lr: float = 0.002
+warmup: int = 20  # linear lr warmup steps
+eval_every: int = 0  # alignment evaluations every this many steps, 0 for only at the end
+eval_clips: int = 8  # clips decoded per intermediate evaluation: only the curves use them
+max_new_tokens: int = 60  # decoding budget per clip, in LM tokens
+seed: int = 0
+device: str = 'cpu'  # cpu | cuda | auto
+dtype: str = 'bfloat16'  # autocast dtype on CUDA; CPU runs float32
+weights_every: int = 20  # eval_every for weighted choices: each evaluation records the content layer weights
+test_clips: int = 100  # held-out clips (split test, unseen voices) decoded at the end of the content arm
+seen_clips: int = 0  # ... and of split test_seen_voice
+probes: str = 'linear,attention'  # texture probes to run, comma-separated; "" for none
+probe_seeds: int = 1  # probes run for seeds below this (the linear probes are deterministic)
+attributes: str = 'voice,gender,accent,rate,pitch,style'  # what the probes predict (omni.layer_probes.ATTRIBUTES)
+attn_stride: int = 4  # the attention probe reads frames averaged in runs of this many (4: 12.5 per second)
+attn_steps: int = 200  # Adam steps of the attention probe
+weighted_steps: int = 100  # L-BFGS iterations of the joint texture probe: layer weights and classifier
+threads: int = 1  # torch threads: 1 is fastest on a shared 2-core box
+mlflow_run_id: str = ""  # MLflow run to log into; empty: start a new run in the default store
+out_dir: str = "reports/layer_ablation/adhoc"  # folder this run writes its files into
 
 # %%
 import warnings
@@ -59,10 +73,10 @@ import warnings
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm in a kernel without ipywidgets
 from IPython.display import display
 
-from omni import ablation, plots, track
+from omni import ablation, params, plots, track
 
-cfg = ablation.AblationConfig(**{f: globals()[f] for f in ablation.AblationConfig.__dataclass_fields__ if f in globals()})
-tracker = track.attach(mlflow_run_id)
+cfg = params.from_params(ablation.AblationConfig, globals(), out="", whisper_baseline=False)  # a grid point never runs Whisper
+tracker = track.open_run("layer_ablation", mlflow_run_id, cfg, {"out_dir": out_dir})
 res = ablation.run_point(cfg, tracker, run_id=mlflow_run_id)
 
 # %% [markdown]

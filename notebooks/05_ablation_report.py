@@ -1,9 +1,12 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: omni,-jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -17,9 +20,9 @@
 # from that table (`omni.findings`), not typed.
 
 # %% tags=["parameters"]
-reference = ""  # row the content findings compare against, empty: the last state for a layer grid, else the first grid value
-mlflow_run_id = ""
-out_dir = "reports/ablation/adhoc"
+reference: str = ""  # row the content findings compare against; empty: the last state for a layer grid, else the first point
+mlflow_run_id: str = ""  # the grid's parent run (given by `omni run`): its children are compared
+out_dir: str = "reports/ablation/adhoc"  # folder this run writes its files into
 
 # %%
 import warnings

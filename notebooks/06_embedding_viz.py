@@ -1,13 +1,19 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: omni,-jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
 #     name: python3
+#   omni:
+#     config: omni.embedding_map.MapConfig
+#     experiment: embedding_viz
 # ---
 
 # %% [markdown]
@@ -22,23 +28,25 @@
 # next to this report as `embedding_map.html`: one self-contained file, no network needed.
 
 # %% tags=["parameters"]
-run = ""  # alignment run(s), comma-separated: reports/alignment/<stamp>[,...] (a grid folder: all its runs) or MLflow run ids
-split = "test"  # held-out split(s) of the run's feature cache, comma-separated
-clips = 200  # held-out clips analysed (seeded sample)
-text_points = 1000  # LM token embeddings on the map
-audio_points = 1000  # audio tokens on the map, per stage
-umap = True
-n_neighbors = 15
-min_dist = 0.1
-candidates = 100  # retrieval among this many clips
-topk = 5  # nearest LM tokens per audio token
-word_timing = "auto"  # auto | espeak | chars
-validate_clips = 100  # clips on which the chars timing is scored against espeak's word times
-readout_clips = 3  # clips shown in the nearest-token readout
-seed = 0
-device = "cpu"
-mlflow_run_id = ""
-out_dir = "reports/embedding_viz/adhoc"
+# generated from omni.embedding_map.MapConfig by `python -m omni.params`: edit the dataclass, not this cell
+run: str = ''  # alignment run(s): folder, report folder, grid report folder or MLflow run id; comma-separated
+split: str = 'test'  # held-out split(s) of the feature cache, comma-separated; "" : every clip
+clips: int = 200  # held-out clips (sampled with `seed`) whose audio tokens are analysed
+text_points: int = 1000  # LM token embeddings on the map: the clips' transcript tokens first
+audio_points: int = 1000  # audio tokens on the map per stage (before / after), same tokens in both
+umap: bool = True  # also a UMAP map (PCA is always made)
+n_neighbors: int = 15  # UMAP
+min_dist: float = 0.1  # UMAP
+candidates: int = 100  # retrieval among this many clips (blocks of the sample; 1/candidates is chance)
+topk: int = 5  # nearest LM tokens per audio token in the readout
+word_timing: str = 'auto'  # auto (espeak where the clip is synthesized, else chars) | espeak | chars
+validate_clips: int = 100  # clips on which `chars` timing is scored against espeak's own word times
+readout_clips: int = 3  # clips shown in the nearest-token readout (the report only)
+seed: int = 0  # fixes the clip sample, the map sample, the controls and UMAP
+device: str = 'cpu'  # where the models run: cpu | cuda | auto
+batch_size: int = 32  # clips per forward pass of the audio path
+mlflow_run_id: str = ""  # MLflow run to log into; empty: start a new run in the default store
+out_dir: str = "reports/embedding_viz/adhoc"  # folder this run writes its files into
 
 # %%
 import math
@@ -47,10 +55,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from IPython.display import HTML, display
 
-from omni import embedding_map, embedding_page, plots, track
+from omni import embedding_map, embedding_page, params, plots, track
 
-cfg = embedding_map.MapConfig(**{f: globals()[f] for f in embedding_map.MapConfig.__dataclass_fields__ if f in globals()})
-tracker = track.attach(mlflow_run_id)
+cfg = params.from_params(embedding_map.MapConfig, globals())
+tracker = track.open_run("embedding_viz", mlflow_run_id, cfg, {"out_dir": out_dir})
 runs = embedding_map.analyse(cfg)
 tracker.log_metrics(embedding_map.flat_metrics(runs))
 tracker.flush()

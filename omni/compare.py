@@ -74,9 +74,15 @@ def child_runs(parent_run_id: str):
 
 
 def grid_axes(parent_run_id: str) -> dict[str, list]:
-    """The grid of a parent run (the runner logs it as the JSON param `grid`), in YAML order."""
+    """The grid of a parent run, axis -> values in YAML order: the product axes (the runner's JSON param
+    `grid`) and every name the listed points set (param `points`)."""
     params = track.client().get_run(parent_run_id).data.params
-    return json.loads(params.get("grid", "{}"))
+    axes = json.loads(params.get("grid", "{}"))
+    for point in json.loads(params.get("points", "[]")):
+        for k, v in point.items():
+            if v not in axes.setdefault(k, []):
+                axes[k].append(v)
+    return axes
 
 
 def comparison(runs, by: Sequence[str], order: dict[str, list] | None = None):

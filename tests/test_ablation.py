@@ -133,8 +133,8 @@ def test_tiny_grid_end_to_end(tiny, tmp_path, monkeypatch):
                   attributes="gender,style", attn_steps=5, weighted_steps=10, steps=2, batch_size=4,
                   warmup=0, weights_every=1, eval_clips=2, test_clips=2, seen_clips=1, max_new_tokens=12)
     Path("exp.yaml").write_text(json.dumps({
-        "name": "tiny_ablation", "notebook": str(REPO / "notebooks/04_layer_ablation.py"),
-        "summary": str(REPO / "notebooks/05_ablation_report.py"), "parameters": params,
+        "name": "tiny_ablation", "notebook": str(REPO / "notebooks/04_layer_ablation.ipynb"),
+        "summary": str(REPO / "notebooks/05_ablation_report.ipynb"), "parameters": params,
         "grid": {"layer": ["last", "weighted"], "seed": [0]}, "headline": ["content.wer"]}))
     results = run_experiment("exp.yaml")
     assert [r.status for r in results] == ["FINISHED"] * 3, [r.error for r in results]
