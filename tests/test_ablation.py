@@ -180,3 +180,9 @@ def test_last_reuses_the_finished_run_of_the_same_state():  # MLflow: the sessio
     assert copied == {"content.loss": 1.0, "content.wer": 0.5}  # not its cost
     assert [v for _, v in track.metric_history(last, "content.loss")] == [3.0, 2.0, 1.0]
     assert track.client().get_run(last).data.tags["omni.alias_of"] == src
+
+
+def test_grid_axes_include_the_listed_points():  # MLflow: the session's throwaway store (conftest)
+    points = [{"k": 4, "projector": "stack"}, {"k": 1, "projector": "stack"}, {"k": 4, "projector": "conv"}]
+    parent = track.start_run("axes", "grid", params={"grid": json.dumps({"seed": [0, 1]}), "points": json.dumps(points)})
+    assert compare.grid_axes(parent) == {"seed": [0, 1], "k": [4, 1], "projector": ["stack", "conv"]}
