@@ -1,13 +1,19 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: omni,-jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
 #     name: python3
+#   omni:
+#     config: omni.embedding_map.MapConfig
+#     experiment: embedding_viz
 # ---
 
 # %% [markdown]
@@ -22,38 +28,39 @@
 # next to this report as `embedding_map.html`: one self-contained file, no network needed.
 
 # %% tags=["parameters"]
-run = ""  # alignment run(s), comma-separated: reports/alignment/<stamp>[,...] (a grid folder: all its runs) or MLflow run ids
-split = "test"  # held-out split(s) of the run's feature cache, comma-separated
-clips = 200  # held-out clips analysed (seeded sample)
-text_points = 1000  # LM token embeddings on the map
-audio_points = 1000  # audio tokens on the map, per stage
-umap = True
-n_neighbors = 15
-min_dist = 0.1
-candidates = 100  # retrieval among this many clips
-topk = 5  # nearest LM tokens per audio token
-word_timing = "auto"  # auto | espeak | chars
-validate_clips = 100  # clips on which the chars timing is scored against espeak's word times
-readout_clips = 3  # clips shown in the nearest-token readout
-seed = 0
-device = "cpu"
-mlflow_run_id = ""
-out_dir = "reports/embedding_viz/adhoc"
+# generated from omni.embedding_map.MapConfig by `python -m omni.params`: edit the dataclass, not this cell
+run: str = ''  # alignment run(s): folder, report folder, grid report folder or MLflow run id; comma-separated
+split: str = 'test'  # held-out split(s) of the feature cache, comma-separated; "" : every clip
+clips: int = 200  # held-out clips (sampled with `seed`) whose audio tokens are analysed
+text_points: int = 1000  # LM token embeddings on the map: the clips' transcript tokens first
+audio_points: int = 1000  # audio tokens on the map per stage (before / after), same tokens in both
+umap: bool = True  # also a UMAP map (PCA is always made)
+n_neighbors: int = 15  # UMAP
+min_dist: float = 0.1  # UMAP
+candidates: int = 100  # retrieval among this many clips (blocks of the sample; 1/candidates is chance)
+topk: int = 5  # nearest LM tokens per audio token in the readout
+word_timing: str = 'auto'  # auto (espeak where the clip is synthesized, else chars) | espeak | chars
+validate_clips: int = 100  # clips on which `chars` timing is scored against espeak's own word times
+readout_clips: int = 3  # clips shown in the nearest-token readout (the report only)
+seed: int = 0  # fixes the clip sample, the map sample, the controls and UMAP
+device: str = 'cpu'  # where the models run: cpu | cuda | auto
+batch_size: int = 32  # clips per forward pass of the audio path
+mlflow_run_id: str = ""  # MLflow run to log into; empty: start a new run in the default store
+out_dir: str = "reports/embedding_viz/adhoc"  # folder this run writes its files into
 
 # %%
+import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 from IPython.display import HTML, display
 
-from omni import track, viz
+from omni import embedding_map, embedding_page, params, plots, track
 
-cfg = viz.VizConfig(run=str(run), split=str(split), clips=clips, text_points=text_points, audio_points=audio_points,
-                    umap=bool(umap), n_neighbors=n_neighbors, min_dist=min_dist, candidates=candidates, topk=topk,
-                    word_timing=word_timing, validate_clips=validate_clips, seed=seed, device=device)
-tracker = track.attach(mlflow_run_id)
-runs = viz.analyse(cfg)
-tracker.log_metrics(viz.flat_metrics(runs))
+cfg = params.from_params(embedding_map.MapConfig, globals())
+tracker = track.open_run("embedding_viz", mlflow_run_id, cfg, {"out_dir": out_dir})
+runs = embedding_map.analyse(cfg)
+tracker.log_metrics(embedding_map.flat_metrics(runs))
 tracker.flush()
 projections = list(runs[0].map.xy)
 for r in runs:
@@ -63,16 +70,16 @@ for r in runs:
 
 # %% [markdown]
 # ## Numbers: before vs after training, per run
-# `_control` rows break the pairing (clip i against clip i+1's transcript, or the words shuffled among
+# `_control` rows break the pairing (each clip against another clip's transcript, or the words shuffled among
 # the audio tokens): a statistic means something only where it clears its control. Retrieval is
 # top-1 among `retrieval_candidates` clips (audio -> transcript and back); chance is `retrieval_chance`.
 # `nn_cos` is how close an audio token sits to its nearest LM token, `text_nn_cos` the same for a
 # transcript token's nearest *other* token (how tightly the table itself is packed).
 
 # %%
-table = viz.stats_table(runs)
+table = embedding_map.stats_table(runs)
 display(table.style.format("{:.3f}"))
-fig = viz.stats_figure(runs)
+fig = plots.alignment_bars(runs)
 tracker.log_figure(fig, "stats.png")
 fig
 
@@ -85,8 +92,8 @@ fig
 # %%
 for r in runs:
     for p in projections:
-        fig = viz.map_figure(r, p)
-        tracker.log_figure(fig, f"map_{viz.slug(r.name)}_{p}.png")
+        fig = plots.embedding_map(r, p)
+        tracker.log_figure(fig, f"map_{embedding_map.slug(r.name)}_{p}.png")
         display(fig)
         plt.close(fig)
 
@@ -96,8 +103,8 @@ for r in runs:
 # %%
 for r in runs:
     for p in projections:
-        fig = viz.label_figure(r, p)
-        tracker.log_figure(fig, f"labels_{viz.slug(r.name)}_{p}.png")
+        fig = plots.embedding_labels(r, p)
+        tracker.log_figure(fig, f"labels_{embedding_map.slug(r.name)}_{p}.png")
         display(fig)
         plt.close(fig)
 
@@ -109,7 +116,7 @@ for r in runs:
 
 # %%
 for r in runs:
-    display(HTML(f"<h4>{r.name}</h4>" + viz.readout_html(r, list(range(min(readout_clips, len(r.clips)))), k=3)))
+    display(HTML(f"<h4>{r.name}</h4>" + embedding_page.readout_html(r, list(range(min(readout_clips, len(r.clips)))), k=3)))
 
 # %% [markdown]
 # ## Word timing: which word each audio token hears
@@ -133,17 +140,15 @@ for r in runs:
 # ## Interactive map
 
 # %%
-page = viz.write_interactive(Path(out_dir) / "embedding_map.html", runs,
-                             note=f"seed {seed}; UMAP with random_state runs single-threaded; split {split}, {clips} clips")
+page = embedding_page.write_interactive(Path(out_dir) / "embedding_map.html", runs,
+                                        note=f"seed {seed}; UMAP with random_state runs single-threaded; split {split}, {clips} clips")
 tracker.log_artifact(page)
 display(HTML(f'<p>Open <a href="embedding_map.html">embedding_map.html</a> ({page.stat().st_size / 1e6:.1f} MB, works offline).</p>'))
 
 # %%
-import math
-
 for r in runs:
-    for s in viz.STAGES:
+    for s in embedding_map.STAGES:
         bad = [k for k, v in r.stats[s].items() if not math.isfinite(v)]
         assert not bad, f"{r.name} {s}: non-finite statistics {bad}"
         assert abs(r.stats[s]["rms_audio"] / r.stats[s]["rms_text"] - 1) < 0.05, "audio tokens are not at the text-embedding scale"
-assert not viz.remote_references(page.read_text()), "the interactive page must not load anything from the network"
+assert not embedding_page.remote_references(page.read_text()), "the interactive page must not load anything from the network"

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from omni import metrics
+from omni.common import derangement, file_lock
 from omni.data.features import FeatureCache, build_features
 from omni.gpt import GPT
 from omni.speech_lm import SpeechLM, SpeechLMConfig, collate_states
@@ -77,14 +78,17 @@ class AlignResult:
         return dict(self.scores)
 
 
-def prepare_cache(cfg: AlignConfig) -> FeatureCache:
-    """The synthesized corpus and its feature cache, built on first use (both idempotent)."""
+def prepare_cache(cfg: AlignConfig, progress: bool = True) -> FeatureCache:
+    """The synthesized corpus and its feature cache, built on first use (both idempotent; an existing
+    corpus is used as it is). Safe from parallel grid workers: the first holds a lock while it
+    builds, the others wait and then find everything in place."""
     from omni.data.synth import SynthConfig, build_corpus
 
     corpus = Path(cfg.corpus)
-    if not (corpus / "manifest.jsonl").exists():
-        build_corpus(SynthConfig(out=str(corpus), n_sentences=cfg.sentences, seed=0))
-    return FeatureCache.open(build_features(corpus / "manifest.jsonl", cfg.features, cfg.encoder, mode=cfg.encoder_mode))
+    with file_lock(corpus.parent / f".{corpus.name}.prepare.lock"):
+        if not (corpus / "manifest.jsonl").exists():
+            build_corpus(SynthConfig(out=str(corpus), n_sentences=cfg.sentences, seed=0))
+        return FeatureCache.open(build_features(corpus / "manifest.jsonl", cfg.features, cfg.encoder, mode=cfg.encoder_mode, progress=progress))
 
 
 def load_lm(path: str | Path, device: torch.device) -> tuple[GPT, object]:
@@ -110,12 +114,7 @@ def decode(model: SpeechLM, cache: FeatureCache, rows: list[int], states: list[t
     """Greedy transcripts of `rows`, in order. shuffle_seed: give each clip another clip's audio
     (a seeded derangement: with two or more clips, no clip keeps its own)."""
     device = model.gpt_device
-    order = list(range(len(rows)))
-    if shuffle_seed is not None:
-        g = torch.Generator().manual_seed(shuffle_seed)
-        perm = torch.randperm(len(rows), generator=g).tolist()
-        for i, p in enumerate(perm):  # one cycle through a random order: clip perm[i] hears perm[i + 1]
-            order[p] = perm[(i + 1) % len(perm)]
+    order = list(range(len(rows))) if shuffle_seed is None else derangement(len(rows), shuffle_seed)
     hyps = []
     model.eval()
     for i in range(0, len(rows), batch_size):
@@ -300,26 +299,13 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
 
 
 def load_aligned(run: str | Path, device: str = "cpu") -> tuple[SpeechLM, "WhisperEncoder", str]:  # noqa: F821
-    """(model, encoder, encoder_mode) from an alignment run: its folder (or a report folder holding
-    model/), or an MLflow run id whose `model` artifact is fetched from the tracking store."""
+    """(model, encoder, encoder_mode) from an alignment run (omni.runs.load_run: a folder, a report
+    folder holding model/, or an MLflow run id), with the Whisper encoder it was trained on."""
     from omni.encoder import WhisperEncoder
+    from omni.runs import load_run
 
-    path = Path(run)
-    if not path.exists() and len(str(run)) == 32 and str(run).isalnum():
-        import mlflow
-
-        path = Path(mlflow.artifacts.download_artifacts(run_id=str(run), artifact_path="model"))
-    if (path / "model" / "audio_path.json").exists():
-        path = path / "model"
-    if not (path / "audio_path.json").exists():
-        raise FileNotFoundError(f"--run {run}: neither an alignment run folder (audio_path.json) nor a known MLflow run id")
-    meta = json.loads((path / "audio_path.json").read_text())
-    dev = pick_device(device)
-    gpt, tok = load_lm(meta["lm"], dev)
-    model = SpeechLM(gpt, tok, meta["n_states"], meta["d_whisper"], SpeechLMConfig(**meta["speech_lm"])).to(dev)
-    model.load_audio_path(path)
-    model.eval()
-    encoder = WhisperEncoder.from_source(meta["encoder"], device=dev)
+    model, meta = load_run(run, device, name="--run")
+    encoder = WhisperEncoder.from_source(meta["encoder"], device=model.gpt_device)
     return model, encoder, meta.get("encoder_mode", "var")
 
 

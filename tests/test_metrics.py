@@ -5,26 +5,18 @@ import numpy as np
 import pytest
 import torch
 
-from omni.metrics import (
-    AttentionPool,
-    _pad,
-    attention_probe,
-    cer,
+from omni.alignment_stats import (
     cosine,
-    edit_distance,
     linear_cka,
-    linear_probe,
-    mean_pool,
     nearest_tokens,
-    normalize_text,
-    per_utterance_wer,
     retrieval_accuracy,
     retrieval_at_k,
     retrieval_chance,
     rms,
     rowwise_cosine,
-    wer,
 )
+from omni.metrics import cer, normalize_text, per_utterance_wer, wer
+from omni.probes import AttentionPool, _pad, attention_probe, linear_probe, mean_pool
 
 # --------------------------------------------------------------------------------- WER / CER
 
@@ -73,17 +65,22 @@ def test_empty_references() -> None:
     assert wer(["?!"], ["x"]) == math.inf  # empty after normalisation, every ref empty
 
 
-def test_edit_distance_matches_jiwer() -> None:
+def test_mixed_empty_and_non_empty_references_hand_computed() -> None:
+    refs, hyps = ["a b c", "a b", "", "x"], ["a x c d", "", "y z", "x"]
+    # 1 substitution + 1 insertion of 3 words; 2 deletions of 2; 2 insertions into an empty ref; exact
+    assert per_utterance_wer(refs, hyps) == [pytest.approx(2 / 3), 1.0, math.inf, 0.0]
+    assert wer(refs, hyps) == pytest.approx(6 / 6)  # (2 + 2 + 2 + 0) edits / (3 + 2 + 0 + 1) words
+    assert cer(["", "ab"], ["xy", "ab"]) == 1.0  # 2 inserted chars / 2 reference chars
+    assert cer(["ab cd"], ["abcd"]) == pytest.approx(1 / 5)  # the deleted space is one of 5 chars
+
+
+def test_wer_matches_jiwer_on_random_pairs() -> None:
     rng = np.random.default_rng(0)
     vocab = list("abcde")
-    refs, hyps = [], []
-    for _ in range(200):
-        refs.append(" ".join(rng.choice(vocab, rng.integers(1, 15))))
-        hyps.append(" ".join(rng.choice(vocab, rng.integers(0, 15))))
-    ours = sum(edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps))
-    out = jiwer.process_words(refs, hyps)
-    assert ours == out.substitutions + out.deletions + out.insertions
-    assert wer(refs, hyps) == pytest.approx(out.wer)
+    refs = [" ".join(rng.choice(vocab, rng.integers(1, 15))) for _ in range(200)]
+    hyps = [" ".join(rng.choice(vocab, rng.integers(0, 15))) for _ in range(200)]
+    assert wer(refs, hyps) == pytest.approx(jiwer.wer(refs, hyps))
+    assert cer(refs, hyps) == pytest.approx(jiwer.cer(refs, hyps))
 
 
 @pytest.mark.parametrize("fn", [wer, cer, per_utterance_wer])

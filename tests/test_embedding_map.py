@@ -1,4 +1,5 @@
-"""omni.viz: word timing, readout and statistics on inputs whose answer is known; the report end to end
+"""omni.embedding_map, alignment_stats, embedding_page, runs: readout and statistics on inputs whose answer
+is known; the report end to end
 through `omni run` on a tiny synthesized corpus, a tiny random LM and two 5-step alignment runs."""
 
 import dataclasses
@@ -13,7 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from omni import tts, viz
+from omni import alignment_stats as stats
+from omni import embedding_map as emap
+from omni import embedding_page, tts
+from omni import runs as run_io
 
 # Runs the interactive page's script under node against a minimal DOM stub, hovers the first audio
 # token that has a word, pins its clip, cycles the colourings and searches that word; prints what it saw.
@@ -52,45 +56,6 @@ console.log(JSON.stringify({tip, display, word, found, arcs: calls.arc, strokes:
 """
 
 
-# --- word timing ----------------------------------------------------------------------------
-
-
-def test_chars_word_times_are_proportional_to_letters_plus_pauses():
-    # "ab" weighs 2 letters + 1 per word = 3; "cd-e." weighs 3 letters + 1 + 3 (pause after ".") = 7
-    spans = viz.chars_word_times("ab cd-e.", 1.0, 3.0)
-    assert np.allclose(spans, [(1.0, 1.6), (1.6, 3.0)])
-    assert viz.chars_word_times("", 0.0, 1.0) == []
-
-
-def test_token_words_and_agreement():
-    spans = [(0.0, 0.2), (0.2, 0.5)]
-    # token centres 0.05 0.15 0.25 0.35 0.45 0.55
-    assert viz.token_words(spans, 6, 0.1).tolist() == [0, 0, 1, 1, 1, -1]
-    same = viz.word_timing_agreement(spans, spans, 6, 0.1)
-    assert same == {"token_agreement": 1.0, "onset_error_mean": 0.0, "onset_error_median": 0.0}
-    late = viz.word_timing_agreement([(0.0, 0.3), (0.3, 0.5)], spans, 6, 0.1)  # the token at 0.25 moves to word 0
-    assert late["token_agreement"] == pytest.approx(4 / 5)
-    assert late["onset_error_mean"] == pytest.approx(0.05)
-
-
-def test_espeak_word_times_describe_the_synthesized_clip():
-    text, voice = "Stop here, then go on - slowly.", "en-gb+m3"
-    spans, total = viz.espeak_word_times(text, voice, rate=160, pitch=40, pitch_range=60)
-    wave = tts.synthesize(text, voice=voice, rate=160, pitch=40, pitch_range=60)
-    assert total == pytest.approx(wave.numel() / tts.SAMPLE_RATE, abs=1e-3)  # the same utterance
-    assert len(spans) == 7  # one span per whitespace word
-    onsets = [a for a, _ in spans]
-    assert onsets == sorted(onsets) and spans[0][0] == 0.0 and spans[-1][1] <= total
-    assert spans[5][0] == spans[5][1] and spans[6][1] > spans[6][0]  # the lone "-" is not spoken; "slowly." is
-    # the audio in the middle of a word is louder than the audio in the pause after "here,"
-    w = wave.numpy()
-    sr = tts.SAMPLE_RATE
-    mid = spans[0][0] + 0.5 * (spans[0][1] - spans[0][0])
-    loud = np.sqrt(np.mean(w[int((mid - 0.05) * sr) : int((mid + 0.05) * sr)] ** 2))
-    pause = np.sqrt(np.mean(w[int((spans[2][0] - 0.06) * sr) : int((spans[2][0] - 0.01) * sr)] ** 2))
-    assert loud > 5 * pause
-
-
 # --- statistics and readout on constructed inputs ----------------------------------------------
 
 
@@ -107,8 +72,8 @@ def _clips(texts, spt=0.1):
     for i, t in enumerate(texts):
         words = t.split()
         spans = [(j * spt, (j + 1) * spt) for j in range(len(words))]  # one audio token per word
-        out.append(viz.Clip(i, t, {}, words, spans, "chars", viz.token_words(spans, len(words), spt),
-                            tok.encode(t), viz.word_token_ids(tok, words)))
+        out.append(stats.Clip(i, t, {}, words, spans, "chars", tts.token_words(spans, len(words), spt),
+                            tok.encode(t), stats.word_token_ids(tok, words)))
     return out
 
 
@@ -121,7 +86,7 @@ def test_alignment_stats_known_answers():
     texts = [" ".join(g.choice(list(letters), size=g.integers(3, 7))) for _ in range(40)]  # ~180 tokens >> 6 dims
     clips = _clips(texts)
     perfect = [table[c.text_ids] for c in clips]  # each audio token IS its word's embedding
-    s = viz.alignment_stats(perfect, clips, table, k=1, candidates=4)
+    s = stats.alignment_stats(perfect, clips, table, k=1, candidates=4)
     assert s["cos_clip"] == pytest.approx(1.0) and s["cos_clip_control"] < 0.5
     assert s["retrieval_a2t"] == s["retrieval_t2a"] == 1.0 and s["retrieval_chance"] == 0.25
     assert s["cka_word"] == pytest.approx(1.0) and s["cka_word_control"] < 0.2
@@ -129,21 +94,21 @@ def test_alignment_stats_known_answers():
     assert s["transcript_hit@1"] == 1.0 and s["nn_cos"] == pytest.approx(1.0)
     assert s["rms_audio"] == pytest.approx(s["rms_text"]) == pytest.approx(1.0)
     noise = [g.standard_normal(p.shape) for p in perfect]  # audio that carries nothing
-    n = viz.alignment_stats(noise, clips, table, k=1, candidates=4)
+    n = stats.alignment_stats(noise, clips, table, k=1, candidates=4)
     assert n["word_hit@1"] < 0.2 and n["cka_word"] < 0.2 and n["retrieval_a2t"] < 0.6
 
 
 def test_readout_names_the_nearest_tokens_under_the_transcript():
     table = np.eye(4, dtype=np.float32)
     audio = np.array([[0.1, 0.9, 0.0, 0.2], [0.1, 0.0, -1.0, 0.5]], dtype=np.float32)
-    ids, sims = viz.readout(audio, table, k=2)
+    ids, sims = stats.readout(audio, table, k=2)
     assert ids.tolist() == [[1, 3], [3, 0]]
     assert sims[0, 0] == pytest.approx(0.9 / np.linalg.norm(audio[0]), rel=1e-5)
     # "b <d>": token 1 is the word under audio token 0, token 3 the word under audio token 1
-    clip = viz.Clip(0, "b <d>", {"voice": "v"}, ["b", "<d>"], [(0, 0.1), (0.1, 0.2)], "chars", np.array([0, 1]), [1, 3], [[1], [3]])
-    rv = viz.RunViz("r", Path("."), {}, [clip], {"before": [audio], "after": [audio]}, {}, {s: [(ids, sims)] for s in viz.STAGES},
-                    ["a", "b", "c", "<d>"], viz.MapData(np.zeros(0), np.zeros(0), np.zeros(0)), {}, 0.1)
-    page = viz.readout_html(rv, [0], k=2)
+    clip = stats.Clip(0, "b <d>", {"voice": "v"}, ["b", "<d>"], [(0, 0.1), (0.1, 0.2)], "chars", np.array([0, 1]), [1, 3], [[1], [3]])
+    rv = emap.RunViz("r", Path("."), {}, [clip], {"before": [audio], "after": [audio]}, {}, {s: [(ids, sims)] for s in emap.STAGES},
+                    ["a", "b", "c", "<d>"], emap.MapData(np.zeros(0), np.zeros(0), np.zeros(0)), {}, 0.1)
+    page = embedding_page.readout_html(rv, [0], k=2)
     assert "“b &lt;d&gt;”" in page and page.count('class="hit"') == 4  # top-1 of both tokens, both stages
     assert '<td class="w" colspan="1">b</td>' in page and "after #2" in page and "before #1" in page
 
@@ -151,16 +116,16 @@ def test_readout_names_the_nearest_tokens_under_the_transcript():
 def test_token_strings_are_readable():
     from omni.tokenizer import ByteTokenizer
 
-    s = viz.token_strings(ByteTokenizer(), 257)
+    s = stats.token_strings(ByteTokenizer(), 257)
     assert s[ord("a")] == "a" and s[ord(" ")] == "·"
     assert s[256] == "<bos>" and s[0xE2] == "<0xe2>" and s[10] == "\\n"
 
 
 def test_map_sample_is_seeded_and_within_budget():
     clips = _clips(["a b c", "d e f g", "h i"])
-    tokens = {s: [np.zeros((len(c.words), 8)) for c in clips] for s in viz.STAGES}
-    a = viz.map_sample(tokens, clips, vocab_size=1000, text_points=20, audio_points=5, seed=3)
-    b = viz.map_sample(tokens, clips, vocab_size=1000, text_points=20, audio_points=5, seed=3)
+    tokens = {s: [np.zeros((len(c.words), 8)) for c in clips] for s in emap.STAGES}
+    a = emap.map_sample(tokens, clips, vocab_size=1000, text_points=20, audio_points=5, seed=3)
+    b = emap.map_sample(tokens, clips, vocab_size=1000, text_points=20, audio_points=5, seed=3)
     text_ids, m, pairs = a
     assert np.array_equal(text_ids, b[0]) and np.array_equal(pairs, b[2])
     assert len(text_ids) == 20 and set(range(9)) <= set(text_ids.tolist())  # transcript tokens first
@@ -170,15 +135,15 @@ def test_map_sample_is_seeded_and_within_budget():
 
 def test_pca_is_deterministic():
     X = np.random.default_rng(0).standard_normal((80, 16)).astype(np.float32)
-    xy = viz.project(X, "pca")
-    assert xy.shape == (80, 2) and np.array_equal(xy, viz.project(X, "pca"))
+    xy = emap.project(X, "pca")
+    assert xy.shape == (80, 2) and np.array_equal(xy, emap.project(X, "pca"))
 
 
 UMAP_CHECK = """
 import numpy as np
-from omni import viz
+from omni import embedding_map as emap
 X = np.random.default_rng(0).standard_normal((80, 16)).astype(np.float32)
-a, b = viz.project(X, "umap", seed=1), viz.project(X, "umap", seed=1)
+a, b = emap.project(X, "umap", seed=1), emap.project(X, "umap", seed=1)
 print(a.shape == (80, 2) and bool(np.array_equal(a, b)))
 """
 
@@ -195,11 +160,11 @@ def test_umap_is_deterministic_given_a_seed():
 
 def test_no_run_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="-p run="):
-        viz.run_dirs("")
+        run_io.run_dirs("")
     with pytest.raises(FileNotFoundError, match="nope"):
-        viz.run_dirs("nope")
+        run_io.run_dirs("nope")
     with pytest.raises(FileNotFoundError, match="working directory"):  # a relative corpus seen from elsewhere
-        viz.open_cache({"align": {"corpus": str(tmp_path / "data" / "synth")}})
+        run_io.run_cache({"align": {"corpus": str(tmp_path / "data" / "synth")}})
 
 
 # --- end to end --------------------------------------------------------------------------------
@@ -226,26 +191,28 @@ def runs(tmp_path_factory):
 
 
 def test_before_is_the_runs_own_initialisation(runs):
-    after, before, meta = viz.load_models(runs / "frozen" / "model")
+    after, meta = run_io.load_run(runs / "frozen")  # a report folder holding model/
+    before = run_io.initial_model(after, meta)
     assert meta["align"]["seed"] == 3
     for (n, a), (_, b) in zip(after.projector.state_dict().items(), before.projector.state_dict().items()):
         assert torch.equal(a, b), n  # lr=0: the trained weights never moved from the init we rebuild
-    after, before, _ = viz.load_models(runs / "weighted" / "model")
+    after, meta = run_io.load_run(runs / "weighted" / "model")
+    before = run_io.initial_model(after, meta)
     assert not torch.equal(after.projector.fc1.weight, before.projector.fc1.weight)
 
 
 def test_a_grid_folder_means_all_its_runs(runs):
-    assert viz.run_dirs(str(runs)) == [runs / "frozen" / "model", runs / "weighted" / "model"]
-    assert viz.run_dirs(f"{runs / 'weighted'}, {runs / 'frozen' / 'model'}") == [runs / "weighted" / "model", runs / "frozen" / "model"]
+    assert run_io.run_dirs(str(runs)) == [runs / "frozen" / "model", runs / "weighted" / "model"]
+    assert run_io.run_dirs(f"{runs / 'weighted'}, {runs / 'frozen' / 'model'}") == [runs / "weighted" / "model", runs / "frozen" / "model"]
 
 
 def test_analyse_is_deterministic_given_a_seed(runs):
-    cfg = viz.VizConfig(run=str(runs / "weighted"), split="test,test_seen_voice", clips=6, candidates=3, text_points=50,
+    cfg = emap.MapConfig(run=str(runs / "weighted"), split="test,test_seen_voice", clips=6, candidates=3, text_points=50,
                         audio_points=20, validate_clips=0, umap=False, seed=5)
-    a, b = (viz.analyse(cfg, log=lambda *_: None)[0] for _ in range(2))
+    a, b = (emap.analyse(cfg, log=lambda *_: None)[0] for _ in range(2))
     assert [c.row for c in a.clips] == [c.row for c in b.clips] and a.stats == b.stats
     assert np.array_equal(a.map.xy["pca"], b.map.xy["pca"]) and np.array_equal(a.map.pos, b.map.pos)
-    c = viz.analyse(dataclasses.replace(cfg, seed=6), log=lambda *_: None)[0]
+    c = emap.analyse(dataclasses.replace(cfg, seed=6), log=lambda *_: None)[0]
     assert [x.row for x in c.clips] != [x.row for x in a.clips]
 
 
@@ -262,7 +229,7 @@ def test_report_end_to_end(runs, monkeypatch):
     assert r.metrics["before_cos_clip"] == pytest.approx(r.metrics["after_cos_clip"])  # the lr=0 run
     assert "layer_weighted_k_4_stack/after_cka_word" in r.metrics
     page = (r.report_dir / "embedding_map.html").read_text()
-    assert viz.remote_references(page) == []
+    assert embedding_page.remote_references(page) == []
     data = json.loads(page.split('id="data">')[1].split("</script>")[0])
     assert [x["name"] for x in data["runs"]] == ["layer=last k=4 stack", "layer=weighted k=4 stack"]
     assert set(data["runs"][0]["xy"]) == {"pca"} and len(data["runs"][0]["kind"]) == 120 + 2 * 60
@@ -281,6 +248,6 @@ def test_report_end_to_end(runs, monkeypatch):
 
 
 def test_page_is_offline_and_escapes_text():
-    assert viz.remote_references('<script src="https://cdn.x/plotly.js"></script>') != []
-    assert viz.remote_references('<link rel="stylesheet" href="//fonts.x/css">') != []
-    assert viz.remote_references('<script type="application/json" id="data">{"t": "see https://x.org"}</script>') == []
+    assert embedding_page.remote_references('<script src="https://cdn.x/plotly.js"></script>') != []
+    assert embedding_page.remote_references('<link rel="stylesheet" href="//fonts.x/css">') != []
+    assert embedding_page.remote_references('<script type="application/json" id="data">{"t": "see https://x.org"}</script>') == []

@@ -1,0 +1,95 @@
+"""Finding and loading alignment runs: one way from "a run" (a folder or an MLflow run id) to its model.
+
+Design choices:
+- A run is named the way a user has it at hand: its model folder (holding audio_path.json), the
+  report folder holding model/, the folder of a grid of such runs (every */model), or the
+  32-character MLflow run id whose `model` artifact is fetched from the tracking store.
+- The model at its initialisation ("before training") is rebuilt, not stored: run_alignment seeds
+  torch with the run's seed right before building the SpeechLM, and the LM is loaded before that,
+  so the same seed and config rebuild the same initial weights.
+- The run's feature cache is reopened through omni.align.prepare_cache with the run's own config:
+  never synthesized here, since a wrong working directory would cost minutes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from omni.align import AlignConfig, load_lm, prepare_cache
+from omni.data.features import FeatureCache
+from omni.speech_lm import SpeechLM, SpeechLMConfig
+from omni.train import pick_device
+
+
+def model_dir(run: str | Path, name: str = "run") -> Path:
+    """The model folder (holding audio_path.json) of one run: a folder, a report folder holding
+    model/, or an MLflow run id. `name`: the parameter an error names (e.g. "--run" for the CLI)."""
+    path = Path(run)
+    if not path.exists() and len(str(run)) == 32 and str(run).isalnum():
+        import mlflow
+
+        path = Path(mlflow.artifacts.download_artifacts(run_id=str(run), artifact_path="model"))
+    if (path / "model" / "audio_path.json").exists():
+        path = path / "model"
+    if not (path / "audio_path.json").exists():
+        raise FileNotFoundError(f"{name} {run}: neither an alignment run folder (audio_path.json) nor a known MLflow run id")
+    return path
+
+
+def run_dirs(run: str) -> list[Path]:
+    """`run` ("a,b,c") -> model folders. Each item is what `model_dir` takes, or a grid report
+    folder (every child */model, e.g. from `omni run experiments/alignment.yaml -p layer=[last,middle]`)."""
+    items = [r.strip() for r in str(run).split(",") if r.strip()]
+    if not items:
+        raise ValueError("no alignment run given: pass -p run=reports/alignment/<stamp> (or an MLflow run id; "
+                         "comma-separate several runs to compare layer choices)")
+    out = []
+    for item in items:
+        path = Path(item)
+        children = sorted(p.parent for p in path.glob("*/model/audio_path.json")) if path.is_dir() else []
+        if children and not (path / "audio_path.json").exists() and not (path / "model" / "audio_path.json").exists():
+            out += children
+            continue
+        try:
+            out.append(model_dir(item))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"run {item!r}: neither an alignment run folder (audio_path.json), nor a grid of them "
+                                    "(*/model/audio_path.json), nor a known MLflow run id") from None
+    return out
+
+
+def load_run(run: str | Path, device: str = "cpu", name: str = "run") -> tuple[SpeechLM, dict]:
+    """(trained SpeechLM in eval mode, its audio_path.json) of one run (see `model_dir`)."""
+    path = model_dir(run, name)
+    meta = json.loads((path / "audio_path.json").read_text())
+    dev = pick_device(device)
+    gpt, tok = load_lm(meta["lm"], dev)
+    model = SpeechLM(gpt, tok, meta["n_states"], meta["d_whisper"], SpeechLMConfig(**meta["speech_lm"])).to(dev)
+    model.load_audio_path(path)
+    model.eval()
+    return model, meta
+
+
+def initial_model(model: SpeechLM, meta: dict) -> SpeechLM:
+    """The run's SpeechLM at its initialisation, sharing `model`'s (frozen) GPT: rebuilt exactly as
+    run_alignment built it, torch.manual_seed(seed) then SpeechLM(...) with the run's config."""
+    torch.manual_seed(int(meta.get("align", {}).get("seed", 0)))
+    init = SpeechLM(model.gpt, model.tokenizer, meta["n_states"], meta["d_whisper"], SpeechLMConfig(**meta["speech_lm"]))
+    return init.to(model.gpt_device).eval()
+
+
+def run_cache(meta: dict) -> FeatureCache:
+    """The feature cache a run trained on. Its corpus must exist (paths in audio_path.json are as the
+    run was given them, usually relative to the repository root); the cache is rebuilt if missing."""
+    align = meta.get("align")
+    if not align:
+        raise ValueError("audio_path.json has no `align` section: not written by omni.align.run_alignment")
+    manifest = Path(align["corpus"]) / "manifest.jsonl"
+    if not manifest.exists():  # never synthesize one here: a wrong working directory would cost minutes
+        raise FileNotFoundError(f"the run's corpus manifest {manifest} does not exist (working directory {Path.cwd()}); "
+                                "run from the folder the alignment ran in")
+    fields = AlignConfig.__dataclass_fields__
+    return prepare_cache(AlignConfig(**{k: v for k, v in align.items() if k in fields}))
