@@ -264,8 +264,9 @@ def test_bad_clips_are_all_named_before_work_or_skipped_and_listed(corpus, tmp_p
     assert len(cache.load_states()) == 4 and os.listdir(tmp_path / "cache") == [path.name]  # no partial, no lock
 
 
-def test_a_build_failing_midway_leaves_no_half_cache_and_the_rerun_resumes(built, corpus, tmp_path, monkeypatch):
-    monkeypatch.setattr(features, "CLIPS_PER_SHARD", SHARD)
+def test_a_build_failing_midway_leaves_no_half_cache_and_the_rerun_resumes(corpus, tmp_path, monkeypatch):
+    man = _write(tmp_path / "m.jsonl", [json.dumps(r) for r in _good_rows(corpus, 6)])  # 3 shards of 2
+    monkeypatch.setattr(features, "CLIPS_PER_SHARD", 2)
     real = WhisperEncoder.encode
     calls = []
 
@@ -280,31 +281,31 @@ def test_a_build_failing_midway_leaves_no_half_cache_and_the_rerun_resumes(built
     out = tmp_path / "cache"
     monkeypatch.setattr(WhisperEncoder, "encode", fail_at(1))  # fails on the first shard: nothing to keep
     with pytest.raises(RuntimeError, match="simulated"):
-        build_features(corpus / "manifest.jsonl", out, progress=False)
-    assert [p.name for p in out.iterdir()] == [f".{built.name}.lock"]  # no cache folder, empty or not
+        build_features(man, out, progress=False)
+    (lock,) = out.iterdir()  # no cache folder, empty or not: only the (hidden, empty) lock file
+    assert lock.name.startswith(".") and lock.name.endswith(".lock") and lock.stat().st_size == 0
+    key = lock.name[1 : -len(".lock")]
 
     calls.clear()
     monkeypatch.setattr(WhisperEncoder, "encode", fail_at(2))  # fails on the second shard
     with pytest.raises(RuntimeError, match="simulated"):
-        build_features(corpus / "manifest.jsonl", out, progress=False)
-    assert not (out / built.name).exists()  # no half cache where a cache is looked for
-    partial = out / f".{built.name}.partial"
-    assert sorted(p.name for p in partial.iterdir()) == ["shard_00000.safetensors"]
-    with pytest.raises(FileNotFoundError):
-        FeatureCache.open(out / built.name)
+        build_features(man, out, progress=False)
+    assert not (out / key).exists()  # no half cache where a cache is looked for
+    assert sorted(p.name for p in (out / f".{key}.partial").iterdir()) == ["shard_00000.safetensors"]
 
     calls.clear()
     monkeypatch.setattr(WhisperEncoder, "encode", fail_at(0))  # never fails: the rerun resumes
-    assert build_features(corpus / "manifest.jsonl", out, progress=False) == out / built.name
-    assert calls == [SHARD, 22 - 2 * SHARD] and sorted(p.name for p in out.iterdir()) == [built.name]
-    assert json.loads((out / built.name / "index.json").read_text()) == json.loads((built / "index.json").read_text())
+    assert build_features(man, out, progress=False) == out / key
+    assert calls == [2, 2] and sorted(p.name for p in out.iterdir()) == [key]
+    cache = FeatureCache.open(out / key)
+    assert [r["line"] for r in cache.rows] == list(range(1, 7)) and len(cache.load_states()) == 6
 
 
 KILL = """
 import os, signal, sys
 from omni.data import features
 from omni.encoder import WhisperEncoder
-features.CLIPS_PER_SHARD = {shard}
+features.CLIPS_PER_SHARD = 2
 real = WhisperEncoder.encode
 calls = []
 def encode(self, waves, **k):
@@ -317,14 +318,17 @@ features.build_features(sys.argv[1], sys.argv[2], progress=False)
 """
 
 
-def test_a_killed_build_leaves_no_half_cache(built, corpus, tmp_path, monkeypatch):
+def test_a_killed_build_leaves_no_half_cache(corpus, tmp_path, monkeypatch):
     import subprocess
     import sys
 
+    man = _write(tmp_path / "m.jsonl", [json.dumps(r) for r in _good_rows(corpus, 4)])  # 2 shards of 2
     out = tmp_path / "cache"
-    proc = subprocess.run([sys.executable, "-c", KILL.format(shard=SHARD), str(corpus / "manifest.jsonl"), str(out)])
+    proc = subprocess.run([sys.executable, "-c", KILL, str(man), str(out)])
     assert proc.returncode == -9
-    assert not (out / built.name).exists() and sorted(p.name for p in (out / f".{built.name}.partial").iterdir()) == ["shard_00000.safetensors"]
-    monkeypatch.setattr(features, "CLIPS_PER_SHARD", SHARD)
-    assert build_features(corpus / "manifest.jsonl", out, progress=False) == out / built.name
-    assert len(FeatureCache.open(out / built.name).load_states()) == 22
+    visible = [p for p in out.iterdir() if not p.name.startswith(".")]
+    (partial,) = out.glob(".*.partial")
+    assert visible == [] and sorted(p.name for p in partial.iterdir()) == ["shard_00000.safetensors"]
+    monkeypatch.setattr(features, "CLIPS_PER_SHARD", 2)
+    path = build_features(man, out, progress=False)
+    assert path.name == partial.name[1 : -len(".partial")] and len(FeatureCache.open(path).load_states()) == 4
