@@ -332,3 +332,17 @@ def test_a_killed_build_leaves_no_half_cache(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(features, "CLIPS_PER_SHARD", 2)
     path = build_features(man, out, progress=False)
     assert path.name == partial.name[1 : -len(".partial")] and len(FeatureCache.open(path).load_states()) == 4
+
+
+def test_concurrent_builders_of_one_key_encode_once(corpus, tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    man = _write(tmp_path / "m.jsonl", [json.dumps(r) for r in _good_rows(corpus, 4)])
+    monkeypatch.setattr(features, "CLIPS_PER_SHARD", 2)
+    real = WhisperEncoder.encode
+    encoded = []
+    monkeypatch.setattr(WhisperEncoder, "encode", lambda self, waves, **k: encoded.append(len(waves)) or real(self, waves, **k))
+    with ThreadPoolExecutor(2) as pool:  # flock: two open files conflict even within one process
+        paths = list(pool.map(lambda _: build_features(man, tmp_path / "cache", progress=False), range(2)))
+    assert paths[0] == paths[1] and encoded == [2, 2]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [paths[0].name]
