@@ -1,8 +1,9 @@
 """What the bad-clip checks cost next to encoding (issue 14), side by side in one process.
 
     python benchmarks/bench_checks.py [--out data/synth] [--sentences 3000] [--encode 0]
+    python benchmarks/bench_checks.py --manifest OTHER/data/synth/manifest.jsonl   (an existing corpus, read only)
 
-On the default synthesized corpus (3,000 sentences -> about 3,300 clips; built first if missing,
+On the default synthesized corpus (3,000 sentences -> 3,300 clips; built first if missing,
 idempotently), per clip:
 (a) header checks (read_manifest with check_content=False: JSON, fields, soundfile header);
 (b) today's key pass (cache_key: read and hash every clip's bytes);
@@ -46,10 +47,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="data/synth")
     p.add_argument("--sentences", type=int, default=SynthConfig.n_sentences)
+    p.add_argument("--manifest", help="use this corpus as it is instead of building --out")
     p.add_argument("--encode", type=int, default=0, help="clips to encode (seeded sample); 0 = all")
     a = p.parse_args()
-    corpus = build_corpus(SynthConfig(out=a.out, n_sentences=a.sentences))
-    manifest = corpus / "manifest.jsonl"
+    manifest = Path(a.manifest) if a.manifest else build_corpus(SynthConfig(out=a.out, n_sentences=a.sentences)) / "manifest.jsonl"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the corpus must be clean: a warning here is a bug
         examples = read_manifest(manifest, check_content=False).examples
