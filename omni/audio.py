@@ -9,13 +9,16 @@ Design choices:
   at most 30 s; longer audio must be chunked). `problem`/`check_file` return the same reasons as
   strings, so a manifest reader can collect them all (with file:line) before any work starts.
 - Silence means RMS < SILENCE_RMS = 1e-4 (-80 dBFS, about 3 LSB of 16-bit PCM) over the whole clip:
-  digital silence, dither-only files and a click in otherwise empty audio, while the quietest real
-  recordings (speech sits around -20..-40 dBFS RMS; a 0.5 s word at -30 dBFS in 30 s of silence is
-  still -48 dBFS) pass. RMS <= peak, so every clip with peak < 1e-4 is silent too.
+  digital silence and dither-only files (+-2 LSB is -87 dBFS), while the quietest real recordings
+  pass (speech sits around -20..-40 dBFS RMS; a 0.5 s word at -30 dBFS in 30 s of silence is still
+  -48 dBFS). RMS <= peak, so every clip with peak < 1e-4 is silent too. A threshold on RMS rather
+  than peak also catches a dither-only file with one stray louder sample.
 - Too short means fewer than MIN_SAMPLES = N_FFT // 2 + 1 = 201 samples at 16 kHz (12.6 ms): the
   log-mel reflect-pads N_FFT // 2 samples on each side, which needs more samples than that, and
   then gives N // HOP_LENGTH >= 1 frame, which Whisper's conv stack (kernel 3, padding 1, the second
-  with stride 2) turns into >= 1 encoder frame. 201 samples encode, 200 fail (tests/test_audio.py).
+  with stride 2) turns into >= 1 encoder frame. In mode var 201 samples encode and 200 fail
+  (tests/test_audio.py); pad30 would take 160, but one limit for both keeps a manifest's verdict
+  independent of the mode.
 - log_mel reproduces transformers' WhisperFeatureExtractor (periodic Hann window, n_fft 400,
   hop 160, reflect-centred STFT, power spectrum, slaney mel filterbank, log10 floored at 1e-10,
   last STFT frame dropped, clamp at max - 8, then (x + 4) / 4), but per clip: without pad30 each
