@@ -104,8 +104,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
     if bool(args.manifest) == bool(args.audio):
         raise ValueError("give either --manifest M.jsonl or audio files, not both or neither")
-    # the input first: a bad manifest line or audio file fails before seconds go into loading the model
-    # every clip is checked (decoded: NaN, silence, length) before the model loads; all problems at once
+    # the input first, every clip decoded and checked: all bad lines or files are named (or skipped)
+    # before seconds go into loading the model
     if args.manifest:
         m = read_manifest(args.manifest, skip_bad=args.skip_bad)
         if m.problems:
