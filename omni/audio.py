@@ -53,9 +53,10 @@ MIN_SAMPLES = N_FFT // 2 + 1  # 201 at 16 kHz: the shortest clip log_mel + the e
 class AudioError(ValueError):
     """Bad audio input; the message always names the file (or the caller's name for the clip)."""
 
-    def __init__(self, name: str, reason: str):
-        self.name, self.reason = name, reason
-        super().__init__(f"{name}: {reason}")
+    def __init__(self, name: str, reason: str | None = None):
+        # AudioError(name, reason); AudioError(message) when the caller has put the name in already
+        self.name, self.reason = (name, reason) if reason is not None else (None, name)
+        super().__init__(f"{name}: {reason}" if reason is not None else name)
 
 
 def _length_problem(n: int, max_seconds: float | None) -> str | None:
