@@ -81,7 +81,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 def cmd_data_librispeech(args: argparse.Namespace) -> int:
     from omni.data.librispeech import librispeech_manifest
 
-    n = librispeech_manifest(args.root, args.out)
+    n = librispeech_manifest(args.root, args.out, skip_bad=args.skip_bad)
     print(f"{n} utterances -> {args.out}")
     return 0
 
@@ -104,14 +104,25 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
     if bool(args.manifest) == bool(args.audio):
         raise ValueError("give either --manifest M.jsonl or audio files, not both or neither")
-    # the input first: a bad manifest line or audio file fails before seconds go into loading the model
+    # the input first, every clip decoded and checked: all bad lines or files are named (or skipped)
+    # before seconds go into loading the model
     if args.manifest:
-        examples = read_manifest(args.manifest, skip_bad=args.skip_bad).examples
-        paths, refs = [e.audio for e in examples], [e.text for e in examples]
+        m = read_manifest(args.manifest, skip_bad=args.skip_bad)
+        if m.problems:
+            print(m.report())
+        paths, refs = [e.audio for e in m.examples], [e.text for e in m.examples]
         if not paths:
             raise ValueError(f"{args.manifest}: no usable rows")
     else:
-        paths, refs = [Path(a) for a in args.audio], []
+        bad = {p: r for p in map(Path, args.audio) if (r := audio.check_file(p))}
+        listed = "\n".join(f"  {p}: {r}" for p, r in bad.items())
+        if bad and not args.skip_bad:
+            raise ValueError(f"{len(bad)} bad audio file(s), nothing done:\n{listed}")
+        if bad:
+            print(f"skipped {len(bad)} bad audio file(s) of {len(args.audio)}:\n{listed}")
+        paths, refs = [p for p in map(Path, args.audio) if p not in bad], []
+        if not paths:
+            raise ValueError("no usable audio files")
     waves = [audio.load(p) for p in paths]
     model, encoder, mode = load_aligned(args.run, args.device)
     t0 = time.perf_counter()
@@ -172,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     dl = d.add_parser("librispeech", help="manifest from a LibriSpeech split folder")
     dl.add_argument("root")
     dl.add_argument("--out", required=True)
+    dl.add_argument("--skip-bad", action="store_true", help="leave out (and list) bad utterances instead of stopping")
     dl.set_defaults(fn=cmd_data_librispeech)
 
     f = sub.add_parser("features", help="encode a manifest once with the frozen encoder; keep every hidden state")
@@ -180,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--out", default="cache/features")
     f.add_argument("--mode", default="var", choices=["var", "pad30"])
     f.add_argument("--device", default="cpu")
-    f.add_argument("--skip-bad", action="store_true", help="skip (and count) bad manifest rows instead of stopping")
+    f.add_argument("--skip-bad", action="store_true", help="skip (and list) bad manifest rows instead of stopping")
     f.set_defaults(fn=cmd_features)
 
     t = sub.add_parser("transcribe", help="transcribe audio with an aligned model; WER/CER when the manifest has text")
@@ -188,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--manifest", help="flat or conversation JSONL manifest")
     t.add_argument("audio", nargs="*", help="audio files (instead of --manifest)")
     t.add_argument("--device", default="cpu")
-    t.add_argument("--skip-bad", action="store_true")
+    t.add_argument("--skip-bad", action="store_true", help="skip (and list) bad rows or files instead of stopping")
     t.set_defaults(fn=cmd_transcribe)
 
     c = sub.add_parser("chat", help="chat demo: a local web page (or --cli, the terminal) that streams a trained model's answers to audio")

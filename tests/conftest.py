@@ -13,6 +13,47 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def write_bad_clips(folder: Path) -> dict[str, tuple[Path, str]]:
+    """One clip of each kind Whisper cannot take, tiny (16-bit PCM via omni.audio.save; float for NaN):
+    name -> (path, what the reason says). 'missing' is not written."""
+    import numpy as np
+    import soundfile as sf
+
+    from omni import audio
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    audio.save(folder / "silent.wav", np.zeros(8000))
+    audio.save(folder / "dither.wav", rng.integers(-2, 3, 8000) / 32768)  # +-2 LSB: RMS -87 dBFS
+    audio.save(folder / "short.wav", 0.1 * rng.standard_normal(audio.MIN_SAMPLES - 1))
+    audio.save(folder / "long.wav", np.full(int(16000 * (audio.MAX_SECONDS + 0.5)), 0.1))
+    nan = 0.1 * rng.standard_normal(8000).astype(np.float32)
+    nan[10] = np.nan
+    sf.write(str(folder / "nan.wav"), nan, 16000, subtype="FLOAT")
+    sf.write(str(folder / "empty.wav"), np.zeros(0, np.float32), 16000)
+    (folder / "junk.wav").write_bytes(b"RIFF\x00\x01garbage, not a wav file" * 10)
+    reasons = {"silent": "silent", "dither": "silent", "short": "too short", "long": "longer than",
+               "nan": "NaN/inf", "empty": "empty", "junk": "unreadable", "missing": "not found"}
+    return {name: (folder / f"{name}.wav", reason) for name, reason in reasons.items()}
+
+
+def mixed_manifest(path: Path, good: list[dict]) -> tuple[Path, dict[int, str]]:
+    """A manifest of the good rows with one row per bad clip kind between them (bad clips written
+    beside it); returns (manifest, {line: reason} of the bad rows)."""
+    import json
+
+    bad = list(write_bad_clips(path.parent / "bad").values())
+    rows, expected = [], {}
+    for i in range(max(len(good), len(bad))):
+        if i < len(good):
+            rows.append(good[i])
+        if i < len(bad):
+            rows.append({"audio": str(bad[i][0]), "text": f"bad {bad[i][0].stem}"})
+            expected[len(rows)] = bad[i][1]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, expected
+
+
 @pytest.fixture
 def repo() -> Path:
     return REPO

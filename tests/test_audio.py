@@ -5,6 +5,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from conftest import write_bad_clips
 from omni import audio, tts
 
 
@@ -122,6 +123,7 @@ def test_validate_in_memory():
         (torch.zeros(0), "empty"),
         (torch.zeros(1600), "silent"),
         (torch.tensor([0.1, float("inf")]), "NaN/inf"),
+        (torch.full((100,), 0.5), "too short"),
         (torch.ones(2, 100), "1-D"),
         (torch.full((16000 * 31,), 0.1), "longer than"),
     ]:
@@ -129,3 +131,37 @@ def test_validate_in_memory():
             audio.validate(bad, "clip7")
         assert "clip7" in str(err.value)
     assert audio.validate(torch.full((16000 * 31,), 0.1), "long", max_seconds=None).numel() == 16000 * 31
+
+
+def test_min_samples_is_the_real_minimum_of_log_mel_and_the_encoder():
+    """MIN_SAMPLES is what the var forward takes: one sample fewer fails inside log_mel, which is
+    why check_file refuses it up front; pad30 (from the same log_mel frames) takes it too."""
+    from omni.encoder import EncoderConfig, WhisperEncoder
+
+    torch.manual_seed(0)
+    enc = WhisperEncoder(EncoderConfig(d_model=32, n_heads=2, n_layers=1, ffn_dim=64)).eval()
+    x = torch.randn(audio.MIN_SAMPLES) * 0.1
+    for mode in ("var", "pad30"):
+        (s,) = enc.encode([x], mode=mode)
+        assert s.shape == (2, 1, 32) and torch.isfinite(s).all()
+    with pytest.raises((ValueError, RuntimeError)):
+        enc.encode([x[:-1]], mode="var")
+    assert audio.problem(x) is None and "too short" in audio.problem(x[:-1])
+
+
+def test_check_file_names_each_bad_kind_and_passes_good_ones(tmp_path):
+    for path, reason in write_bad_clips(tmp_path).values():
+        got = audio.check_file(path)
+        assert got is not None and reason in got, (path, got)
+        if path.exists():  # from bytes in memory: the same verdict
+            assert audio.check_file(path, data=path.read_bytes()) == got
+    audio.save(tmp_path / "ok.wav", 0.1 * np.sin(np.arange(audio.MIN_SAMPLES) * 0.3))
+    assert audio.check_file(tmp_path / "ok.wav") is None
+    x = np.zeros(8000)
+    x[4000] = 0.9
+    audio.save(tmp_path / "click.wav", x)
+    assert audio.check_file(tmp_path / "click.wav") is None  # RMS -40 dBFS: a click alone is not silence
+    # the header alone sees length problems without decoding
+    assert "too short" in audio.check_header(tmp_path / "short.wav")[1]
+    assert audio.check_header(tmp_path / "nan.wav") == (0.5, None)  # NaN and silence need the samples
+    assert audio.check_header(tmp_path / "silent.wav") == (0.5, None)

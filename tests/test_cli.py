@@ -7,6 +7,7 @@ import re
 import numpy as np
 import torch
 
+from conftest import mixed_manifest
 from omni import audio, metrics
 from omni.cli import main
 
@@ -71,7 +72,7 @@ def test_transcribe_bad_input_names_file_and_line(tiny_alignment, tmp_path, caps
     missing = tmp_path / "missing.jsonl"
     missing.write_text(good + "\n\n" + json.dumps({"audio": "nope.wav", "text": "x"}) + "\n")
     assert main(["transcribe", "--run", str(tiny_alignment.run), "--manifest", str(missing)]) == 2
-    assert f"{missing}:3: audio file not found" in capsys.readouterr().err
+    assert f"{missing}:3: {tmp_path / 'nope.wav'}: audio file not found" in capsys.readouterr().err
 
     # both a manifest and audio files, or neither
     assert main(["transcribe", "--run", str(tiny_alignment.run)]) == 2
@@ -97,3 +98,42 @@ def test_features_unknown_encoder_is_named(tmp_path, capsys):
 def test_run_unknown_experiment_file(tmp_path, capsys):
     assert main(["run", str(tmp_path / "nope.yaml"), "--reports", str(tmp_path / "reports")]) == 2
     assert f"{tmp_path / 'nope.yaml'}: no such experiment file" in capsys.readouterr().err
+
+
+def test_transcribe_bad_clips_all_named_or_skipped_and_listed(tiny_alignment, tmp_path, capsys):
+    good = [{"audio": str(_tone(tmp_path / f"g{i}.wav", 1.0 + i)), "text": f"tone {i}"} for i in range(2)]
+    man, expected = mixed_manifest(tmp_path / "m.jsonl", good)
+    assert main(["transcribe", "--run", str(tiny_alignment.run), "--manifest", str(man)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("omni: error: ") and len(err) == 1 + len(expected)  # every bad row, one line each
+    assert all(e.strip().startswith(f"{man}:{line}: ") and reason in e for (line, reason), e in zip(sorted(expected.items()), err[1:]))
+
+    assert main(["transcribe", "--run", str(tiny_alignment.run), "--manifest", str(man), "--skip-bad"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{man}: {len(good) + len(expected)} rows, 2 ok, skipped {len(expected)} bad rows"
+    assert all(f"{man}:{line}: " in o and reason in o for (line, reason), o in zip(sorted(expected.items()), out[1:]))
+    assert [o.split("\t")[0] for o in out if "\t" in o] == [g["audio"] for g in good]
+
+    # audio files named on the command line: the same checks, named by file
+    silent, short = tmp_path / "bad" / "silent.wav", tmp_path / "bad" / "short.wav"
+    args = ["transcribe", "--run", str(tiny_alignment.run), good[0]["audio"], str(silent), str(short)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{silent}: silent audio" in err and f"{short}: too short" in err
+    assert main([*args, "--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 2 bad audio file(s) of 3" in out and out.count("\t") == 1
+
+
+def test_features_bad_clips_exit_2_naming_all_or_skip(tmp_path, capsys):
+    good = [{"audio": str(_tone(tmp_path / "g.wav")), "text": "a tone"}]
+    man, expected = mixed_manifest(tmp_path / "m.jsonl", good)
+    cache = tmp_path / "cache"
+    assert main(["features", "--manifest", str(man), "--out", str(cache)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 + len(expected) and all(f"{man}:{line}: " in e for line, e in zip(sorted(expected), err[1:]))
+    assert not cache.exists()
+    assert main(["features", "--manifest", str(man), "--out", str(cache), "--skip-bad"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith(f"skipped {len(expected)} bad rows") and len(out) == 2 + len(expected)
+    assert out[-1].startswith("1 clips") and len(list(cache.iterdir())) == 1

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import mixed_manifest
 from omni import audio
 from omni.data import features
 from omni.data.features import FeatureCache, build_features, cache_key, encoder_fingerprint
@@ -208,12 +209,13 @@ def test_bad_rows_name_file_and_line_or_are_skipped_and_counted(corpus, tmp_path
     with pytest.raises(ManifestError) as e:
         build_features(man, tmp_path / "cache", progress=False)
     msg = str(e.value)
-    assert f"{man}:2: invalid JSON" in msg and f"{man}:4: audio file not found" in msg and f"{man}:6: missing 'audio'" in msg
+    assert f"{man}:2: invalid JSON" in msg and f"{man}:6: missing 'audio'" in msg
+    assert any(ln.strip().startswith(f"{man}:4: ") and ln.endswith("missing.wav: audio file not found") for ln in msg.splitlines())
     assert not (tmp_path / "cache").exists()
 
     with pytest.warns(UserWarning, match="skipped 3 bad rows"):
         path = build_features(man, tmp_path / "cache", skip_bad=True, progress=False)
-    assert "skipped 3 bad rows of 6" in capsys.readouterr().out
+    assert f"{man}: 6 rows, 3 ok, skipped 3 bad rows" in capsys.readouterr().out
     cache = FeatureCache.open(path)
     assert [r["line"] for r in cache.rows] == [1, 3, 5] and [r["text"] for r in cache.rows] == [g["text"] for g in good]
 
@@ -229,3 +231,118 @@ def test_open_refuses_what_is_not_a_cache(tmp_path, built):
     (tmp_path / "index.json").write_text(json.dumps(index | {"format": 0}))
     with pytest.raises(ValueError, match="format 0"):
         FeatureCache.open(tmp_path)
+
+
+def _good_rows(corpus: Path, n: int) -> list[dict]:
+    rows = [json.loads(line) for line in (corpus / "manifest.jsonl").read_text().splitlines()[:n]]
+    return [r | {"audio": str(corpus / r["audio"])} for r in rows]
+
+
+def test_bad_clips_are_all_named_before_work_or_skipped_and_listed(corpus, tmp_path, monkeypatch, capsys):
+    """A silent, dither-only, NaN, too short, too long, empty, undecodable and missing clip between
+    good ones: without skip_bad every one is named (manifest:line: clip: reason), nothing is encoded
+    and nothing written; with skip_bad the good ones are cached and every skipped row is listed."""
+    man, expected = mixed_manifest(tmp_path / "m.jsonl", _good_rows(corpus, 4))
+    real = WhisperEncoder.encode
+    encoded = []
+    monkeypatch.setattr(WhisperEncoder, "encode", lambda self, waves, **k: encoded.append(len(waves)) or real(self, waves, **k))
+    with pytest.raises(ManifestError) as e:
+        build_features(man, tmp_path / "cache", progress=False)
+    lines = str(e.value).splitlines()[1:]
+    assert len(lines) == 8 and encoded == [] and not (tmp_path / "cache").exists()
+    for (line, reason), text in zip(sorted(expected.items()), lines):
+        assert text.strip().startswith(f"{man}:{line}: {tmp_path / 'bad'}") and reason in text, (line, text)
+
+    with pytest.warns(UserWarning, match="skipped 8 bad rows"):
+        path = build_features(man, tmp_path / "cache", skip_bad=True, progress=False)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{man}: 12 rows, 4 ok, skipped 8 bad rows"
+    assert all(f"{man}:{line}: " in o and reason in o for (line, reason), o in zip(sorted(expected.items()), out[1:9]))
+    cache = FeatureCache.open(path)
+    good_lines = sorted(set(range(1, 13)) - set(expected))
+    assert [r["line"] for r in cache.rows] == good_lines and encoded == [4]
+    assert len(cache.load_states()) == 4 and os.listdir(tmp_path / "cache") == [path.name]  # no partial, no lock
+
+
+def test_a_build_failing_midway_leaves_no_half_cache_and_the_rerun_resumes(corpus, tmp_path, monkeypatch):
+    man = _write(tmp_path / "m.jsonl", [json.dumps(r) for r in _good_rows(corpus, 6)])  # 3 shards of 2
+    monkeypatch.setattr(features, "CLIPS_PER_SHARD", 2)
+    real = WhisperEncoder.encode
+    calls = []
+
+    def fail_at(n):
+        def encode(self, waves, **k):
+            calls.append(len(waves))
+            if len(calls) == n:
+                raise RuntimeError("out of memory (simulated)")
+            return real(self, waves, **k)
+        return encode
+
+    out = tmp_path / "cache"
+    monkeypatch.setattr(WhisperEncoder, "encode", fail_at(1))  # fails on the first shard: nothing to keep
+    with pytest.raises(RuntimeError, match="simulated"):
+        build_features(man, out, progress=False)
+    (lock,) = out.iterdir()  # no cache folder, empty or not: only the (hidden, empty) lock file
+    assert lock.name.startswith(".") and lock.name.endswith(".lock") and lock.stat().st_size == 0
+    key = lock.name[1 : -len(".lock")]
+
+    calls.clear()
+    monkeypatch.setattr(WhisperEncoder, "encode", fail_at(2))  # fails on the second shard
+    with pytest.raises(RuntimeError, match="simulated"):
+        build_features(man, out, progress=False)
+    assert not (out / key).exists()  # no half cache where a cache is looked for
+    assert sorted(p.name for p in (out / f".{key}.partial").iterdir()) == ["shard_00000.safetensors"]
+
+    calls.clear()
+    monkeypatch.setattr(WhisperEncoder, "encode", fail_at(0))  # never fails: the rerun resumes
+    assert build_features(man, out, progress=False) == out / key
+    assert calls == [2, 2] and sorted(p.name for p in out.iterdir()) == [key]
+    cache = FeatureCache.open(out / key)
+    assert [r["line"] for r in cache.rows] == list(range(1, 7)) and len(cache.load_states()) == 6
+
+
+KILL = """
+import os, signal, sys
+from omni.data import features
+from omni.encoder import WhisperEncoder
+features.CLIPS_PER_SHARD = 2
+real = WhisperEncoder.encode
+calls = []
+def encode(self, waves, **k):
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9 while encoding the second shard
+    return real(self, waves, **k)
+WhisperEncoder.encode = encode
+features.build_features(sys.argv[1], sys.argv[2], progress=False)
+"""
+
+
+def test_a_killed_build_leaves_no_half_cache(corpus, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    man = _write(tmp_path / "m.jsonl", [json.dumps(r) for r in _good_rows(corpus, 4)])  # 2 shards of 2
+    out = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-c", KILL, str(man), str(out)])
+    assert proc.returncode == -9
+    visible = [p for p in out.iterdir() if not p.name.startswith(".")]
+    (partial,) = out.glob(".*.partial")
+    assert visible == [] and sorted(p.name for p in partial.iterdir()) == ["shard_00000.safetensors"]
+    monkeypatch.setattr(features, "CLIPS_PER_SHARD", 2)
+    path = build_features(man, out, progress=False)
+    assert path.name == partial.name[1 : -len(".partial")] and len(FeatureCache.open(path).load_states()) == 4
+
+
+def test_concurrent_builders_of_one_key_encode_once(corpus, tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    man = _write(tmp_path / "m.jsonl", [json.dumps(r) for r in _good_rows(corpus, 4)])
+    monkeypatch.setattr(features, "CLIPS_PER_SHARD", 2)
+    real = WhisperEncoder.encode
+    encoded = []
+    monkeypatch.setattr(WhisperEncoder, "encode", lambda self, waves, **k: encoded.append(len(waves)) or real(self, waves, **k))
+    with ThreadPoolExecutor(2) as pool:  # flock: two open files conflict even within one process
+        paths = list(pool.map(lambda _: build_features(man, tmp_path / "cache", progress=False), range(2)))
+    assert paths[0] == paths[1] and encoded == [2, 2]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [paths[0].name]

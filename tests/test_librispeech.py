@@ -73,3 +73,24 @@ def test_flac_without_transcript_is_counted_and_warned(tmp_path):
 def test_not_a_librispeech_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="trans.txt"):
         librispeech_manifest(tmp_path, tmp_path / "m.jsonl")
+
+
+def test_bad_flacs_named_by_transcript_line_or_skipped_and_listed(tmp_path, capsys):
+    root = _fixture(tmp_path)
+    d = root / "26" / "495"
+    sf.write(str(d / "26-495-0000.flac"), np.zeros(1600), 16000)  # silent
+    sf.write(str(d / "26-495-0001.flac"), 0.1 * np.ones(100), 16000)  # too short for Whisper
+    (root / "19" / "227" / "19-227-0001.flac").write_bytes(b"fLaC but not really" * 5)  # undecodable
+    trans26, trans19 = d / "26-495.trans.txt", root / "19" / "227" / "19-227.trans.txt"
+    with pytest.raises(ManifestError) as ei:
+        librispeech_manifest(root, tmp_path / "m.jsonl")
+    lines = str(ei.value).splitlines()[1:]
+    assert len(lines) == 3 and not (tmp_path / "m.jsonl").exists()
+    assert lines[0].strip().startswith(f"{trans19}:2: {root / '19' / '227' / '19-227-0001.flac'}: unreadable audio")
+    assert lines[1].strip().startswith(f"{trans26}:1: {d / '26-495-0000.flac'}: silent audio")
+    assert lines[2].strip().startswith(f"{trans26}:2: {d / '26-495-0001.flac'}: too short")
+
+    assert librispeech_manifest(root, tmp_path / "m.jsonl", skip_bad=True) == 5
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{root}: skipped 3 utterance(s) with bad audio:" and [o.strip() for o in out[1:]] == [ln.strip() for ln in lines]
+    assert {e.labels["id"] for e in read_manifest(tmp_path / "m.jsonl")}.isdisjoint({"26-495-0000", "26-495-0001", "19-227-0001"})

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from conftest import mixed_manifest
 from omni.data.manifest import ManifestError, read_manifest, write_manifest
 
 
@@ -92,7 +93,7 @@ def test_all_problems_collected_with_file_and_line(tmp_path):
         5: "'text' must be a non-empty string",
         6: "audio file not found",
         7: "unreadable audio",
-        8: "over max_seconds=2",
+        8: "longer than max_seconds=2",
         9: "'audio' must be a non-empty string",
         10: "no <audio>path</audio> tag",
         11: "last turn must be the assistant's answer",
@@ -113,11 +114,35 @@ def test_all_problems_collected_with_file_and_line(tmp_path):
     assert [e.line for e in m] == [1, 6, 7, 8] and m[0].duration is None
 
 
-def test_error_message_lists_twenty_then_counts(tmp_path):
+def test_error_message_lists_every_problem_one_line_each(tmp_path):
     path = _write(tmp_path / "m.jsonl", ["{bad"] * 25)
-    with pytest.raises(ManifestError, match=r"and 5 more") as ei:
+    with pytest.raises(ManifestError) as ei:
         read_manifest(path)
-    assert len(ei.value.problems) == 25 and str(ei.value).count("invalid JSON") == 20
+    lines = str(ei.value).splitlines()[1:]
+    assert len(ei.value.problems) == 25 and [ln.strip().split(": ")[0] for ln in lines] == [f"{path}:{i}" for i in range(1, 26)]
+
+
+def test_content_checks_name_every_bad_clip_before_any_work(tmp_path):
+    good = [{"audio": str(_wav(tmp_path / f"g{i}.wav")), "text": f"good {i}"} for i in range(3)]
+    path, expected = mixed_manifest(tmp_path / "m.jsonl", good)
+    with pytest.raises(ManifestError) as ei:
+        read_manifest(path)
+    lines = str(ei.value).splitlines()[1:]
+    assert len(lines) == len(expected) == 8  # every bad kind, one line each
+    for (line, reason), text in zip(sorted(expected.items()), lines):
+        assert text.strip().startswith(f"{path}:{line}: {tmp_path / 'bad'}") and reason in text, (line, text)
+
+    with pytest.warns(UserWarning, match="skipped 8 bad rows"):
+        m = read_manifest(path, skip_bad=True)
+    assert [e.text for e in m] == ["good 0", "good 1", "good 2"] and m.n_bad == 8
+    report = m.report().splitlines()
+    assert report[0] == f"{path}: 11 rows, 3 ok, skipped 8 bad rows" and len(report) == 9
+    assert all(f"{path}:{line}: " in r and reason in r for (line, reason), r in zip(sorted(expected.items()), report[1:]))
+    # header-only reading still sees length, format and emptiness, not NaN or silence
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = read_manifest(path, skip_bad=True, check_content=False)
+    assert sorted(e.audio.stem for e in m if e.text.startswith("bad")) == ["dither", "nan", "silent"]
 
 
 def test_empty_and_missing_manifest(tmp_path):

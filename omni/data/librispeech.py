@@ -10,7 +10,10 @@ Design choices:
   found with rglob, and the folder above the speaker's is recorded as the `subset` label.
 - Transcripts are checked whole before anything is written: a malformed line, an id that does not
   belong to its file, a duplicate id or an entry without its flac is an error naming file:line, all
-  collected into one ManifestError. A flac without a transcript line is only counted and warned
+  collected into one ManifestError. So is a flac that Whisper could not take (omni.audio.check_file:
+  undecodable, empty, NaN/inf, silent, too short, over 30 s), as `trans.txt:line: flac: reason`:
+  every flac is decoded once here (LibriSpeech is 16 kHz, so no resampling), and the manifest that
+  comes out holds only clips that encode. skip_bad leaves those rows out and prints every one. A flac without a transcript line is only counted and warned
   about (some users prune transcripts on purpose), never silently dropped.
 - Text is kept as LibriSpeech writes it (upper case, no punctuation); normalising for training or
   scoring is the consumer's choice, not the manifest's.
@@ -22,6 +25,7 @@ import re
 import warnings
 from pathlib import Path
 
+from omni import audio
 from omni.data.manifest import ManifestError, Problem, write_manifest
 
 _GENDER = {"F": "female", "M": "male"}
@@ -43,9 +47,10 @@ def read_speakers(root: Path) -> dict[str, str]:
     return {}
 
 
-def librispeech_manifest(root: str | Path, out: str | Path) -> int:
+def librispeech_manifest(root: str | Path, out: str | Path, skip_bad: bool = False) -> int:
     """Write a flat manifest (audio, text, labels speaker/chapter/id/subset[/gender]) for every
-    transcribed utterance under root; returns the number of rows written."""
+    transcribed utterance under root; returns the number of rows written. skip_bad: leave out the
+    utterances whose audio is bad (listed on stdout) instead of raising; transcript problems still raise."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: LibriSpeech root folder not found")
@@ -54,6 +59,7 @@ def librispeech_manifest(root: str | Path, out: str | Path) -> int:
         raise FileNotFoundError(f"{root}: no SPEAKER/CHAPTER/*.trans.txt files (is this a LibriSpeech folder?)")
     genders = read_speakers(root)
     problems: list[Problem] = []
+    bad_audio: list[Problem] = []  # skippable with skip_bad
     rows: list[dict] = []
     transcribed: set[Path] = set()
     for trans in transcripts:
@@ -83,13 +89,20 @@ def librispeech_manifest(root: str | Path, out: str | Path) -> int:
                 problems.append(Problem(trans, lineno, f"no audio for {uid}: {flac} not found"))
                 continue
             transcribed.add(flac)
+            reason = audio.check_file(flac)
+            if reason:
+                bad_audio.append(Problem(trans, lineno, f"{flac}: {reason}"))
+                continue
             row = {"audio": flac.resolve(), "text": words, "speaker": speaker, "chapter": chapter, "id": uid}
             row["subset"] = chapter_dir.parent.parent.name
             if speaker in genders:
                 row["gender"] = genders[speaker]
             rows.append(row)
-    if problems:
-        raise ManifestError(root, problems)
+    if problems or (bad_audio and not skip_bad):
+        raise ManifestError(root, sorted(problems + bad_audio, key=lambda p: (str(p.file), p.line)))
+    if bad_audio:
+        print(f"{root}: skipped {len(bad_audio)} utterance(s) with bad audio:")
+        print("\n".join(f"  {p}" for p in bad_audio))
     untranscribed = sorted(set(root.rglob("*.flac")) - transcribed)
     if untranscribed:
         warnings.warn(

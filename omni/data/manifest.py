@@ -12,12 +12,15 @@ Two row shapes, both one JSON object per line:
 Design choices:
 - Relative audio paths are relative to the manifest's folder, so a corpus folder can be moved or
   copied whole; absolute paths are allowed (a manifest beside data that lives elsewhere).
-- Validation happens before any training: every line is checked (JSON, shape, fields, file exists,
-  header readable, duration <= max_seconds from soundfile.info, which reads only the header) and all
-  problems are collected, so a user fixes a file in one pass instead of one crash per bad line.
-- Default is strict: any problem raises ManifestError listing them as `path:line: message`. With
+- Validation happens before any work: every line is checked (JSON, shape, fields) and every clip
+  with omni.audio: from its header (exists, readable, not empty, not too short for Whisper's conv
+  stack, not over max_seconds) and, with check_content (default), from its samples (decodes, no
+  NaN/inf, not silent). All problems are collected, so a user fixes a file in one pass instead of
+  one crash per bad line, and a clip that would stop an encoding job midway is found up front.
+  A clip's problem reads `manifest:line: clip: reason`.
+- Default is strict: any problem raises ManifestError listing every one, one line each. With
   skip_bad=True the good rows are kept and the problems returned, and a warning is always issued:
-  a skipped row is never silent.
+  a skipped row is never silent; `Manifest.report()` lists every skipped row with its reason.
 - Every key other than audio/text/prompt (flat) or conversations (conversation) is a label, kept as
   read: probes and reports group by them.
 """
@@ -32,9 +35,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import soundfile as sf
+from omni import audio
 
-MAX_LISTED = 20  # problems spelled out in a ManifestError message; the rest are counted
 USER_ROLES = {"user", "human"}
 ASSISTANT_ROLES = {"assistant", "gpt"}
 ROLES = USER_ROLES | ASSISTANT_ROLES | {"system"}
@@ -95,6 +97,20 @@ class Manifest:
         s = f"{self.path}: {self.n_rows} rows, {self.n_ok} ok"
         return s + (f", skipped {self.n_bad} bad rows" if self.problems else "")
 
+    def settle(self, skip_bad: bool, stacklevel: int = 2) -> "Manifest":
+        """Raise ManifestError listing every problem, or (skip_bad) warn that rows were skipped."""
+        if self.problems and not skip_bad:
+            raise ManifestError(self.path, self.problems)
+        if self.problems:
+            shown = "\n".join(f"  {p}" for p in self.problems[:5])
+            more = f"\n  ... and {len(self.problems) - 5} more" if len(self.problems) > 5 else ""
+            warnings.warn(f"{self.summary()}:\n{shown}{more}", stacklevel=stacklevel + 1)
+        return self
+
+    def report(self) -> str:
+        """summary() and then every problem, one `file:line: message` line each."""
+        return "\n".join([self.summary(), *(f"  {p}" for p in self.problems)])
+
     def __len__(self) -> int:
         return len(self.examples)
 
@@ -106,13 +122,12 @@ class Manifest:
 
 
 class ManifestError(ValueError):
-    """One or more bad rows (or corpus files); .problems has them all, the message the first MAX_LISTED."""
+    """One or more bad rows (or corpus files); .problems and the message have them all, one line each."""
 
     def __init__(self, path: Path, problems: list[Problem]):
         self.path, self.problems = path, problems
-        listed = "\n".join(f"  {p}" for p in problems[:MAX_LISTED])
-        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        super().__init__(f"{path}: {len(problems)} problem(s):\n{listed}{more}")
+        listed = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{path}: {len(problems)} problem(s), nothing done:\n{listed}")
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -191,13 +206,22 @@ def _parse_conversation(row: dict, base: Path) -> tuple[dict, list[str]]:
 
 
 def read_manifest(
-    path: str | Path, *, check_audio: bool = True, skip_bad: bool = False, max_seconds: float | None = 30.0
+    path: str | Path,
+    *,
+    check_audio: bool = True,
+    check_content: bool = True,
+    skip_bad: bool = False,
+    max_seconds: float | None = 30.0,
+    settle: bool = True,
 ) -> Manifest:
     """Read and validate a flat or conversation JSONL manifest (both shapes may be mixed).
 
-    check_audio: every referenced clip must exist, have a readable header and last at most
-    max_seconds (None: no limit); Example.duration is filled from the header.
-    skip_bad: keep the good rows and return the problems (with a warning) instead of raising.
+    check_audio: every referenced clip must exist and its header be readable, not empty, not too
+    short and at most max_seconds (None: no limit); Example.duration is filled from the header.
+    check_content: also decode every clip and refuse NaN/inf and silence (omni.audio.check_file);
+    only with check_audio. skip_bad: keep the good rows and return the problems (with a warning)
+    instead of raising. settle=False: neither raise nor warn; a caller that adds its own checks
+    calls `Manifest.settle(skip_bad)` once it has them all.
     """
     path = Path(path)
     if not path.is_file():
@@ -210,20 +234,10 @@ def read_manifest(
 
     def check(p: Path) -> tuple[float | None, str | None]:
         if p not in info_cache:
-            if not p.is_file():
-                info_cache[p] = (None, f"audio file not found: {p}")
-            else:
-                try:
-                    info = sf.info(str(p))
-                    dur = info.frames / info.samplerate if info.samplerate > 0 else 0.0
-                    if info.frames <= 0:
-                        info_cache[p] = (dur, f"audio has no samples: {p}")
-                    elif max_seconds is not None and dur > max_seconds:
-                        info_cache[p] = (dur, f"clip is {dur:.2f} s, over max_seconds={max_seconds:g}: {p}")
-                    else:
-                        info_cache[p] = (dur, None)
-                except Exception as e:  # libsndfile: unknown format, truncated header, ...
-                    info_cache[p] = (None, f"unreadable audio {p}: {e}")
+            dur, err = audio.check_header(p, max_seconds)
+            if err is None and check_content:
+                err = audio.check_file(p, max_seconds)
+            info_cache[p] = (dur, f"{p}: {err}" if err else None)
         return info_cache[p]
 
     with path.open(encoding="utf-8") as f:
@@ -264,12 +278,7 @@ def read_manifest(
     if n_rows == 0:
         problems.append(Problem(path, 0, "manifest has no rows"))
     manifest = Manifest(path=path, examples=examples, problems=problems, n_rows=n_rows)
-    if problems and not skip_bad:
-        raise ManifestError(path, problems)
-    if problems:
-        shown = "\n".join(f"  {p}" for p in problems[:5])
-        warnings.warn(f"{manifest.summary()}:\n{shown}", stacklevel=2)
-    return manifest
+    return manifest.settle(skip_bad, stacklevel=2) if settle else manifest
 
 
 # --- writing ------------------------------------------------------------------------------------

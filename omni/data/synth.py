@@ -241,12 +241,11 @@ def plan(cfg: SynthConfig) -> list[Clip]:
 def _render(job: tuple[str, str, str, int, int, int]) -> tuple[str, int]:
     """Synthesize one clip and write it atomically; runs in a worker process."""
     from omni import audio, tts
+    from omni.common import atomic_save
 
     path, sentence, voice, rate, pitch, prange = job
     wave = tts.synthesize(sentence, voice=voice, rate=rate, pitch=pitch, pitch_range=prange)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    audio.save(tmp, wave)
-    os.replace(tmp, path)
+    atomic_save(path, lambda tmp: audio.save(tmp, wave))
     return path, int(wave.numel())
 
 
