@@ -158,10 +158,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
-    from omni.chat import Session, load_run
+    from omni.chat import Session, load_model
 
     run = args.run or str(quick_run(Path(args.work)))
-    session = Session(*load_run(run, args.device))
+    session = Session(*load_model(run, args.device))
     gpt = session.model.gpt
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, device {session.model.gpt_device}, "
           f"load average {'/'.join(f'{x:.2f}' for x in os.getloadavg())}")

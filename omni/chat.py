@@ -20,7 +20,7 @@ Design choices:
 - Audio is decoded by soundfile from memory (WAV, FLAC, OGG Vorbis/Opus, MP3). Chromium records WebM,
   which libsndfile cannot read: the page decodes its own recordings and uploads them as WAV.
 - Every refusal is a 4xx JSON {"error": "..."} naming the parameter or file; the server keeps serving.
-- The run is loaded through `load_run`, the one place that knows how runs are stored.
+- The model is loaded through `load_model` (omni.runs underneath), which turns a half-built run into one line.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def one_line(errors: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def load_run(run: str, device: str = "cpu"):
-    """(SpeechLM, WhisperEncoder, encoder_mode) of a trained run; the only place that knows run storage."""
+def load_model(run: str, device: str = "cpu"):
+    """(SpeechLM, WhisperEncoder, encoder_mode) of a trained run (omni.runs.load_run), or one ValueError line."""
     from omni.align import load_aligned
 
     try:

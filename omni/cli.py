@@ -22,7 +22,8 @@ from pathlib import Path
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from omni.runner import parse_overrides, resume_experiment, run_experiment
+    from omni.experiment import parse_overrides
+    from omni.runner import resume_experiment, run_experiment
 
     if args.resume:
         if args.param or args.experiment:

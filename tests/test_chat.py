@@ -24,7 +24,7 @@ import soundfile as sf
 import torch
 
 from omni import audio
-from omni.chat import MAX_UPLOAD_BYTES, Session, create_app, load_run
+from omni.chat import MAX_UPLOAD_BYTES, Session, create_app, load_model
 from omni.chat_worker import Worker
 from omni.cli import main
 from omni.speech_lm import collate_states
@@ -36,7 +36,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 @pytest.fixture(scope="module")
 def session(tiny_alignment):
-    return Session(*load_run(str(tiny_alignment.run)))
+    return Session(*load_model(str(tiny_alignment.run)))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import pytest
 
 from omni import track
 from omni.cli import main
-from omni.runner import ExperimentError, grid_points, load_experiment, parse_overrides, run_experiment
+from omni.experiment import ExperimentError, grid_points, load_experiment, parse_overrides
+from omni.runner import run_experiment
 
 NOTEBOOK = '''# %% tags=["parameters"]
 x = 1
