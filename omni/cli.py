@@ -137,7 +137,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from omni.chat import Session, chat_cli, load_run, sampling, serve
+    from omni.chat import Session, chat_cli, load_model, sampling, serve
 
     s = sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     if not 1 <= args.port <= 65535:
@@ -145,7 +145,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     for a in args.cli or []:  # before seconds go into loading the model
         if not Path(a).is_file():
             raise FileNotFoundError(f"{a}: file not found")
-    session = Session(*load_run(args.run, args.device))
+    session = Session(*load_model(args.run, args.device))
     if args.cli:
         chat_cli(session, args.cli, args.question, s)
     else:
