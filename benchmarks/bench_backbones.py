@@ -29,17 +29,18 @@ TEXTS = ["it was a dark and stormy night and the rain fell in torrents", "holmes
          "the door opened", "i have no data yet it is a capital mistake to theorise before one has data"]
 
 
-def step_seconds(model: SpeechLM, params: list[torch.nn.Parameter], hidden, lengths, texts, reps: int) -> float:
+def make_step(model: SpeechLM, params: list[torch.nn.Parameter], hidden, lengths, texts):
     opt = torch.optim.AdamW(params, lr=1e-4)
-    times = []
-    for _ in range(reps + 1):  # the first is warm-up
+
+    def step() -> float:
         t0 = time.perf_counter()
         loss = model(hidden, lengths, texts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        times.append(time.perf_counter() - t0)
-    return min(times[1:])
+        return time.perf_counter() - t0
+
+    return step
 
 
 def main() -> None:
@@ -67,9 +68,8 @@ def main() -> None:
     texts = (TEXTS * args.batch)[: args.batch]
     print(f"threads {torch.get_num_threads()}, width {args.width}, depth {args.depth}, batch {args.batch}, "
           f"{args.frames} frames -> {args.frames // 4} audio tokens, LoRA rank {args.lora_rank}")
-    print(f"{'backbone':<12} {'trainable':<16} {'LM params':>10} {'trained':>10} {'step ms':>8} {'vs projector':>13}")
+    runs = []  # (backbone, trainable, LM params, trained params, step)
     for name, folder in folders.items():
-        base = None
         for trainable in ("projector", "projector+lora", "projector+lm"):
             lm, tok = load_lm(folder)
             n_lm = sum(p.numel() for p in lm.parameters())
@@ -81,10 +81,19 @@ def main() -> None:
             torch.manual_seed(0)
             model = SpeechLM(lm, tok, 1, 384, SpeechLMConfig(layer="last", k=4))
             params = list(model.projector.parameters()) + extra
-            s = step_seconds(model, params, hidden, lengths, texts, args.reps)
-            base = base or s
-            trained = sum(p.numel() for p in params)
-            print(f"{name:<12} {trainable:<16} {n_lm:>10,} {trained:>10,} {1000 * s:>8.1f} {s / base:>12.2f}x")
+            runs.append((name, trainable, n_lm, sum(p.numel() for p in params), make_step(model, params, hidden, lengths, texts)))
+    # round-robin: every configuration is timed once per round, so the machine's load hits all alike;
+    # each keeps its fastest step (the first round is warm-up)
+    best = [float("inf")] * len(runs)
+    for r in range(args.reps + 1):
+        for i, run in enumerate(runs):
+            t = run[4]()
+            if r:
+                best[i] = min(best[i], t)
+    ref = best[0]
+    print(f"{'backbone':<12} {'trainable':<16} {'LM params':>10} {'trained':>10} {'step ms':>8} {'vs omni projector':>18}")
+    for (name, trainable, n_lm, trained, _), s in zip(runs, best):
+        print(f"{name:<12} {trainable:<16} {n_lm:>10,} {trained:>10,} {1000 * s:>8.1f} {s / ref:>17.2f}x")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from omni.hf_lm import check_load_in
 from omni.lm import LoraSpec, add_lora, is_hub_id, load_lm, load_lora, save_lm, save_lora
 from omni.speech_lm import SpeechLM, SpeechLMConfig, collate_states
 from omni.track import NullTracker, Tracker
-from omni.train import History, TrainConfig, pick_device, train
+from omni.train import History, TrainConfig, init_ddp, pick_device, train
 
 
 @dataclass
@@ -190,8 +190,12 @@ def check_config(cfg: AlignConfig, n_states: int | None = None) -> None:
 
 def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None, cache: FeatureCache | None = None) -> AlignResult:
     tracker = tracker or NullTracker()
-    device = pick_device(cfg.device)
     check_config(cfg)
+    # under torchrun: every rank draws the same global batch and trains on its share of it (DDP)
+    rank, world, device_name = init_ddp(cfg.device)
+    device = pick_device(device_name)
+    if rank != 0:
+        tracker = NullTracker()  # rank 0 logs and saves
     cache = cache or prepare_cache(cfg)
     check_config(cfg, cache.n_states)
     gpt, tok = ensure_lm(cfg, device)
@@ -234,8 +238,15 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
     def loss_fn(step: int):
         hidden, lengths, rows = next_batch()
         texts = [r["text"] for r in rows]
-        n_tokens = sum(len(tok.encode(t)) + 1 for t in texts)  # supervised targets: text + end of text
-        return model(hidden.to(device), lengths.to(device), texts), n_tokens
+        counts = [len(tok.encode(t)) + 1 for t in texts]  # supervised targets: text + end of text
+        if world == 1:
+            return model(hidden.to(device), lengths.to(device), texts), sum(counts)
+        # rank r takes rows r, r + world, ...; weighting its mean loss by its share of the batch's tokens
+        # (times world: the loop averages gradients over ranks) gives the one-process batch's gradient
+        mine = list(range(rank, len(texts), world))
+        n_mine = sum(counts[i] for i in mine)
+        loss = model(hidden[mine].to(device), lengths[mine].to(device), [texts[i] for i in mine])
+        return loss * (n_mine * world / sum(counts)), n_mine
 
     weights_history: list[list[float]] = []
     wer_curve: list[tuple[int, float]] = []
@@ -260,7 +271,7 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
     params |= {f"gpt.{n}": p for n, p in lm_params.items()}
     tcfg = TrainConfig(
         steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, dtype=cfg.dtype, eval_every=cfg.eval_every,
-        ckpt_every=cfg.eval_every if cfg.out else 0, ckpt_dir=str(Path(cfg.out) / "resume") if cfg.out else "",
+        ckpt_every=cfg.eval_every if cfg.out and rank == 0 else 0, ckpt_dir=str(Path(cfg.out) / "resume") if cfg.out else "",
         lora_grad_clip=cfg.lora_grad_clip, max_bad_steps=cfg.max_bad_steps, early_lr_factor=cfg.early_lr_factor,
         early_steps=cfg.early_steps, freeze_steps=cfg.freeze_projector_steps, freeze_prefix="projector.",
     )
@@ -300,6 +311,8 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
         scores["whisper_wer"] = metrics.wer(refs, test["whisper_hyps"])
         scores["whisper_cer"] = metrics.cer(refs, test["whisper_hyps"])
     tracker.log_metrics(scores, step=cfg.steps)
+    if rank != 0:
+        return AlignResult(cfg, hist, model, test, scores, weights_history, wer_curve)
     tracker.flush()  # the tracker buffers: unflushed, the final scores never reach MLflow
     if cfg.out:
         model.save_audio_path(cfg.out)

@@ -194,6 +194,25 @@ def train(
     return hist
 
 
+def init_ddp(device: str) -> tuple[int, int, str]:
+    """(rank, world size, device) under torchrun (WORLD_SIZE > 1), starting the process group once;
+    (0, 1, device) otherwise. NCCL and one GPU per rank on CUDA, gloo on the CPU."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return dist.get_rank(), world, device
+
+
 def _average_gradients(plist: list[torch.nn.Parameter]) -> None:
     """Under torchrun (DDP), average gradients over ranks; each rank drew its own batch. A no-op
     in a single process. Done by hand rather than with a DDP wrapper because the loop only sees
