@@ -100,11 +100,6 @@ def save_lm(lm: nn.Module, tok, directory: str | Path) -> Path:
     return d
 
 
-def eos_id(tok) -> int:
-    """End of text: the tokenizer's eos, or BOS for omni's tokenizers (nanochat's convention)."""
-    return getattr(tok, "eos_id", tok.bos_id)
-
-
 # --- LoRA ------------------------------------------------------------------------------------
 
 # attention and MLP projections of each backbone (peft matches module names by suffix)

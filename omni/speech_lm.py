@@ -30,7 +30,6 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from omni.encoder import LayerSelect
-from omni.lm import eos_id
 from omni.projector import Projector, ProjectorConfig
 
 PROMPT_POSITIONS = ("before", "after")
@@ -116,7 +115,7 @@ class SpeechLM(nn.Module):
 
     def text_batch(self, texts: list[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
         """idx = [prompt?][BOS][text], targets = [-1 ...][text][EOS]; right-padded, pad targets -1."""
-        bos, eos = self.tokenizer.bos_id, eos_id(self.tokenizer)
+        bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
         after = self._prompt_ids() if self.config.prompt_position == "after" else []
         rows = [after + [bos] + self.tokenizer.encode(t) for t in texts]
         T = max(len(r) for r in rows)
@@ -135,7 +134,7 @@ class SpeechLM(nn.Module):
     @torch.no_grad()
     def transcribe(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, max_new_tokens: int = 200, **sampling) -> list[str]:
         prefix, mask = self.prefix(hidden, frame_lengths)
-        bos, eos = self.tokenizer.bos_id, eos_id(self.tokenizer)
+        bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
         after = self._prompt_ids() if self.config.prompt_position == "after" else []
         idx = torch.tensor([after + [bos]] * hidden.size(0), device=hidden.device)
         out = self.gpt.generate(idx, audio=prefix, audio_mask=mask, max_new_tokens=max_new_tokens, stop_token=eos, **sampling)
