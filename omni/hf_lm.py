@@ -72,14 +72,14 @@ class HFLM(nn.Module):
         self.model = model
         c = model.config
         self.config = HFShape(c.hidden_size, model.get_input_embeddings().num_embeddings, getattr(c, "max_position_embeddings", 4096))
+        # transformers 5.x renamed past_key_values to cache (the old name goes in 5.40); older ones know only the old
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def embed(self, idx: Tensor) -> Tensor:
         return self.model.get_input_embeddings()(idx)
 
     def _run(self, x: Tensor, mask: Tensor, pos: Tensor, past=None):
-        # transformers 5.x renamed past_key_values to cache (the old name goes in 5.40); older ones know only the old
-        key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        return self.model(inputs_embeds=x, attention_mask=mask.long(), position_ids=pos, use_cache=past is not None, **{key: past})
+        return self.model(inputs_embeds=x, attention_mask=mask.long(), position_ids=pos, use_cache=past is not None, **{self._cache_kw: past})
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, audio: Tensor | None = None, audio_mask: Tensor | None = None) -> Tensor:
         """Logits (B, T, V) float32 for the text positions, or the mean text loss if targets are given."""

@@ -78,9 +78,11 @@ def load_lm(path_or_id: str | Path, device: torch.device | str = "cpu", load_in:
 
 
 def is_hub_id(path_or_id: str | Path) -> bool:
-    """"owner/name" that is not on disk (and whose owner is not a local folder, as `runs` in runs/lm is)."""
+    """"owner/name" that is not on disk. Not one: anything under `runs/` (omni's own output folder, where a
+    missing LM is pretrained, even in a fresh checkout without runs/), or whose owner is a local folder."""
     p = Path(path_or_id)
-    return not p.exists() and len(p.parts) == 2 and not p.is_absolute() and not Path(p.parts[0]).exists()
+    return (not p.exists() and len(p.parts) == 2 and not p.is_absolute() and p.parts[0] not in ("runs", ".", "..")
+            and not Path(p.parts[0]).exists())
 
 
 def save_lm(lm: nn.Module, tok, directory: str | Path) -> Path:

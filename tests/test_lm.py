@@ -157,3 +157,13 @@ def test_alignment_runs_on_every_backbone(tiny_alignment, backbones, kind, tmp_p
     a = model.gpt.generate(idx, audio=prefix, audio_mask=mask, max_new_tokens=6)
     b = model.gpt.generate(idx, audio=prefix, audio_mask=mask, max_new_tokens=6, use_cache=False)
     assert torch.equal(a, b)
+
+
+def test_hub_ids_and_missing_local_folders_are_told_apart(tmp_path, monkeypatch):
+    from omni.lm import is_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    assert is_hub_id("Qwen/Qwen3-0.6B") and is_hub_id("meta-llama/Llama-3.2-1B")
+    # runs/lm in a fresh checkout (no runs/ yet) is where the default LM gets pretrained, not a hub id
+    assert not is_hub_id("runs/lm") and not is_hub_id("mine/lm") and not is_hub_id("./x") and not is_hub_id("a/b/c")
