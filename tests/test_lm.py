@@ -167,3 +167,19 @@ def test_hub_ids_and_missing_local_folders_are_told_apart(tmp_path, monkeypatch)
     assert is_hub_id("Qwen/Qwen3-0.6B") and is_hub_id("meta-llama/Llama-3.2-1B")
     # runs/lm in a fresh checkout (no runs/ yet) is where the default LM gets pretrained, not a hub id
     assert not is_hub_id("runs/lm") and not is_hub_id("mine/lm") and not is_hub_id("./x") and not is_hub_id("a/b/c")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_lm_round_trips(backbones, kind, tmp_path):
+    """What a projector+lm run writes as its own LM copy loads back to the same model and tokenizer."""
+    from omni.lm import save_lm
+
+    lm, tok = load_lm(backbones[kind])
+    lm.eval()
+    save_lm(lm, tok, tmp_path / "copy")
+    again, tok2 = load_lm(tmp_path / "copy")
+    again.eval()
+    idx = torch.tensor([tok.encode("the lazy dog", bos=True)])
+    assert tok2.encode("the lazy dog", bos=True) == idx[0].tolist() and tok2.eos_id == tok.eos_id
+    with torch.no_grad():
+        torch.testing.assert_close(again(idx), lm(idx), atol=0, rtol=0)
