@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from omni.gpt import GPT
-from omni.hf_lm import HFLM, HFTokenizer, check_load_in, load_hf
+from omni.hf_lm import HFLM, check_load_in, load_hf
 from omni.nanochat import NanochatTokenizer, is_checkpoint, load_nanochat
 from omni.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
 

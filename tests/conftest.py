@@ -64,12 +64,12 @@ def tiny_alignment(tmp_path_factory):
 # --- tiny backbones of every kind omni.lm loads (tests/test_lm.py, test_lora.py, benchmarks) --------
 
 
-def tiny_hf_lm(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
-    """A random Qwen3 (transformers' own class, tiny config) + a byte-level BPE tokenizer with a chat
-    template, saved with save_pretrained: what a local Hugging Face model folder looks like."""
+def tiny_hf_lm(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2, arch: str = "qwen3") -> Path:
+    """A random Qwen3 or Llama (transformers' own classes, tiny config) + a byte-level BPE tokenizer with
+    a chat template, saved with save_pretrained: what a local Hugging Face model folder looks like."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
@@ -82,10 +82,11 @@ def tiny_hf_lm(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> 
                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=template)
     torch.manual_seed(seed)
-    cfg = Qwen3Config(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+    Config, Model = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
+    cfg = Config(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=512,
                       initializer_range=0.2, tie_word_embeddings=False)
-    Qwen3ForCausalLM(cfg).save_pretrained(str(path))
+    Model(cfg).save_pretrained(str(path))
     fast.save_pretrained(str(path))
     return path
 

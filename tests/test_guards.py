@@ -3,7 +3,6 @@ gradients clip on their own, an early lr factor, a projector held still for its 
 without a supervised target is an error; the audio path runs in fp32 under autocast; k-bit asked for
 without CUDA is refused before anything loads. Resume stays bit-identical with frozen and skipped steps."""
 
-import math
 from dataclasses import replace
 
 import pytest

@@ -21,15 +21,17 @@ def backbones(tmp_path_factory):
         "omni": tiny_lm(root / "omni"),
         "nanochat": tiny_nanochat(root / "nanochat"),
         "hf": tiny_hf_lm(root / "hf"),
+        "hf-llama": tiny_hf_lm(root / "llama", arch="llama"),
     }
 
 
 KINDS = ["omni", "nanochat", "hf"]
+ALL = KINDS + ["hf-llama"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL)
 def test_load_lm_recognises_the_folder(backbones, kind):
-    assert lm_kind(backbones[kind]) == kind
+    assert lm_kind(backbones[kind]) == kind.split("-")[0]
     lm, tok = load_lm(backbones[kind])
     assert lm.config.vocab_size >= tok.vocab_size > 0
     ids = tok.encode("the fox", bos=True)
@@ -38,7 +40,7 @@ def test_load_lm_recognises_the_folder(backbones, kind):
 
 
 def test_nanochat_weights_map_onto_omni_gpt_exactly(backbones, tmp_path):
-    from omni.gpt import GPT, GPTConfig
+    from omni.gpt import GPT
 
     lm, tok = load_lm(backbones["nanochat"])
     assert isinstance(lm, GPT) and lm.config.vocab_size == tok.vocab_size == 265  # padding (320) cropped
@@ -96,7 +98,7 @@ def _prefix(lm, B=3, seed=0):
     return audio, mask
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL)
 def test_cached_and_uncached_decoding_agree(backbones, kind):
     lm, tok = load_lm(backbones[kind])
     lm.eval()
@@ -110,7 +112,7 @@ def test_cached_and_uncached_decoding_agree(backbones, kind):
         assert torch.equal(torch.stack(list(lm.stream(idx, audio, mask, 8)), dim=1), a)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL)
 def test_left_padded_batch_equals_each_sample_alone(backbones, kind):
     lm, tok = load_lm(backbones[kind])
     lm.eval()
