@@ -196,7 +196,6 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
     device = pick_device(device_name)
     if rank != 0:
         tracker = NullTracker()  # rank 0 logs and saves
-    tracker.log_params(asdict(cfg))  # every field, guards and LoRA included (what the runner already logged is kept)
     cache = cache or prepare_cache(cfg)
     check_config(cfg, cache.n_states)
     gpt, tok = ensure_lm(cfg, device)
