@@ -19,7 +19,6 @@ Design choices:
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,11 +28,11 @@ import torch
 from omni import metrics
 from omni.common import derangement, file_lock
 from omni.data.features import FeatureCache, build_features
-from omni.gpt import GPT
+from omni.hf_lm import check_load_in
+from omni.lm import LoraSpec, add_lora, is_hub_id, load_lm, save_lm, save_lora
 from omni.speech_lm import SpeechLM, SpeechLMConfig, collate_states
-from omni.tokenizer import ByteTokenizer, load_tokenizer
 from omni.track import NullTracker, Tracker
-from omni.train import History, TrainConfig, pick_device, train
+from omni.train import History, TrainConfig, init_ddp, pick_device, train
 
 
 @dataclass
@@ -43,13 +42,23 @@ class AlignConfig:
     features: str = "cache/features"  # feature cache root
     encoder: str = "tiny.en"  # Whisper source
     encoder_mode: str = "var"  # var | pad30
-    lm: str = "runs/lm"  # pretrained LM folder (omni.pretrain); pretrained with defaults if missing
+    lm: str = "runs/lm"  # omni LM folder (omni.pretrain; pretrained with defaults if missing) | nanochat checkpoint folder | HF model folder or hub id
+    load_in: str = ""  # "" | 8bit | 4bit: k-bit weights for a Hugging Face LM (bitsandbytes, CUDA only)
     layer: str = "last"  # last | middle | <index> | weighted | weighted_ln
     k: int = 4  # frames per audio token
     projector: str = "stack"  # stack | conv | avg
     prompt: str = ""  # e.g. "Transcribe:"
     prompt_position: str = "after"  # before | after the audio
-    trainable: str = "projector"  # projector (frozen LM: the research setting) | projector+lm (diagnostic: is the frozen LM the limit?)
+    trainable: str = "projector"  # projector (frozen LM: the research setting) | projector+lora (peft adapters) | projector+lm (diagnostic: is the frozen LM the limit?)
+    lora_rank: int = 16  # LoRA rank r (trainable=projector+lora)
+    lora_alpha: float = 32.0  # LoRA scale alpha / r
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: str = ""  # comma-separated module names; "" = attention + MLP projections of the backbone
+    lora_grad_clip: float = 0.0  # > 0: LoRA gradients clipped to this norm on their own (0 = with the rest)
+    max_bad_steps: int = 10  # stop with an error after this many non-finite steps in a row (0 = never)
+    early_lr_factor: float = 1.0  # lr multiplier for the first early_steps steps
+    early_steps: int = 0  # steps at early_lr_factor * lr (on top of the warmup)
+    freeze_projector_steps: int = 0  # the projector stays still for this many steps (the layer mix, LoRA or LM adapt first)
     steps: int = 1000
     batch_size: int = 32
     lr: float = 2e-3
@@ -91,23 +100,19 @@ def prepare_cache(cfg: AlignConfig, progress: bool = True) -> FeatureCache:
         return FeatureCache.open(build_features(corpus / "manifest.jsonl", cfg.features, cfg.encoder, mode=cfg.encoder_mode, progress=progress))
 
 
-def load_lm(path: str | Path, device: torch.device) -> tuple[GPT, object]:
-    """An LM folder holds GPT.save()'s config.json + model.safetensors, and tokenizer.json (BPE) or none (bytes)."""
-    path = Path(path)
-    if not (path / "model.safetensors").exists():
-        raise FileNotFoundError(f"{path}: no pretrained LM here (run `omni run experiments/pretrain_lm.yaml`)")
-    gpt = GPT.load(path, device=device)
-    tok = load_tokenizer(str(path / "tokenizer.json")) if (path / "tokenizer.json").exists() else ByteTokenizer()
-    return gpt, tok
-
-
-def ensure_lm(cfg: AlignConfig, device: torch.device) -> tuple[GPT, object]:
-    if not (Path(cfg.lm) / "model.safetensors").exists():
+def ensure_lm(cfg: AlignConfig, device: torch.device):
+    """(lm, tokenizer) from `cfg.lm` (omni.lm.load_lm); a missing omni LM folder is pretrained first."""
+    path = Path(cfg.lm)
+    if not path.exists() and not is_hub_id(cfg.lm):
         from omni.pretrain import PretrainConfig, pretrain
 
         print(f"no LM at {cfg.lm}: pretraining one with the defaults of omni.pretrain")
         pretrain(PretrainConfig(out=cfg.lm, device=str(device)))
-    return load_lm(cfg.lm, device)
+    return load_lm(cfg.lm, device, load_in=cfg.load_in)
+
+
+def lora_spec(cfg: AlignConfig) -> LoraSpec:
+    return LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)
 
 
 def decode(model: SpeechLM, cache: FeatureCache, rows: list[int], states: list[torch.Tensor], batch_size: int, max_new_tokens: int, shuffle_seed: int | None = None) -> list[str]:
@@ -159,7 +164,7 @@ def whisper_hyps(cache: FeatureCache, rows: list[int], encoder: str) -> list[str
     return [have[cache.rows[r]["audio"]] for r in rows]
 
 
-TRAINABLE = ("projector", "projector+lm")
+TRAINABLE = ("projector", "projector+lora", "projector+lm")
 
 
 def check_config(cfg: AlignConfig, n_states: int | None = None) -> None:
@@ -173,14 +178,23 @@ def check_config(cfg: AlignConfig, n_states: int | None = None) -> None:
         raise ValueError(f"trainable {cfg.trainable!r} is not one of {TRAINABLE} (parameter `trainable`)")
     if cfg.prompt_position not in PROMPT_POSITIONS:
         raise ValueError(f"prompt_position {cfg.prompt_position!r} is not one of {PROMPT_POSITIONS} (parameter `prompt_position`)")
+    check_load_in(cfg.load_in)  # k-bit without CUDA: refused before a corpus, a cache or an LM is touched
+    if cfg.load_in and cfg.trainable == "projector+lm":
+        raise ValueError(f"trainable=projector+lm cannot train k-bit weights (load_in={cfg.load_in!r}): use projector+lora (parameter `trainable`)")
+    if cfg.trainable == "projector+lora" and cfg.lora_rank < 1:
+        raise ValueError(f"lora_rank={cfg.lora_rank} must be >= 1 (parameter `lora_rank`)")
     Projector(ProjectorConfig(d_in=1, d_out=1, k=cfg.k, kind=cfg.projector))  # raises naming `projector` or `k`
     LayerSelect(cfg.layer, n_states if n_states is not None else 1 << 16)  # raises naming `layer`
 
 
 def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None, cache: FeatureCache | None = None) -> AlignResult:
     tracker = tracker or NullTracker()
-    device = pick_device(cfg.device)
     check_config(cfg)
+    # under torchrun: every rank draws the same global batch and trains on its share of it (DDP)
+    rank, world, device_name = init_ddp(cfg.device)
+    device = pick_device(device_name)
+    if rank != 0:
+        tracker = NullTracker()  # rank 0 logs and saves
     cache = cache or prepare_cache(cfg)
     check_config(cfg, cache.n_states)
     gpt, tok = ensure_lm(cfg, device)
@@ -188,8 +202,14 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
     for p in gpt.parameters():
         p.requires_grad_(train_lm)  # frozen LM (default): only the audio path trains
     torch.manual_seed(cfg.seed)
-    model = SpeechLM(gpt, tok, cache.n_states, cache.d_model, SpeechLMConfig(cfg.layer, cfg.k, cfg.projector, cfg.prompt, cfg.prompt_position)).to(device)
-    model.gpt.train(train_lm)
+    lm_params = dict(gpt.named_parameters()) if train_lm else {}
+    if cfg.trainable == "projector+lora":
+        lm_params = add_lora(gpt, lora_spec(cfg))  # seeded: the adapters' init is part of the run
+    # the audio path is built on the CPU in fp32 and moved, so a k-bit LM is never moved or cast
+    model = SpeechLM(gpt, tok, cache.n_states, cache.d_model, SpeechLMConfig(cfg.layer, cfg.k, cfg.projector, cfg.prompt, cfg.prompt_position))
+    model.select.to(device)
+    model.projector.to(device)
+    model.gpt.train(bool(lm_params))
 
     train_rows = cache.select(split="train")
     test_rows = cache.select(split="test")
@@ -217,8 +237,15 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
     def loss_fn(step: int):
         hidden, lengths, rows = next_batch()
         texts = [r["text"] for r in rows]
-        n_tokens = sum(len(tok.encode(t)) + 1 for t in texts)
-        return model(hidden.to(device), lengths.to(device), texts), n_tokens
+        counts = [len(tok.encode(t)) + 1 for t in texts]  # supervised targets: text + end of text
+        if world == 1:
+            return model(hidden.to(device), lengths.to(device), texts), sum(counts)
+        # rank r takes rows r, r + world, ...; weighting its mean loss by its share of the batch's tokens
+        # (times world: the loop averages gradients over ranks) gives the one-process batch's gradient
+        mine = list(range(rank, len(texts), world))
+        n_mine = sum(counts[i] for i in mine)
+        loss = model(hidden[mine].to(device), lengths[mine].to(device), [texts[i] for i in mine])
+        return loss * (n_mine * world / sum(counts)), n_mine
 
     weights_history: list[list[float]] = []
     wer_curve: list[tuple[int, float]] = []
@@ -240,11 +267,12 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
 
     params = {f"select.{n}": p for n, p in model.select.named_parameters()}
     params |= {f"projector.{n}": p for n, p in model.projector.named_parameters()}
-    if train_lm:
-        params |= {f"gpt.{n}": p for n, p in model.gpt.named_parameters()}
+    params |= {f"gpt.{n}": p for n, p in lm_params.items()}
     tcfg = TrainConfig(
         steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, dtype=cfg.dtype, eval_every=cfg.eval_every,
-        ckpt_every=cfg.eval_every if cfg.out else 0, ckpt_dir=str(Path(cfg.out) / "resume") if cfg.out else "",
+        ckpt_every=cfg.eval_every if cfg.out and rank == 0 else 0, ckpt_dir=str(Path(cfg.out) / "resume") if cfg.out else "",
+        lora_grad_clip=cfg.lora_grad_clip, max_bad_steps=cfg.max_bad_steps, early_lr_factor=cfg.early_lr_factor,
+        early_steps=cfg.early_steps, freeze_steps=cfg.freeze_projector_steps, freeze_prefix="projector.",
     )
     hist = train(params, loss_fn, tcfg, tracker, eval_fn=eval_fn)
 
@@ -282,17 +310,19 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
         scores["whisper_wer"] = metrics.wer(refs, test["whisper_hyps"])
         scores["whisper_cer"] = metrics.cer(refs, test["whisper_hyps"])
     tracker.log_metrics(scores, step=cfg.steps)
+    if rank != 0:
+        return AlignResult(cfg, hist, model, test, scores, weights_history, wer_curve)
     tracker.flush()  # the tracker buffers: unflushed, the final scores never reach MLflow
     if cfg.out:
         model.save_audio_path(cfg.out)
         meta = json.loads((Path(cfg.out) / "audio_path.json").read_text())
         lm_dir = Path(cfg.lm)
         if train_lm:  # the LM changed too: the run carries its own copy, so `omni transcribe` uses it
-            lm_dir = Path(cfg.out) / "lm"
-            model.gpt.save(lm_dir)
-            if (Path(cfg.lm) / "tokenizer.json").exists():
-                shutil.copy(Path(cfg.lm) / "tokenizer.json", lm_dir / "tokenizer.json")
-        meta |= {"lm": str(lm_dir.resolve()), "encoder": cfg.encoder, "encoder_mode": cfg.encoder_mode, "align": asdict(cfg)}
+            lm_dir = save_lm(model.gpt, tok, Path(cfg.out) / "lm")
+        if cfg.trainable == "projector+lora":  # adapters only, beside the audio path; the base LM is cfg.lm
+            save_lora(model.gpt, lora_spec(cfg), cfg.out)
+        lm_ref = str(lm_dir.resolve()) if lm_dir.exists() else cfg.lm  # a hub id stays a hub id
+        meta |= {"lm": lm_ref, "load_in": cfg.load_in, "encoder": cfg.encoder, "encoder_mode": cfg.encoder_mode, "align": asdict(cfg)}
         (Path(cfg.out) / "audio_path.json").write_text(json.dumps(meta, indent=2))
         tracker.log_artifact(cfg.out, artifact_path="model")
     return AlignResult(cfg, hist, model, test, scores, weights_history, wer_curve)

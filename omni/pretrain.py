@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 

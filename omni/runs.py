@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from omni.align import AlignConfig, load_lm, prepare_cache
+from omni.align import AlignConfig, prepare_cache
+from omni.lm import load_lm, load_lora
 from omni.data.features import FeatureCache
 from omni.speech_lm import SpeechLM, SpeechLMConfig
 from omni.train import pick_device
@@ -66,8 +67,11 @@ def load_run(run: str | Path, device: str = "cpu", name: str = "run") -> tuple[S
     path = model_dir(run, name)
     meta = json.loads((path / "audio_path.json").read_text())
     dev = pick_device(device)
-    gpt, tok = load_lm(meta["lm"], dev)
-    model = SpeechLM(gpt, tok, meta["n_states"], meta["d_whisper"], SpeechLMConfig(**meta["speech_lm"])).to(dev)
+    gpt, tok = load_lm(meta["lm"], dev, load_in=meta.get("load_in", ""))
+    load_lora(gpt, path)  # the run's LoRA adapters, if it trained some
+    model = SpeechLM(gpt, tok, meta["n_states"], meta["d_whisper"], SpeechLMConfig(**meta["speech_lm"]))
+    model.select.to(dev)  # the LM is placed by its loader (a k-bit model cannot be moved with .to)
+    model.projector.to(dev)
     model.load_audio_path(path)
     model.eval()
     return model, meta

@@ -8,7 +8,13 @@ Design choices:
   experiment that changes the layer choice, the projector or the LM starts from hidden states.
 - The soft prefix is left-padded: every sample's text starts right after its last audio token, and
   the GPT masks the padding as keys, so a batch gives the same result as each clip alone.
-- BOS doubles as end-of-text (nanochat uses <|bos|> as the document delimiter); generation stops on it.
+- The LM is any backbone of omni.lm (omni's GPT, a nanochat checkpoint, a Hugging Face causal LM):
+  only embed / forward(idx, targets, audio, audio_mask) / generate are used. `gpt` is its attribute
+  name for history's sake.
+- A text starts with the tokenizer's BOS and ends with its EOS (omni's and nanochat's tokenizers:
+  BOS doubles as end-of-text, nanochat's document delimiter); generation stops on EOS.
+- The layer choice and projector run in fp32 with autocast off, whatever the LM's dtype: their
+  output is cast to the LM's dtype only where it enters the LM.
 - A text prompt ("Transcribe:") can sit before the audio (inside the soft prefix, as embeddings of
   its tokens) or after it (ordinary tokens with ignored targets).
 """
@@ -24,7 +30,6 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from omni.encoder import LayerSelect
-from omni.gpt import GPT
 from omni.projector import Projector, ProjectorConfig
 
 PROMPT_POSITIONS = ("before", "after")
@@ -61,7 +66,7 @@ def left_pad(x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 class SpeechLM(nn.Module):
-    def __init__(self, gpt: GPT, tokenizer, n_states: int, d_whisper: int, config: SpeechLMConfig):
+    def __init__(self, gpt: nn.Module, tokenizer, n_states: int, d_whisper: int, config: SpeechLMConfig):
         super().__init__()
         if config.prompt_position not in PROMPT_POSITIONS:
             raise ValueError(
@@ -93,7 +98,8 @@ class SpeechLM(nn.Module):
 
     def audio_tokens(self, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded audio tokens (B, A, n_embd) and their lengths, before any prompt or padding."""
-        return self.projector(self.select(hidden), frame_lengths)
+        with torch.autocast(hidden.device.type, enabled=False):  # the audio path stays fp32 under bf16 autocast
+            return self.projector(self.select(hidden.float()), frame_lengths)
 
     def prefix(self, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The soft prefix the GPT sees before the text: left-padded (B, P, n_embd) and its mask."""
@@ -108,8 +114,8 @@ class SpeechLM(nn.Module):
         return left_pad(tokens, lengths)
 
     def text_batch(self, texts: list[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-        """idx = [prompt?][BOS][text], targets = [-1 ...][text][BOS]; right-padded, pad targets -1."""
-        bos = self.tokenizer.bos_id
+        """idx = [prompt?][BOS][text], targets = [-1 ...][text][EOS]; right-padded, pad targets -1."""
+        bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
         after = self._prompt_ids() if self.config.prompt_position == "after" else []
         rows = [after + [bos] + self.tokenizer.encode(t) for t in texts]
         T = max(len(r) for r in rows)
@@ -117,7 +123,7 @@ class SpeechLM(nn.Module):
         targets = torch.full((len(rows), T), -1, dtype=torch.long)
         for i, r in enumerate(rows):
             idx[i, : len(r)] = torch.tensor(r)
-            targets[i, len(after) : len(r)] = torch.tensor(r[len(after) + 1 :] + [bos])  # text + closing BOS
+            targets[i, len(after) : len(r)] = torch.tensor(r[len(after) + 1 :] + [eos])  # text + closing EOS
         return idx.to(device), targets.to(device)
 
     def forward(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, texts: list[str]) -> torch.Tensor:
@@ -128,14 +134,14 @@ class SpeechLM(nn.Module):
     @torch.no_grad()
     def transcribe(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, max_new_tokens: int = 200, **sampling) -> list[str]:
         prefix, mask = self.prefix(hidden, frame_lengths)
-        bos = self.tokenizer.bos_id
+        bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
         after = self._prompt_ids() if self.config.prompt_position == "after" else []
         idx = torch.tensor([after + [bos]] * hidden.size(0), device=hidden.device)
-        out = self.gpt.generate(idx, audio=prefix, audio_mask=mask, max_new_tokens=max_new_tokens, stop_token=bos, **sampling)
+        out = self.gpt.generate(idx, audio=prefix, audio_mask=mask, max_new_tokens=max_new_tokens, stop_token=eos, **sampling)
         texts = []
         for row in out.tolist():
-            if bos in row:
-                row = row[: row.index(bos)]
+            if eos in row:
+                row = row[: row.index(eos)]
             texts.append(self.tokenizer.decode(row))
         return texts
 

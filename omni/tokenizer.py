@@ -1,7 +1,8 @@
 """
 Tokenizers: raw UTF-8 bytes (no training, vocab 257) and a byte-level BPE trained with HF `tokenizers`.
 
-Both share one small interface: vocab_size, bos_id, encode(text, bos=False), decode(ids).
+Both share one small interface: vocab_size, bos_id, eos_id, encode(text, bos=False), decode(ids).
+BOS doubles as end of text (eos_id == bos_id), nanochat's convention: <|bos|> delimits documents.
 Both are lossless: decode(encode(s)) == s for any str. The BPE gets that from a ByteLevel
 pre-tokenizer (text is mapped to its UTF-8 bytes before merges, every byte is in the base
 alphabet) and no normalizer; "<|bos|>" written inside a text is encoded as plain text, never as BOS.
@@ -18,6 +19,7 @@ class ByteTokenizer:
 
     vocab_size: int = 257
     bos_id: int = 256
+    eos_id: int = 256  # BOS ends a text too
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         # surrogatepass: a lone surrogate (possible in a Python str) still encodes and round-trips
@@ -51,6 +53,7 @@ class BPETokenizer:
         tokenizer.encode_special_tokens = True
         self._tok = tokenizer
         self.bos_id: int = bos_id
+        self.eos_id: int = bos_id  # BOS ends a text too
         self.vocab_size: int = tokenizer.get_vocab_size()
 
     @classmethod

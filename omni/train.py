@@ -8,7 +8,14 @@ Stability measures from audio-LLM practice:
 - warmup then cosine decay to `min_lr_frac` of the peak;
 - gradient clipping by global norm;
 - bf16 autocast on CUDA when asked; the trainable modules stay fp32 (autocast casts per op);
-- a guard that skips a step whose loss or gradient norm is not finite, and counts it;
+- a guard that skips a step whose loss or gradient norm is not finite, and counts it; after
+  `max_bad_steps` such steps in a row the run stops with an error (a diverged run, not a blip);
+- LoRA parameters (names holding "lora_") can be clipped on their own (`lora_grad_clip`), so the
+  projector's large early gradients do not shrink the adapters' updates, and vice versa;
+- an early learning-rate factor for the first `early_steps` (on top of the warmup), and an option
+  to hold parameters with a name prefix (the projector) still for the first `freeze_steps`;
+- a batch must carry at least one supervised target token (`loss_fn`'s n_tokens): an empty
+  batch is an error in the data or the prompt, not a step to take;
 - checkpoints (safetensors model state + JSON loop state) every `ckpt_every` steps, and resume;
 - under torchrun, gradients are averaged over ranks (DDP without the wrapper).
 """
@@ -39,6 +46,12 @@ class TrainConfig:
     warmup: int = 0  # linear warmup steps
     min_lr_frac: float = 0.1  # cosine decay ends at lr * min_lr_frac; 1.0 keeps lr constant
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    lora_grad_clip: float = 0.0  # > 0: LoRA params ("lora_" in the name) are clipped to this norm on their own; 0 = with the rest
+    max_bad_steps: int = 10  # stop with an error after this many non-finite steps in a row; 0 = never stop
+    early_lr_factor: float = 1.0  # the lr is multiplied by this for the first `early_steps` steps
+    early_steps: int = 0  # steps that run at early_lr_factor * lr
+    freeze_steps: int = 0  # parameters whose name starts with freeze_prefix do not move for this many steps
+    freeze_prefix: str = ""  # e.g. "projector." (AlignConfig.freeze_projector_steps)
     dtype: str = "float32"  # float32 | bfloat16 (autocast; only used on CUDA)
     log_every: int = 1  # steps between metric logs
     eval_every: int = 0  # steps between eval_fn calls; 0 = only at the end
@@ -72,11 +85,12 @@ def pick_device(device: str) -> torch.device:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
+    early = cfg.early_lr_factor if step < cfg.early_steps else 1.0
     if cfg.warmup and step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
+        return early * cfg.lr * (step + 1) / cfg.warmup
     span = max(1, cfg.steps - cfg.warmup)
     progress = min(1.0, (step - cfg.warmup) / span)
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return early * cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -113,6 +127,10 @@ def train(
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
     hist = History()
     start = _resume(cfg, names, plist, opt, hist)
+    lora = [p for n, p in zip(names, plist) if "lora_" in n] if cfg.lora_grad_clip > 0 else []
+    rest = [p for p in plist if not any(p is q for q in lora)]
+    frozen = [p for n, p in zip(names, plist) if cfg.freeze_prefix and n.startswith(cfg.freeze_prefix)]
+    bad_in_row = 0
 
     bar = tqdm(range(start, cfg.steps), desc="train", disable=not cfg.progress or None, leave=False)
     t_start = time.perf_counter()
@@ -123,19 +141,34 @@ def train(
             g["lr"] = lr
         with _autocast(cfg, device):
             loss, n_tokens = loss_fn(step)
+        if n_tokens <= 0:
+            raise ValueError(f"step {step}: the batch has no supervised target token (n_tokens={n_tokens}): every target is ignored")
         opt.zero_grad(set_to_none=True)
         loss_value = loss.item()
         if math.isfinite(loss_value):
             loss.backward()
             _average_gradients(plist)
+            if step < cfg.freeze_steps:
+                for p in frozen:
+                    p.grad = None  # AdamW leaves a parameter without a gradient untouched (no decay, no moments)
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            gnorm = torch.nn.utils.clip_grad_norm_(plist, clip).item()
+            gnorm = torch.nn.utils.clip_grad_norm_(rest, clip).item() if rest else 0.0
+            if lora:
+                lnorm = torch.nn.utils.clip_grad_norm_(lora, cfg.lora_grad_clip).item()
+                gnorm = math.sqrt(gnorm**2 + lnorm**2)  # logged: the norm over every parameter, before clipping
         else:
             gnorm = float("nan")
         if not (math.isfinite(loss_value) and math.isfinite(gnorm)):
             hist.skipped += 1  # the guard: a non-finite step changes nothing but this counter
+            bad_in_row += 1
             opt.zero_grad(set_to_none=True)
+            if cfg.max_bad_steps and bad_in_row >= cfg.max_bad_steps:
+                raise FloatingPointError(
+                    f"step {step}: {bad_in_row} non-finite steps in a row (loss {loss_value}, grad norm {gnorm}): "
+                    f"the run diverged (max_bad_steps={cfg.max_bad_steps}; lower lr, raise warmup, or check the data)"
+                )
         else:
+            bad_in_row = 0
             opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -161,6 +194,25 @@ def train(
     return hist
 
 
+def init_ddp(device: str) -> tuple[int, int, str]:
+    """(rank, world size, device) under torchrun (WORLD_SIZE > 1), starting the process group once;
+    (0, 1, device) otherwise. NCCL and one GPU per rank on CUDA, gloo on the CPU."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return dist.get_rank(), world, device
+
+
 def _average_gradients(plist: list[torch.nn.Parameter]) -> None:
     """Under torchrun (DDP), average gradients over ranks; each rank drew its own batch. A no-op
     in a single process. Done by hand rather than with a DDP wrapper because the loop only sees
@@ -183,9 +235,11 @@ def _save(cfg: TrainConfig, names, plist, opt, hist: History, next_step: int) ->
     tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in zip(names, plist)}
     for i, p in enumerate(plist):
         st = opt.state.get(p, {})
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
             if key in st:
-                tensors[f"adam/{names[i]}/{key}"] = st[key].detach().cpu().contiguous()
+                # step too: a parameter held frozen, or a skipped step, leaves it behind the loop's count
+                t = st[key].detach().cpu()
+                tensors[f"adam/{names[i]}/{key}"] = (t.float().reshape(1) if key == "step" else t).contiguous()
     tmp = d / "train_state.safetensors.tmp"
     save_file(tensors, tmp)
     tmp.replace(d / "train_state.safetensors")
@@ -210,8 +264,9 @@ def _resume(cfg: TrainConfig, names, plist, opt, hist: History) -> int:
         if f"adam/{n}/exp_avg" in tensors:
             # where torch keeps `step`: on the parameter's device for fused AdamW (CUDA here), else on the CPU
             fused = bool(opt.param_groups[0].get("fused"))
+            n_steps = float(tensors[f"adam/{n}/step"].item()) if f"adam/{n}/step" in tensors else float(step)
             opt.state[p] = {
-                "step": torch.tensor(float(step), dtype=torch.float32, device=p.device if fused else "cpu"),
+                "step": torch.tensor(n_steps, dtype=torch.float32, device=p.device if fused else "cpu"),
                 "exp_avg": tensors[f"adam/{n}/exp_avg"].to(p.device),
                 "exp_avg_sq": tensors[f"adam/{n}/exp_avg_sq"].to(p.device),
             }

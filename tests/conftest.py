@@ -100,3 +100,78 @@ def tiny_alignment(tmp_path_factory):
     cache = prepare_cache(cfg)
     result = run_alignment(cfg, cache=cache)
     return SimpleNamespace(root=root, corpus=root / "corpus", cache=cache, lm=root / "lm", run=root / "run", cfg=cfg, result=result)
+
+
+# --- tiny backbones of every kind omni.lm loads (tests/test_lm.py, test_lora.py, benchmarks) --------
+
+
+def tiny_hf_lm(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2, arch: str = "qwen3") -> Path:
+    """A random Qwen3 or Llama (transformers' own classes, tiny config) + a byte-level BPE tokenizer with
+    a chat template, saved with save_pretrained: what a local Hugging Face model folder looks like."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["the quick brown fox jumps over the lazy dog", "Holmes said that it was a capital mistake"] * 4
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=template)
+    torch.manual_seed(seed)
+    Config, Model = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
+    cfg = Config(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=512,
+                      initializer_range=0.2, tie_word_embeddings=False)
+    Model(cfg).save_pretrained(str(path))
+    fast.save_pretrained(str(path))
+    return path
+
+
+NANOCHAT_SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                     "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
+
+
+def tiny_nanochat(base: Path, seed: int = 0, step: int = 10, n_embd: int = 32, n_layer: int = 1, n_head: int = 2, n_kv_head: int = 2) -> Path:
+    """A nanochat checkpoint folder written the way nanochat writes one (checkpoint_manager.save_checkpoint
+    and RustBPETokenizer.save, at commit ccf4b7f): <base>/base_checkpoints/d<n>/model_<step:06d>.pt
+    (torch.save of the state dict, vocabulary padded to a multiple of 64, wte in bf16), meta_<step:06d>.json
+    ({"model_config": ...}), and <base>/tokenizer/tokenizer.pkl (a pickled tiktoken Encoding).
+    Weights come from a random omni GPT (same architecture); returns the checkpoint folder."""
+    import json
+    import pickle
+
+    import tiktoken
+    import torch
+
+    from omni.gpt import GPT, GPTConfig
+
+    ranks = {bytes([i]): i for i in range(256)}
+    enc = tiktoken.Encoding(name="rustbpe", pat_str=r"\s+|\S+", mergeable_ranks=ranks,
+                            special_tokens={s: 256 + i for i, s in enumerate(NANOCHAT_SPECIALS)})
+    (base / "tokenizer").mkdir(parents=True, exist_ok=True)
+    with open(base / "tokenizer" / "tokenizer.pkl", "wb") as f:
+        pickle.dump(enc, f)
+    V = enc.n_vocab
+    model_config = dict(sequence_len=256, vocab_size=V, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd)
+    torch.manual_seed(seed)
+    gpt = GPT(GPTConfig(**model_config))
+    with torch.no_grad():
+        for block in gpt.transformer.h:  # as tiny_lm: make the output depend on the input
+            block.attn.c_proj.weight.normal_(0.0, 0.3)
+            block.mlp.c_proj.weight.normal_(0.0, 0.3)
+        gpt.lm_head.weight.normal_(0.0, 0.3)
+    state = {k: v.clone() for k, v in gpt.state_dict().items()}
+    padded = (V + 63) // 64 * 64
+    for k in ("transformer.wte.weight", "lm_head.weight"):
+        state[k] = torch.cat([state[k], torch.randn(padded - V, n_embd)])
+    state["transformer.wte.weight"] = state["transformer.wte.weight"].bfloat16()
+    ckpt = base / "base_checkpoints" / f"d{n_layer}"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    torch.save(state, ckpt / f"model_{step:06d}.pt")
+    (ckpt / f"meta_{step:06d}.json").write_text(json.dumps({"step": step, "val_bpb": 3.0, "model_config": model_config}, indent=2))
+    return ckpt

@@ -140,7 +140,7 @@ def test_bad_parameters_fail_before_any_work(tiny_alignment, tmp_path, monkeypat
 
 
 def test_projector_plus_lm_trains_the_lm_and_the_run_carries_it(tiny_alignment, tmp_path):
-    from omni.align import load_lm
+    from omni.lm import load_lm
 
     cfg = replace(tiny_alignment.cfg, trainable="projector+lm", layer="last", steps=4, eval_every=4, out=str(tmp_path / "model"))
     res = run_alignment(cfg, cache=tiny_alignment.cache)

@@ -1,5 +1,5 @@
 """omni.pretrain on a tiny setting (depth 1, 300-token BPE, 32-token windows, 8 steps, Sherlock only):
-the LM folder loads through omni.align.load_lm and gives the same logits, bits per byte is sane and
+the LM folder loads through omni.lm.load_lm and gives the same logits, bits per byte is sane and
 right on a known answer, the speech corpus's held-out sentences never reach the LM, a seed fixes the
 run, and under torchrun (2 processes, gloo) the ranks stay identical because gradients are averaged."""
 
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from omni import track
-from omni.align import load_lm
+from omni.lm import load_lm
 from omni.data import text
 from omni.data.synth import held_out_sentences
 from omni.gpt import GPT, GPTConfig
