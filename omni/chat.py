@@ -146,6 +146,7 @@ class Session:
         self.model, self.encoder, self.mode = model, encoder, mode
         self.tokenizer = model.tokenizer
         self.bos = model.tokenizer.bos_id
+        self.eos = model.tokenizer.eos_id  # what ends an answer: BOS for omni/nanochat LMs, the HF tokenizer's EOS
         self.sequence_len = model.gpt.config.sequence_len
         own = model.config.prompt if model.config.prompt_position == "after" else ""
         self.own_prompt = self.tokenizer.encode(own) if own else []
@@ -193,7 +194,7 @@ class Session:
         idx = torch.tensor([ids], device=device)
         steps = self.model.gpt.stream(
             idx, audio=clip.prefix if clip else None, max_new_tokens=s.max_tokens, temperature=s.temperature,
-            top_k=s.top_k or None, top_p=s.top_p, stop_token=self.bos, seed=s.seed,
+            top_k=s.top_k or None, top_p=s.top_p, stop_token=self.eos, seed=s.seed,
         )
         out: list[int] = []
         sent, t_first, n = "", 0.0, 0
@@ -202,7 +203,7 @@ class Session:
             if n == 1:
                 t_first = time.perf_counter()
             tok = int(nxt[0])
-            if tok == self.bos:
+            if tok == self.eos:
                 break
             out.append(tok)
             text = self.tokenizer.decode(out)
