@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from typing import ClassVar
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -44,6 +45,7 @@ from omni.track import NullTracker
 class AblationConfig(AlignConfig):
     # the alignment's fields, with the ablation's small budget as defaults
     steps: int = 150  # alignment steps of the content arm, 0 for no content measurement
+    MIN_STEPS: ClassVar[int] = 0  # 0 skips the content arm
     batch_size: int = 16  # clips per alignment step
     warmup: int = 20  # linear lr warmup steps
     eval_every: int = 0  # alignment evaluations every this many steps, 0 for only at the end

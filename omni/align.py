@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from omni import metrics
 from omni.common import derangement, file_lock
 from omni.data.features import FeatureCache, build_features
 from omni.hf_lm import check_load_in
+from omni.params import require, require_choice, require_device, require_layer
 from omni.lm import LoraSpec, add_lora, is_hub_id, load_lm, save_lm, save_lora
 from omni.speech_lm import SpeechLM, SpeechLMConfig, collate_states
 from omni.track import NullTracker, Tracker
@@ -59,18 +61,37 @@ class AlignConfig:
     early_lr_factor: float = 1.0  # lr multiplier for the first early_steps steps
     early_steps: int = 0  # steps at early_lr_factor * lr (on top of the warmup)
     freeze_projector_steps: int = 0  # the projector stays still for this many steps (the layer mix, LoRA or LM adapt first)
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 2e-3
-    warmup: int = 50
+    steps: int = 1000  # optimiser steps
+    batch_size: int = 32  # clips per step
+    lr: float = 2e-3  # AdamW peak learning rate
+    warmup: int = 50  # linear warm-up steps
     eval_every: int = 250  # steps between held-out evaluations (the WER-vs-steps curve)
     eval_clips: int = 100  # held-out clips decoded at each intermediate evaluation
-    max_new_tokens: int = 80
-    seed: int = 0
-    device: str = "auto"
+    max_new_tokens: int = 80  # decoding budget per clip, in LM tokens
+    seed: int = 0  # fixes the projector's init, the batch order and the control's shuffle
+    device: str = "auto"  # auto | cpu | cuda
     dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs float32
     whisper_baseline: bool = True  # also decode the held-out clips with Whisper's own decoder
     out: str = ""  # checkpoint folder (audio path weights, resume state); "" = none
+
+    MIN_STEPS: ClassVar[int] = 1  # a subclass may allow 0 (no training)
+
+    def __post_init__(self) -> None:
+        """Types and ranges, refused in one line naming the parameter before any corpus, cache or LM
+        is touched (`omni run` builds the config before a kernel starts)."""
+        require(self.steps >= self.MIN_STEPS, "steps", self.steps, f">= {self.MIN_STEPS}")
+        for name in ("sentences", "k", "batch_size", "eval_clips", "max_new_tokens"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        for name in ("warmup", "eval_every", "early_steps", "freeze_projector_steps", "max_bad_steps"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        require(self.lr > 0, "lr", self.lr, "> 0")
+        require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
+        require(self.early_lr_factor > 0, "early_lr_factor", self.early_lr_factor, "> 0")
+        require_choice("encoder_mode", self.encoder_mode, ("var", "pad30"))
+        require_choice("dtype", self.dtype, ("bfloat16", "float16", "float32"))
+        require_layer(self.layer, self.encoder)
+        require_device(self.device)
+        check_config(self)
 
 
 @dataclass

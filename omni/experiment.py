@@ -191,7 +191,7 @@ def checked_params(exp: Experiment, point: dict[str, Any], found: tuple[type, tu
     cls, derived = found
     try:
         cfg = params.check(cls, values, derived)
-    except (params.ParamError, TypeError) as e:
+    except (ValueError, TypeError) as e:  # ParamError, and the ValueErrors of a config's own checks
         where = ", ".join(f"{k}={point[k]}" for k in varying(exp) if k in point)
         raise ExperimentError(f"{exp.source}{' [' + where + ']' if where else ''}: {e}") from e
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in derived}
