@@ -243,20 +243,23 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
     load_seconds = time.perf_counter() - t0
     eval_idx = list(range(min(cfg.eval_clips, len(test_rows))))
 
-    epoch = {"n": 0, "it": None}
+    per_epoch = -(-len(train_rows) // cfg.batch_size)  # batches in one epoch
+    at = {"epoch": -1, "i": 0, "it": None}  # where the epoch iterator stands
 
-    def next_batch():
-        while True:
-            if epoch["it"] is None:
-                epoch["it"] = cache.batches(train_rows, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch["n"], states=train_states)
-            try:
-                return next(epoch["it"])
-            except StopIteration:
-                epoch["n"] += 1
-                epoch["it"] = None
+    def batch_at(step: int):
+        """The batch of `step`: epoch step // per_epoch, shuffled by (seed, epoch). A function of the step
+        alone, so a run resumed at any step draws what the uninterrupted run drew."""
+        epoch, i = divmod(step, per_epoch)
+        if (at["epoch"], at["i"]) != (epoch, i):  # a fresh start, a new epoch or a resume: (re)position
+            at.update(epoch=epoch, i=0, it=cache.batches(train_rows, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch, states=train_states))
+            for _ in range(i):
+                next(at["it"])
+            at["i"] = i
+        at["i"] += 1
+        return next(at["it"])
 
     def loss_fn(step: int):
-        hidden, lengths, rows = next_batch()
+        hidden, lengths, rows = batch_at(step)
         texts = [r["text"] for r in rows]
         counts = [len(tok.encode(t)) + 1 for t in texts]  # supervised targets: text + end of text
         if world == 1:

@@ -188,3 +188,32 @@ def test_whisper_baseline_is_cached_next_to_the_features(tiny_alignment, tmp_pat
     assert whisper_hyps(cache, rows, "tiny.en") == res.test["whisper_hyps"] and calls == [3, 1]
     view = FeatureCache(cache.path, dict(cache.index, rows=[cache.rows[r] for r in reversed(rows)]))
     assert whisper_hyps(view, [0, 1, 2, 3], "tiny.en") == res.test["whisper_hyps"][::-1]
+
+
+def test_interrupted_alignment_resumes_bit_identical(tiny_alignment, tmp_path, monkeypatch):
+    """A run that dies after its step-2 checkpoint and is rerun in the same folder ends with the same
+    audio path as a run that never stopped: batches are a function of the step, not of history."""
+    from dataclasses import replace
+
+    import omni.align as align
+    from safetensors.torch import load_file
+
+    real_train = align.train
+
+    def dies_then_reruns(params, loss_fn, cfg, *args, **kwargs):
+        def dying(step):
+            if step == 3:
+                raise KeyboardInterrupt  # killed after the checkpoint of step 2 (next step 2)
+            return loss_fn(step)
+
+        with pytest.raises(KeyboardInterrupt):
+            real_train(params, dying, cfg, *args, **kwargs)
+        return real_train(params, loss_fn, cfg, *args, **kwargs)  # the rerun: resumes from the checkpoint
+
+    base = replace(tiny_alignment.cfg, steps=6, eval_every=2, eval_clips=1, layer="weighted")
+    align.run_alignment(replace(base, out=str(tmp_path / "straight")), cache=tiny_alignment.cache)
+    monkeypatch.setattr(align, "train", dies_then_reruns)
+    align.run_alignment(replace(base, out=str(tmp_path / "resumed")), cache=tiny_alignment.cache)
+    a = load_file(tmp_path / "straight" / "audio_path.safetensors")
+    b = load_file(tmp_path / "resumed" / "audio_path.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
