@@ -126,7 +126,7 @@ def test_bad_parameters_fail_before_any_work(tiny_alignment, tmp_path, monkeypat
 
     monkeypatch.setattr(omni.pretrain, "pretrain", no_pretraining)
     missing = dict(corpus=str(tmp_path / "no-corpus"), lm=str(tmp_path / "no-lm"), device="cpu")
-    with pytest.raises(ValueError, match="layer='lats'"):  # before a corpus is synthesized
+    with pytest.raises(ValueError, match="parameter `layer` = 'lats'"):  # when the config is built, before any work
         run_alignment(AlignConfig(layer="lats", **missing))
     with pytest.raises(ValueError, match="parameter `projector`"):
         run_alignment(AlignConfig(projector="mlp", **missing))
@@ -134,9 +134,12 @@ def test_bad_parameters_fail_before_any_work(tiny_alignment, tmp_path, monkeypat
         run_alignment(AlignConfig(prompt_position="middle", **missing))
     with pytest.raises(ValueError, match="parameter `trainable`"):
         run_alignment(AlignConfig(trainable="lm", **missing))
-    # the range of an index needs the encoder: checked once the cache is open, before the LM
+    # the range of an index: known for the embedded encoder when the config is built ...
+    with pytest.raises(ValueError, match=r"parameter `layer` = '9': must be a state index of tiny.en: 0..4"):
+        replace(tiny_alignment.cfg, layer="9")
+    # ... and for any other encoder once its cache is open, before the LM
     with pytest.raises(ValueError, match="layer='9' is out of range"):
-        run_alignment(replace(tiny_alignment.cfg, layer="9", lm=str(tmp_path / "no-lm")), cache=tiny_alignment.cache)
+        run_alignment(replace(tiny_alignment.cfg, encoder="some/other-whisper", layer="9", lm=str(tmp_path / "no-lm")), cache=tiny_alignment.cache)
 
 
 def test_projector_plus_lm_trains_the_lm_and_the_run_carries_it(tiny_alignment, tmp_path):
