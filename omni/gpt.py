@@ -357,12 +357,9 @@ class GPT(nn.Module):
         for step in range(max_new_tokens):
             if not use_cache:
                 logits = self.forward(torch.cat([idx, out], dim=1), audio=audio, audio_mask=audio_mask)[:, -1]
-            nxt = sample_next(logits, temperature, top_k, top_p, gen)
-            if stop_token is not None:
-                nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)
-                done = done | (nxt == stop_token)
+            nxt, done = next_tokens(logits, done, stop_token, temperature, top_k, top_p, gen)
             yield nxt
-            if (stop_token is not None and bool(done.all())) or step == max_new_tokens - 1:
+            if bool(done.all()) or step == max_new_tokens - 1:
                 break
             if use_cache:
                 logits = self.forward(nxt.unsqueeze(1), kv_cache=cache)[:, -1]
@@ -391,6 +388,19 @@ class GPT(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         model._build_rotary(config.sequence_len)
         return model
+
+
+def next_tokens(
+    logits: Tensor, done: Tensor, stop_token: int | None, temperature: float, top_k: int | None, top_p: float | None,
+    gen: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """One decoding step for every backbone: (next tokens (B,), done (B,)). A row that emitted
+    stop_token keeps emitting it (padding); without a stop token no row is ever done."""
+    nxt = sample_next(logits, temperature, top_k, top_p, gen)
+    if stop_token is not None:
+        nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)
+        done = done | (nxt == stop_token)
+    return nxt, done
 
 
 def sample_next(
