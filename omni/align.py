@@ -13,11 +13,20 @@ Design choices:
 - One text normalisation (omni.metrics.normalize_text) for every system compared.
 - The control decodes the held-out clips with their audio shuffled between clips: if the
   transcripts came from the LM's prior rather than the audio, the control's WER would be as good.
-- Whisper's own WER is cached next to the features (it does not depend on anything trained here).
+- Whisper's own transcripts are cached next to the features (they do not depend on anything
+  trained here), keyed by clip and by the decoding settings.
+- The yardstick (issue 10): the final held-out decode of every system (ours, the control, Whisper)
+  runs under the same loop guard (speech_lm.LoopGuard: openai-whisper's temperature fallback when
+  a hypothesis compresses too well or is unlikely), because a few runaway loops otherwise decide
+  the corpus WER. Reported beside it: the median per-clip WER, the unguarded greedy figures
+  (`*_greedy`, for honesty), and content on clear speech (style "normal") apart from the
+  whispered/creaky/klatt styles, per style and variant, every system on the same clips.
+  The WER-vs-steps curve stays greedy (cheap; it tracks training, not the final figure).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +41,7 @@ from omni.data.features import FeatureCache, build_features
 from omni.hf_lm import check_load_in
 from omni.params import require, require_choice, require_device, require_layer
 from omni.lm import LoraSpec, add_lora, is_hub_id, load_lm, save_lm, save_lora
-from omni.speech_lm import SpeechLM, SpeechLMConfig, collate_states
+from omni.speech_lm import Hypothesis, LoopGuard, SpeechLM, SpeechLMConfig, collate_states
 from omni.track import NullTracker, Tracker
 from omni.train import History, TrainConfig, init_ddp, pick_device, train
 
@@ -72,6 +81,7 @@ class AlignConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs float32
     whisper_baseline: bool = True  # also decode the held-out clips with Whisper's own decoder
+    guard: bool = True  # final held-out decodes (ours, control, Whisper) under the loop guard (LoopGuard defaults); greedy figures kept as *_greedy
     out: str = ""  # checkpoint folder (audio path weights, resume state); "" = none
 
     MIN_STEPS: ClassVar[int] = 1  # a subclass may allow 0 (no training)
@@ -99,7 +109,7 @@ class AlignResult:
     config: AlignConfig
     history: History
     model: SpeechLM
-    test: dict  # {"refs", "hyps", "rows", "control_hyps", "whisper_hyps"}
+    test: dict  # {"refs", "hyps", "rows", "control_hyps", "whisper_hyps", "greedy_hyps", "whisper_greedy_hyps", "table", "clear_variants"}
     scores: dict[str, float]
     layer_weights_history: list[list[float]] = field(default_factory=list)
     wer_curve: list[tuple[int, float]] = field(default_factory=list)
@@ -136,9 +146,11 @@ def lora_spec(cfg: AlignConfig) -> LoraSpec:
     return LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)
 
 
-def decode(model: SpeechLM, cache: FeatureCache, rows: list[int], states: list[torch.Tensor], batch_size: int, max_new_tokens: int, shuffle_seed: int | None = None) -> list[str]:
-    """Greedy transcripts of `rows`, in order. shuffle_seed: give each clip another clip's audio
-    (a seeded derangement: with two or more clips, no clip keeps its own)."""
+def decode(model: SpeechLM, cache: FeatureCache, rows: list[int], states: list[torch.Tensor], batch_size: int, max_new_tokens: int,
+           shuffle_seed: int | None = None, guard: LoopGuard | None = None) -> list[Hypothesis]:
+    """Hypotheses for `rows`, in order: greedy, or under `guard` (SpeechLM.hypotheses).
+    shuffle_seed: give each clip another clip's audio (a seeded derangement: with two or more
+    clips, no clip keeps its own)."""
     device = model.gpt_device
     order = list(range(len(rows))) if shuffle_seed is None else derangement(len(rows), shuffle_seed)
     hyps = []
@@ -146,8 +158,12 @@ def decode(model: SpeechLM, cache: FeatureCache, rows: list[int], states: list[t
     for i in range(0, len(rows), batch_size):
         chunk = order[i : i + batch_size]
         hidden, lengths = collate_states([states[j].float() for j in chunk])
-        hyps += model.transcribe(hidden.to(device), lengths.to(device), max_new_tokens=max_new_tokens)
+        hyps += model.hypotheses(hidden.to(device), lengths.to(device), max_new_tokens=max_new_tokens, guard=guard)
     return hyps
+
+
+def texts(hyps: list[Hypothesis]) -> list[str]:
+    return [h.text for h in hyps]
 
 
 @torch.no_grad()
@@ -162,27 +178,86 @@ def held_out_loss(model: SpeechLM, cache: FeatureCache, rows: list[int], states:
     return total / max(n, 1)
 
 
-def whisper_hyps(cache: FeatureCache, rows: list[int], encoder: str) -> list[str]:
-    """Whisper's own greedy transcripts of `rows`, cached in the feature cache folder, keyed by the
-    clip's audio path (not its row number: a view of the cache, e.g. omni.ablation.subset, numbers
-    its rows differently but shares the folder)."""
-    import os
+def decoding_key(guard: LoopGuard | None) -> str:
+    """A file-name tag for decoding settings: "greedy", or the guard's settings in short."""
+    if guard is None:
+        return "greedy"
+    digest = hashlib.sha1(json.dumps(asdict(guard), sort_keys=True).encode()).hexdigest()[:8]
+    return f"guard-{digest}"
 
+
+def whisper_decode(model, processor, waves: list[torch.Tensor], guard: LoopGuard | None = None, batch_size: int = 8) -> list[str]:
+    """Whisper's own transcripts of `waves`: greedy, or under `guard`'s settings with transformers'
+    temperature fallback (whose sampling draws from torch's global generator: seeded here with
+    guard.seed per batch, so a batch decodes the same way every run)."""
+    from omni.encoder import whisper_transcribe
+
+    if guard is None:
+        return whisper_transcribe(model, processor, waves, batch_size=batch_size)
+    out = []
+    for i in range(0, len(waves), batch_size):
+        torch.manual_seed(guard.seed)
+        out += whisper_transcribe(model, processor, waves[i : i + batch_size], batch_size=batch_size, temperature=guard.temperatures,
+                                  compression_ratio_threshold=guard.compression_ratio_threshold, logprob_threshold=guard.logprob_threshold)
+    return out
+
+
+def whisper_hyps(cache: FeatureCache, rows: list[int], encoder: str, guard: LoopGuard | None = None, batch_size: int = 8) -> list[str]:
+    """`whisper_decode` of `rows`, cached in the feature cache folder, one file per encoder and
+    decoding settings, keyed by the clip's audio path (not its row number: a view of the cache,
+    e.g. omni.ablation.subset, numbers its rows differently but shares the folder)."""
     from omni import audio
-    from omni.encoder import load_whisper_model, whisper_transcribe
+    from omni.common import atomic_write
+    from omni.encoder import load_whisper_model
 
-    f = cache.path / f"whisper_hyps.{encoder.replace('/', '_')}.json"
+    f = cache.path / f"whisper_hyps.{encoder.replace('/', '_')}.{decoding_key(guard)}.json"
     have = json.loads(f.read_text()) if f.exists() else {}
     todo = [r for r in rows if cache.rows[r]["audio"] not in have]
     if todo:
         model, processor = load_whisper_model(encoder)
-        waves = [audio.load(cache.rows[r]["audio"]) for r in todo]
-        for r, h in zip(todo, whisper_transcribe(model, processor, waves)):
-            have[cache.rows[r]["audio"]] = h
-        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")  # atomic: a reader never sees half a file
-        tmp.write_text(json.dumps(have))
-        os.replace(tmp, f)
+        for i in range(0, len(todo), batch_size):  # saved per batch: a long decode resumes where it stopped
+            chunk = todo[i : i + batch_size]
+            waves = [audio.load(cache.rows[r]["audio"]) for r in chunk]
+            for r, h in zip(chunk, whisper_decode(model, processor, waves, guard, batch_size)):
+                have[cache.rows[r]["audio"]] = h
+            atomic_write(f, json.dumps(have))  # a reader never sees half a file
     return [have[cache.rows[r]["audio"]] for r in rows]
+
+
+SCORE_BY = ("split", "style", "variant", "rate_bucket", "pitch_bucket")  # row labels the report breaks WER down by
+
+
+def score_table(refs: list[str], systems: dict[str, list[str]], labels: list[dict], by: tuple[str, ...] = SCORE_BY) -> list[dict]:
+    """Every system's WER (corpus and median per clip) and CER on the same clips, in total
+    (by="all") and per value of each label in `by` that every clip's labels carry: a list of
+    {"by", "group", "system", "n", "wer", "median_wer", "cer"} rows."""
+    out = []
+    for label in ("all",) + tuple(b for b in by if all(b in r for r in labels)):
+        keys = ["all" if label == "all" else str(r[label]) for r in labels]
+        for name, hyps in systems.items():
+            for group, sc in metrics.grouped_wer(refs, hyps, keys).items():
+                out.append({"by": label, "group": group, "system": name} | sc)
+    return out
+
+
+def clear_rows(labels: list[dict]) -> list[int]:
+    """Indices of the clear-speech clips: style "normal" (not whispered, creaky, klatt or elderly;
+    a clip without a style label counts as clear)."""
+    return [i for i, r in enumerate(labels) if r.get("style", "normal") == "normal"]
+
+
+def content_scores(refs: list[str], systems: dict[str, list[str]], labels: list[dict]) -> dict[str, float]:
+    """Flat headline scores: for each system NAME ("" for ours), NAMEwer / NAMEmedian_wer / NAMEcer
+    on all clips and clear_NAMEwer / clear_NAMEmedian_wer on the clear-speech clips."""
+    clear = clear_rows(labels)
+    out: dict[str, float] = {"n_clear": float(len(clear))}
+    for name, hyps in systems.items():
+        p = f"{name}_" if name else ""
+        out |= {f"{p}wer": metrics.wer(refs, hyps), f"{p}median_wer": metrics.median_wer(refs, hyps), f"{p}cer": metrics.cer(refs, hyps)}
+        if clear:
+            c_refs, c_hyps = [refs[i] for i in clear], [hyps[i] for i in clear]
+            out |= {f"clear_{p}wer": metrics.wer(c_refs, c_hyps), f"clear_{p}median_wer": metrics.median_wer(c_refs, c_hyps)}
+    return out
 
 
 TRAINABLE = ("projector", "projector+lora", "projector+lm")
@@ -276,7 +351,7 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
 
     def eval_fn(step: int) -> dict[str, float]:
         rows = [test_rows[i] for i in eval_idx]
-        hyps = decode(model, cache, rows, [test_states[i] for i in eval_idx], cfg.batch_size, cfg.max_new_tokens)
+        hyps = texts(decode(model, cache, rows, [test_states[i] for i in eval_idx], cfg.batch_size, cfg.max_new_tokens))
         refs = [cache.rows[r]["text"] for r in rows]
         loss = held_out_loss(model, cache, rows, [test_states[i] for i in eval_idx], cfg.batch_size)
         model.projector.train()
@@ -300,17 +375,26 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
     )
     hist = train(params, loss_fn, tcfg, tracker, eval_fn=eval_fn)
 
-    # final: the whole held-out split, the shuffled-audio control, Whisper's own decoder
+    # final: the whole held-out split, the shuffled-audio control, Whisper's own decoder, all under one guard
+    guard = LoopGuard(seed=cfg.seed) if cfg.guard else None
     refs = [cache.rows[r]["text"] for r in test_rows]
+    test_meta = [cache.rows[r] for r in test_rows]
+    test_labels = [m["labels"] for m in test_meta]
     t1 = time.perf_counter()
-    hyps = decode(model, cache, test_rows, test_states, cfg.batch_size, cfg.max_new_tokens)
+    decoded = decode(model, cache, test_rows, test_states, cfg.batch_size, cfg.max_new_tokens, guard=guard)
     decode_seconds = time.perf_counter() - t1
-    control = decode(model, cache, test_rows, test_states, cfg.batch_size, cfg.max_new_tokens, shuffle_seed=cfg.seed + 7)
+    control = texts(decode(model, cache, test_rows, test_states, cfg.batch_size, cfg.max_new_tokens, shuffle_seed=cfg.seed + 7, guard=guard))
+    systems = {"": texts(decoded), "control": control}
+    if guard is not None:
+        systems["greedy"] = [h.greedy for h in decoded]
+    if cfg.whisper_baseline:
+        systems["whisper"] = whisper_hyps(cache, test_rows, cfg.encoder, guard)
+        if guard is not None:
+            systems["whisper_greedy"] = whisper_hyps(cache, test_rows, cfg.encoder, None)
     scores = {
         "test_loss": held_out_loss(model, cache, test_rows, test_states, cfg.batch_size),
-        "wer": metrics.wer(refs, hyps),
-        "cer": metrics.cer(refs, hyps),
-        "control_wer": metrics.wer(refs, control),
+        **content_scores(refs, systems, test_labels),
+        "fallback_fraction": sum(h.attempts > 1 for h in decoded) / len(decoded),
         "train_seconds": hist.seconds,
         "load_seconds": load_seconds,
         "decode_seconds_per_clip": decode_seconds / len(test_rows),
@@ -324,15 +408,19 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
     if best:
         scores["best_eval_step"] = best["step"] + 1
         scores["seconds_to_best"] = hist.seconds * (best["step"] + 1) / max(1, cfg.steps)
-    test = {"refs": refs, "hyps": hyps, "control_hyps": control, "rows": [cache.rows[r] for r in test_rows]}
+    named = {"aligned" if k == "" else k: v for k, v in systems.items()}
+    test = {"refs": refs, "hyps": systems[""], "control_hyps": control, "rows": test_meta,
+            "table": score_table(refs, named, test_labels), "clear_variants": sorted({str(test_labels[i].get("variant")) for i in clear_rows(test_labels)})}
+    if guard is not None:
+        test["greedy_hyps"] = systems["greedy"]
+    if cfg.whisper_baseline:
+        test["whisper_hyps"] = systems["whisper"]
+        if guard is not None:
+            test["whisper_greedy_hyps"] = systems["whisper_greedy"]
     if seen_rows:
         seen_states = cache.load_states(seen_rows)
-        seen_hyps = decode(model, cache, seen_rows, seen_states, cfg.batch_size, cfg.max_new_tokens)
+        seen_hyps = texts(decode(model, cache, seen_rows, seen_states, cfg.batch_size, cfg.max_new_tokens, guard=guard))
         scores["wer_seen_voice"] = metrics.wer([cache.rows[r]["text"] for r in seen_rows], seen_hyps)
-    if cfg.whisper_baseline:
-        test["whisper_hyps"] = whisper_hyps(cache, test_rows, cfg.encoder)
-        scores["whisper_wer"] = metrics.wer(refs, test["whisper_hyps"])
-        scores["whisper_cer"] = metrics.cer(refs, test["whisper_hyps"])
     tracker.log_metrics(scores, step=cfg.steps)
     if rank != 0:
         return AlignResult(cfg, hist, model, test, scores, weights_history, wer_curve)
@@ -364,12 +452,13 @@ def load_aligned(run: str | Path, device: str = "cpu") -> tuple[SpeechLM, "Whisp
 
 
 @torch.no_grad()
-def transcribe_waves(model: SpeechLM, encoder, waves: list[torch.Tensor], mode: str = "var", batch_size: int = 16, max_new_tokens: int = 120) -> list[str]:
-    """Audio in, text out: encoder -> layer choice -> projector -> greedy decoding."""
+def transcribe_waves(model: SpeechLM, encoder, waves: list[torch.Tensor], mode: str = "var", batch_size: int = 16, max_new_tokens: int = 120,
+                     guard: LoopGuard | None = None) -> list[str]:
+    """Audio in, text out: encoder -> layer choice -> projector -> greedy decoding (under `guard` if given)."""
     out = []
     device = model.gpt_device
     for i in range(0, len(waves), batch_size):
         states = encoder.encode([w.to(device) for w in waves[i : i + batch_size]], mode=mode, batch_size=batch_size)
         hidden, lengths = collate_states(states)
-        out += model.transcribe(hidden.to(device), lengths.to(device), max_new_tokens=max_new_tokens)
+        out += model.transcribe(hidden.to(device), lengths.to(device), max_new_tokens=max_new_tokens, guard=guard)
     return out

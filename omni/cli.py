@@ -7,7 +7,7 @@
     omni data synth --out data/synth --sentences 3000            synthesized multi-voice corpus
     omni data librispeech ROOT/train-clean-100 --out M.jsonl     manifest from LibriSpeech
     omni features --manifest M.jsonl --encoder tiny.en --out cache/
-    omni transcribe --run RUN_DIR --manifest M.jsonl | AUDIO ...
+    omni transcribe --run RUN_DIR --manifest M.jsonl [--whisper] | AUDIO ...
     omni chat --run RUN [--host H --port P] | --cli AUDIO ... [--question Q]   chat demo (web page or terminal)
 
 Imports happen inside the handlers: `omni --help` should not pay for torch or mlflow.
@@ -100,8 +100,9 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     import time
 
     from omni import audio, metrics
-    from omni.align import load_aligned, transcribe_waves
+    from omni.align import load_aligned, transcribe_waves, whisper_decode
     from omni.data.manifest import read_manifest
+    from omni.speech_lm import LoopGuard
 
     if bool(args.manifest) == bool(args.audio):
         raise ValueError("give either --manifest M.jsonl or audio files, not both or neither")
@@ -111,7 +112,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         m = read_manifest(args.manifest, skip_bad=args.skip_bad)
         if m.problems:
             print(m.report())
-        paths, refs = [e.audio for e in m.examples], [e.text for e in m.examples]
+        paths, refs, labels = [e.audio for e in m.examples], [e.text for e in m.examples], [e.labels for e in m.examples]
         if not paths:
             raise ValueError(f"{args.manifest}: no usable rows")
     else:
@@ -121,19 +122,48 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             raise ValueError(f"{len(bad)} bad audio file(s), nothing done:\n{listed}")
         if bad:
             print(f"skipped {len(bad)} bad audio file(s) of {len(args.audio)}:\n{listed}")
-        paths, refs = [p for p in map(Path, args.audio) if p not in bad], []
+        paths, refs, labels = [p for p in map(Path, args.audio) if p not in bad], [], []
         if not paths:
             raise ValueError("no usable audio files")
     waves = [audio.load(p) for p in paths]
+    guard = None if args.no_guard else LoopGuard()
     model, encoder, mode = load_aligned(args.run, args.device)
     t0 = time.perf_counter()
-    hyps = transcribe_waves(model, encoder, waves, mode=mode)
+    hyps = transcribe_waves(model, encoder, waves, mode=mode, guard=guard)
     dt = time.perf_counter() - t0
-    for i, (p, h) in enumerate(zip(paths, hyps)):
-        print(f"{p}\t{h}" + (f"\t(ref: {refs[i]})" if refs else ""))
+    systems = {"aligned": hyps}
+    if args.whisper:
+        from omni.encoder import load_whisper_model
+
+        systems[f"whisper {encoder.source}"] = whisper_decode(*load_whisper_model(encoder.source), waves, guard)
+    for i, p in enumerate(paths):
+        print("\t".join([str(p), *(h[i] for h in systems.values())]) + (f"\t(ref: {refs[i]})" if refs else ""))
     if refs:
-        print(f"WER {metrics.wer(refs, hyps):.3f}  CER {metrics.cer(refs, hyps):.3f}  ({len(refs)} clips, {dt:.1f} s)")
+        decoding = "greedy" if guard is None else "loop guard"
+        print(f"{len(refs)} clips, {dt:.1f} s, {decoding}")
+        for name, h in systems.items():
+            print(f"{name}: WER {metrics.wer(refs, h):.3f}  CER {metrics.cer(refs, h):.3f}  median WER {metrics.median_wer(refs, h):.3f}")
+        for label in breakdown_labels(labels):
+            keys = [str(row[label]) for row in labels]
+            print(f"by {label}:")
+            per = {name: metrics.grouped_wer(refs, h, keys) for name, h in systems.items()}
+            for group in per["aligned"]:
+                cells = [f"{name} WER {g[group]['wer']:.3f} (median {g[group]['median_wer']:.3f}) CER {g[group]['cer']:.3f}" for name, g in per.items()]
+                print(f"  {group} ({int(per['aligned'][group]['n'])} clips): " + "; ".join(cells))
     return 0
+
+
+def breakdown_labels(labels: list[dict], max_groups: int = 30) -> list[str]:
+    """Manifest labels worth a WER breakdown: text-valued, on every row, with 2..max_groups values
+    and fewer values than rows (an id or a path has one value per row)."""
+    if not labels:
+        return []
+    out = []
+    for key in labels[0]:
+        values = [row.get(key) for row in labels]
+        if all(isinstance(v, str) for v in values) and 2 <= len(set(values)) <= min(max_groups, len(values) - 1):
+            out.append(key)
+    return out
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -202,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("audio", nargs="*", help="audio files (instead of --manifest)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--skip-bad", action="store_true", help="skip (and list) bad rows or files instead of stopping")
+    t.add_argument("--whisper", action="store_true", help="also transcribe with Whisper's own decoder (the run's encoder), scored on the same clips")
+    t.add_argument("--no-guard", action="store_true", help="plain greedy decoding, without the loop guard's temperature fallback")
     t.set_defaults(fn=cmd_transcribe)
 
     c = sub.add_parser("chat", help="chat demo: a local web page (or --cli, the terminal) that streams a trained model's answers to audio")

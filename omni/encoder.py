@@ -268,8 +268,9 @@ def load_whisper_model(source: str = EMBEDDED):
 
 
 @torch.inference_mode()
-def whisper_transcribe(model, tokenizer, waves: list[torch.Tensor], batch_size: int = 8) -> list[str]:
-    """Greedy English transcription, no timestamps. `tokenizer` may be the processor or its tokenizer."""
+def whisper_transcribe(model, tokenizer, waves: list[torch.Tensor], batch_size: int = 8, **generate_kwargs) -> list[str]:
+    """Greedy English transcription, no timestamps. `tokenizer` may be the processor or its tokenizer.
+    generate_kwargs go to model.generate over the defaults (e.g. the temperature fallback)."""
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     n_mels = model.config.num_mel_bins
     multilingual = bool(getattr(model.generation_config, "is_multilingual", False))
@@ -281,10 +282,7 @@ def whisper_transcribe(model, tokenizer, waves: list[torch.Tensor], batch_size: 
         ids = model.generate(
             mel,
             attention_mask=torch.ones(mel.shape[0], mel.shape[2], dtype=torch.long, device=model.device),
-            do_sample=False,
-            num_beams=1,
-            return_timestamps=False,
-            **extra,
+            **({"do_sample": False, "num_beams": 1, "return_timestamps": False} | extra | generate_kwargs),
         )
         texts += [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
     return texts

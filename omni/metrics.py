@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import unicodedata
+import zlib
 from typing import Sequence, Union
 
 import jiwer
@@ -113,3 +114,35 @@ def per_utterance_wer(refs: list[str], hyps: list[str]) -> list[float]:
     """WER of each pair; an empty reference gives 0.0 for an empty hypothesis, else inf."""
     edits, lengths = _edits(refs, hyps, "word")
     return [e / n if n else (0.0 if e == 0 else math.inf) for e, n in zip(edits, lengths)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Yardstick: the loop guard's repetition test, per-clip medians, scores per group of clips
+
+
+def compression_ratio(text: str) -> float:
+    """UTF-8 bytes / zlib-compressed bytes: openai-whisper's repetition test (a hypothesis above
+    2.4 is treated as a loop). An empty text gives 0.0."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data))
+
+
+def median_wer(refs: list[str], hyps: list[str]) -> float:
+    """Median of the per-clip WERs: a few runaway hypotheses (WER 10+ each) move the corpus WER
+    a lot and the median not at all, so the two together tell loops from content errors."""
+    return float(np.median(per_utterance_wer(refs, hyps)))
+
+
+def wer_summary(refs: list[str], hyps: list[str]) -> dict[str, float]:
+    """{"n", "wer" (corpus), "median_wer", "cer" (corpus)} of one system on one set of clips."""
+    return {"n": float(len(refs)), "wer": wer(refs, hyps), "median_wer": median_wer(refs, hyps), "cer": cer(refs, hyps)}
+
+
+def grouped_wer(refs: list[str], hyps: list[str], keys: Sequence[str]) -> dict[str, dict[str, float]]:
+    """`wer_summary` of each group of clips sharing a key (e.g. the clips' style), keys sorted."""
+    check_same_length(refs, keys, "refs and keys differ in length")
+    out = {}
+    for key in sorted(set(keys)):
+        idx = [i for i, k in enumerate(keys) if k == key]
+        out[key] = wer_summary([refs[i] for i in idx], [hyps[i] for i in idx])
+    return out

@@ -17,18 +17,24 @@ Design choices:
   output is cast to the LM's dtype only where it enters the LM.
 - A text prompt ("Transcribe:") can sit before the audio (inside the soft prefix, as embeddings of
   its tokens) or after it (ordinary tokens with ignored targets).
+- Decoding is greedy, optionally under openai-whisper's loop guard (`LoopGuard`): a hypothesis that
+  compresses too well (gzip ratio > 2.4: a repetition loop) or that the model finds unlikely (mean
+  token log-prob < -1) is re-decoded by seeded sampling at rising temperatures. One sample per
+  temperature (Whisper samples best_of=5): cheaper, and the guard's job is to break loops.
+  Log-probabilities come from one forward pass over each hypothesis, so gpt.generate stays as is.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from omni import metrics
 from omni.encoder import LayerSelect
 from omni.projector import Projector, ProjectorConfig
 
@@ -42,6 +48,37 @@ class SpeechLMConfig:
     projector: str = "stack"  # stack | conv | avg
     prompt: str = ""  # optional text prompt, e.g. "Transcribe:"
     prompt_position: str = "after"  # before | after the audio
+
+
+@dataclass(frozen=True)
+class LoopGuard:
+    """openai-whisper's guard against repetition loops and low-confidence output, for any decoder:
+    a hypothesis fails when it compresses too well (a loop repeats itself) or the model itself
+    finds it unlikely; a failed clip is decoded again at the next temperature."""
+
+    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # Whisper's schedule; 0 = greedy; (0.0,) = no fallback
+    compression_ratio_threshold: float = 2.4  # fail above this zlib ratio (metrics.compression_ratio)
+    logprob_threshold: float = -1.0  # fail below this mean token log-probability (end token included)
+    seed: int = 0  # sampling at temperature i uses seed + i: the same clips decode the same way every run
+
+    def fails(self, h: "Hypothesis") -> bool:
+        return h.compression_ratio > self.compression_ratio_threshold or h.avg_logprob < self.logprob_threshold
+
+    def rank(self, h: "Hypothesis") -> tuple[bool, float]:
+        """When every temperature fails: prefer a hypothesis that is no loop, then the likeliest
+        (transformers' Whisper fallback keeps the likeliest; a loop is likely by construction)."""
+        return (h.compression_ratio <= self.compression_ratio_threshold, h.avg_logprob)
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    text: str
+    temperature: float  # the temperature that produced `text`
+    compression_ratio: float
+    avg_logprob: float
+    n_tokens: int  # tokens the mean log-probability averages over
+    greedy: str  # the first (greedy) pass: the unguarded transcript, kept for comparison
+    attempts: int  # temperatures tried for this clip
 
 
 def collate_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,18 +169,70 @@ class SpeechLM(nn.Module):
         return self.gpt(idx, targets=targets, audio=prefix, audio_mask=mask)
 
     @torch.no_grad()
-    def transcribe(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, max_new_tokens: int = 200, **sampling) -> list[str]:
+    def transcribe(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, max_new_tokens: int = 200, guard: LoopGuard | None = None) -> list[str]:
+        """Transcripts of a batch: greedy, or greedy with the loop guard's fallback (`hypotheses`)."""
+        return [h.text for h in self.hypotheses(hidden, frame_lengths, max_new_tokens, guard)]
+
+    @torch.no_grad()
+    def hypotheses(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, max_new_tokens: int = 200, guard: LoopGuard | None = None) -> list[Hypothesis]:
+        """Decode each clip at guard.temperatures[0]; a clip whose hypothesis fails the guard
+        (`LoopGuard.fails`) is decoded again, alone with the other failures, by seeded sampling at
+        the next temperature, until it passes or the temperatures run out. Kept per clip: the
+        first hypothesis that passes; if none does, the best by `LoopGuard.rank`.
+        guard=None: one greedy pass, nothing re-decoded."""
+        guard = guard or LoopGuard(temperatures=(0.0,))
         prefix, mask = self.prefix(hidden, frame_lengths)
+        best: list[Hypothesis | None] = [None] * hidden.size(0)
+        todo = list(range(hidden.size(0)))
+        for i, t in enumerate(guard.temperatures):
+            if not todo:
+                break
+            sub = torch.tensor(todo, device=prefix.device)
+            ids = self._generate(prefix[sub], mask[sub], max_new_tokens, t, guard.seed + i)
+            logprobs = self.mean_logprobs(prefix[sub], mask[sub], ids)
+            failed = []
+            for b, row, (lp, n) in zip(todo, ids, logprobs):
+                text = self.tokenizer.decode(row[0])
+                h = Hypothesis(text, t, metrics.compression_ratio(text), lp, n, best[b].greedy if best[b] else text, i + 1)
+                if guard.fails(h):
+                    failed.append(b)
+                    if best[b] is None or guard.rank(h) > guard.rank(best[b]):
+                        best[b] = h
+                    else:
+                        best[b] = replace(best[b], attempts=i + 1)
+                else:
+                    best[b] = h
+            todo = failed
+        return best  # type: ignore[return-value]
+
+    def _generate(self, prefix: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, temperature: float, seed: int) -> list[tuple[list[int], bool]]:
+        """(text token ids without the closing EOS, whether EOS closed them) per row."""
         bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
         after = self._prompt_ids() if self.config.prompt_position == "after" else []
-        idx = torch.tensor([after + [bos]] * hidden.size(0), device=hidden.device)
-        out = self.gpt.generate(idx, audio=prefix, audio_mask=mask, max_new_tokens=max_new_tokens, stop_token=eos, **sampling)
-        texts = []
-        for row in out.tolist():
-            if eos in row:
-                row = row[: row.index(eos)]
-            texts.append(self.tokenizer.decode(row))
-        return texts
+        idx = torch.tensor([after + [bos]] * prefix.size(0), device=prefix.device)
+        out = self.gpt.generate(idx, audio=prefix, audio_mask=mask, max_new_tokens=max_new_tokens, stop_token=eos,
+                                temperature=temperature, seed=seed if temperature > 0 else None)
+        return [(row[: row.index(eos)], True) if eos in row else (row, False) for row in out.tolist()]
+
+    @torch.no_grad()
+    def mean_logprobs(self, prefix: torch.Tensor, mask: torch.Tensor, ids: list[tuple[list[int], bool]]) -> list[tuple[float, int]]:
+        """(mean log-probability, count) of each row's tokens under the model at temperature 1,
+        the closing EOS included when it was generated (openai-whisper counts the end token too):
+        one forward pass over the hypotheses, not the sampler's (temperature-scaled) scores."""
+        bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
+        after = self._prompt_ids() if self.config.prompt_position == "after" else []
+        targets_list = [row + ([eos] if closed else []) for row, closed in ids]
+        idx = torch.zeros(len(ids), len(after) + 1 + max(len(row) for row, _ in ids), dtype=torch.long)
+        targets = torch.full_like(idx, -1)
+        for i, ((row, _), tgt) in enumerate(zip(ids, targets_list)):
+            seq = after + [bos] + row
+            idx[i, : len(seq)] = torch.tensor(seq)
+            targets[i, len(after) : len(after) + len(tgt)] = torch.tensor(tgt, dtype=torch.long)
+        idx, targets = idx.to(prefix.device), targets.to(prefix.device)
+        logp = self.gpt(idx, audio=prefix, audio_mask=mask).log_softmax(dim=-1)
+        picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets >= 0)
+        counts = (targets >= 0).sum(dim=1)
+        return [(float(s) / max(int(n), 1), int(n)) for s, n in zip(picked.sum(dim=1), counts)]
 
     # -- checkpoints: the trainable audio path only (the GPT saves itself); safetensors + JSON, no pickles
     def save_audio_path(self, directory: str | Path) -> None:

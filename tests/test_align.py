@@ -28,6 +28,17 @@ def test_run_reports_scores_curves_and_layer_weights(tiny_alignment):
     refs = [cache.rows[r]["text"] for r in cache.select(split="test")]
     assert res.test["refs"] == refs and len(res.test["hyps"]) == len(res.test["control_hyps"]) == 4
     assert s["wer"] == metrics.wer(refs, res.test["hyps"]) and s["control_wer"] == metrics.wer(refs, res.test["control_hyps"])
+    # the yardstick: guarded by default, the greedy pass kept, medians, clear speech apart, a table per label
+    assert s["greedy_wer"] == metrics.wer(refs, res.test["greedy_hyps"]) and s["median_wer"] == metrics.median_wer(refs, res.test["hyps"])
+    assert 0 <= s["fallback_fraction"] <= 1 and s["control_median_wer"] == metrics.median_wer(refs, res.test["control_hyps"])
+    labels = [r["labels"] for r in res.test["rows"]]
+    clear = [i for i, r in enumerate(labels) if r["style"] == "normal"]
+    assert s["n_clear"] == len(clear) and res.test["clear_variants"] == sorted({labels[i]["variant"] for i in clear})
+    if clear:
+        assert s["clear_wer"] == metrics.wer([refs[i] for i in clear], [res.test["hyps"][i] for i in clear])
+    table = {(r["by"], r["group"], r["system"]): r for r in res.test["table"]}
+    assert table[("all", "all", "aligned")]["wer"] == s["wer"] and table[("all", "all", "control")]["n"] == 4
+    assert {r["by"] for r in res.test["table"]} >= {"style", "variant", "rate_bucket", "pitch_bucket"}
     # the WER-vs-steps curve and the learned layer mix, at each evaluation (every 5 steps)
     assert [step for step, _ in res.wer_curve] == [5, 10] and all(w >= 0 for _, w in res.wer_curve)
     assert [e["step"] + 1 for e in res.history.evals] == [5, 10]
@@ -70,8 +81,8 @@ def test_saved_run_transcribes_raw_audio_like_the_run_decoded_its_cache(tiny_ali
     between_clips = (logits_cached - logits_cached.roll(1, dims=0)).abs().max().item()
     print(f"logits: float16 cache vs float32 encoder differ by {rounding:.2e}, two clips by {between_clips:.2e}")
     assert rounding < 1e-2 and between_clips > 100 * rounding, (rounding, between_clips)
-    same = sum(a == b for a, b in zip(hyps, res.test["hyps"]))
-    assert same >= len(hyps) - 1, list(zip(hyps, res.test["hyps"]))
+    same = sum(a == b for a, b in zip(hyps, res.test["greedy_hyps"]))  # transcribe_waves decodes greedily by default
+    assert same >= len(hyps) - 1, list(zip(hyps, res.test["greedy_hyps"]))
 
 
 def test_shuffled_control_gives_every_clip_another_clips_audio():
@@ -81,7 +92,7 @@ def test_shuffled_control_gives_every_clip_another_clips_audio():
         def eval(self):
             return self
 
-        def transcribe(self, hidden, lengths, max_new_tokens):
+        def hypotheses(self, hidden, lengths, max_new_tokens, guard):
             return [str(int(h[0, 0, 0])) for h in hidden]
 
     states = [torch.full((1, 2 + i % 3, 1), float(i)) for i in range(7)]
@@ -115,7 +126,7 @@ def test_prompt_before_or_after_the_audio(tiny_alignment, tmp_path, position):
         assert (targets[0, :n_prompt] == -1).all()
     waves = [audio.load(cache.rows[r]["audio"]) for r in rows]
     hyps = transcribe_waves(model, encoder, waves, mode=mode, max_new_tokens=6)
-    assert sum(a == b for a, b in zip(hyps, res.test["hyps"][:2])) >= 1
+    assert sum(a == b for a, b in zip(hyps, res.test["greedy_hyps"][:2])) >= 1
 
 
 def test_bad_parameters_fail_before_any_work(tiny_alignment, tmp_path, monkeypatch):
@@ -162,35 +173,43 @@ def test_projector_plus_lm_trains_the_lm_and_the_run_carries_it(tiny_alignment, 
 
 def test_whisper_baseline_is_cached_next_to_the_features(tiny_alignment, tmp_path, monkeypatch):
     import omni.encoder
+    from omni.speech_lm import LoopGuard
 
     cache = tiny_alignment.cache
     calls = []
     real = omni.encoder.whisper_transcribe
 
     def counting(model, processor, waves, **kw):
-        calls.append(len(waves))
+        calls.append((len(waves), "temperature" in kw))
         return real(model, processor, waves, **kw)
 
     monkeypatch.setattr(omni.encoder, "whisper_transcribe", counting)
     rows = cache.select(split="test")
     refs = [cache.rows[r]["text"] for r in rows]
     first = whisper_hyps(cache, rows[:3], "tiny.en")
-    stored = json.loads((cache.path / "whisper_hyps.tiny.en.json").read_text())
-    assert calls == [3] and stored == {cache.rows[r]["audio"]: h for r, h in zip(rows[:3], first)}
+    stored = json.loads((cache.path / "whisper_hyps.tiny.en.greedy.json").read_text())
+    assert calls == [(3, False)] and stored == {cache.rows[r]["audio"]: h for r, h in zip(rows[:3], first)}
     # no quality bar: tiny.en on 1-2 s clips of held-out espeak-ng voices is often far off
     assert all(isinstance(h, str) and h for h in first)
 
-    # the alignment's baseline decodes only the clip not cached yet ...
-    res = run_alignment(replace(tiny_alignment.cfg, whisper_baseline=True, steps=1, eval_clips=1, out=""), cache=cache)
-    assert calls == [3, 1] and res.test["whisper_hyps"][:3] == first
+    # the alignment's (unguarded) baseline decodes only the clip not cached yet ...
+    res = run_alignment(replace(tiny_alignment.cfg, whisper_baseline=True, guard=False, steps=1, eval_clips=1, out=""), cache=cache)
+    assert calls == [(3, False), (1, False)] and res.test["whisper_hyps"][:3] == first
     assert res.scores["whisper_wer"] == metrics.wer(refs, res.test["whisper_hyps"])
     assert res.scores["whisper_cer"] == metrics.cer(refs, res.test["whisper_hyps"])
+    assert res.scores["whisper_median_wer"] == metrics.median_wer(refs, res.test["whisper_hyps"])
 
-    # ... and a third call runs no Whisper at all, even through a view that numbers the rows differently
+    # ... other decoding settings are another cache file: the guard decodes again, with the fallback
+    guarded = whisper_hyps(cache, rows[:2], "tiny.en", LoopGuard())
+    assert calls[2:] == [(2, True)] and len(guarded) == 2
+    assert len(list(cache.path.glob("whisper_hyps.tiny.en.guard-*.json"))) == 1
+
+    # ... and a later call runs no Whisper at all, even through a view that numbers the rows differently
     monkeypatch.setattr(omni.encoder, "load_whisper_model", lambda *a: pytest.fail("Whisper loaded again"))
-    assert whisper_hyps(cache, rows, "tiny.en") == res.test["whisper_hyps"] and calls == [3, 1]
+    assert whisper_hyps(cache, rows, "tiny.en") == res.test["whisper_hyps"] and len(calls) == 3
     view = FeatureCache(cache.path, dict(cache.index, rows=[cache.rows[r] for r in reversed(rows)]))
     assert whisper_hyps(view, [0, 1, 2, 3], "tiny.en") == res.test["whisper_hyps"][::-1]
+    assert whisper_hyps(view, [3, 2], "tiny.en", LoopGuard()) == guarded
 
 
 def test_interrupted_alignment_resumes_bit_identical(tiny_alignment, tmp_path, monkeypatch):
@@ -220,3 +239,99 @@ def test_interrupted_alignment_resumes_bit_identical(tiny_alignment, tmp_path, m
     a = load_file(tmp_path / "straight" / "audio_path.safetensors")
     b = load_file(tmp_path / "resumed" / "audio_path.safetensors")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+# --- the yardstick: the loop guard, scores per group, Whisper under the same guard ----------------
+
+
+def _tiny_speech_lm(tmp_path):
+    from conftest import tiny_lm
+
+    from omni.gpt import GPT
+    from omni.speech_lm import SpeechLM, SpeechLMConfig
+    from omni.tokenizer import ByteTokenizer
+
+    gpt = GPT.load(tiny_lm(tmp_path / "lm"))
+    torch.manual_seed(0)
+    model = SpeechLM(gpt, ByteTokenizer(), n_states=2, d_whisper=8, config=SpeechLMConfig(k=2)).eval()
+    hidden = torch.randn(2, 2, 10, 8)
+    return model, hidden, torch.tensor([10, 6])
+
+
+def test_guard_re_decodes_a_looping_clip_and_not_a_clean_one(tmp_path, monkeypatch):
+    from omni.speech_lm import LoopGuard
+
+    model, hidden, lengths = _tiny_speech_lm(tmp_path)
+    tok, bos = model.tokenizer, model.tokenizer.bos_id
+    loop, clean, sampled = "the more " * 8, "a clean sentence", "the more of it"
+    calls = []
+
+    def fake_generate(idx, audio, audio_mask, max_new_tokens, stop_token, temperature, seed):
+        calls.append((temperature, idx.size(0), seed))
+        texts = [loop, clean] if temperature == 0 else [sampled] * idx.size(0)
+        width = max(len(t) for t in texts) + 1
+        return torch.tensor([(tok.encode(t) + [bos] * width)[:width] for t in texts])
+
+    monkeypatch.setattr(model.gpt, "generate", fake_generate)
+    guard = LoopGuard(logprob_threshold=-math.inf, seed=5)  # the repetition test alone
+    hyps = model.hypotheses(hidden, lengths, max_new_tokens=80, guard=guard)
+    assert calls == [(0.0, 2, None), (0.2, 1, 6)]  # only the looping clip, seeded sampling at the next temperature
+    assert [h.text for h in hyps] == [sampled, clean]
+    assert (hyps[0].greedy, hyps[0].temperature, hyps[0].attempts) == (loop, 0.2, 2)
+    assert hyps[0].compression_ratio == metrics.compression_ratio(sampled) and hyps[0].compression_ratio <= 2.4
+    assert (hyps[1].greedy, hyps[1].temperature, hyps[1].attempts) == (clean, 0.0, 1)
+    # no guard: one greedy pass, the loop stays
+    calls.clear()
+    assert model.transcribe(hidden, lengths, max_new_tokens=80) == [loop, clean] and calls == [(0.0, 2, None)]
+
+
+def test_guard_on_low_log_probability_tries_every_temperature_and_is_deterministic(tmp_path):
+    from omni.speech_lm import LoopGuard
+
+    model, hidden, lengths = _tiny_speech_lm(tmp_path)
+    # a random byte LM is never confident (mean log-prob near -ln 257): every temperature is tried
+    guard = LoopGuard(compression_ratio_threshold=math.inf, logprob_threshold=-1.0)
+    hyps = model.hypotheses(hidden, lengths, max_new_tokens=12, guard=guard)
+    assert [h.attempts for h in hyps] == [6, 6] and all(h.avg_logprob < -1 for h in hyps)
+    again = model.hypotheses(hidden, lengths, max_new_tokens=12, guard=guard)
+    assert again == hyps  # seeded sampling: the same transcripts every run
+    greedy = model.hypotheses(hidden, lengths, max_new_tokens=12)
+    assert [h.greedy for h in hyps] == [h.text for h in greedy] and all(h.attempts == 1 for h in greedy)
+    # when every temperature fails, the kept hypothesis is the likeliest of the six (no loop among them)
+    lenient = LoopGuard(compression_ratio_threshold=math.inf, logprob_threshold=-math.inf)
+    assert all(lenient.rank(h) >= lenient.rank(g) for h, g in zip(hyps, greedy))
+    # a threshold every hypothesis passes: nothing is re-decoded
+    assert [h.attempts for h in model.hypotheses(hidden, lengths, max_new_tokens=12, guard=lenient)] == [1, 1]
+
+
+def test_mean_logprobs_match_the_training_loss(tmp_path):
+    model, hidden, lengths = _tiny_speech_lm(tmp_path)
+    prefix, mask = model.prefix(hidden, lengths)
+    tok = model.tokenizer
+    ids = [(tok.encode("ab c"), True), (tok.encode("xyz12"), False)]
+    got = model.mean_logprobs(prefix, mask, ids)
+    assert [n for _, n in got] == [5, 5]  # 4 bytes + the closing BOS; 5 bytes, not closed
+    for i, (row, closed) in enumerate(ids):  # each row alone, through the loss the projector trains on
+        idx = torch.tensor([[tok.bos_id] + row])
+        targets = torch.tensor([row + ([tok.bos_id] if closed else [-1])])
+        loss = model.gpt(idx, targets=targets, audio=prefix[i : i + 1], audio_mask=mask[i : i + 1])
+        assert got[i][0] == pytest.approx(-loss.item(), abs=1e-5)
+
+
+def test_score_table_and_content_scores_hand_computed():
+    from omni.align import clear_rows, content_scores, score_table
+
+    rows = [{"style": "normal", "variant": "f4"}, {"style": "whisper", "variant": "whisperf"}, {"style": "normal", "variant": "m4"}]
+    refs = ["a b c d", "a b", "a b c"]
+    systems = {"": ["a b c d", "", "a x x"], "whisper": ["a b c x", "a b", "a b c"]}
+    assert clear_rows(rows) == [0, 2]
+    s = content_scores(refs, systems, rows)
+    assert s["n_clear"] == 2 and s["wer"] == pytest.approx(4 / 9) and s["whisper_wer"] == pytest.approx(1 / 9)
+    assert s["median_wer"] == pytest.approx(2 / 3) and s["whisper_median_wer"] == 0.0
+    assert s["clear_wer"] == pytest.approx(2 / 7) and s["clear_median_wer"] == pytest.approx(1 / 3)
+    assert s["clear_whisper_wer"] == pytest.approx(1 / 7) and s["clear_whisper_median_wer"] == pytest.approx(1 / 8)
+    table = score_table(refs, {"aligned": systems[""], "whisper": systems["whisper"]}, rows)
+    assert {r["by"] for r in table} == {"all", "style", "variant"}  # labels the rows lack are skipped
+    cell = {(r["by"], r["group"], r["system"]): r for r in table}
+    assert cell[("style", "whisper", "aligned")]["wer"] == 1.0 and cell[("style", "whisper", "whisper")]["wer"] == 0.0
+    assert cell[("variant", "m4", "aligned")]["wer"] == pytest.approx(2 / 3) and cell[("all", "all", "whisper")]["n"] == 3

@@ -18,19 +18,59 @@ def _tone(path, seconds=1.0):
     return path
 
 
+def _scores(lines, name):
+    m = next(re.fullmatch(rf"{name}: WER (\S+)  CER (\S+)  median WER (\S+)", line) for line in lines if line.startswith(f"{name}: "))
+    return float(m[1]), float(m[2]), float(m[3])
+
+
 def test_transcribe_a_manifest_prints_hypotheses_and_scores(tiny_alignment, capsys):
+    from omni.cli import breakdown_labels
+
     manifest = tiny_alignment.corpus / "test.jsonl"
-    refs = [json.loads(line)["text"] for line in manifest.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    refs = [r["text"] for r in rows]
     assert main(["transcribe", "--run", str(tiny_alignment.run), "--manifest", str(manifest)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    rows = [line.split("\t") for line in lines if "\t" in line]
-    assert len(rows) == len(refs) == 4
-    hyps = [h for _, h, _ in rows]
-    assert [r for _, _, r in rows] == [f"(ref: {t})" for t in refs]
-    assert all(p.endswith(".wav") for p, _, _ in rows)
-    m = re.fullmatch(r"WER (\S+)  CER (\S+)  \(4 clips, \S+ s\)", lines[-1])
-    assert m, lines[-1]
-    assert float(m[1]) == round(metrics.wer(refs, hyps), 3) and float(m[2]) == round(metrics.cer(refs, hyps), 3)
+    out = [line.split("\t") for line in lines if "\t" in line]
+    assert len(out) == len(refs) == 4
+    hyps = [h for _, h, _ in out]
+    assert [r for _, _, r in out] == [f"(ref: {t})" for t in refs]
+    assert all(p.endswith(".wav") for p, _, _ in out)
+    assert re.fullmatch(r"4 clips, \S+ s, loop guard", lines[4]), lines[4]
+    assert _scores(lines, "aligned") == (round(metrics.wer(refs, hyps), 3), round(metrics.cer(refs, hyps), 3), round(metrics.median_wer(refs, hyps), 3))
+    # per-label breakdowns: the labels with a few values (style, variant, ...), not ids or paths
+    labels = breakdown_labels([{k: v for k, v in r.items() if k not in ("audio", "text")} for r in rows])
+    assert "variant" in labels and "clip_id" not in labels and "split" not in labels  # one value per row / one in all
+    for label in labels:
+        assert f"by {label}:" in lines
+    keys = [r["variant"] for r in rows]
+    for group, sc in metrics.grouped_wer(refs, hyps, keys).items():
+        assert f"  {group} ({int(sc['n'])} clips): aligned WER {sc['wer']:.3f} (median {sc['median_wer']:.3f}) CER {sc['cer']:.3f}" in lines
+
+
+def test_transcribe_beside_whisper_on_the_same_clips(tiny_alignment, tmp_path, capsys):
+    src = tiny_alignment.corpus / "test.jsonl"
+    rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()][:3]  # Whisper is slow: three clips
+    for r in rows:
+        r["audio"] = str(tiny_alignment.corpus / r["audio"])
+    manifest = tmp_path / "three.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    refs = [r["text"] for r in rows]
+    assert main(["transcribe", "--run", str(tiny_alignment.run), "--manifest", str(manifest), "--whisper"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    out = [line.split("\t") for line in lines if "\t" in line]
+    assert len(out) == 3 and all(len(r) == 4 for r in out)  # path, ours, Whisper's, reference
+    ours, whisper = [r[1] for r in out], [r[2] for r in out]
+    assert all(whisper)  # no quality bar: tiny.en on 1-2 s clips of held-out espeak-ng voices is often far off
+    assert _scores(lines, "aligned")[0] == round(metrics.wer(refs, ours), 3)
+    assert _scores(lines, "whisper tiny.en") == (round(metrics.wer(refs, whisper), 3), round(metrics.cer(refs, whisper), 3),
+                                                 round(metrics.median_wer(refs, whisper), 3))
+    from omni.cli import breakdown_labels
+
+    labels = breakdown_labels([{k: v for k, v in r.items() if k not in ("audio", "text")} for r in rows])
+    by = [line for line in lines if line.startswith("  ") and "clips): aligned WER" in line]
+    assert labels and all(f"by {label}:" in lines for label in labels)
+    assert by and all("; whisper tiny.en WER" in line for line in by)
 
 
 def test_transcribe_audio_files(tiny_alignment, tmp_path, capsys):

@@ -287,3 +287,38 @@ def test_nearest_tokens() -> None:
     assert np.all(np.diff(sims, axis=1) <= 0)  # sorted, most similar first
     with pytest.raises(ValueError):
         nearest_tokens(queries, table, k=101)
+
+
+# --------------------------------------------------------------------------------- yardstick
+
+
+def test_compression_ratio_flags_loops_not_sentences() -> None:
+    from omni.metrics import compression_ratio
+
+    assert compression_ratio("") == 0.0
+    assert compression_ratio("the more " * 20) > 2.4  # a repetition loop
+    assert compression_ratio("She sells seashells by the seashore.") < 2.4
+    assert compression_ratio("the more " * 20) > compression_ratio("the more " * 5)
+
+
+def test_median_wer_and_summary_hand_computed() -> None:
+    from omni.metrics import median_wer, wer_summary
+
+    refs, hyps = ["a b c d", "a b", "a b c"], ["a b c d", "x b", "a x x"]  # per clip 0, 1/2, 2/3
+    assert median_wer(refs, hyps) == 0.5
+    assert wer_summary(refs, hyps) == {"n": 3.0, "wer": pytest.approx(3 / 9), "median_wer": 0.5, "cer": pytest.approx(3 / 15)}
+    # one runaway clip: the corpus WER explodes, the median does not move
+    loop = ["a b c d", "a b", "a b c " + "a " * 60]
+    assert wer(refs, loop) == pytest.approx(60 / 9) and median_wer(refs, loop) == 0.0
+
+
+def test_grouped_wer_hand_computed() -> None:
+    from omni.metrics import grouped_wer
+
+    refs, hyps = ["a b c d", "a b", "a b c", "x y"], ["a b c d", "x b", "a x x", ""]
+    got = grouped_wer(refs, hyps, ["normal", "whisper", "normal", "whisper"])
+    assert list(got) == ["normal", "whisper"]
+    assert got["normal"]["n"] == 2 and got["normal"]["wer"] == pytest.approx(2 / 7) and got["normal"]["median_wer"] == pytest.approx(1 / 3)
+    assert got["whisper"]["wer"] == pytest.approx(3 / 4) and got["whisper"]["median_wer"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="keys"):
+        grouped_wer(refs, hyps, ["normal"])
