@@ -136,8 +136,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         from omni.encoder import load_whisper_model
 
         systems[f"whisper {encoder.source}"] = whisper_decode(*load_whisper_model(encoder.source), waves, guard)
-    for i, p in enumerate(paths):
-        print("\t".join([str(p), *(h[i] for h in systems.values())]) + (f"\t(ref: {refs[i]})" if refs else ""))
+    for i, p in enumerate(paths):  # one line per clip: whitespace inside a hypothesis (tabs, newlines) printed as single spaces
+        print("\t".join([str(p), *(" ".join(h[i].split()) for h in systems.values())]) + (f"\t(ref: {refs[i]})" if refs else ""))
     if refs:
         decoding = "greedy" if guard is None else "loop guard"
         print(f"{len(refs)} clips, {dt:.1f} s, {decoding}")
