@@ -81,6 +81,7 @@ class AlignConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs float32
     whisper_baseline: bool = True  # also decode the held-out clips with Whisper's own decoder
+    ctc_weight: float = 0.0  # lever (issue 10): + this x CTC of the audio tokens read as LM tokens (ctc_embedding_loss); 0 = plain cross-entropy
     guard: bool = True  # final held-out decodes (ours, control, Whisper) under the loop guard (LoopGuard defaults); greedy figures kept as *_greedy
     out: str = ""  # checkpoint folder (audio path weights, resume state); "" = none
 
@@ -260,6 +261,22 @@ def content_scores(refs: list[str], systems: dict[str, list[str]], labels: list[
     return out
 
 
+def ctc_embedding_loss(model: SpeechLM, hidden: torch.Tensor, frame_lengths: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """CTC that pulls each audio token onto the LM's embedding of a word spoken in its stretch:
+    the token's logits over the LM vocabulary are its dot products with the LM's own (normed)
+    input embeddings / sqrt(n_embd) (a token equal to a word's embedding scores sqrt(n_embd),
+    an unrelated one about 0), BOS is the blank, the transcript's tokens the target. It asks the
+    projector for what a frozen LM can read without learning: its own word embeddings, in order."""
+    tokens, lengths = model.audio_tokens(hidden, frame_lengths)
+    table = model.gpt.embed(torch.arange(model.gpt.config.vocab_size, device=tokens.device)[None])[0]
+    logp = (tokens.float() @ table.float().T / table.size(1) ** 0.5).log_softmax(dim=-1)
+    targets = [model.tokenizer.encode(t) for t in texts]
+    flat = torch.tensor([i for t in targets for i in t], dtype=torch.long, device=tokens.device)
+    # zero_infinity: a clip with fewer audio tokens than text tokens (+ repeats) adds nothing, not inf
+    return torch.nn.functional.ctc_loss(logp.transpose(0, 1), flat, lengths, torch.tensor([len(t) for t in targets]),
+                                        blank=model.tokenizer.bos_id, zero_infinity=True)
+
+
 TRAINABLE = ("projector", "projector+lora", "projector+lm")
 
 
@@ -333,17 +350,23 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
         at["i"] += 1
         return next(at["it"])
 
+    def objective(hidden: torch.Tensor, lengths: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        loss = model(hidden.to(device), lengths.to(device), texts)
+        if cfg.ctc_weight:  # the lever, off by default
+            loss = loss + cfg.ctc_weight * ctc_embedding_loss(model, hidden.to(device), lengths.to(device), texts)
+        return loss
+
     def loss_fn(step: int):
         hidden, lengths, rows = batch_at(step)
         texts = [r["text"] for r in rows]
         counts = [len(tok.encode(t)) + 1 for t in texts]  # supervised targets: text + end of text
         if world == 1:
-            return model(hidden.to(device), lengths.to(device), texts), sum(counts)
+            return objective(hidden, lengths, texts), sum(counts)
         # rank r takes rows r, r + world, ...; weighting its mean loss by its share of the batch's tokens
         # (times world: the loop averages gradients over ranks) gives the one-process batch's gradient
         mine = list(range(rank, len(texts), world))
         n_mine = sum(counts[i] for i in mine)
-        loss = model(hidden[mine].to(device), lengths[mine].to(device), [texts[i] for i in mine])
+        loss = objective(hidden[mine], lengths[mine], [texts[i] for i in mine])
         return loss * (n_mine * world / sum(counts)), n_mine
 
     weights_history: list[list[float]] = []

@@ -335,3 +335,25 @@ def test_score_table_and_content_scores_hand_computed():
     cell = {(r["by"], r["group"], r["system"]): r for r in table}
     assert cell[("style", "whisper", "aligned")]["wer"] == 1.0 and cell[("style", "whisper", "whisper")]["wer"] == 0.0
     assert cell[("variant", "m4", "aligned")]["wer"] == pytest.approx(2 / 3) and cell[("all", "all", "whisper")]["n"] == 3
+
+
+def test_ctc_lever_pulls_audio_tokens_onto_the_words_embeddings(tmp_path):
+    from omni.align import ctc_embedding_loss
+
+    model, hidden, lengths = _tiny_speech_lm(tmp_path)
+    model.gpt.requires_grad_(False)  # frozen, as run_alignment leaves it
+    texts = ["ab", "c"]
+    loss = ctc_embedding_loss(model, hidden, lengths, texts)
+    assert loss.ndim == 0 and math.isfinite(loss.item()) and loss.item() > 0
+    loss.backward()  # the gradient reaches the projector, not the frozen LM's table
+    assert model.projector.fc2.weight.grad.abs().sum() > 0 and model.gpt.transformer.wte.weight.grad is None
+    # audio tokens that ARE the words' embeddings, blanks between: a far lower loss than random ones
+    tok, bos = model.tokenizer, model.tokenizer.bos_id
+    emb = lambda ids: model.gpt.embed(torch.tensor([ids]))[0]
+    A = int(model.projector.token_lengths(lengths).max())
+    exact = []
+    for t in texts:
+        ids = [x for c in tok.encode(t) for x in (c, bos)]
+        exact.append(torch.cat([emb(ids), emb([bos] * (A - len(ids)))]))
+    model.audio_tokens = lambda h, n: (torch.stack(exact) * 4, model.projector.token_lengths(n))
+    assert ctc_embedding_loss(model, hidden, lengths, texts).item() < 0.5 * loss.item()
