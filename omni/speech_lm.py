@@ -65,8 +65,10 @@ class LoopGuard:
         return h.compression_ratio > self.compression_ratio_threshold or h.avg_logprob < self.logprob_threshold
 
     def rank(self, h: "Hypothesis") -> tuple[bool, float]:
-        """When every temperature fails: prefer a hypothesis that is no loop, then the likeliest
-        (transformers' Whisper fallback keeps the likeliest; a loop is likely by construction)."""
+        """When every temperature fails, the attempt kept: no loop first, then the likeliest (a
+        loop is likely by construction). openai-whisper and transformers keep the last attempt
+        (temperature 1.0) instead; ranking by Whisper's own criterion keeps a sample at 1.0 from
+        replacing a better earlier one. It only matters for clips that fail at every temperature."""
         return (h.compression_ratio <= self.compression_ratio_threshold, h.avg_logprob)
 
 
