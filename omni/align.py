@@ -163,7 +163,7 @@ def decode(model: SpeechLM, cache: FeatureCache, rows: list[int], states: list[t
     return hyps
 
 
-def texts(hyps: list[Hypothesis]) -> list[str]:
+def hyp_texts(hyps: list[Hypothesis]) -> list[str]:
     return [h.text for h in hyps]
 
 
@@ -374,7 +374,7 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
 
     def eval_fn(step: int) -> dict[str, float]:
         rows = [test_rows[i] for i in eval_idx]
-        hyps = texts(decode(model, cache, rows, [test_states[i] for i in eval_idx], cfg.batch_size, cfg.max_new_tokens))
+        hyps = hyp_texts(decode(model, cache, rows, [test_states[i] for i in eval_idx], cfg.batch_size, cfg.max_new_tokens))
         refs = [cache.rows[r]["text"] for r in rows]
         loss = held_out_loss(model, cache, rows, [test_states[i] for i in eval_idx], cfg.batch_size)
         model.projector.train()
@@ -406,8 +406,8 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
     t1 = time.perf_counter()
     decoded = decode(model, cache, test_rows, test_states, cfg.batch_size, cfg.max_new_tokens, guard=guard)
     decode_seconds = time.perf_counter() - t1
-    control = texts(decode(model, cache, test_rows, test_states, cfg.batch_size, cfg.max_new_tokens, shuffle_seed=cfg.seed + 7, guard=guard))
-    systems = {"": texts(decoded), "control": control}
+    control = hyp_texts(decode(model, cache, test_rows, test_states, cfg.batch_size, cfg.max_new_tokens, shuffle_seed=cfg.seed + 7, guard=guard))
+    systems = {"": hyp_texts(decoded), "control": control}
     if guard is not None:
         systems["greedy"] = [h.greedy for h in decoded]
     if cfg.whisper_baseline:
@@ -442,7 +442,7 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
             test["whisper_greedy_hyps"] = systems["whisper_greedy"]
     if seen_rows:
         seen_states = cache.load_states(seen_rows)
-        seen_hyps = texts(decode(model, cache, seen_rows, seen_states, cfg.batch_size, cfg.max_new_tokens, guard=guard))
+        seen_hyps = hyp_texts(decode(model, cache, seen_rows, seen_states, cfg.batch_size, cfg.max_new_tokens, guard=guard))
         scores["wer_seen_voice"] = metrics.wer([cache.rows[r]["text"] for r in seen_rows], seen_hyps)
     tracker.log_metrics(scores, step=cfg.steps)
     if rank != 0:
