@@ -60,6 +60,8 @@ seed: int = 0  # fixes the projector's init, the batch order and the control's s
 device: str = 'auto'  # auto | cpu | cuda
 dtype: str = 'bfloat16'  # autocast dtype on CUDA; CPU runs float32
 whisper_baseline: bool = True  # also decode the held-out clips with Whisper's own decoder
+ctc_weight: float = 0.0  # lever (issue 10): + this x CTC of the audio tokens read as LM tokens (ctc_embedding_loss); 0 means plain cross-entropy
+guard: bool = True  # final held-out decodes (ours, control, Whisper) under the loop guard (LoopGuard defaults); greedy figures kept as *_greedy
 mlflow_run_id: str = ""  # MLflow run to log into; empty: start a new run in the default store
 out_dir: str = "reports/alignment/adhoc"  # folder this run writes its files into
 

@@ -81,7 +81,7 @@ class AlignConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs float32
     whisper_baseline: bool = True  # also decode the held-out clips with Whisper's own decoder
-    ctc_weight: float = 0.0  # lever (issue 10): + this x CTC of the audio tokens read as LM tokens (ctc_embedding_loss); 0 = plain cross-entropy
+    ctc_weight: float = 0.0  # lever (issue 10): + this x CTC of the audio tokens read as LM tokens (ctc_embedding_loss); 0 means plain cross-entropy
     guard: bool = True  # final held-out decodes (ours, control, Whisper) under the loop guard (LoopGuard defaults); greedy figures kept as *_greedy
     out: str = ""  # checkpoint folder (audio path weights, resume state); "" = none
 
