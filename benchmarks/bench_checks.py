@@ -46,11 +46,11 @@ def timed(fn, repeat: int = 2) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="data/synth")
-    p.add_argument("--sentences", type=int, default=SynthConfig.n_sentences)
+    p.add_argument("--sentences", type=int, default=SynthConfig.sentences)
     p.add_argument("--manifest", help="use this corpus as it is instead of building --out")
     p.add_argument("--encode", type=int, default=0, help="clips to encode (seeded sample); 0 = all")
     a = p.parse_args()
-    manifest = Path(a.manifest) if a.manifest else build_corpus(SynthConfig(out=a.out, n_sentences=a.sentences)) / "manifest.jsonl"
+    manifest = Path(a.manifest) if a.manifest else build_corpus(SynthConfig(out=a.out, sentences=a.sentences)) / "manifest.jsonl"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the corpus must be clean: a warning here is a bug
         examples = read_manifest(manifest, check_content=False).examples

@@ -99,7 +99,7 @@ def main() -> None:
     # (a) synthesis ---------------------------------------------------------------------------
     def synth(n: int, workers: int, name: str) -> tuple[Path, int, float]:
         t0 = time.perf_counter()
-        out = build_corpus(SynthConfig(out=str(tmp / name), n_sentences=n, workers=workers))
+        out = build_corpus(SynthConfig(out=str(tmp / name), sentences=n, workers=workers))
         return out, sum(1 for _ in (out / "clips").glob("*.wav")), time.perf_counter() - t0
 
     times: dict[int, list[float]] = {1: [], 2: []}

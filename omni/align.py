@@ -128,7 +128,7 @@ def prepare_cache(cfg: AlignConfig, progress: bool = True) -> FeatureCache:
     corpus = Path(cfg.corpus)
     with file_lock(corpus.parent / f".{corpus.name}.prepare.lock"):
         if not (corpus / "manifest.jsonl").exists():
-            build_corpus(SynthConfig(out=str(corpus), n_sentences=cfg.sentences, seed=0))
+            build_corpus(SynthConfig(out=str(corpus), sentences=cfg.sentences, seed=0))
         return FeatureCache.open(build_features(corpus / "manifest.jsonl", cfg.features, cfg.encoder, mode=cfg.encoder_mode, progress=progress))
 
 

@@ -72,7 +72,7 @@ def cmd_data_smoke(args: argparse.Namespace) -> int:
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from omni.data.synth import SynthConfig, build_corpus, datasheet
 
-    cfg = SynthConfig(out=args.out, n_sentences=args.sentences, seed=args.seed, workers=args.workers)
+    cfg = SynthConfig(out=args.out, sentences=args.sentences, seed=args.seed, workers=args.workers)
     out = build_corpus(cfg)
     print(f"corpus: {out / 'manifest.jsonl'}")
     print(f"datasheet: {datasheet(out, args.reports)}")

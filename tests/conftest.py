@@ -93,7 +93,7 @@ def tiny_alignment(tmp_path_factory):
     from omni.data.synth import SynthConfig, build_corpus
 
     root = tmp_path_factory.mktemp("alignment")
-    build_corpus(SynthConfig(out=str(root / "corpus"), n_sentences=16, min_words=3, max_words=6, test_fraction=0.25, workers=1))
+    build_corpus(SynthConfig(out=str(root / "corpus"), sentences=16, min_words=3, max_words=6, test_fraction=0.25, workers=1))
     cfg = AlignConfig(corpus=str(root / "corpus"), features=str(root / "features"), lm=str(tiny_lm(root / "lm")),
                       layer="weighted", steps=10, eval_every=5, eval_clips=4, batch_size=8, max_new_tokens=12,
                       whisper_baseline=False, device="cpu", out=str(root / "run" / "model"))

@@ -21,7 +21,7 @@ def tiny(tmp_path_factory):
     from conftest import tiny_lm
 
     root = tmp_path_factory.mktemp("ablation")
-    cfg = SynthConfig(out=str(root / "corpus"), n_sentences=30, min_words=3, max_words=6, workers=1,
+    cfg = SynthConfig(out=str(root / "corpus"), sentences=30, min_words=3, max_words=6, workers=1,
                       accents=("en-us", "en-gb"), variants=("f1", "f4", "m1", "m4", "whisper", "whisperf"))
     from omni.data.synth import build_corpus
 

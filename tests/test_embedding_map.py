@@ -180,7 +180,7 @@ def runs(tmp_path_factory):
 
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("viz")
-    build_corpus(SynthConfig(out=str(tmp / "corpus"), n_sentences=16, min_words=3, max_words=6, test_fraction=0.25, workers=1))
+    build_corpus(SynthConfig(out=str(tmp / "corpus"), sentences=16, min_words=3, max_words=6, test_fraction=0.25, workers=1))
     torch.manual_seed(0)
     GPT(GPTConfig(sequence_len=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)).save(tmp / "lm")
     common = dict(corpus=str(tmp / "corpus"), features=str(tmp / "features"), lm=str(tmp / "lm"), steps=5, eval_every=5,

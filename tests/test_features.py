@@ -30,7 +30,7 @@ def enc() -> WhisperEncoder:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("features")
-    cfg = SynthConfig(out=str(root / "corpus"), n_sentences=20, min_words=3, max_words=10, workers=1,
+    cfg = SynthConfig(out=str(root / "corpus"), sentences=20, min_words=3, max_words=10, workers=1,
                       accents=("en-us", "en-gb"), variants=("f1", "f4", "m1", "m4", "whisper", "whisperf"))
     return build_corpus(cfg)
 

@@ -12,7 +12,7 @@ LABELS = {"voice", "speaker", "accent", "variant", "gender", "style", "rate", "r
 
 
 def small(out, **kw) -> synth.SynthConfig:
-    return synth.SynthConfig(out=str(out), n_sentences=14, min_words=3, max_words=6, workers=1, **kw)
+    return synth.SynthConfig(out=str(out), sentences=14, min_words=3, max_words=6, workers=1, **kw)
 
 
 def test_default_plan_splits_are_disjoint_by_sentence_and_voice():
@@ -50,7 +50,7 @@ def test_config_is_checked():
     with pytest.raises(ValueError, match="unknown voice variants"):
         synth.plan(dataclasses.replace(synth.SynthConfig(), variants=("f1", "m1", "nope")))
     with pytest.raises(ValueError, match="only .* sentences"):
-        synth.plan(dataclasses.replace(synth.SynthConfig(), n_sentences=10**6))
+        synth.plan(dataclasses.replace(synth.SynthConfig(), sentences=10**6))
 
 
 def test_build_is_deterministic_idempotent_and_resumable(tmp_path):

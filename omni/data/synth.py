@@ -3,7 +3,7 @@ accents, voice variants, rates and pitches, each clip labelled for probes, plus 
 
 How a clip's split is decided (the plan is a pure function of the config; nothing is random at
 render time):
-1. Sentences. `n_sentences` are drawn (seeded) from `omni.data.text.sentences(min_words,
+1. Sentences. `sentences` are drawn (seeded) from `omni.data.text.sentences(min_words,
    max_words)`, shuffled (seeded), and cut into exactly round(test_fraction * n) test sentences,
    round(val_fraction * n) validation sentences (at least one each) and the rest train.
 2. Voices. A voice (= speaker) is ACCENT+VARIANT, e.g. "en-gb-scotland+m3". Every voice whose
@@ -66,7 +66,7 @@ STYLES = {"klatt": "klatt", "klatt2": "klatt", "klatt3": "klatt", "klatt4": "kla
 @dataclass
 class SynthConfig:
     out: str = "data/synth"  # output folder: clips/*.wav, manifest.jsonl, one manifest per split
-    n_sentences: int = 3000  # distinct sentences drawn from omni.data.text.sentences()
+    sentences: int = 3000  # distinct sentences drawn from omni.data.text.sentences()
     seed: int = 0  # decides sentences, splits, voice assignment and per-clip rate/pitch
     min_words: int = 5
     max_words: int = 25
@@ -150,8 +150,8 @@ def _check(cfg: SynthConfig) -> None:
             raise ValueError(f"SynthConfig.{name} must be (low, high) with low <= high, got {(lo, hi)}")
     if not (0 < cfg.val_fraction and 0 < cfg.test_fraction and cfg.val_fraction + cfg.test_fraction < 1):
         raise ValueError(f"need 0 < val_fraction, 0 < test_fraction, sum < 1; got {cfg.val_fraction}, {cfg.test_fraction}")
-    if cfg.n_sentences < 3:
-        raise ValueError(f"n_sentences must be at least 3 (one per split), got {cfg.n_sentences}")
+    if cfg.sentences < 3:
+        raise ValueError(f"sentences must be at least 3 (one per split), got {cfg.sentences}")
     unknown = sorted(set(cfg.accents) - set(tts.list_english_voices()))
     if unknown:
         raise ValueError(f"unknown accents {unknown}; English voices: {tts.list_english_voices()}")
@@ -171,15 +171,15 @@ def _check(cfg: SynthConfig) -> None:
 def sentence_splits(cfg: SynthConfig) -> dict[str, list[tuple[int, str]]]:
     """{"train"|"val"|"test": [(sentence_id, text), ...]}: step 1 of the module docstring."""
     pool = text_source.sentences(cfg.min_words, cfg.max_words, tuple(cfg.text_sources))
-    if cfg.n_sentences > len(pool):
+    if cfg.sentences > len(pool):
         raise ValueError(
-            f"n_sentences={cfg.n_sentences} but only {len(pool)} sentences of {cfg.min_words}-{cfg.max_words} "
+            f"sentences={cfg.sentences} but only {len(pool)} sentences of {cfg.min_words}-{cfg.max_words} "
             f"words in text sources {tuple(cfg.text_sources)}"
         )
     rng = random.Random(f"{cfg.seed}:sentences")
-    ids = rng.sample(range(len(pool)), cfg.n_sentences)  # already a seeded shuffle
-    n_test = max(1, round(cfg.test_fraction * cfg.n_sentences))
-    n_val = max(1, round(cfg.val_fraction * cfg.n_sentences))
+    ids = rng.sample(range(len(pool)), cfg.sentences)  # already a seeded shuffle
+    n_test = max(1, round(cfg.test_fraction * cfg.sentences))
+    n_val = max(1, round(cfg.val_fraction * cfg.sentences))
     parts = {"test": ids[:n_test], "val": ids[n_test : n_test + n_val], "train": ids[n_test + n_val :]}
     return {k: [(i, pool[i]) for i in sorted(v)] for k, v in parts.items()}
 
@@ -393,12 +393,12 @@ Speech: espeak-ng (PyPI <code>espeakng-loader</code>), 16 kHz mono 16-bit PCM. T
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Build the synthesized speech corpus and its datasheet.")
     p.add_argument("--out", default=SynthConfig.out)
-    p.add_argument("--n-sentences", type=int, default=SynthConfig.n_sentences)
+    p.add_argument("--n-sentences", type=int, default=SynthConfig.sentences)
     p.add_argument("--seed", type=int, default=SynthConfig.seed)
     p.add_argument("--workers", type=int, default=SynthConfig.workers)
     p.add_argument("--report-dir", default="reports")
     a = p.parse_args(argv)
-    out = build_corpus(SynthConfig(out=a.out, n_sentences=a.n_sentences, seed=a.seed, workers=a.workers))
+    out = build_corpus(SynthConfig(out=a.out, sentences=a.sentences, seed=a.seed, workers=a.workers))
     print(datasheet(out, a.report_dir))
 
 
