@@ -172,8 +172,9 @@ def test_no_run_is_a_clear_error(tmp_path):
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
-    """A tiny synthesized corpus, a random tiny LM, and two 5-step alignment runs on it: one with
-    lr=0 (its trained weights are its initial weights) and one with the weighted layer choice."""
+    """A tiny synthesized corpus, a random tiny LM, and two 5-step alignment runs on it: one whose
+    projector is frozen for all 5 steps (its trained weights are its initial weights; lr=0 is refused)
+    and one with the weighted layer choice."""
     from omni.align import AlignConfig, run_alignment
     from omni.data.synth import SynthConfig, build_corpus
     from omni.gpt import GPT, GPTConfig
@@ -185,7 +186,7 @@ def runs(tmp_path_factory):
     GPT(GPTConfig(sequence_len=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)).save(tmp / "lm")
     common = dict(corpus=str(tmp / "corpus"), features=str(tmp / "features"), lm=str(tmp / "lm"), steps=5, eval_every=5,
                   eval_clips=4, batch_size=8, whisper_baseline=False, device="cpu", max_new_tokens=8)
-    run_alignment(AlignConfig(**common, lr=0.0, seed=3, out=str(tmp / "frozen" / "model")))
+    run_alignment(AlignConfig(**common, freeze_projector_steps=5, seed=3, out=str(tmp / "frozen" / "model")))
     run_alignment(AlignConfig(**common, layer="weighted", out=str(tmp / "weighted" / "model")))
     return tmp
 
@@ -195,7 +196,7 @@ def test_before_is_the_runs_own_initialisation(runs):
     before = run_io.initial_model(after, meta)
     assert meta["align"]["seed"] == 3
     for (n, a), (_, b) in zip(after.projector.state_dict().items(), before.projector.state_dict().items()):
-        assert torch.equal(a, b), n  # lr=0: the trained weights never moved from the init we rebuild
+        assert torch.equal(a, b), n  # frozen: the trained weights never moved from the init we rebuild
     after, meta = run_io.load_run(runs / "weighted" / "model")
     before = run_io.initial_model(after, meta)
     assert not torch.equal(after.projector.fc1.weight, before.projector.fc1.weight)
@@ -226,7 +227,7 @@ def test_report_end_to_end(runs, monkeypatch):
     (r,) = run_experiment("experiments/embedding_viz.yaml", params, reports=runs / "reports")
     assert r.status == "FINISHED", r.error
     assert r.metrics["after_retrieval_chance"] == 0.25
-    assert r.metrics["before_cos_clip"] == pytest.approx(r.metrics["after_cos_clip"])  # the lr=0 run
+    assert r.metrics["before_cos_clip"] == pytest.approx(r.metrics["after_cos_clip"])  # the frozen run
     assert "layer_weighted_k_4_stack/after_cka_word" in r.metrics
     page = (r.report_dir / "embedding_map.html").read_text()
     assert embedding_page.remote_references(page) == []
