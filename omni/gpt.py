@@ -32,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from omni.sampling import next_tokens
+
 
 @dataclass
 class GPTConfig:
@@ -388,37 +390,3 @@ class GPT(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         model._build_rotary(config.sequence_len)
         return model
-
-
-def next_tokens(
-    logits: Tensor, done: Tensor, stop_token: int | None, temperature: float, top_k: int | None, top_p: float | None,
-    gen: torch.Generator | None,
-) -> tuple[Tensor, Tensor]:
-    """One decoding step for every backbone: (next tokens (B,), done (B,)). A row that emitted
-    stop_token keeps emitting it (padding); without a stop token no row is ever done."""
-    nxt = sample_next(logits, temperature, top_k, top_p, gen)
-    if stop_token is not None:
-        nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)
-        done = done | (nxt == stop_token)
-    return nxt, done
-
-
-def sample_next(
-    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, gen: torch.Generator | None
-) -> Tensor:
-    """One token per row from (B, V) logits: greedy at temperature 0, else top-k / nucleus sampling."""
-    if temperature <= 0.0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens before it already cover top_p; the most likely always stays
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        drop[:, 0] = False
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(1)

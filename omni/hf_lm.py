@@ -7,7 +7,7 @@ Design choices:
 - Loss on the text positions only (targets -1 = ignore), computed here in float32 rather than by
   HF's `labels`, which would shift the targets a second time.
 - Generation is our own small loop over HF's KV cache (`past_key_values`), so every backbone shares
-  one greedy/sampling rule (omni.gpt.next_tokens) and one `stream` signature.
+  one greedy/sampling rule (omni.sampling.next_tokens) and one `stream` signature.
 - The tokenizer is the model's own (`AutoTokenizer`), with its chat template; BOS is the model's
   bos token, or its eos token where it has none (Qwen), and end of text is the eos token.
 - k-bit loading (`load_in` "8bit" | "4bit") goes through bitsandbytes and needs CUDA: asked for
@@ -119,7 +119,7 @@ class HFLM(nn.Module):
         """Yields the next token of every sample, (B,) long, one step at a time (as omni.gpt.GPT.stream)."""
         from transformers import DynamicCache
 
-        from omni.gpt import next_tokens
+        from omni.sampling import next_tokens
 
         if idx.size(1) == 0:
             raise ValueError("generate needs at least one text token in idx (e.g. BOS) to predict from")
