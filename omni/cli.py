@@ -5,6 +5,7 @@
     omni index                                                   rebuild reports/index.html
     omni data smoke                                              (re)write the smoke wavs
     omni data synth --out data/synth --sentences 3000            synthesized multi-voice corpus
+    omni data instructions --corpus data/synth --out data/instructions   questions about the voice
     omni data librispeech ROOT/train-clean-100 --out M.jsonl     manifest from LibriSpeech
     omni features --manifest M.jsonl --encoder tiny.en --out cache/
     omni transcribe --run RUN_DIR --manifest M.jsonl [--whisper] | AUDIO ...
@@ -76,6 +77,16 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     out = build_corpus(cfg)
     print(f"corpus: {out / 'manifest.jsonl'}")
     print(f"datasheet: {datasheet(out, args.reports)}")
+    return 0
+
+
+def cmd_data_instructions(args: argparse.Namespace) -> int:
+    from omni.data.instructions import InstructionConfig, task_counts, write_instructions
+
+    paths = write_instructions(InstructionConfig(corpus=args.corpus, out=args.out, seed=args.seed))
+    for split, path in paths.items():
+        counts = task_counts(path)
+        print(f"{split}: {sum(counts.values())} questions -> {path}  ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})")
     return 0
 
 
@@ -211,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     dy.add_argument("--workers", type=int, default=2)
     dy.add_argument("--reports", default="reports")
     dy.set_defaults(fn=cmd_data_synth)
+    di = d.add_parser("instructions", help="questions about the voice (conversation manifests) from a synth corpus's labels")
+    di.add_argument("--corpus", default="data/synth")
+    di.add_argument("--out", default="data/instructions")
+    di.add_argument("--seed", type=int, default=0)
+    di.set_defaults(fn=cmd_data_instructions)
     dl = d.add_parser("librispeech", help="manifest from a LibriSpeech split folder")
     dl.add_argument("root")
     dl.add_argument("--out", required=True)
