@@ -250,6 +250,6 @@ def plot_scores(results: Mapping[str, Mapping[str, TaskScore]], title: str = "")
     ax.set_ylabel("accuracy")
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=8, ncol=min(len(names) + 1, 5), loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars reach 1.0
     fig.tight_layout()
     return fig
