@@ -27,7 +27,7 @@ TASKS = ("gender", "style", "same_speaker", "last_word")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("instruct")
     rows = fake_rows({"train": 24, "val": 8, "test": 8})
-    sets = build_instructions(rows, InstructionConfig(seed=0, tasks=TASKS))
+    sets = build_instructions(rows, InstructionConfig(seed=0, tasks=TASKS, chains=0))  # tiny_lm: 256 positions
     for split in ("train", "val", "test"):
         write_manifest(root / "instr" / f"{split}.jsonl", sets[split])
     cache = fake_cache(root / "cache", rows, informative=True)

@@ -12,7 +12,7 @@ from omni.data.instructions import (
     LETTERS, STYLE_NAMES, TASKS, InstructionConfig, accent_name, build_instructions, load_corpus_rows,
     words, write_instructions,
 )
-from omni.data.manifest import read_manifest
+from omni.data.manifest import AUDIO_TAG, read_manifest
 
 
 def small_corpus_config(out: Path):
@@ -66,7 +66,7 @@ def test_every_task_present_in_train_and_test(sets):
     _, s = sets
     for split in ("train", "test"):
         tasks = collections.Counter(q["task"] for q in s[split])
-        assert set(tasks) == set(TASKS), (split, tasks)
+        assert set(tasks) == set(TASKS) | ({"multi_turn"} if split == "train" else set()), (split, tasks)
     fmts = collections.Counter((q["task"], q["format"]) for q in s["train"] + s["test"])
     assert fmts[("gender", "mc")] and fmts[("gender", "open")] and fmts[("accent", "mc")]
     assert all(q["format"] == "open" for q in s["train"] if q["task"] in ("transcribe", "same_speaker"))
@@ -76,11 +76,16 @@ def test_answers_agree_with_labels(sets):
     rows, s = sets
     by_id = {r["clip_id"]: r for r in rows}
     n_yes = collections.Counter()
+    where = collections.Counter()
     for q in s["train"] + s["val"] + s["test"]:
+        if q["task"] == "multi_turn":
+            continue
         user, bot = q["conversations"]
         assert bot["value"] == q["answer"]
         r = by_id[q["clip_ids"][0]]
-        assert user["value"].startswith(f"<audio>{r['audio']}</audio>")
+        tag = " ".join(f"<audio>{by_id[c]['audio']}</audio>" for c in q["clip_ids"])
+        assert user["value"].startswith(tag) or user["value"].endswith(tag)
+        where[user["value"].startswith("<audio>")] += 1
         if q["format"] == "mc":  # letters, lettered options in the question, chance 1/options
             k = LETTERS.index(q["answer"])
             assert f"{q['answer']}) {q['options'][k]}" in user["value"]
@@ -107,12 +112,30 @@ def test_answers_agree_with_labels(sets):
             word = re.search(r"'(.+)'", user["value"]).group(1)
             assert said == ("yes" if word in words(r["text"]) else "no")
             n_yes[t, said] += 1
+    assert where[True] > 2 * where[False] > 0  # audio mostly first, sometimes after the question
     for t in ("same_speaker", "mention"):  # both answers occur: a constant answer cannot score 1
         assert n_yes[t, "yes"] and n_yes[t, "no"], n_yes
     # styles of the corpus become listener words; gender is never asked of a voice without one
     assert {q["options"][LETTERS.index(q["answer"])] for q in s["train"] if q["task"] == "style" and q["format"] == "mc"} \
         <= {"synthetic-sounding", "whispered", "creaky", "normal"}
     assert not [q for q in s["train"] if q["task"] == "gender" and by_id[q["clip_ids"][0]]["gender"] == "other"]
+
+
+def test_multi_turn_chains(sets):
+    """2-3 of a clip's own questions in one conversation; the audio in the first user turn only."""
+    rows, s = sets
+    single = {(q["clip_ids"][0], AUDIO_TAG.sub("", q["conversations"][0]["value"]).strip(), q["answer"])
+              for q in s["train"] if q["task"] != "multi_turn"}
+    chains = [q for q in s["train"] if q["task"] == "multi_turn"]
+    assert chains and not [q for q in s["test"] if q["task"] == "multi_turn"]
+    assert {len(q["conversations"]) for q in chains} == {4, 6}
+    for q in chains:
+        turns = q["conversations"]
+        assert [t["from"] for t in turns] == ["user", "assistant"] * (len(turns) // 2)
+        assert "<audio>" in turns[0]["value"] and not any("<audio>" in t["value"] for t in turns[1:])
+        for u, a in zip(turns[::2], turns[1::2]):
+            assert (q["clip_ids"][0], AUDIO_TAG.sub("", u["value"]).strip(), a["value"]) in single
+        assert q["answer"] == turns[-1]["value"]
 
 
 def test_written_manifests_parse_and_cli(small_corpus, tmp_path, capsys):
@@ -134,6 +157,8 @@ def test_written_manifests_parse_and_cli(small_corpus, tmp_path, capsys):
 def test_bad_config_and_missing_corpus(tmp_path):
     with pytest.raises(ValueError, match="tasks"):
         build_instructions([], InstructionConfig(tasks=("gender", "colour")))
+    with pytest.raises(ValueError, match="chains"):
+        build_instructions([], InstructionConfig(chains=-1))
     with pytest.raises(ValueError, match="max_options"):
         build_instructions([], InstructionConfig(max_options=1))
     with pytest.raises(FileNotFoundError, match="omni data synth"):

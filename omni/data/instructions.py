@@ -30,6 +30,10 @@ Design choices:
   neither "faster" nor "slower" than usual); yes/no questions are balanced per clip by a coin flip,
   so always saying "yes" scores about 0.5, not more. Gender is asked only of voices that have one
   (espeak's klatt variants declare none: label "other").
+- Most questions put the audio before the question, a share (`audio_last`) after it; train and val
+  also get multi-turn conversations (`chains` per clip: 2-3 of the clip's questions, the audio in
+  the first turn only), so training meets audio in the middle of a sequence and follow-up turns.
+  Test sets stay single-turn: one scored question per row.
 - Style names are what a listener would say (STYLE_NAMES): whisper -> whispered, croak -> creaky,
   klatt -> synthetic-sounding, elderly, normal.
 """
@@ -42,7 +46,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from omni.data.manifest import read_manifest, write_manifest
+from omni.data.manifest import AUDIO_TAG, read_manifest, write_manifest
 from omni.data.synth import SPLITS
 
 TASKS = ("transcribe", "gender", "accent", "rate", "rate_compare", "pitch", "pitch_compare", "style",
@@ -94,6 +98,8 @@ class InstructionConfig:
     tasks: tuple[str, ...] = TASKS  # which tasks to ask
     mc_fraction: float = 0.5  # share of closed-label questions asked as lettered multiple choice
     max_options: int = 4  # options shown in a multiple-choice question (fewer if the label has fewer)
+    audio_last: float = 0.25  # share of questions whose audio tag comes after the question text
+    chains: int = 1  # per clip of every split but test*: multi-turn conversations of 2-3 of its questions
 
 
 def words(text: str) -> list[str]:
@@ -116,6 +122,10 @@ def _check(cfg: InstructionConfig) -> None:
                          else "InstructionConfig.tasks is empty")
     if not 0.0 <= cfg.mc_fraction <= 1.0:
         raise ValueError(f"InstructionConfig.mc_fraction must be in [0, 1], got {cfg.mc_fraction}")
+    if not 0.0 <= cfg.audio_last <= 1.0:
+        raise ValueError(f"InstructionConfig.audio_last must be in [0, 1], got {cfg.audio_last}")
+    if cfg.chains < 0:
+        raise ValueError(f"InstructionConfig.chains must be >= 0, got {cfg.chains}")
     if not 2 <= cfg.max_options <= len(LETTERS):
         raise ValueError(f"InstructionConfig.max_options must be in 2..{len(LETTERS)}, got {cfg.max_options}")
 
@@ -228,7 +238,9 @@ def _question(cfg: InstructionConfig, task: str, r: dict, split_rows: list[dict]
             answer = LETTERS[shown.index(answer)]
         elif task == "accent" or task == "style":  # an open question names the answer set
             phrasing = f"{phrasing} Answer with one of: {', '.join(options)}."
-    user = " ".join(_tag(a) for a in audios) + " " + phrasing
+    tags = " ".join(_tag(a) for a in audios)
+    # mostly the audio first; sometimes after the question, so the model meets audio mid-sequence too
+    user = f"{phrasing} {tags}" if rng.random() < cfg.audio_last else f"{tags} {phrasing}"
     label = TASK_LABEL[task]
     return {
         "conversations": [{"from": "user", "value": user}, {"from": "assistant", "value": answer}],
@@ -256,8 +268,30 @@ def build_instructions(rows: list[dict], cfg: InstructionConfig) -> dict[str, li
         by_split[r["split"]].append(r)
     for split in [s for s in SPLITS if s in by_split] + sorted(set(by_split) - set(SPLITS)):
         split_rows = by_split[split]
-        out[split] = [q for r in split_rows for t in cfg.tasks
-                      if (q := _question(cfg, t, r, split_rows, answer_sets)) is not None]
+        out[split] = []
+        for r in split_rows:
+            qs = [q for t in cfg.tasks if (q := _question(cfg, t, r, split_rows, answer_sets)) is not None]
+            out[split] += qs
+            if not split.startswith("test"):  # test sets stay one question per row: the benchmark's unit
+                out[split] += _chains(cfg, r, [q for q in qs if len(q["clip_ids"]) == 1])
+    return out
+
+
+def _chains(cfg: InstructionConfig, r: dict, qs: list[dict]) -> list[dict]:
+    """Multi-turn conversations about one clip: its audio in the first user turn only, the later
+    questions answered from what was heard before (task "multi_turn", the last answer's row)."""
+    rng = random.Random(f"{cfg.seed}:{r['clip_id']}:chains")
+    out = []
+    for _ in range(cfg.chains if len(qs) >= 2 else 0):
+        picked = rng.sample(qs, min(len(qs), rng.choice((2, 3))))
+        turns = []
+        for i, q in enumerate(picked):
+            user, bot = q["conversations"]
+            text = user["value"] if i == 0 else AUDIO_TAG.sub("", user["value"]).strip()
+            turns += [{"from": "user", "value": text}, dict(bot)]
+        out.append({"conversations": turns, "task": "multi_turn", "label": None, "label_value": None, "format": "open",
+                    "answer": picked[-1]["answer"], "options": [], "chance": 0.0, "clip_ids": [r["clip_id"]],
+                    "texts": [r["text"]], "voices": [r["voice"]], "split": r["split"]})
     return out
 
 
