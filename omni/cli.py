@@ -9,6 +9,7 @@
     omni data librispeech ROOT/train-clean-100 --out M.jsonl     manifest from LibriSpeech
     omni features --manifest M.jsonl --encoder tiny.en --out cache/
     omni transcribe --run RUN_DIR --manifest M.jsonl [--whisper] | AUDIO ...
+    omni bench --run RUN [--out reports/bench]                    texture benchmark + baselines of a tuned run
     omni chat --run RUN [--host H --port P] | --cli AUDIO ... [--question Q]   chat demo (web page or terminal)
 
 Imports happen inside the handlers: `omni --help` should not pay for torch or mlflow.
@@ -87,6 +88,23 @@ def cmd_data_instructions(args: argparse.Namespace) -> int:
     for split, path in paths.items():
         counts = task_counts(path)
         print(f"{split}: {sum(counts.values())} questions -> {path}  ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from omni.instruct import bench_run
+
+    results = bench_run(args.run, args.out, args.questions, args.transcripts, args.device, args.max_per_task, args.seed)
+    tasks = sorted({t for r in results.values() for t in r}, key=lambda t: (t == "texture", t))
+    print(f"{'task':14s} {'chance':>7s} " + " ".join(f"{k[:22]:>22s}" for k in results))
+    for t in tasks:
+        cells = [f"{r[t].accuracy:.2f} [{r[t].lo:.2f},{r[t].hi:.2f}]" if t in r else "-" for r in results.values()]
+        chance = next(r[t].chance for r in results.values() if t in r)
+        print(f"{t:14s} {chance:7.2f} " + " ".join(f"{c:>22s}" for c in cells))
+    print(f"-> {Path(args.out) / 'scores.json'}, {Path(args.out) / 'bench.png'}")
     return 0
 
 
@@ -265,6 +283,16 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--device", default="cpu")
     c.set_defaults(fn=cmd_chat)
+
+    b = sub.add_parser("bench", help="texture benchmark of an instruction-tuned run, with its three baselines")
+    b.add_argument("--run", required=True, help="run_instruct output folder")
+    b.add_argument("--out", default="reports/bench")
+    b.add_argument("--questions", default="", help="instruction manifest to ask (default: the run's test.jsonl)")
+    b.add_argument("--transcripts", default="reference", choices=["reference", "whisper"], help="what the transcript-only baseline reads")
+    b.add_argument("--max-per-task", type=int, default=None)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", default="cpu")
+    b.set_defaults(fn=cmd_bench)
 
     args = p.parse_args(argv)
     try:

@@ -247,7 +247,8 @@ def run_instruct(cfg: InstructConfig, cache: FeatureCache | None = None, model: 
             model.gpt.save(lm_dir)
             if (Path(cfg.lm) / "tokenizer.json").exists():
                 shutil.copy(Path(cfg.lm) / "tokenizer.json", lm_dir / "tokenizer.json")
-        meta |= {"lm": str(lm_dir.resolve()), "instruct": asdict(cfg), "val_loss": val_loss}
+        meta |= {"lm": str(lm_dir.resolve()), "features": str(Path(cache.path).resolve()),
+                 "instructions": str(folder.resolve()), "instruct": asdict(cfg), "val_loss": val_loss}
         (Path(cfg.out) / "audio_path.json").write_text(json.dumps(meta, indent=2))
     return InstructResult(cfg, hist, model, val_loss)
 
@@ -291,3 +292,59 @@ def answerer(model: SpeechLM, cache: FeatureCache, max_new_tokens: int = 24):
         return texts
 
     return answer
+
+
+def load_instructed(run: str | Path, device: str = "cpu") -> tuple[SpeechLM, FeatureCache, dict]:
+    """(model, its feature cache, the run's metadata) from a run_instruct output folder."""
+    from omni.align import load_lm
+
+    f = Path(run) / "audio_path.json"
+    meta = json.loads(f.read_text()) if f.is_file() else {}
+    if "instruct" not in meta:
+        raise FileNotFoundError(f"--run {run}: not an instruction-tuned run folder (no {f} written by run_instruct)")
+    dev = pick_device(device)
+    gpt, tok = load_lm(meta["lm"], dev)
+    model = SpeechLM(gpt, tok, meta["n_states"], meta["d_whisper"], SpeechLMConfig(**meta["speech_lm"])).to(dev)
+    model.load_audio_path(run)
+    model.eval()
+    return model, FeatureCache.open(meta["features"]), meta
+
+
+def bench_run(run: str | Path, out: str | Path, questions: str | Path = "", transcripts: str = "reference",
+              device: str = "cpu", max_per_task: int | None = None, seed: int = 0) -> dict:
+    """The benchmark on an instruction-tuned run: the model, and on the same questions the transcript-only
+    LM (the same model, no audio), shuffled audio and the linear-probe ceiling. Writes OUT/scores.json
+    and OUT/bench.png; returns {answerer: {task: TaskScore}}.
+
+    transcripts: "reference" (the corpus text: a perfect transcriber, the strictest text-only
+    baseline) or "whisper" (Whisper's own greedy transcripts, cached beside the features; slow on CPU).
+    """
+    from omni import bench
+    from omni.common import atomic_write
+
+    if transcripts not in ("reference", "whisper"):
+        raise ValueError(f"transcripts must be 'reference' or 'whisper', got {transcripts!r}")
+    model, cache, meta = load_instructed(run, device)
+    qs = bench.load_questions(questions or Path(meta["instructions"]) / "test.jsonl", check_audio=False,
+                              max_per_task=max_per_task, seed=seed)
+    row_of = {r["labels"].get("clip_id"): i for i, r in enumerate(cache.rows)}
+    clips = sorted({c for q in qs for c in q["clip_ids"]})
+    if transcripts == "whisper":
+        from omni.align import whisper_hyps
+
+        text = dict(zip(clips, whisper_hyps(cache, [row_of[c] for c in clips], meta.get("encoder", "tiny.en"))))
+    else:
+        text = {c: cache.rows[row_of[c]]["text"] for c in clips}
+    ask = answerer(model, cache)
+    results = {
+        "model": bench.run_benchmark(qs, ask, seed=seed),
+        f"transcript only ({transcripts})": bench.run_benchmark(bench.transcript_questions(qs, text), ask, seed=seed),
+        "shuffled audio": bench.run_benchmark(bench.shuffled_questions(qs, seed), ask, seed=seed),
+        "linear probe": bench.run_benchmark(qs, bench.probe_answerer(cache, qs, seed=seed), seed=seed),
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "scores.json", json.dumps({k: {t: asdict(v) for t, v in r.items()} for k, r in results.items()}, indent=1))
+    fig = bench.plot_scores(results, title=f"texture benchmark: {len(qs)} questions, {Path(run).name}")
+    fig.savefig(out / "bench.png", dpi=110)
+    return results

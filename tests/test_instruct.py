@@ -2,6 +2,7 @@
 the loss covers assistant tokens only, a few steps lower it, and greedy answers through the soft
 prefix match the full forward."""
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -77,13 +78,29 @@ def test_multi_turn_audio_in_place_and_assistant_only_loss(setup):
     assert abs(conversation_loss(model, [parsed], other)[0].item() - loss.item()) > 1e-6
 
 
-def test_few_steps_lower_the_loss_and_save(setup):
+def test_few_steps_lower_the_loss_save_and_bench(setup, capsys):
     root, rows, cache, cfg = setup
     res = run_instruct(replace(cfg, out=str(root / "run")), cache=cache)
     first, last = sum(res.history.loss[:3]) / 3, sum(res.history.loss[-3:]) / 3
     assert last < first - 0.1, res.history.loss
     assert res.val_loss == res.val_loss and res.val_loss < 10
     assert (root / "run" / "audio_path.safetensors").is_file() and (root / "run" / "lm" / "model.safetensors").is_file()
+
+    # the saved run reloads as it was, and `omni bench` scores it with its three baselines
+    from omni.cli import main
+    from omni.instruct import load_instructed
+
+    loaded, _, _ = load_instructed(root / "run")
+    qs = load_questions(root / "instr" / "test.jsonl", check_audio=False)
+    assert answerer(loaded, cache)(qs[:5]) == answerer(res.model, cache)(qs[:5])
+    assert main(["bench", "--run", str(root / "run"), "--out", str(root / "bench")]) == 0
+    printed = capsys.readouterr().out
+    assert "texture" in printed and "linear probe" in printed
+    scores = json.loads((root / "bench" / "scores.json").read_text())
+    assert set(scores) == {"model", "transcript only (reference)", "shuffled audio", "linear probe"}
+    assert scores["model"]["gender"]["n"] == sum(q["task"] == "gender" for q in qs)
+    assert "transcribe" not in scores["linear probe"] and (root / "bench" / "bench.png").stat().st_size > 1000
+    assert main(["bench", "--run", str(root)]) == 2  # not a run folder: one line, exit 2
 
 
 
