@@ -196,6 +196,19 @@ def _states_for(cache: FeatureCache, convs: Sequence[Conversation], where: str) 
     return dict(zip(clips, cache.load_states([by_audio[c] for c in clips])))
 
 
+def check_lengths(model: SpeechLM, convs: Sequence[Conversation], states: dict[Path, torch.Tensor], where: str) -> int:
+    """The longest conversation in tokens (audio included); a ValueError naming the row if one is over
+    the LM's sequence_len, before any training step."""
+    max_len, longest = model.gpt.config.sequence_len, 0
+    for i, c in enumerate(convs):
+        seq, _ = encode(c, model.tokenizer)
+        n = sum(int(model.projector.token_lengths(torch.tensor(states[s].size(1)))) if isinstance(s, Path) else 1 for s in seq)
+        if n > max_len:
+            raise ValueError(f"{where}: row {i + 1} is {n} tokens with its audio, over the LM's sequence_len={max_len}")
+        longest = max(longest, n)
+    return longest
+
+
 def build_model(cfg: InstructConfig, cache: FeatureCache, device: torch.device) -> SpeechLM:
     from omni.align import load_lm
 
@@ -219,6 +232,8 @@ def run_instruct(cfg: InstructConfig, cache: FeatureCache | None = None, model: 
     val_states = _states_for(cache, val_convs, str(folder / "val.jsonl")) if val_convs else {}
     device = pick_device(cfg.device)
     model = model or build_model(cfg, cache, device)
+    check_lengths(model, train_convs, train_states, str(folder / "train.jsonl"))
+    check_lengths(model, val_convs, val_states, str(folder / "val.jsonl"))
     train_lm = cfg.trainable == "projector+lm"
     for p in model.gpt.parameters():
         p.requires_grad_(train_lm)

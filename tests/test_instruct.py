@@ -140,6 +140,9 @@ def test_projector_only_keeps_the_lm_and_bad_input(setup):
     assert not torch.equal(proj, model.projector.fc2.weight)
     with pytest.raises(ValueError, match="trainable"):
         run_instruct(replace(cfg, trainable="lora"), cache=cache)
+    with pytest.raises(ValueError, match=r"train.jsonl: row 1 is \d+ tokens with its audio, over the LM's sequence_len=16"):
+        model.gpt.config.sequence_len = 16
+        run_instruct(cfg, cache=cache, model=model)
     small = fake_cache(root / "small_cache", rows[:4], informative=False)
     with pytest.raises(ValueError, match="not in the feature cache"):
         run_instruct(cfg, cache=small)
