@@ -236,7 +236,7 @@ def plot_scores(results: Mapping[str, Mapping[str, TaskScore]], title: str = "")
     tasks = sorted({t for r in results.values() for t in r}, key=lambda t: (t == "texture", t))
     names = list(results)
     width = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(tasks) * max(1, len(names)) / 2 + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6.0, len(tasks) * (0.4 + 0.2 * len(names))), 3.6))
     x = np.arange(len(tasks))
     for j, name in enumerate(names):
         s = [results[name].get(t) for t in tasks]
