@@ -284,17 +284,12 @@ def evaluate_loss(model: SpeechLM, convs: Sequence[Conversation], states: dict[P
 def answerer(model: SpeechLM, cache: FeatureCache, max_new_tokens: int = 24):
     """A benchmark answerer (omni.bench): greedy answers to question rows ("question", "audios")."""
     tok = model.tokenizer
-    by_audio = {Path(r["audio"]).resolve(): i for i, r in enumerate(cache.rows)}
 
     @torch.no_grad()
     def answer(qs: list[dict]) -> list[str]:
         model.eval()
         convs = [[("user", [Path(a).resolve() for a in q["audios"]] + [q["question"]])] for q in qs]
-        clips = sorted({s for c in convs for s in c[0][1] if isinstance(s, Path)})
-        missing = [c for c in clips if c not in by_audio]
-        if missing:
-            raise ValueError(f"{len(missing)} question clip(s) not in the feature cache {cache.path}, e.g. {missing[0]}")
-        states = dict(zip(clips, cache.load_states([by_audio[c] for c in clips])))
+        states = _states_for(cache, convs, "the benchmark's questions")
         seqs = [encode(c, tok)[0] + tok.encode(ASSISTANT) for c in convs]
         idx, embeds, lengths, _ = assemble(model, seqs, states)
         last = idx[torch.arange(len(seqs)), lengths - 1][:, None]
