@@ -5,7 +5,6 @@ gets the text and no audio, and a probe on informative fake Whisper states beats
 import json
 import random
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -14,7 +13,7 @@ from omni.bench import (
     is_correct, load_questions, plot_scores, probe_answerer, run_benchmark, score, shuffled_questions,
     transcript_questions,
 )
-from omni.data.instructions import LETTERS, InstructionConfig, build_instructions, label_answer
+from omni.data.instructions import LETTERS, TASK_LABEL, InstructionConfig, build_instructions, label_answer
 from omni.data.manifest import write_manifest
 
 ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-029")
@@ -68,8 +67,6 @@ def audio_oracle(rows):
             if q["task"] == "same_speaker":
                 out.append("yes" if r["voice"] == by_audio[q["audios"][1]]["voice"] else "no")
                 continue
-            from omni.data.instructions import TASK_LABEL
-
             label = TASK_LABEL.get(q["task"])
             if not label:
                 out.append(q["answer"])  # content tasks: not what this test is about
