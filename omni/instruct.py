@@ -62,6 +62,7 @@ class InstructConfig:
     batch_size: int = 16  # conversations per step
     lr: float = 1e-3
     warmup: int = 20
+    eval_every: int = 0  # steps between val-loss evaluations; 0 = only at the end
     seed: int = 0  # batches, init
     device: str = "auto"
     dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs float32
@@ -249,10 +250,14 @@ def run_instruct(cfg: InstructConfig, cache: FeatureCache | None = None, model: 
     params |= {f"projector.{n}": p for n, p in model.projector.named_parameters()}
     if train_lm:
         params |= {f"gpt.{n}": p for n, p in model.gpt.named_parameters()}
-    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, dtype=cfg.dtype, progress=False,
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, dtype=cfg.dtype, progress=False, eval_every=cfg.eval_every,
                        ckpt_every=max(1, cfg.steps // 4) if cfg.out else 0, ckpt_dir=str(Path(cfg.out) / "resume") if cfg.out else "")
-    hist = train(params, loss_fn, tcfg)
-    val_loss = evaluate_loss(model, val_convs, val_states, cfg.batch_size) if val_convs else float("nan")
+
+    def eval_fn(step: int) -> dict[str, float]:  # the val-loss curve; train() calls it at the end too
+        return {"val_loss": evaluate_loss(model, val_convs, val_states, cfg.batch_size)}
+
+    hist = train(params, loss_fn, tcfg, eval_fn=eval_fn if val_convs else None)
+    val_loss = hist.evals[-1]["val_loss"] if val_convs else float("nan")
     if cfg.out:
         model.save_audio_path(cfg.out)
         meta = json.loads((Path(cfg.out) / "audio_path.json").read_text())

@@ -80,7 +80,8 @@ def test_multi_turn_audio_in_place_and_assistant_only_loss(setup):
 
 def test_few_steps_lower_the_loss_save_and_bench(setup, capsys):
     root, rows, cache, cfg = setup
-    res = run_instruct(replace(cfg, out=str(root / "run")), cache=cache)
+    res = run_instruct(replace(cfg, out=str(root / "run"), eval_every=6), cache=cache)
+    assert [e["step"] for e in res.history.evals] == [5, 11] and res.history.evals[-1]["val_loss"] == res.val_loss
     first, last = sum(res.history.loss[:3]) / 3, sum(res.history.loss[-3:]) / 3
     assert last < first - 0.1, res.history.loss
     assert res.val_loss == res.val_loss and res.val_loss < 10
