@@ -41,7 +41,7 @@ import numpy as np
 
 from omni.common import derangement
 from omni.data.instructions import LETTERS, TASK_LABEL, TEXTURE_TASKS, label_answer
-from omni.data.manifest import read_manifest
+from omni.data.manifest import USER_ROLES, read_manifest
 from omni.metrics import normalize_text
 
 MIN_QUESTIONS = 300  # the benchmark's size when the corpus is big enough; fewer gives a warning
@@ -68,7 +68,7 @@ def load_questions(path: str | Path, check_audio: bool = True, max_per_task: int
     for e in m:
         if e.turns is None or "task" not in e.labels or "answer" not in e.labels:
             raise ValueError(f"{path}:{e.line}: not an instruction row (needs conversations, task, answer)")
-        user = [t for t in e.turns if t.role in ("user", "human")][-1]
+        user = [t for t in e.turns if t.role in USER_ROLES][-1]
         rows.append(dict(e.labels, question=user.text, audios=[str(p) for p in e.audios], line=e.line))
     if max_per_task is not None:
         rng = np.random.default_rng(seed)
