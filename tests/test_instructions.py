@@ -20,7 +20,7 @@ def small_corpus_config(out: Path):
     second clip of the voice) and every style and accent of the tasks appears; about 30 clips."""
     from omni.data.synth import SynthConfig
 
-    return SynthConfig(out=str(out), n_sentences=24, min_words=3, max_words=6, test_fraction=0.34, workers=1,
+    return SynthConfig(out=str(out), sentences=24, min_words=3, max_words=6, test_fraction=0.34, workers=1,
                        accents=("en-us", "en-gb"), variants=("f1", "m1", "klatt", "whisper", "croak", "f4", "m4"),
                        heldout_variants=("f4", "m4"))
 
