@@ -5,9 +5,11 @@
     omni index                                                   rebuild reports/index.html
     omni data smoke                                              (re)write the smoke wavs
     omni data synth --out data/synth --sentences 3000            synthesized multi-voice corpus
+    omni data instructions --corpus data/synth --out data/instructions   questions about the voice
     omni data librispeech ROOT/train-clean-100 --out M.jsonl     manifest from LibriSpeech
     omni features --manifest M.jsonl --encoder tiny.en --out cache/
     omni transcribe --run RUN_DIR --manifest M.jsonl [--whisper] | AUDIO ...
+    omni bench --run RUN [--out reports/bench]                    texture benchmark + baselines of a tuned run
     omni chat --run RUN [--host H --port P] | --cli AUDIO ... [--question Q]   chat demo (web page or terminal)
 
 Imports happen inside the handlers: `omni --help` should not pay for torch or mlflow.
@@ -76,6 +78,33 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     out = build_corpus(cfg)
     print(f"corpus: {out / 'manifest.jsonl'}")
     print(f"datasheet: {datasheet(out, args.reports)}")
+    return 0
+
+
+def cmd_data_instructions(args: argparse.Namespace) -> int:
+    from omni.data.instructions import InstructionConfig, task_counts, write_instructions
+
+    paths = write_instructions(InstructionConfig(corpus=args.corpus, out=args.out, seed=args.seed))
+    for split, path in paths.items():
+        counts = task_counts(path)
+        print(f"{split}: {sum(counts.values())} questions -> {path}  ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from omni.instruct import bench_run
+
+    results = bench_run(args.run, args.out, args.questions, args.transcripts, args.device, args.max_per_task, args.seed)
+    tasks = sorted({t for r in results.values() for t in r}, key=lambda t: (t == "texture", t))
+    print(f"{'task':14s} {'chance':>7s} " + " ".join(f"{k[:22]:>22s}" for k in results))
+    for t in tasks:
+        cells = [f"{r[t].accuracy:.2f} [{r[t].lo:.2f},{r[t].hi:.2f}]" if t in r else "-" for r in results.values()]
+        chance = next(r[t].chance for r in results.values() if t in r)
+        print(f"{t:14s} {chance:7.2f} " + " ".join(f"{c:>22s}" for c in cells))
+    print(f"-> {Path(args.out) / 'scores.json'}, {Path(args.out) / 'bench.png'}")
     return 0
 
 
@@ -211,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     dy.add_argument("--workers", type=int, default=2)
     dy.add_argument("--reports", default="reports")
     dy.set_defaults(fn=cmd_data_synth)
+    di = d.add_parser("instructions", help="questions about the voice (conversation manifests) from a synth corpus's labels")
+    di.add_argument("--corpus", default="data/synth")
+    di.add_argument("--out", default="data/instructions")
+    di.add_argument("--seed", type=int, default=0)
+    di.set_defaults(fn=cmd_data_instructions)
     dl = d.add_parser("librispeech", help="manifest from a LibriSpeech split folder")
     dl.add_argument("root")
     dl.add_argument("--out", required=True)
@@ -249,6 +283,16 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--device", default="cpu")
     c.set_defaults(fn=cmd_chat)
+
+    b = sub.add_parser("bench", help="texture benchmark of an instruction-tuned run, with its three baselines")
+    b.add_argument("--run", required=True, help="run_instruct output folder")
+    b.add_argument("--out", default="reports/bench")
+    b.add_argument("--questions", default="", help="instruction manifest to ask (default: the run's test.jsonl)")
+    b.add_argument("--transcripts", default="reference", choices=["reference", "whisper"], help="what the transcript-only baseline reads")
+    b.add_argument("--max-per-task", type=int, default=None)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", default="cpu")
+    b.set_defaults(fn=cmd_bench)
 
     args = p.parse_args(argv)
     try:

@@ -220,15 +220,20 @@ class GPT(nn.Module):
         audio: Tensor | None = None,
         audio_mask: Tensor | None = None,
         kv_cache: KVCache | None = None,
+        embeds: Tensor | None = None,
     ) -> Tensor:
         """Logits (B, T, V) float32 for the text positions, or the mean text loss if targets are given.
 
         idx (B, T) text tokens; audio (B, A, D) soft tokens prepended before idx; audio_mask (B, A)
         bool, True = real, padding on the left. targets (B, T) aligned with idx, -1 = ignore.
+        embeds (B, T, D): the inputs at idx's positions instead of embed(idx), for audio spliced into
+        the middle of a text (omni.instruct); logits and loss are computed at every position.
         With kv_cache, the call appends to the cache (an audio prefix only on the first call).
         """
         B, T = idx.shape
-        x = self.embed(idx)
+        if embeds is not None and embeds.shape != (B, T, self.config.n_embd):
+            raise ValueError(f"embeds must be (B={B}, T={T}, n_embd={self.config.n_embd}), got {tuple(embeds.shape)}")
+        x = self.embed(idx) if embeds is None else embeds
         A = 0
         if audio is not None:
             if audio.ndim != 3 or audio.size(0) != B or audio.size(2) != self.config.n_embd:

@@ -1,0 +1,365 @@
+"""Instruction tuning on conversations about audio, with the one training loop (omni.train.train).
+
+A conversation (omni.data.manifest's format, e.g. from omni.data.instructions) becomes one token
+sequence, the audio spliced in where its tag stands:
+
+    [BOS] User: <audio tokens of clip 1> <audio tokens of clip 2> Same speaker?\\n Assistant: no[BOS] User: ...
+
+Design choices:
+- The loss is on assistant turns only: each answer's tokens and the BOS that closes it (BOS doubles
+  as end-of-text, as in omni.speech_lm, so generation stops on it). User text, audio, the role
+  words and system text are context with target -1.
+- Audio sits where its tag stands, not only as a prefix: the sequence is assembled as embeddings
+  (text through the GPT's own `embed`, each clip through SpeechLM's `audio_tokens`) and run through
+  the GPT with `embeds=` (a small keyword of GPT.forward), so any turn may carry audio anywhere.
+- Sequences are right-padded with target -1: the attention is causal, so padding after a
+  sequence cannot change it, and the fast is_causal path stays on.
+- Clips come from the Whisper feature cache (omni.data.features), looked up by absolute audio path:
+  the encoder never runs during training. A conversation naming a clip missing from the cache is
+  an error before training starts.
+- Batches are drawn from a Random seeded by (seed, step), so a run is reproducible and a resumed
+  run draws the same batches. `trainable` is "projector" or "projector+lm" (LoRA comes with the
+  backbone work as "projector+lora").
+- Answers for the benchmark (`answerer`) are greedy: the prompt up to "Assistant: " minus its last
+  token goes in as GPT's left-padded soft prefix, its last token as idx, so the one decoding loop
+  (GPT.stream) is used as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from omni.data.features import FeatureCache
+from omni.data.manifest import ASSISTANT_ROLES, AUDIO_TAG, USER_ROLES, read_manifest
+from omni.speech_lm import SpeechLM, SpeechLMConfig, collate_states, left_pad
+from omni.train import History, TrainConfig, pick_device, train
+
+TRAINABLE = ("projector", "projector+lm")
+USER, ASSISTANT = "User: ", "Assistant: "
+
+Segment = str | Path  # text, or the resolved path of a clip
+Conversation = list[tuple[str, list[Segment]]]  # (role, segments in order)
+
+
+@dataclass
+class InstructConfig:
+    instructions: str = "data/instructions"  # folder with train.jsonl and val.jsonl (omni data instructions)
+    features: str = ""  # feature cache folder (FeatureCache) holding every clip the conversations name
+    lm: str = "runs/lm"  # pretrained LM folder (GPT.save + tokenizer.json, or bytes)
+    audio_path: str = ""  # an alignment run's model folder to start select+projector from; "" = fresh
+    layer: str = "weighted"  # Whisper state(s) for the projector (as omni.speech_lm)
+    k: int = 4  # frames per audio token
+    projector: str = "stack"  # stack | conv | avg
+    trainable: str = "projector+lm"  # projector | projector+lm
+    steps: int = 200
+    batch_size: int = 16  # conversations per step
+    lr: float = 1e-3
+    warmup: int = 20
+    eval_every: int = 0  # steps between val-loss evaluations; 0 = only at the end
+    seed: int = 0  # batches, init
+    device: str = "auto"
+    dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs float32
+    out: str = ""  # folder for the trained audio path (and LM, if it trained); "" = not saved
+
+
+@dataclass
+class InstructResult:
+    config: InstructConfig
+    history: History
+    model: SpeechLM
+    val_loss: float
+
+
+def read_conversations(path: str | Path) -> list[Conversation]:
+    """Conversations of a manifest (validated by read_manifest, audio not opened: the cache has it),
+    each turn split into text and audio segments in the order they are written."""
+    path = Path(path)
+    examples = read_manifest(path, check_audio=False).examples
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out = []
+    for e in examples:
+        if e.turns is None:
+            raise ValueError(f"{path}:{e.line}: a flat row; instruction tuning needs conversation rows")
+        conv: Conversation = []
+        for t in json.loads(lines[e.line - 1])["conversations"]:
+            parts = AUDIO_TAG.split(t["value"])  # text, path, text, path, ..., text
+            segs: list[Segment] = []
+            for i, part in enumerate(parts):
+                if i % 2:
+                    p = Path(part.strip()).expanduser()
+                    segs.append(Path((p if p.is_absolute() else path.parent / p).resolve()))
+                elif part.strip():
+                    segs.append(" ".join(part.split()))
+            conv.append((t["from"].strip().lower(), segs))
+        out.append(conv)
+    return out
+
+
+def encode(conv: Conversation, tok) -> tuple[list[int | Path], list[bool]]:
+    """Token ids (a Path where a clip goes) and, per position, whether it is an assistant token to
+    predict (answer tokens and their closing BOS)."""
+    items: list[int | Path] = [tok.bos_id]
+    train_mask = [False]
+    for role, segs in conv:
+        if role in ASSISTANT_ROLES:
+            head, body = tok.encode(ASSISTANT), tok.encode(" ".join(s for s in segs if isinstance(s, str))) + [tok.bos_id]
+            items += head + body
+            train_mask += [False] * len(head) + [True] * len(body)
+            continue
+        head = tok.encode(USER if role in USER_ROLES else "")
+        items += head
+        train_mask += [False] * len(head)
+        for j, s in enumerate(segs):
+            ids = [s] if isinstance(s, Path) else tok.encode((" " if j else "") + s)
+            items += ids
+            train_mask += [False] * len(ids)
+        nl = tok.encode("\n")
+        items += nl
+        train_mask += [False] * len(nl)
+    return items, train_mask
+
+
+def assemble(model: SpeechLM, seqs: Sequence[list[int | Path]], states: dict[Path, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[Path, int]]:
+    """(idx (B, L), embeds (B, L, D), lengths (B,), audio tokens per clip): each sequence's clips
+    expanded into their audio tokens, right-padded; idx holds 0 at audio and padding positions
+    (only embeds is read there)."""
+    device = model.gpt_device
+    clips = sorted({s for seq in seqs for s in seq if isinstance(s, Path)})
+    tokens, n_tok = None, {}
+    if clips:
+        hidden, frames = collate_states([states[c].float() for c in clips])
+        audio, lengths = model.audio_tokens(hidden.to(device), frames.to(device))
+        tokens = {c: audio[i, : int(lengths[i])] for i, c in enumerate(clips)}
+        n_tok = {c: int(lengths[i]) for i, c in enumerate(clips)}
+    rows, where = [], []  # ids per sequence; (batch, start, clip) of each audio span
+    for b, seq in enumerate(seqs):
+        ids: list[int] = []
+        for s in seq:
+            if isinstance(s, Path):
+                where.append((b, len(ids), s))
+                ids += [0] * n_tok[s]
+            else:
+                ids.append(s)
+        rows.append(ids)
+    L = max(len(r) for r in rows)
+    idx = torch.zeros(len(rows), L, dtype=torch.long, device=device)
+    for b, r in enumerate(rows):
+        idx[b, : len(r)] = torch.tensor(r, device=device)
+    embeds = model.gpt.embed(idx)
+    if where:
+        bi = torch.cat([torch.full((n_tok[c],), b, device=device) for b, _, c in where])
+        pi = torch.cat([torch.arange(p, p + n_tok[c], device=device) for _, p, c in where])
+        vals = torch.cat([tokens[c] for _, _, c in where]).to(embeds.dtype)
+        embeds = embeds.index_put((bi, pi), vals)  # out of place: gradients reach the projector
+    return idx, embeds, torch.tensor([len(r) for r in rows], device=device), n_tok
+
+
+def expand_mask(seq: list[int | Path], mask: list[bool], n_tok: dict[Path, int]) -> list[bool]:
+    """A per-item mask stretched over each clip's audio tokens (audio is never a target)."""
+    out: list[bool] = []
+    for s, m in zip(seq, mask):
+        out += [False] * n_tok[s] if isinstance(s, Path) else [m]
+    return out
+
+
+def conversation_batch(model: SpeechLM, convs: Sequence[Conversation], states: dict[Path, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(idx, embeds, targets) of a batch: targets[b, p] is the token at p + 1 where that token is an
+    assistant token to predict, else -1 (user text, audio, role words, padding)."""
+    encoded = [encode(c, model.tokenizer) for c in convs]
+    idx, embeds, _, n_tok = assemble(model, [s for s, _ in encoded], states)
+    targets = torch.full_like(idx, -1)
+    for b, (seq, mask) in enumerate(encoded):
+        m = expand_mask(seq, mask, n_tok)
+        train_pos = torch.tensor(m[1:], device=idx.device)
+        targets[b, : len(m) - 1] = torch.where(train_pos, idx[b, 1 : len(m)], -1)
+    return idx, embeds, targets
+
+
+def conversation_loss(model: SpeechLM, convs: Sequence[Conversation], states: dict[Path, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the assistant tokens of a batch of conversations, and their count."""
+    idx, embeds, targets = conversation_batch(model, convs, states)
+    return model.gpt(idx, targets=targets, embeds=embeds), int((targets >= 0).sum())
+
+
+def _states_for(cache: FeatureCache, convs: Sequence[Conversation], where: str) -> dict[Path, torch.Tensor]:
+    by_audio = {Path(r["audio"]).resolve(): i for i, r in enumerate(cache.rows)}
+    clips = sorted({s for c in convs for _, segs in c for s in segs if isinstance(s, Path)})
+    missing = [c for c in clips if c not in by_audio]
+    if missing:
+        raise ValueError(f"{where}: {len(missing)} clip(s) not in the feature cache {cache.path}, e.g. {missing[0]}")
+    return dict(zip(clips, cache.load_states([by_audio[c] for c in clips])))
+
+
+def check_lengths(model: SpeechLM, convs: Sequence[Conversation], states: dict[Path, torch.Tensor], where: str) -> int:
+    """The longest conversation in tokens (audio included); a ValueError naming the row if one is over
+    the LM's sequence_len, before any training step."""
+    max_len, longest = model.gpt.config.sequence_len, 0
+    for i, c in enumerate(convs):
+        seq, _ = encode(c, model.tokenizer)
+        n = sum(int(model.projector.token_lengths(torch.tensor(states[s].size(1)))) if isinstance(s, Path) else 1 for s in seq)
+        if n > max_len:
+            raise ValueError(f"{where}: row {i + 1} is {n} tokens with its audio, over the LM's sequence_len={max_len}")
+        longest = max(longest, n)
+    return longest
+
+
+def build_model(cfg: InstructConfig, cache: FeatureCache, device: torch.device) -> SpeechLM:
+    from omni.align import load_lm
+
+    gpt, tok = load_lm(cfg.lm, device)
+    torch.manual_seed(cfg.seed)
+    model = SpeechLM(gpt, tok, cache.n_states, cache.d_model, SpeechLMConfig(cfg.layer, cfg.k, cfg.projector)).to(device)
+    if cfg.audio_path:
+        model.load_audio_path(cfg.audio_path)
+    return model
+
+
+def run_instruct(cfg: InstructConfig, cache: FeatureCache | None = None, model: SpeechLM | None = None) -> InstructResult:
+    """Train on OUT/train.jsonl's conversations, report the loss on val.jsonl; save to cfg.out."""
+    if cfg.trainable not in TRAINABLE:
+        raise ValueError(f"trainable {cfg.trainable!r} is not one of {TRAINABLE} (parameter `trainable`)")
+    folder = Path(cfg.instructions)
+    train_convs = read_conversations(folder / "train.jsonl")
+    val_convs = read_conversations(folder / "val.jsonl") if (folder / "val.jsonl").is_file() else []
+    cache = cache or FeatureCache.open(cfg.features)
+    train_states = _states_for(cache, train_convs, str(folder / "train.jsonl"))
+    val_states = _states_for(cache, val_convs, str(folder / "val.jsonl")) if val_convs else {}
+    device = pick_device(cfg.device)
+    model = model or build_model(cfg, cache, device)
+    check_lengths(model, train_convs, train_states, str(folder / "train.jsonl"))
+    check_lengths(model, val_convs, val_states, str(folder / "val.jsonl"))
+    train_lm = cfg.trainable == "projector+lm"
+    for p in model.gpt.parameters():
+        p.requires_grad_(train_lm)
+    model.train()
+    model.gpt.train(train_lm)
+
+    def loss_fn(step: int):
+        rng = random.Random(f"{cfg.seed}:batch:{step}")
+        batch = rng.sample(train_convs, min(cfg.batch_size, len(train_convs)))
+        return conversation_loss(model, batch, train_states)
+
+    params = {f"select.{n}": p for n, p in model.select.named_parameters()}
+    params |= {f"projector.{n}": p for n, p in model.projector.named_parameters()}
+    if train_lm:
+        params |= {f"gpt.{n}": p for n, p in model.gpt.named_parameters()}
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, dtype=cfg.dtype, progress=False, eval_every=cfg.eval_every,
+                       ckpt_every=max(1, cfg.steps // 4) if cfg.out else 0, ckpt_dir=str(Path(cfg.out) / "resume") if cfg.out else "")
+
+    def eval_fn(step: int) -> dict[str, float]:  # the val-loss curve; train() calls it at the end too
+        return {"val_loss": evaluate_loss(model, val_convs, val_states, cfg.batch_size)}
+
+    hist = train(params, loss_fn, tcfg, eval_fn=eval_fn if val_convs else None)
+    val_loss = hist.evals[-1]["val_loss"] if val_convs else float("nan")
+    if cfg.out:
+        model.save_audio_path(cfg.out)
+        meta = json.loads((Path(cfg.out) / "audio_path.json").read_text())
+        lm_dir = Path(cfg.lm)
+        if train_lm:
+            lm_dir = Path(cfg.out) / "lm"
+            model.gpt.save(lm_dir)
+            if (Path(cfg.lm) / "tokenizer.json").exists():
+                shutil.copy(Path(cfg.lm) / "tokenizer.json", lm_dir / "tokenizer.json")
+        meta |= {"lm": str(lm_dir.resolve()), "features": str(Path(cache.path).resolve()),
+                 "instructions": str(folder.resolve()), "instruct": asdict(cfg), "val_loss": val_loss}
+        (Path(cfg.out) / "audio_path.json").write_text(json.dumps(meta, indent=2))
+    return InstructResult(cfg, hist, model, val_loss)
+
+
+@torch.no_grad()
+def evaluate_loss(model: SpeechLM, convs: Sequence[Conversation], states: dict[Path, torch.Tensor], batch_size: int) -> float:
+    """Token-weighted mean loss over the assistant tokens of `convs`."""
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(convs), batch_size):
+        loss, k = conversation_loss(model, convs[i : i + batch_size], states)
+        total, n = total + loss.item() * k, n + k
+    model.train(was)
+    return total / max(1, n)
+
+
+def answerer(model: SpeechLM, cache: FeatureCache, max_new_tokens: int = 24):
+    """A benchmark answerer (omni.bench): greedy answers to question rows ("question", "audios")."""
+    tok = model.tokenizer
+
+    @torch.no_grad()
+    def answer(qs: list[dict]) -> list[str]:
+        model.eval()
+        convs = [[("user", [Path(a).resolve() for a in q["audios"]] + [q["question"]])] for q in qs]
+        states = _states_for(cache, convs, "the benchmark's questions")
+        seqs = [encode(c, tok)[0] + tok.encode(ASSISTANT) for c in convs]
+        idx, embeds, lengths, _ = assemble(model, seqs, states)
+        last = idx[torch.arange(len(seqs)), lengths - 1][:, None]
+        prefix, mask = left_pad(embeds, lengths - 1)  # everything but the last token, padded on the left
+        out = model.gpt.generate(last, audio=prefix, audio_mask=mask, max_new_tokens=max_new_tokens, stop_token=tok.bos_id)
+        texts = []
+        for row in out.tolist():
+            row = row[: row.index(tok.bos_id)] if tok.bos_id in row else row
+            texts.append(tok.decode(row).strip())
+        return texts
+
+    return answer
+
+
+def load_instructed(run: str | Path, device: str = "cpu") -> tuple[SpeechLM, FeatureCache, dict]:
+    """(model, its feature cache, the run's metadata) from a run_instruct output folder."""
+    from omni.align import load_lm
+
+    f = Path(run) / "audio_path.json"
+    meta = json.loads(f.read_text()) if f.is_file() else {}
+    if "instruct" not in meta:
+        raise FileNotFoundError(f"--run {run}: not an instruction-tuned run folder (no {f} written by run_instruct)")
+    dev = pick_device(device)
+    gpt, tok = load_lm(meta["lm"], dev)
+    model = SpeechLM(gpt, tok, meta["n_states"], meta["d_whisper"], SpeechLMConfig(**meta["speech_lm"])).to(dev)
+    model.load_audio_path(run)
+    model.eval()
+    return model, FeatureCache.open(meta["features"]), meta
+
+
+def bench_run(run: str | Path, out: str | Path, questions: str | Path = "", transcripts: str = "reference",
+              device: str = "cpu", max_per_task: int | None = None, seed: int = 0) -> dict:
+    """The benchmark on an instruction-tuned run: the model, and on the same questions the transcript-only
+    LM (the same model, no audio), shuffled audio and the linear-probe ceiling. Writes OUT/scores.json
+    and OUT/bench.png; returns {answerer: {task: TaskScore}}.
+
+    transcripts: "reference" (the corpus text: a perfect transcriber, the strictest text-only
+    baseline) or "whisper" (Whisper's own greedy transcripts, cached beside the features; slow on CPU).
+    """
+    from omni import bench
+    from omni.common import atomic_write
+
+    if transcripts not in ("reference", "whisper"):
+        raise ValueError(f"transcripts must be 'reference' or 'whisper', got {transcripts!r}")
+    model, cache, meta = load_instructed(run, device)
+    qs = bench.load_questions(questions or Path(meta["instructions"]) / "test.jsonl", check_audio=False,
+                              max_per_task=max_per_task, seed=seed)
+    row_of = {r["labels"].get("clip_id"): i for i, r in enumerate(cache.rows)}
+    clips = sorted({c for q in qs for c in q["clip_ids"]})
+    if transcripts == "whisper":
+        from omni.align import whisper_hyps
+
+        text = dict(zip(clips, whisper_hyps(cache, [row_of[c] for c in clips], meta.get("encoder", "tiny.en"))))
+    else:
+        text = {c: cache.rows[row_of[c]]["text"] for c in clips}
+    ask = answerer(model, cache)
+    results = {
+        "model": bench.run_benchmark(qs, ask, seed=seed),
+        f"transcript only ({transcripts})": bench.run_benchmark(bench.transcript_questions(qs, text), ask, seed=seed),
+        "shuffled audio": bench.run_benchmark(bench.shuffled_questions(qs, seed), ask, seed=seed),
+        "linear probe": bench.run_benchmark(qs, bench.probe_answerer(cache, qs, seed=seed), seed=seed),
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "scores.json", json.dumps({k: {t: asdict(v) for t, v in r.items()} for k, r in results.items()}, indent=1))
+    fig = bench.plot_scores(results, title=f"texture benchmark: {len(qs)} questions, {Path(run).name}")
+    fig.savefig(out / "bench.png", dpi=110)
+    return results

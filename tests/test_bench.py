@@ -1,0 +1,195 @@
+"""The benchmark scorer with toy answerers: an oracle scores 1, a constant answer scores chance, an
+oracle that reads the audio falls to chance when the audio is shuffled, a transcript-only answerer
+gets the text and no audio, and a probe on informative fake Whisper states beats chance."""
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from omni.bench import (
+    is_correct, load_questions, plot_scores, probe_answerer, run_benchmark, score, shuffled_questions,
+    transcript_questions,
+)
+from omni.data.instructions import LETTERS, TASK_LABEL, InstructionConfig, build_instructions, label_answer
+from omni.data.manifest import write_manifest
+
+ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-029")
+VARIANTS = {"f1": ("female", "normal"), "m1": ("male", "normal"), "klatt": ("other", "klatt"),
+            "whisper": ("male", "whisper"), "croak": ("male", "croak"), "f4": ("female", "normal")}
+WORDS = "the cat sat on a mat while dogs ran far away from home under grey skies".split()
+
+
+def fake_rows(n_per_split: dict[str, int], seed: int = 0) -> list[dict]:
+    """Corpus-like rows (no audio on disk): labels as omni.data.synth writes them."""
+    rng = random.Random(seed)
+    rows, sid = [], 0
+    for split, n in n_per_split.items():
+        voices = [f"{a}+{v}" for a in ACCENTS for v in VARIANTS][: max(3, n // 4)]
+        for i in range(n):
+            voice = voices[i % len(voices)]
+            accent, variant = voice.split("+")
+            gender, style = VARIANTS[variant]
+            rate, pitch = rng.randint(130, 230), rng.randint(25, 75)
+            text = " ".join(rng.sample(WORDS, 5)).capitalize() + "."
+            rows.append({"audio": f"/nowhere/{split}_{i}.wav", "text": text, "voice": voice, "accent": accent,
+                         "variant": variant, "gender": gender, "style": style, "rate": rate, "pitch": pitch,
+                         "rate_bucket": ["slow", "medium", "fast"][min(2, (rate - 130) * 3 // 101)],
+                         "pitch_bucket": ["low", "mid", "high"][min(2, (pitch - 25) * 3 // 51)],
+                         "split": split, "sentence_id": sid, "clip_id": f"{split}_{i:04d}"})
+            sid += 1
+    return rows
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """(corpus rows, test questions as load_questions reads them back from the written manifest)."""
+    rows = fake_rows({"train": 160, "val": 40, "test": 120})
+    sets = build_instructions(rows, InstructionConfig(seed=1))
+    path = write_manifest(tmp_path_factory.mktemp("bench") / "test.jsonl", sets["test"])
+    return rows, load_questions(path, check_audio=False)
+
+
+def oracle(qs):
+    return [q["answer"] for q in qs]
+
+
+def audio_oracle(rows):
+    """Answers from the LABELS OF THE AUDIO it is given (keyed by path): perfect on the right audio."""
+    by_audio = {r["audio"]: r for r in rows}
+
+    def answer(qs):
+        out = []
+        for q in qs:
+            r = by_audio[q["audios"][0]]
+            if q["task"] == "same_speaker":
+                out.append("yes" if r["voice"] == by_audio[q["audios"][1]]["voice"] else "no")
+                continue
+            label = TASK_LABEL.get(q["task"])
+            if not label:
+                out.append(q["answer"])  # content tasks: not what this test is about
+                continue
+            said = label_answer(q["task"], r[label])
+            if q["format"] == "mc":
+                out.append(LETTERS[q["options"].index(said)] if said in q["options"] else "Z")
+            else:
+                out.append(said or "none")
+        return out
+
+    return answer
+
+
+def test_load_questions_oracle_scores_one(corpus, tmp_path):
+    rows, qs = corpus
+    path = write_manifest(tmp_path / "test.jsonl", build_instructions(rows, InstructionConfig(seed=1))["test"])
+    assert len(qs) >= 300
+    assert {len(q["audios"]) for q in qs} == {1, 2} and all("<audio>" not in q["question"] for q in qs)
+    s = run_benchmark(qs, oracle, batch_size=50)
+    assert all(v.accuracy == 1.0 and v.lo == 1.0 for v in s.values())
+    assert s["texture"].n == sum(1 for q in qs if q["task"] not in ("transcribe", "last_word", "mention"))
+    small = load_questions(path, check_audio=False, max_per_task=5)
+    assert max(sum(q["task"] == t for q in small) for t in s) == 5
+    with pytest.raises(ValueError, match="returned 1 answers"):
+        run_benchmark(qs, lambda b: ["x"])
+
+
+def test_normalisation_and_multiple_choice():
+    q = {"answer": "B", "format": "mc", "options": ["female", "male"], "task": "gender", "chance": 0.5}
+    assert is_correct(" b. ", q) and is_correct("Male", q) and is_correct("B) male", q)
+    assert not is_correct("A", q) and not is_correct("it is male", q) and not is_correct(None, q)
+    q = {"answer": "faster", "format": "open", "options": ["faster", "slower"]}
+    assert is_correct("Faster!", q) and not is_correct("slower", q)
+
+
+def test_constant_answer_scores_chance():
+    rng = random.Random(0)
+    qs = []
+    for i in range(2000):  # 4-option multiple choice, right letter uniform: "A" is right 1 time in 4
+        qs.append({"task": "accent", "format": "mc", "answer": LETTERS[rng.randrange(4)], "chance": 0.25,
+                   "options": ["w", "x", "y", "z"]})
+    s = score(qs, ["A"] * len(qs), seed=0)["accent"]
+    assert s.chance == 0.25 and s.lo <= 0.25 <= s.hi and abs(s.accuracy - 0.25) < 0.04
+    assert s.hi - s.lo < 0.06  # 2000 questions: a tight interval
+    assert score(qs, ["A"] * len(qs), seed=0)["accent"] == s  # seeded bootstrap
+
+
+def test_shuffled_audio_drops_an_audio_oracle_to_chance(corpus):
+    rows, qs = corpus
+    answer = audio_oracle(rows)
+    good = run_benchmark(qs, answer)
+    assert good["texture"].accuracy == 1.0
+    shuf = shuffled_questions(qs, seed=0)
+    own = {c: a for q in qs for c, a in zip(q["clip_ids"], q["audios"])}
+    assert all(a != own[c] for q in shuf for c, a in zip(q["clip_ids"], q["audios"]))  # no clip keeps its audio
+    bad = run_benchmark(shuf, answer)
+    t = bad["texture"]
+    assert t.accuracy < 0.6 and t.lo <= t.chance + 0.1, t  # fell to about chance
+    assert bad["gender"].accuracy < 0.8 and good["gender"].accuracy == 1.0
+    assert shuffled_questions(qs, seed=0) == shuf
+
+
+def test_transcript_only_baseline_sees_text_not_audio(corpus):
+    rows, qs = corpus
+    seen = []
+
+    def text_lm(batch):
+        seen.extend(batch)
+        # answers content questions from the transcript, guesses "A"/"yes" otherwise
+        out = []
+        for q in batch:
+            if q["task"] == "last_word":
+                out.append(q["question"].split('"')[1].split()[-1].strip("."))
+            else:
+                out.append("A" if q["format"] == "mc" else "yes")
+        return out
+
+    tq = transcript_questions(qs, {r["clip_id"]: r["text"] for r in rows})
+    s = run_benchmark(tq, text_lm)
+    assert all(q["audios"] == [] and q["question"].startswith("Transcript") for q in seen)
+    assert any(q["question"].startswith("Transcript 1:") for q in seen if q["task"] == "same_speaker")
+    assert s["last_word"].accuracy == 1.0 and s["texture"].accuracy < 0.7
+    with pytest.raises(ValueError, match="no transcript"):
+        transcript_questions(qs, {})
+
+
+def fake_cache(path, rows, informative: bool, d: int = 16, seed: int = 0):
+    """A FeatureCache on disk (index.json + one shard) whose state 1 encodes gender and accent when
+    `informative`; state 0 is noise."""
+    from omni.data.features import FORMAT_VERSION
+
+    g = torch.Generator().manual_seed(seed)
+    accents = sorted({r["accent"] for r in rows})
+    chunks, index_rows, offset = [], [], 0
+    for r in rows:
+        frames = 5
+        x = torch.randn(2, frames, d, generator=g)
+        if informative:
+            x[1, :, 0] += 3.0 * (r["gender"] == "female") - 3.0 * (r["gender"] == "male")
+            x[1, :, 1 + accents.index(r["accent"])] += 4.0
+        chunks.append(x)
+        index_rows.append({"audio": r["audio"], "text": r["text"], "prompt": None, "labels": r,
+                           "shard": 0, "offset": offset, "frames": frames, "line": 1})
+        offset += frames
+    path.mkdir(parents=True)
+    save_file({"states": torch.cat(chunks, 1).to(torch.float16).contiguous()}, path / "shard_00000.safetensors")
+    (path / "index.json").write_text(json.dumps({"format": FORMAT_VERSION, "n_states": 2, "d_model": d, "rows": index_rows}))
+    from omni.data.features import FeatureCache
+
+    return FeatureCache.open(path)
+
+
+def test_probe_ceiling(corpus, tmp_path):
+    rows, qs = corpus
+    cache = fake_cache(tmp_path / "cache", rows, informative=True)
+    s = run_benchmark(qs, probe_answerer(cache, qs))
+    assert s["gender"].accuracy > 0.9 and s["accent"].accuracy > 0.9  # found on state 1 (chosen on val)
+    assert "transcribe" not in s and "same_speaker" not in s  # no clip label: not taken
+    noise = run_benchmark(qs, probe_answerer(fake_cache(tmp_path / "noise", rows, informative=False), qs, layers=[0]))
+    assert noise["accent"].accuracy < 0.6
+    fig = plot_scores({"probe": s, "noise probe": noise}, title="toy")
+    ax = fig.axes[0]
+    assert len(ax.patches) == 2 * len(s) and [t.get_text() for t in ax.get_xticklabels()][-1] == "texture"
+    with pytest.raises(ValueError, match="not in the feature cache"):
+        probe_answerer(fake_cache(tmp_path / "part", rows[:50], informative=True), qs)
