@@ -18,7 +18,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from omni.align import AlignConfig, content_scores, prepare_cache, score_table, whisper_hyps
+from omni.align import AlignConfig, prepare_cache
+from omni.yardstick import content_scores, score_table, whisper_hyps
 from omni.speech_lm import LoopGuard
 
 

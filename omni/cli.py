@@ -129,7 +129,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     import time
 
     from omni import audio, metrics
-    from omni.align import load_aligned, transcribe_waves, whisper_decode
+    from omni.align import load_aligned, transcribe_waves
+    from omni.yardstick import whisper_decode
     from omni.data.manifest import read_manifest
     from omni.speech_lm import LoopGuard
 

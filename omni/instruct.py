@@ -211,7 +211,7 @@ def check_lengths(model: SpeechLM, convs: Sequence[Conversation], states: dict[P
 
 
 def build_model(cfg: InstructConfig, cache: FeatureCache, device: torch.device) -> SpeechLM:
-    from omni.align import load_lm
+    from omni.lm import load_lm
 
     gpt, tok = load_lm(cfg.lm, device)
     torch.manual_seed(cfg.seed)
@@ -311,7 +311,7 @@ def answerer(model: SpeechLM, cache: FeatureCache, max_new_tokens: int = 24):
 
 def load_instructed(run: str | Path, device: str = "cpu") -> tuple[SpeechLM, FeatureCache, dict]:
     """(model, its feature cache, the run's metadata) from a run_instruct output folder."""
-    from omni.align import load_lm
+    from omni.lm import load_lm
 
     f = Path(run) / "audio_path.json"
     meta = json.loads(f.read_text()) if f.is_file() else {}
@@ -345,7 +345,7 @@ def bench_run(run: str | Path, out: str | Path, questions: str | Path = "", tran
     row_of = {r["labels"].get("clip_id"): i for i, r in enumerate(cache.rows)}
     clips = sorted({c for q in qs for c in q["clip_ids"]})
     if transcripts == "whisper":
-        from omni.align import whisper_hyps
+        from omni.yardstick import whisper_hyps
 
         text = dict(zip(clips, whisper_hyps(cache, [row_of[c] for c in clips], meta.get("encoder", "tiny.en"))))
     else:

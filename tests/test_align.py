@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from omni import audio, metrics
-from omni.align import AlignConfig, decode, load_aligned, run_alignment, transcribe_waves, whisper_hyps
+from omni.align import AlignConfig, decode, load_aligned, run_alignment, transcribe_waves
+from omni.yardstick import whisper_hyps
 from omni.data.features import FeatureCache
 from omni.speech_lm import collate_states
 
@@ -319,7 +320,7 @@ def test_mean_logprobs_match_the_training_loss(tmp_path):
 
 
 def test_score_table_and_content_scores_hand_computed():
-    from omni.align import clear_rows, content_scores, score_table
+    from omni.yardstick import clear_rows, content_scores, score_table
 
     rows = [{"style": "normal", "variant": "f4"}, {"style": "whisper", "variant": "whisperf"}, {"style": "normal", "variant": "m4"}]
     refs = ["a b c d", "a b", "a b c"]
