@@ -77,6 +77,15 @@ def derangement(n: int, seed: int) -> list[int]:
     return out
 
 
+def progress(iterable=None, enabled: bool = True, **kwargs):
+    """A tqdm bar for long work: a widget in Jupyter (ipywidgets), text on a terminal. Off when not
+    `enabled` or when TQDM_DISABLE is set: `omni run` sets it, since a report is read after the fact."""
+    from tqdm.auto import tqdm
+
+    off = not enabled or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
+    return tqdm(iterable, disable=True if off else None, **kwargs)
+
+
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run a block with `n` torch threads (e.g. many small probes in parallel workers)."""

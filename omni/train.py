@@ -32,8 +32,8 @@ from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
+from omni.common import progress as progress_bar
 from omni.track import NullTracker, Tracker
 
 
@@ -57,7 +57,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between eval_fn calls; 0 = only at the end
     ckpt_every: int = 0  # steps between checkpoints; 0 = none
     ckpt_dir: str = ""  # where checkpoints go; resume reads from here
-    progress: bool = True  # tqdm bar (shown on terminals; papermill runs get papermill's own bar)
+    progress: bool = True  # progress bar (terminal or Jupyter widget; off under `omni run`, see common.progress)
 
 
 @dataclass
@@ -132,7 +132,7 @@ def train(
     frozen = [p for n, p in zip(names, plist) if cfg.freeze_prefix and n.startswith(cfg.freeze_prefix)]
     bad_in_row = 0
 
-    bar = tqdm(range(start, cfg.steps), desc="train", disable=not cfg.progress or None, leave=False)
+    bar = progress_bar(range(start, cfg.steps), enabled=cfg.progress, desc="train", leave=False)
     t_start = time.perf_counter()
     for step in bar:
         t0 = time.perf_counter()

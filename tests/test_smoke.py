@@ -56,6 +56,7 @@ def test_smoke_passes_and_reports(smoke):
     assert "PASS: loss drop" in html and "audio adds" in html and "control final loss" in html and "captions decoded exactly" in html
     assert html.count('src="data:image/png;base64') == 1  # the loss figure (both curves), shown once
     assert "run_smoke" not in html  # code hidden
+    assert "IProgress" not in html and "Warning" not in html  # no warning boxes heading the report
     summary = json.loads((r.report_dir / "summary.json").read_text())
     assert summary["status"] == "FINISHED" and set(summary["headline"]) == set(HEADLINE)
 

@@ -47,10 +47,10 @@ from typing import Iterator, Sequence
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from omni import audio
 from omni.common import atomic_write, file_lock
+from omni.common import progress as progress_bar  # the parameters here are called `progress`
 from omni.data.manifest import Example, Problem, read_manifest
 
 FORMAT_VERSION = 1
@@ -93,7 +93,7 @@ def check_and_key(
     h = _key_hash(encoder_fp, mode)
     good: list[Example] = []
     problems: list[Problem] = []
-    for ex in tqdm(examples, desc="checking clips", unit="clip", disable=not progress or None):
+    for ex in progress_bar(examples, enabled=progress, desc="checking clips", unit="clip"):
         try:
             data = ex.audio.read_bytes()
         except OSError as e:
@@ -275,7 +275,7 @@ def _build(examples: list[Example], path: Path, key: str, manifest: Path, encode
     """Encode the shards missing from `path` and write its index (last)."""
     n_shards = math.ceil(len(examples) / CLIPS_PER_SHARD)
     rows = []
-    bar = tqdm(total=len(examples), desc="features", unit="clip", disable=not progress or None)
+    bar = progress_bar(total=len(examples), enabled=progress, desc="features", unit="clip")
     for shard in range(n_shards):
         part = examples[shard * CLIPS_PER_SHARD : (shard + 1) * CLIPS_PER_SHARD]
         f = path / f"shard_{shard:05d}.safetensors"
