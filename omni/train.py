@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from omni.common import atomic_save, atomic_write
 from omni.common import progress as progress_bar
 from omni.track import NullTracker, Tracker
 
@@ -240,11 +242,11 @@ def _save(cfg: TrainConfig, names, plist, opt, hist: History, next_step: int) ->
                 # step too: a parameter held frozen, or a skipped step, leaves it behind the loop's count
                 t = st[key].detach().cpu()
                 tensors[f"adam/{names[i]}/{key}"] = (t.float().reshape(1) if key == "step" else t).contiguous()
-    tmp = d / "train_state.safetensors.tmp"
-    save_file(tensors, tmp)
-    tmp.replace(d / "train_state.safetensors")
+    # two files, each replaced atomically; the tensors carry their step, so a kill between the two
+    # writes is caught on resume instead of pairing new weights with an old history
+    atomic_save(d / "train_state.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"next_step": str(next_step)}))
     meta = {"next_step": next_step, "config": asdict(cfg), "history": asdict(hist)}
-    (d / "train_state.json").write_text(json.dumps(meta))
+    atomic_write(d / "train_state.json", json.dumps(meta))
 
 
 def _resume(cfg: TrainConfig, names, plist, opt, hist: History) -> int:
@@ -252,6 +254,11 @@ def _resume(cfg: TrainConfig, names, plist, opt, hist: History) -> int:
     if d is None or not (d / "train_state.json").exists():
         return 0
     meta = json.loads((d / "train_state.json").read_text())
+    with safe_open(d / "train_state.safetensors", "pt") as f:
+        saved_step = (f.metadata() or {}).get("next_step")
+    if saved_step is not None and int(saved_step) != meta["next_step"]:
+        raise ValueError(f"checkpoint {d}: weights of step {saved_step} but history of step {meta['next_step']} "
+                         "(the run died between the two writes); delete the folder to start again")
     tensors = load_file(d / "train_state.safetensors")
     missing = [n for n in names if f"param/{n}" not in tensors]
     if missing:

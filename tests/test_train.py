@@ -64,3 +64,20 @@ def test_resume_after_interruption_matches_a_straight_run(tmp_path):
     assert resumed.step == list(range(10))
     assert resumed.loss == straight.loss  # bit-identical: weights and Adam moments were restored
     torch.testing.assert_close(w2.detach(), w_ref.detach(), atol=0, rtol=0)
+
+
+def test_a_checkpoint_torn_between_its_two_files_is_refused(tmp_path):
+    """Weights and history are two files; a run killed between their writes must not resume with
+    new weights and an old history (it would silently repeat steps)."""
+    import json
+
+    import pytest
+
+    w = torch.nn.Parameter(torch.ones(2, 2))
+    cfg = TrainConfig(steps=4, lr=0.1, ckpt_every=2, ckpt_dir=str(tmp_path), progress=False)
+    train({"w": w}, lambda step: ((w * step).sum() ** 2, 1), cfg)
+    meta = json.loads((tmp_path / "train_state.json").read_text())
+    meta["next_step"] = 2  # the history of the step-2 checkpoint beside the weights of step 4
+    (tmp_path / "train_state.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="weights of step 4 but history of step 2"):
+        train({"w": w}, lambda step: ((w * step).sum() ** 2, 1), cfg)

@@ -49,7 +49,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from omni import audio
-from omni.common import atomic_write, file_lock
+from omni.common import atomic_save, atomic_write, file_lock
 from omni.common import progress as progress_bar  # the parameters here are called `progress`
 from omni.data.manifest import Example, Problem, read_manifest
 
@@ -290,9 +290,8 @@ def _build(examples: list[Example], path: Path, key: str, manifest: Path, encode
             if not torch.isfinite(tensor).all():
                 bad = [ex for ex, s in zip(part, states) if not torch.isfinite(s.to(torch.float16)).all()]
                 raise ValueError(f"hidden states overflow float16 for {len(bad)} clip(s), e.g. {bad[0].source}:{bad[0].line}")
-            tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")  # per process: concurrent builders never share a temp file
-            save_file({"states": tensor}, tmp, metadata={"frames": json.dumps(frames), "rows": part_hash})
-            os.replace(tmp, f)
+            # a unique temporary name: concurrent builders never share one
+            atomic_save(f, lambda tmp: save_file({"states": tensor}, tmp, metadata={"frames": json.dumps(frames), "rows": part_hash}))
         offset = 0
         for ex, n in zip(part, frames):
             rows.append(_row(ex) | {"shard": shard, "offset": offset, "frames": n, "line": ex.line})

@@ -28,7 +28,6 @@ Design choices:
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from collections.abc import Iterable, Iterator
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omni import audio
+from omni.common import atomic_write
 
 USER_ROLES = {"user", "human"}
 ASSISTANT_ROLES = {"assistant", "gpt"}
@@ -320,7 +320,4 @@ def write_manifest(path: str | Path, rows: Iterable[dict]) -> Path:
     content = "".join(line + "\n" for line in lines)
     if path.is_file() and path.read_text(encoding="utf-8") == content:
         return path  # unchanged: leave the file (and its mtime) alone, so reruns write nothing
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(content, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, content)
