@@ -40,6 +40,7 @@ lr: float = 0.003  # AdamW peak learning rate
 warmup: int = 50  # linear warm-up steps
 eval_every: int = 200  # steps between validation bits-per-byte measurements
 eval_tokens: int = 32768  # validation tokens per evaluation
+copy_fraction: float = 0.0  # fraction of training windows that repeat a passage (span, BOS, the same span): builds the copy (induction) heads a frozen LM needs to read soft tokens as words (issue 10)
 seed: int = 0  # fixes init, batches and samples
 device: str = 'auto'  # auto | cpu | cuda
 dtype: str = 'bfloat16'  # autocast on CUDA; CPU runs float32
@@ -71,6 +72,22 @@ fig = plots.curve([e["step"] + 1 for e in evals], [e["val_bpb"] for e in evals],
 tracker.log_figure(fig, "val_bpb.png")
 display(fig)
 plt.close(fig)
+
+# %% [markdown]
+# ## Can it copy from its context?
+# A frozen LM reads soft audio tokens only as well as it can read (and repeat) what stands before
+# it: the second reading of a validation passage should cost far fewer nats than the first.
+
+# %%
+steps = [e["step"] + 1 for e in evals]
+fig = plots.curve(steps, [e["copy_nats"] for e in evals], xlabel="step", ylabel="nats per token, second reading",
+                  title="copying from context (lower: the LM repeats what it just read)",
+                  hline=res.first_nats, hline_label="first reading, end of training")
+tracker.log_figure(fig, "copy_nats.png")
+display(fig)
+plt.close(fig)
+print(f"validation passages: {res.first_nats:.2f} nats/token read once, {res.copy_nats:.2f} nats/token read again right after "
+      f"(copy_fraction={cfg.copy_fraction})")
 
 # %% [markdown]
 # ## Samples (temperature 0.8, top-k 50)

@@ -60,8 +60,10 @@ seed: int = 0  # fixes the projector's init, the batch order and the control's s
 device: str = 'auto'  # auto | cpu | cuda
 dtype: str = 'bfloat16'  # autocast dtype on CUDA; CPU runs float32
 whisper_baseline: bool = True  # also decode the held-out clips with Whisper's own decoder
+kl_weight: float = 0.0  # lever (issue 10): + this x KL from the same frozen LM reading the transcript where the audio stands (distill_loss); 0 : off
 ctc_weight: float = 0.0  # lever (issue 10): + this x CTC of the audio tokens read as LM tokens (ctc_embedding_loss); 0 means plain cross-entropy
-guard: bool = True  # final held-out decodes (ours, control, Whisper) under the loop guard (LoopGuard defaults); greedy figures kept as *_greedy
+guard: bool = True  # final held-out decodes (ours, control, Whisper) under the loop guard (LoopGuard); greedy figures kept as *_greedy
+guard_logprob: float = -1.0  # our decoder's guard: re-decode below this mean token log-prob (Whisper keeps openai-whisper's -1); a small LM is rarely that sure, see fallback_fraction and median_logprob
 mlflow_run_id: str = ""  # MLflow run to log into; empty: start a new run in the default store
 out_dir: str = "reports/alignment/adhoc"  # folder this run writes its files into
 
@@ -99,6 +101,7 @@ table.style.format("{:.3f}")
 
 # %%
 systems = [("aligned (projector only)", ""), ("control: shuffled audio", "control_"), (f"Whisper {encoder} decoder", "whisper_"),
+           ("audio tokens read as their nearest LM tokens, no LM (ctc_weight > 0)", "ctc_"),
            ("aligned, greedy (no guard)", "greedy_"), (f"Whisper {encoder}, greedy (no guard)", "whisper_greedy_")]
 clear_table = pd.DataFrame(
     [(name, s.get(f"clear_{p}wer", float("nan")), s.get(f"clear_{p}median_wer", float("nan")), s[f"{p}wer"], s[f"{p}median_wer"])

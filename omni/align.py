@@ -35,7 +35,7 @@ from omni.data.features import FeatureCache, build_features
 from omni.hf_lm import check_load_in
 from omni.lm import LoraSpec, add_lora, is_hub_id, load_lm, save_lm, save_lora
 from omni.params import require, require_choice, require_device, require_layer
-from omni.speech_lm import Hypothesis, LoopGuard, SpeechLM, SpeechLMConfig, collate_states
+from omni.speech_lm import Hypothesis, LoopGuard, SpeechLM, SpeechLMConfig, collate_states, left_pad
 from omni.track import NullTracker, Tracker
 from omni.yardstick import clear_rows, content_scores, score_table, whisper_hyps
 from omni.train import History, TrainConfig, init_ddp, pick_device, train
@@ -76,8 +76,10 @@ class AlignConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs float32
     whisper_baseline: bool = True  # also decode the held-out clips with Whisper's own decoder
+    kl_weight: float = 0.0  # lever (issue 10): + this x KL from the same frozen LM reading the transcript where the audio stands (distill_loss); 0 = off
     ctc_weight: float = 0.0  # lever (issue 10): + this x CTC of the audio tokens read as LM tokens (ctc_embedding_loss); 0 means plain cross-entropy
-    guard: bool = True  # final held-out decodes (ours, control, Whisper) under the loop guard (LoopGuard defaults); greedy figures kept as *_greedy
+    guard: bool = True  # final held-out decodes (ours, control, Whisper) under the loop guard (LoopGuard); greedy figures kept as *_greedy
+    guard_logprob: float = -1.0  # our decoder's guard: re-decode below this mean token log-prob (Whisper keeps openai-whisper's -1); a small LM is rarely that sure, see fallback_fraction and median_logprob
     out: str = ""  # checkpoint folder (audio path weights, resume state); "" = none
 
     MIN_STEPS: ClassVar[int] = 1  # a subclass may allow 0 (no training)
@@ -181,13 +183,57 @@ def ctc_embedding_loss(model: SpeechLM, hidden: torch.Tensor, frame_lengths: tor
     an unrelated one about 0), BOS is the blank, the transcript's tokens the target. It asks the
     projector for what a frozen LM can read without learning: its own word embeddings, in order."""
     tokens, lengths = model.audio_tokens(hidden, frame_lengths)
-    table = model.gpt.embed(torch.arange(model.gpt.config.vocab_size, device=tokens.device)[None])[0]
-    logp = (tokens.float() @ table.float().T / table.size(1) ** 0.5).log_softmax(dim=-1)
+    logp = embedding_logits(model, tokens).log_softmax(dim=-1)
     targets = [model.tokenizer.encode(t) for t in texts]
     flat = torch.tensor([i for t in targets for i in t], dtype=torch.long, device=tokens.device)
     # zero_infinity: a clip with fewer audio tokens than text tokens (+ repeats) adds nothing, not inf
     return torch.nn.functional.ctc_loss(logp.transpose(0, 1), flat, lengths, torch.tensor([len(t) for t in targets]),
                                         blank=model.tokenizer.bos_id, zero_infinity=True)
+
+
+def distill_loss(model: SpeechLM, hidden: torch.Tensor, frame_lengths: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """KL(teacher || student) on the text's next-token distributions. The teacher is the same frozen
+    LM with the transcript's own token embeddings standing where the audio tokens stand; the student
+    sees the audio tokens. Ultravox distils its projector from the LM reading the transcript; here
+    the teacher's distributions say how the LM would continue had the audio been the words, soft
+    targets where cross-entropy has one hard token."""
+    device = hidden.device
+    idx, targets = model.text_batch(texts, device)
+    prefix, mask = model.prefix(hidden, frame_lengths)
+    student = model.gpt(idx, audio=prefix, audio_mask=mask).float().log_softmax(-1)
+    with torch.no_grad():
+        ids = [model.tokenizer.encode(t) or [model.tokenizer.bos_id] for t in texts]
+        padded = torch.full((len(ids), max(map(len, ids))), model.tokenizer.bos_id, dtype=torch.long, device=device)
+        for i, row in enumerate(ids):
+            padded[i, : len(row)] = torch.tensor(row)
+        words, words_mask = left_pad(model.gpt.embed(padded), torch.tensor([len(r) for r in ids], device=device))
+        teacher = model.gpt(idx, audio=words.to(prefix.dtype), audio_mask=words_mask).float().log_softmax(-1)
+    kl = (teacher.exp() * (teacher - student)).sum(-1)
+    return kl[targets >= 0].mean()
+
+
+def embedding_logits(model: SpeechLM, tokens: torch.Tensor) -> torch.Tensor:
+    """Audio tokens (B, A, n_embd) read as LM tokens: logits (B, A, vocab), each the token's dot
+    product with the LM's input embedding of that vocabulary entry / sqrt(n_embd)."""
+    table = model.gpt.embed(torch.arange(model.gpt.config.vocab_size, device=tokens.device)[None])[0]
+    return tokens.float() @ table.float().T / table.size(1) ** 0.5
+
+
+@torch.no_grad()
+def ctc_readout(model: SpeechLM, states: list[torch.Tensor], batch_size: int) -> list[str]:
+    """What the audio tokens spell with no LM: each read as its nearest LM token (embedding_logits),
+    repeats collapsed, blanks (BOS) dropped. Beside the LM's transcript it separates what the
+    projector recognised from what the frozen LM copied out of it."""
+    device, blank = model.gpt_device, model.tokenizer.bos_id
+    out = []
+    for i in range(0, len(states), batch_size):
+        hidden, frame_lengths = collate_states([s.float() for s in states[i : i + batch_size]])
+        tokens, lengths = model.audio_tokens(hidden.to(device), frame_lengths.to(device))
+        best = embedding_logits(model, tokens).argmax(-1).tolist()
+        for row, n in zip(best, lengths.tolist()):
+            ids = [t for j, t in enumerate(row[:n]) if t != blank and (j == 0 or t != row[j - 1])]
+            out.append(model.tokenizer.decode(ids).strip())
+    return out
 
 
 TRAINABLE = ("projector", "projector+lora", "projector+lm")
@@ -265,8 +311,10 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
 
     def objective(hidden: torch.Tensor, lengths: torch.Tensor, texts: list[str]) -> torch.Tensor:
         loss = model(hidden.to(device), lengths.to(device), texts)
-        if cfg.ctc_weight:  # the lever, off by default
+        if cfg.ctc_weight:  # the levers, off by default
             loss = loss + cfg.ctc_weight * ctc_embedding_loss(model, hidden.to(device), lengths.to(device), texts)
+        if cfg.kl_weight:
+            loss = loss + cfg.kl_weight * distill_loss(model, hidden.to(device), lengths.to(device), texts)
         return loss
 
     def loss_fn(step: int):
@@ -312,7 +360,8 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
     hist = train(params, loss_fn, tcfg, tracker, eval_fn=eval_fn)
 
     # final: the whole held-out split, the shuffled-audio control, Whisper's own decoder, all under one guard
-    guard = LoopGuard(seed=cfg.seed) if cfg.guard else None
+    guard = LoopGuard(seed=cfg.seed, logprob_threshold=cfg.guard_logprob) if cfg.guard else None
+    whisper_guard = LoopGuard(seed=cfg.seed) if cfg.guard else None  # Whisper's own calibration
     refs = [cache.rows[r]["text"] for r in test_rows]
     test_meta = [cache.rows[r] for r in test_rows]
     test_labels = [m["labels"] for m in test_meta]
@@ -323,14 +372,17 @@ def run_alignment(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None
     systems = {"": hyp_texts(decoded), "control": control}
     if guard is not None:
         systems["greedy"] = [h.greedy for h in decoded]
+    if cfg.ctc_weight:  # what the audio tokens spell by themselves (the CTC head), no LM
+        systems["ctc"] = ctc_readout(model, test_states, cfg.batch_size)
     if cfg.whisper_baseline:
-        systems["whisper"] = whisper_hyps(cache, test_rows, cfg.encoder, guard)
+        systems["whisper"] = whisper_hyps(cache, test_rows, cfg.encoder, whisper_guard)
         if guard is not None:
             systems["whisper_greedy"] = whisper_hyps(cache, test_rows, cfg.encoder, None)
     scores = {
         "test_loss": held_out_loss(model, cache, test_rows, test_states, cfg.batch_size),
         **content_scores(refs, systems, test_labels),
         "fallback_fraction": sum(h.attempts > 1 for h in decoded) / len(decoded),
+        "median_logprob": float(torch.tensor([h.avg_logprob for h in decoded]).median()),
         "train_seconds": hist.seconds,
         "load_seconds": load_seconds,
         "decode_seconds_per_clip": decode_seconds / len(test_rows),

@@ -358,3 +358,40 @@ def test_ctc_lever_pulls_audio_tokens_onto_the_words_embeddings(tmp_path):
         exact.append(torch.cat([emb(ids), emb([bos] * (A - len(ids)))]))
     model.audio_tokens = lambda h, n: (torch.stack(exact) * 4, model.projector.token_lengths(n))
     assert ctc_embedding_loss(model, hidden, lengths, texts).item() < 0.5 * loss.item()
+
+
+def test_ctc_readout_spells_audio_tokens_that_are_word_embeddings(tmp_path):
+    from omni.align import ctc_readout
+
+    model, hidden, lengths = _tiny_speech_lm(tmp_path)
+    tok, bos = model.tokenizer, model.tokenizer.bos_id
+    emb = lambda ids: model.gpt.embed(torch.tensor([ids]))[0]
+    A = int(model.projector.token_lengths(lengths).max())
+    texts = ["ab", "c"]
+    rows = []
+    for ids in ([tok.encode("a")[0], bos, tok.encode("b")[0], tok.encode("b")[0]], tok.encode("c") * 2 + [bos]):  # repeats collapse
+        rows.append(torch.cat([emb(ids), emb([bos] * (A - len(ids)))]))
+    model.audio_tokens = lambda h, n: (torch.stack(rows[: h.size(0)]) * 4, model.projector.token_lengths(n))
+    states = [hidden[i, :, : int(lengths[i])] for i in range(2)]
+    assert ctc_readout(model, states, batch_size=2) == texts
+    # random audio tokens spell something else
+    del model.audio_tokens
+    assert ctc_readout(model, states, batch_size=2) != texts
+
+
+def test_distill_loss_is_zero_when_the_audio_tokens_are_the_words_and_trains_the_projector(tmp_path):
+    from omni.align import distill_loss
+
+    model, hidden, lengths = _tiny_speech_lm(tmp_path)
+    model.gpt.requires_grad_(False)
+    texts = ["ab", "c"]
+    loss = distill_loss(model, hidden, lengths, texts)
+    assert loss.item() > 1e-4
+    loss.backward()
+    assert model.projector.fc2.weight.grad.abs().sum() > 0 and model.gpt.transformer.wte.weight.grad is None
+    # audio tokens that ARE the transcript's embeddings: the student is the teacher
+    tok = model.tokenizer
+    emb = lambda ids: model.gpt.embed(torch.tensor([ids]))[0]
+    model.audio_tokens = lambda h, n: (torch.nn.utils.rnn.pad_sequence([emb(tok.encode(t)) for t in texts], batch_first=True),
+                                       torch.tensor([len(tok.encode(t)) for t in texts]))
+    assert distill_loss(model, hidden, lengths, texts).item() == pytest.approx(0.0, abs=1e-5)

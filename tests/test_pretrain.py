@@ -20,7 +20,7 @@ from omni.lm import load_lm
 from omni.data import text
 from omni.data.synth import held_out_sentences
 from omni.gpt import GPT, GPTConfig
-from omni.pretrain import PretrainConfig, bits_per_byte, corpus, pretrain
+from omni.pretrain import COPY_MAX, COPY_MIN, PretrainConfig, bits_per_byte, copy_test, corpus, draw_windows, pretrain
 from omni.tokenizer import BPETokenizer, ByteTokenizer
 
 TINY = dict(sources="sherlock", vocab_size=300, depth=1, sequence_len=32, batch_size=4, steps=8, warmup=2,
@@ -56,6 +56,7 @@ def test_training_and_validation_numbers(tiny):
     logged = track.run_metrics(tiny.run_id)  # the final numbers reach MLflow (the tracker buffers)
     assert logged["val_bpb"] == pytest.approx(tiny.val_bpb) and logged["train_tokens"] == tiny.n_train_tokens
     assert [s for s, _ in track.metric_history(tiny.run_id, "val_bpb")] == [3, 7, 8]
+    assert logged["copy_nats"] == pytest.approx(tiny.copy_nats) and 0 < tiny.copy_nats < 10 and 0 < tiny.first_nats < 10
     h = tiny.history
     assert len(h.loss) == 8 and h.loss[-1] < h.loss[0] and h.skipped == 0
     assert [e["step"] for e in h.evals] == [3, 7] and tiny.val_bpb == h.evals[-1]["val_bpb"]
@@ -165,3 +166,40 @@ def test_ddp_ranks_stay_identical_only_with_gradient_averaging(tmp_path):
     diverged = _torchrun(tmp_path, "no-average")  # the check can fail: without the all-reduce they drift
     d0, d1 = load_file(diverged / "rank0.safetensors"), load_file(diverged / "rank1.safetensors")
     assert any(not torch.equal(d0[n], d1[n]) for n in d0)
+
+
+def test_copy_windows_repeat_each_span_after_bos_and_plain_windows_are_the_stream():
+    ids = torch.arange(10, 2000)  # no token equals BOS (0) or another
+    plain = draw_windows(ids, 8, 40, 0.0, 0, torch.Generator().manual_seed(1))
+    assert plain.shape == (8, 41) and all(torch.equal(w, torch.arange(int(w[0]), int(w[0]) + 41)) for w in plain)
+    windows = draw_windows(ids, 8, 40, 1.0, 0, torch.Generator().manual_seed(1))
+    assert windows.shape == (8, 41)
+    assert torch.equal(windows, draw_windows(ids, 8, 40, 1.0, 0, torch.Generator().manual_seed(1)))  # the generator fixes them
+    for w in windows.tolist():
+        at, start = 0, w[0]
+        while at < len(w):  # span, BOS, span, BOS, ... the spans consecutive in the stream
+            L = w.index(0, at) - at if 0 in w[at:] else len(w) - at
+            span = w[at : at + L]
+            assert span == list(range(start, start + L)) and (L >= COPY_MIN or at + L == len(w))
+            assert w[at + L + 1 : at + 2 * L + 1] == span[: max(0, len(w) - at - L - 1)]
+            at, start = at + 2 * L + 2, start + L
+    half = draw_windows(ids, 400, 40, 0.5, 0, torch.Generator().manual_seed(2))
+    assert 150 < int((half == 0).any(1).sum()) < 250
+
+
+def test_copy_test_scores_the_second_reading_apart_from_the_first():
+    tok = ByteTokenizer()
+    V = tok.vocab_size
+
+    class Copier(torch.nn.Module):  # predicts, from the second reading on, the token one reading back
+        def forward(self, x):
+            n = x.size(1)
+            L = (n - 1) // 2  # input: BOS, L tokens, BOS, L - 1 tokens
+            logits = torch.zeros(1, n, V)
+            for p in range(L + 1, n):
+                logits[0, p, x[0, p - L]] = 50.0
+            return logits
+
+    Copier.parameters = lambda self: iter([torch.zeros(1)])
+    first, second = copy_test(Copier(), tok, ["hello there", "a b"])
+    assert first == pytest.approx(math.log(V), rel=1e-4) and second < 1e-3
