@@ -10,6 +10,10 @@ Design choices:
   removed, so the LM cannot have memorised the transcripts alignment is scored on.
 - Documents joined into one token stream with BOS between them; batches are random windows
   drawn with a seeded generator (a different stream per DDP rank).
+- `copy_fraction` of the windows are copy windows (span, BOS, the same span, BOS, ...): a frozen LM
+  reads soft audio tokens only if it can copy from its context, which prose alone does not teach a
+  small LM (issue 10). `copy_test` measures the skill on validation passages (nats per token read
+  once vs read again) at every evaluation.
 - Validation is reported in bits per byte (nats per token / ln 2 * tokens per byte): comparable
   across tokenizers, unlike loss per token.
 - Output folder: GPT.save()'s config.json + model.safetensors, tokenizer.json, pretrain.json.
