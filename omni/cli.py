@@ -98,7 +98,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     from omni.instruct import bench_run
 
-    results = bench_run(args.run, args.out, args.questions, args.transcripts, args.device, args.max_per_task, args.seed)
+    results = bench_run(args.run, args.out, args.questions, args.transcripts, args.device, args.max_per_task, args.seed, args.features)
     tasks = sorted({t for r in results.values() for t in r}, key=lambda t: (t == "texture", t))
     print(f"{'task':14s} {'chance':>7s} " + " ".join(f"{k[:22]:>22s}" for k in results))
     for t in tasks:
@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--questions", default="", help="instruction manifest to ask (default: the run's test.jsonl)")
     b.add_argument("--transcripts", default="reference", choices=["reference", "whisper"], help="what the transcript-only baseline reads")
     b.add_argument("--max-per-task", type=int, default=None)
+    b.add_argument("--features", default="", help="feature cache of the questions' clips when not the run's own (e.g. the hard set's)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", default="cpu")
     b.set_defaults(fn=cmd_bench)

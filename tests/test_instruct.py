@@ -102,6 +102,10 @@ def test_few_steps_lower_the_loss_save_and_bench(setup, capsys):
     assert scores["model"]["gender"]["n"] == min(3, sum(q["task"] == "gender" for q in qs)) == scores["linear probe"]["gender"]["n"]
     assert "transcribe" not in scores["linear probe"] and (root / "bench" / "bench.png").stat().st_size > 1000
     assert main(["bench", "--run", str(root)]) == 2  # not a run folder: one line, exit 2
+    # --features: the questions' clips from another cache (a separate test corpus); one lacking them is refused
+    small = fake_cache(root / "bench_small_cache", rows[:3], informative=False)
+    assert main(["bench", "--run", str(root / "run"), "--out", str(root / "bench2"), "--features", str(small.path)]) == 2
+    assert "not in the feature cache" in capsys.readouterr().err
 
 
 
