@@ -125,16 +125,30 @@ def score(questions: Sequence[dict], predictions: Sequence[str | None], seed: in
     return out
 
 
-def run_benchmark(questions: Sequence[dict], answer: Answerer, batch_size: int = 64, seed: int = 0) -> dict[str, TaskScore]:
-    """Ask `answer` every question (in batches) and score the answers."""
-    predictions: list = []
-    for i in range(0, len(questions), batch_size):
-        batch = list(questions[i : i + batch_size])
+def ask(questions: Sequence[dict], answer: Answerer, batch_size: int = 64) -> list:
+    """`answer`'s predictions for every question, in order, asked in batches of one task at a time
+    (an answerer may then size its decoding budget to the task: transcripts are long, labels short)."""
+    order = sorted(range(len(questions)), key=lambda i: (questions[i]["task"], i))
+    predictions: list = [None] * len(questions)
+    start = 0
+    while start < len(order):
+        task = questions[order[start]]["task"]
+        end = start
+        while end < len(order) and end - start < batch_size and questions[order[end]]["task"] == task:
+            end += 1
+        batch = [questions[i] for i in order[start:end]]
         got = list(answer(batch))
         if len(got) != len(batch):
             raise ValueError(f"the answerer returned {len(got)} answers for {len(batch)} questions")
-        predictions += got
-    return score(questions, predictions, seed=seed)
+        for i, p in zip(order[start:end], got):
+            predictions[i] = p
+        start = end
+    return predictions
+
+
+def run_benchmark(questions: Sequence[dict], answer: Answerer, batch_size: int = 64, seed: int = 0) -> dict[str, TaskScore]:
+    """Ask `answer` every question (in batches) and score the answers."""
+    return score(questions, ask(questions, answer, batch_size), seed=seed)
 
 
 # --- baselines ----------------------------------------------------------------------------------
@@ -179,21 +193,26 @@ def _pooled(cache, rows: list[int], layer: int) -> np.ndarray:
     return np.stack([s[0].float().mean(0).numpy() for s in cache.load_states(rows, [layer])])
 
 
-def probe_answerer(cache, questions: Sequence[dict], layers: Sequence[int] | None = None, seed: int = 0) -> Answerer:
+def probe_answerer(cache, questions: Sequence[dict], layers: Sequence[int] | None = None, seed: int = 0, clips=None) -> Answerer:
     """Baseline (3): an answerer backed by one linear probe per label (TASK_LABEL) on a feature cache
     of the corpus (omni.data.features.FeatureCache, rows labelled with clip_id and split). Fits on
-    split "train"; with several `layers` (default: all states) picks per label the one best on "val"."""
+    split "train"; with several `layers` (default: all states) picks per label the one best on "val".
+    clips: the cache holding the questions' clips when it is another one (a separate test corpus)."""
     layers = list(range(cache.n_states)) if layers is None else list(layers)
-    by_clip = {r["labels"].get("clip_id"): i for i, r in enumerate(cache.rows)}
+    clips = clips or cache
+    by_clip = {r["labels"].get("clip_id"): i for i, r in enumerate(clips.rows)}
     train, val = cache.select(split="train"), cache.select(split="val")
     if not train:
         raise ValueError(f"{cache.path}: no rows with split 'train' to fit a probe on")
     needed = sorted({q["clip_ids"][0] for q in questions if TASK_LABEL.get(q["task"])})
     missing = [c for c in needed if c not in by_clip]
     if missing:
-        raise ValueError(f"{cache.path}: {len(missing)} question clip(s) not in the feature cache, e.g. {missing[0]}")
+        raise ValueError(f"{clips.path}: {len(missing)} question clip(s) not in the feature cache, e.g. {missing[0]}")
+    if clips.n_states != cache.n_states or clips.d_model != cache.d_model:
+        raise ValueError(f"{clips.path}: states ({clips.n_states} x {clips.d_model}) differ from {cache.path}'s "
+                         f"({cache.n_states} x {cache.d_model}): not the same encoder")
     test_rows = [by_clip[c] for c in needed]
-    X = {layer: (_pooled(cache, train, layer), _pooled(cache, val, layer) if val else None, _pooled(cache, test_rows, layer))
+    X = {layer: (_pooled(cache, train, layer), _pooled(cache, val, layer) if val else None, _pooled(clips, test_rows, layer))
          for layer in layers}
     proba: dict[str, dict[str, dict]] = {}  # label -> clip_id -> {label value: probability}
     for label in sorted({TASK_LABEL[q["task"]] for q in questions if TASK_LABEL.get(q["task"])}):
@@ -223,6 +242,95 @@ def probe_answerer(cache, questions: Sequence[dict], layers: Sequence[int] | Non
         return out
 
     return answer
+
+
+# --- the summary: a table, headline numbers and sentences from them ----------------------------
+
+MODEL, TEXT, SHUFFLED, PROBE = "model", "transcript only", "shuffled audio", "linear probe"
+
+
+def _get(results: Mapping[str, Mapping[str, TaskScore]], name: str) -> Mapping[str, TaskScore]:
+    """An answerer's scores by name or name prefix ("transcript only" finds "transcript only (reference)")."""
+    for k, v in results.items():
+        if k == name or k.startswith(name):
+            return v
+    return {}
+
+
+def task_table(results: Mapping[str, Mapping[str, TaskScore]]) -> list[dict]:
+    """One row per task (texture tasks first, then the pooled "texture", then the rest): the model's
+    accuracy with its 95% CI, chance, and each baseline's accuracy (nan where it does not answer)."""
+    model = _get(results, MODEL)
+    order = [t for t in TEXTURE_TASKS if t in model] + [t for t in ("texture",) if t in model]
+    order += sorted(t for t in model if t not in order)
+    def acc(name: str, t: str) -> float:
+        got = _get(results, name)
+        return got[t].accuracy if t in got else float("nan")
+
+    return [{"task": t, "n": model[t].n, "accuracy": model[t].accuracy, "ci_lo": model[t].lo, "ci_hi": model[t].hi,
+             "chance": model[t].chance, "transcript_only": acc(TEXT, t), "shuffled": acc(SHUFFLED, t), "probe": acc(PROBE, t)}
+            for t in order]
+
+
+def headline(results: Mapping[str, Mapping[str, TaskScore]], prefix: str = "") -> dict[str, float]:
+    """Flat numbers for an index: the macro means over the texture tasks the model was asked
+    (model, chance, each baseline), the margin over chance, how many texture tasks beat the
+    transcript-only baseline, and every task's accuracy."""
+    model = _get(results, MODEL)
+    tasks = [t for t in TEXTURE_TASKS if t in model]
+    if not tasks:
+        return {}
+
+    def mean(name: str, attr: str = "accuracy") -> float:
+        got = _get(results, name)
+        vals = [getattr(got[t], attr) for t in tasks if t in got]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    text = _get(results, TEXT)
+    out = {"texture_mean": mean(MODEL), "texture_chance_mean": mean(MODEL, "chance"),
+           "transcript_only_texture_mean": mean(TEXT), "shuffled_texture_mean": mean(SHUFFLED), "probe_texture_mean": mean(PROBE),
+           "texture_tasks": float(len(tasks)),
+           "texture_tasks_above_transcript_only": float(sum(model[t].accuracy > text[t].accuracy for t in tasks if t in text))}
+    out["texture_over_chance"] = out["texture_mean"] - out["texture_chance_mean"]
+    out |= {f"acc_{t}": s.accuracy for t, s in model.items()}
+    return {f"{prefix}{k}": v for k, v in out.items()}
+
+
+def meets_bar(results: Mapping[str, Mapping[str, TaskScore]], margin: float = 0.25) -> tuple[bool, str]:
+    """The texture bar: mean texture accuracy >= mean chance + margin AND above transcript-only on
+    every texture task; (passed, one line saying why)."""
+    h = headline(results)
+    if not h:
+        return False, "no texture task was asked"
+    text, model = _get(results, TEXT), _get(results, MODEL)
+    behind = [t for t in TEXTURE_TASKS if t in model and t in text and model[t].accuracy <= text[t].accuracy]
+    ok_mean = h["texture_mean"] >= h["texture_chance_mean"] + margin
+    why = (f"mean texture accuracy {h['texture_mean']:.3f} vs chance {h['texture_chance_mean']:.3f} + {margin:.2f} "
+           f"({'met' if ok_mean else 'NOT met'}); " + (f"not above transcript-only on {', '.join(behind)}" if behind
+                                                       else "above transcript-only on every texture task"))
+    return ok_mean and not behind, why
+
+
+def findings(results: Mapping[str, Mapping[str, TaskScore]], where: str = "") -> list[str]:
+    """One sentence per texture task saying whether the model hears it, each with its numbers. It
+    "hears" a texture when its CI lies above chance and it beats both the transcript-only and the
+    shuffled-audio answers; "partly" when only its accuracy (not the CI) is above them."""
+    model, text, shuf, probe = (_get(results, n) for n in (MODEL, TEXT, SHUFFLED, PROBE))
+    out = []
+    for t in [t for t in TEXTURE_TASKS if t in model]:
+        m = model[t]
+        others = [x[t].accuracy for x in (text, shuf) if t in x]
+        best_other = max(others) if others else m.chance
+        if m.lo > max(m.chance, best_other):
+            verdict = "hears"
+        elif m.accuracy > max(m.chance, best_other):
+            verdict = "partly hears"
+        else:
+            verdict = "does not hear"
+        bits = [f"chance {m.chance:.2f}"]
+        bits += [f"{name} {x[t].accuracy:.2f}" for name, x in (("transcript-only", text), ("shuffled audio", shuf), ("probe", probe)) if t in x]
+        out.append(f"{where}{verdict} {t}: {m.accuracy:.2f} [{m.lo:.2f}, {m.hi:.2f}] (n={m.n}) vs {', '.join(bits)}.")
+    return out
 
 
 # --- the figure ---------------------------------------------------------------------------------

@@ -74,7 +74,8 @@ def cmd_data_smoke(args: argparse.Namespace) -> int:
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from omni.data.synth import SynthConfig, build_corpus, datasheet
 
-    cfg = SynthConfig(out=args.out, sentences=args.sentences, seed=args.seed, workers=args.workers)
+    cfg = SynthConfig(out=args.out, sentences=args.sentences, seed=args.seed, workers=args.workers, hard_clips=args.hard_clips,
+                      only=("test_hard",) if args.hard_only else ())
     out = build_corpus(cfg)
     print(f"corpus: {out / 'manifest.jsonl'}")
     print(f"datasheet: {datasheet(out, args.reports)}")
@@ -84,7 +85,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 def cmd_data_instructions(args: argparse.Namespace) -> int:
     from omni.data.instructions import InstructionConfig, task_counts, write_instructions
 
-    paths = write_instructions(InstructionConfig(corpus=args.corpus, out=args.out, seed=args.seed))
+    paths = write_instructions(InstructionConfig(corpus=args.corpus, out=args.out, seed=args.seed, options_from=args.options_from))
     for split, path in paths.items():
         counts = task_counts(path)
         print(f"{split}: {sum(counts.values())} questions -> {path}  ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})")
@@ -97,7 +98,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     from omni.instruct import bench_run
 
-    results = bench_run(args.run, args.out, args.questions, args.transcripts, args.device, args.max_per_task, args.seed)
+    results = bench_run(args.run, args.out, args.questions, args.transcripts, args.device, args.max_per_task, args.seed, args.features)
     tasks = sorted({t for r in results.values() for t in r}, key=lambda t: (t == "texture", t))
     print(f"{'task':14s} {'chance':>7s} " + " ".join(f"{k[:22]:>22s}" for k in results))
     for t in tasks:
@@ -239,12 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     dy.add_argument("--sentences", type=int, default=3000)
     dy.add_argument("--seed", type=int, default=0)
     dy.add_argument("--workers", type=int, default=2)
+    dy.add_argument("--hard-clips", type=int, default=0, help="clips of split test_hard: held-out voices at rates/pitches outside the training ranges")
+    dy.add_argument("--hard-only", action="store_true", help="write only the test_hard clips (a separate hard corpus beside an existing one)")
     dy.add_argument("--reports", default="reports")
     dy.set_defaults(fn=cmd_data_synth)
     di = d.add_parser("instructions", help="questions about the voice (conversation manifests) from a synth corpus's labels")
     di.add_argument("--corpus", default="data/synth")
     di.add_argument("--out", default="data/instructions")
     di.add_argument("--seed", type=int, default=0)
+    di.add_argument("--options-from", default="", help="corpus whose label values make the multiple-choice options (the training corpus, for a separate test corpus)")
     di.set_defaults(fn=cmd_data_instructions)
     dl = d.add_parser("librispeech", help="manifest from a LibriSpeech split folder")
     dl.add_argument("root")
@@ -291,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--questions", default="", help="instruction manifest to ask (default: the run's test.jsonl)")
     b.add_argument("--transcripts", default="reference", choices=["reference", "whisper"], help="what the transcript-only baseline reads")
     b.add_argument("--max-per-task", type=int, default=None)
+    b.add_argument("--features", default="", help="feature cache of the questions' clips when not the run's own (e.g. the hard set's)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", default="cpu")
     b.set_defaults(fn=cmd_bench)

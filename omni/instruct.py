@@ -18,8 +18,10 @@ Design choices:
   the encoder never runs during training. A conversation naming a clip missing from the cache is
   an error before training starts.
 - Batches are drawn from a Random seeded by (seed, step), so a run is reproducible and a resumed
-  run draws the same batches. `trainable` is "projector" or "projector+lm" (LoRA comes with the
-  backbone work as "projector+lora").
+  run draws the same batches. `trainable` is "projector+lora" (default: peft adapters on the LM's
+  attention and MLP projections through omni.lm, exactly as omni.align; the base weights stay
+  bit-identical and only the adapters are saved, beside the audio path), "projector" (frozen LM)
+  or "projector+lm" (the whole LM trains and is saved as a copy).
 - Answers for the benchmark (`answerer`) are greedy: the prompt up to "Assistant: " minus its last
   token goes in as GPT's left-padded soft prefix, its last token as idx, so the one decoding loop
   (GPT.stream) is used as it is.
@@ -30,7 +32,8 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -38,10 +41,13 @@ import torch
 
 from omni.data.features import FeatureCache
 from omni.data.manifest import ASSISTANT_ROLES, AUDIO_TAG, USER_ROLES, read_manifest
+from omni.lm import LoraSpec, add_lora, load_lora, save_lora
+from omni.params import require, require_choice, require_device, require_layer
 from omni.speech_lm import SpeechLM, SpeechLMConfig, collate_states, left_pad
+from omni.track import NullTracker, Tracker
 from omni.train import History, TrainConfig, pick_device, train
 
-TRAINABLE = ("projector", "projector+lm")
+TRAINABLE = ("projector", "projector+lora", "projector+lm")
 USER, ASSISTANT = "User: ", "Assistant: "
 
 Segment = str | Path  # text, or the resolved path of a clip
@@ -57,16 +63,41 @@ class InstructConfig:
     layer: str = "weighted"  # Whisper state(s) for the projector (as omni.speech_lm)
     k: int = 4  # frames per audio token
     projector: str = "stack"  # stack | conv | avg
-    trainable: str = "projector+lm"  # projector | projector+lm
-    steps: int = 200
-    batch_size: int = 16  # conversations per step
-    lr: float = 1e-3
-    warmup: int = 20
+    trainable: str = "projector+lora"  # projector+lora (peft adapters) | projector (frozen LM) | projector+lm (whole LM)
+    lora_rank: int = 16  # LoRA rank r (trainable=projector+lora)
+    lora_alpha: float = 32.0  # LoRA scale alpha / r
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: str = ""  # comma-separated module names; "" = attention + MLP projections of the backbone
+    steps: int = 150  # optimiser steps (about 2.5 s each on 2 shared CPU cores at batch 8)
+    batch_size: int = 8  # conversations per step
+    lr: float = 2e-3  # AdamW peak learning rate
+    warmup: int = 10  # linear warm-up steps
     eval_every: int = 0  # steps between val-loss evaluations; 0 = only at the end
+    val_rows: int = 128  # val conversations in each val-loss evaluation (a seeded subsample: the full split costs minutes on CPU); 0 = all
     seed: int = 0  # batches, init
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda
     dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs float32
-    out: str = ""  # folder for the trained audio path (and LM, if it trained); "" = not saved
+    out: str = ""  # folder for the trained audio path (and adapters or LM); "" = not saved
+
+    def __post_init__(self) -> None:
+        """Types and ranges, refused in one line naming the parameter before any data or LM is read."""
+        from omni.projector import Projector, ProjectorConfig
+
+        require_choice("trainable", self.trainable, TRAINABLE)
+        for name in ("steps", "k", "batch_size", "lora_rank"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        for name in ("warmup", "eval_every", "val_rows", "seed"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        require(self.lr > 0, "lr", self.lr, "> 0")
+        require(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "> 0")
+        require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
+        require_choice("dtype", self.dtype, ("bfloat16", "float16", "float32"))
+        require_layer(self.layer, "")  # by name here; an index is checked against the cache when it is opened
+        require_device(self.device)
+        Projector(ProjectorConfig(d_in=1, d_out=1, k=self.k, kind=self.projector))  # raises naming `projector` or `k`
+
+    def lora(self) -> LoraSpec:
+        return LoraSpec(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=self.lora_targets)
 
 
 @dataclass
@@ -221,13 +252,16 @@ def build_model(cfg: InstructConfig, cache: FeatureCache, device: torch.device) 
     return model
 
 
-def run_instruct(cfg: InstructConfig, cache: FeatureCache | None = None, model: SpeechLM | None = None) -> InstructResult:
-    """Train on OUT/train.jsonl's conversations, report the loss on val.jsonl; save to cfg.out."""
-    if cfg.trainable not in TRAINABLE:
-        raise ValueError(f"trainable {cfg.trainable!r} is not one of {TRAINABLE} (parameter `trainable`)")
+def run_instruct(cfg: InstructConfig, cache: FeatureCache | None = None, model: SpeechLM | None = None,
+                 tracker: Tracker | NullTracker | None = None) -> InstructResult:
+    """Train on OUT/train.jsonl's conversations, report the loss on val.jsonl; save to cfg.out.
+    Per-step metrics (loss, lr, val_loss) go to `tracker`."""
+    require_choice("trainable", cfg.trainable, TRAINABLE)  # a config changed after construction, too
     folder = Path(cfg.instructions)
     train_convs = read_conversations(folder / "train.jsonl")
     val_convs = read_conversations(folder / "val.jsonl") if (folder / "val.jsonl").is_file() else []
+    if cfg.val_rows and len(val_convs) > cfg.val_rows:
+        val_convs = random.Random(f"{cfg.seed}:val").sample(val_convs, cfg.val_rows)
     cache = cache or FeatureCache.open(cfg.features)
     train_states = _states_for(cache, train_convs, str(folder / "train.jsonl"))
     val_states = _states_for(cache, val_convs, str(folder / "val.jsonl")) if val_convs else {}
@@ -237,9 +271,13 @@ def run_instruct(cfg: InstructConfig, cache: FeatureCache | None = None, model: 
     check_lengths(model, val_convs, val_states, str(folder / "val.jsonl"))
     train_lm = cfg.trainable == "projector+lm"
     for p in model.gpt.parameters():
-        p.requires_grad_(train_lm)
+        p.requires_grad_(train_lm)  # the base weights stay frozen unless the whole LM trains
+    lm_params = {f"gpt.{n}": p for n, p in model.gpt.named_parameters()} if train_lm else {}
+    if cfg.trainable == "projector+lora":
+        torch.manual_seed(cfg.seed)  # the adapters' init is part of the run
+        lm_params = {f"gpt.{n}": p for n, p in add_lora(model.gpt, cfg.lora()).items()}
     model.train()
-    model.gpt.train(train_lm)
+    model.gpt.train(bool(lm_params))
 
     def loss_fn(step: int):
         rng = random.Random(f"{cfg.seed}:batch:{step}")
@@ -248,15 +286,14 @@ def run_instruct(cfg: InstructConfig, cache: FeatureCache | None = None, model: 
 
     params = {f"select.{n}": p for n, p in model.select.named_parameters()}
     params |= {f"projector.{n}": p for n, p in model.projector.named_parameters()}
-    if train_lm:
-        params |= {f"gpt.{n}": p for n, p in model.gpt.named_parameters()}
+    params |= lm_params
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, dtype=cfg.dtype, progress=False, eval_every=cfg.eval_every,
                        ckpt_every=max(1, cfg.steps // 4) if cfg.out else 0, ckpt_dir=str(Path(cfg.out) / "resume") if cfg.out else "")
 
     def eval_fn(step: int) -> dict[str, float]:  # the val-loss curve; train() calls it at the end too
         return {"val_loss": evaluate_loss(model, val_convs, val_states, cfg.batch_size)}
 
-    hist = train(params, loss_fn, tcfg, eval_fn=eval_fn if val_convs else None)
+    hist = train(params, loss_fn, tcfg, tracker, eval_fn=eval_fn if val_convs else None)
     val_loss = hist.evals[-1]["val_loss"] if val_convs else float("nan")
     if cfg.out:
         model.save_audio_path(cfg.out)
@@ -267,6 +304,8 @@ def run_instruct(cfg: InstructConfig, cache: FeatureCache | None = None, model: 
             model.gpt.save(lm_dir)
             if (Path(cfg.lm) / "tokenizer.json").exists():
                 shutil.copy(Path(cfg.lm) / "tokenizer.json", lm_dir / "tokenizer.json")
+        if cfg.trainable == "projector+lora":  # adapters only, beside the audio path; the base LM stays cfg.lm
+            save_lora(model.gpt, cfg.lora(), cfg.out)
         meta |= {"lm": str(lm_dir.resolve()), "features": str(Path(cache.path).resolve()),
                  "instructions": str(folder.resolve()), "instruct": asdict(cfg), "val_loss": val_loss}
         (Path(cfg.out) / "audio_path.json").write_text(json.dumps(meta, indent=2))
@@ -286,8 +325,10 @@ def evaluate_loss(model: SpeechLM, convs: Sequence[Conversation], states: dict[P
     return total / max(1, n)
 
 
-def answerer(model: SpeechLM, cache: FeatureCache, max_new_tokens: int = 24):
-    """A benchmark answerer (omni.bench): greedy answers to question rows ("question", "audios")."""
+def answerer(model: SpeechLM, cache: FeatureCache, max_new_tokens: int = 24, transcribe_tokens: int = 80):
+    """A benchmark answerer (omni.bench): greedy answers to question rows ("question", "audios").
+    A batch holding a transcription question gets `transcribe_tokens` (a sentence, not a label):
+    omni.bench.ask batches one task at a time, so label batches stay short."""
     tok = model.tokenizer
 
     @torch.no_grad()
@@ -299,7 +340,8 @@ def answerer(model: SpeechLM, cache: FeatureCache, max_new_tokens: int = 24):
         idx, embeds, lengths, _ = assemble(model, seqs, states)
         last = idx[torch.arange(len(seqs)), lengths - 1][:, None]
         prefix, mask = left_pad(embeds, lengths - 1)  # everything but the last token, padded on the left
-        out = model.gpt.generate(last, audio=prefix, audio_mask=mask, max_new_tokens=max_new_tokens, stop_token=tok.bos_id)
+        budget = transcribe_tokens if any(q.get("task") == "transcribe" for q in qs) else max_new_tokens
+        out = model.gpt.generate(last, audio=prefix, audio_mask=mask, max_new_tokens=budget, stop_token=tok.bos_id)
         texts = []
         for row in out.tolist():
             row = row[: row.index(tok.bos_id)] if tok.bos_id in row else row
@@ -321,45 +363,212 @@ def load_instructed(run: str | Path, device: str = "cpu") -> tuple[SpeechLM, Fea
     gpt, tok = load_lm(meta["lm"], dev)
     model = SpeechLM(gpt, tok, meta["n_states"], meta["d_whisper"], SpeechLMConfig(**meta["speech_lm"])).to(dev)
     model.load_audio_path(run)
+    load_lora(model.gpt, run)  # the run's adapters, when it trained some (projector+lora)
     model.eval()
     return model, FeatureCache.open(meta["features"]), meta
 
 
+@dataclass
+class BenchResult:
+    results: dict  # {answerer name: {task: omni.bench.TaskScore}}
+    transcribe: dict[str, float]  # WER of the chat transcripts: wer, median_wer, clear_wer, clear_median_wer, n, n_clear
+    n_questions: int
+
+
+def benchmark(model: SpeechLM, cache: FeatureCache, questions: list[dict], clips: FeatureCache | None = None,
+              transcripts: str = "reference", encoder: str = "tiny.en", seed: int = 0) -> BenchResult:
+    """The model and the three baselines on `questions`; the linear probe fits on `cache`'s train split,
+    the questions' clips come from `clips` (default `cache`; another cache for a separate test corpus).
+
+    transcripts: "reference" (the corpus text: a perfect transcriber, the strictest text-only
+    baseline) or "whisper" (Whisper's own greedy transcripts; slow on CPU)."""
+    from omni import bench
+
+    require_choice("transcripts", transcripts, ("reference", "whisper"))
+    clips = clips or cache
+    row_of = {r["labels"].get("clip_id"): i for i, r in enumerate(clips.rows)}
+    ids = sorted({c for q in questions for c in q["clip_ids"]})
+    missing = [c for c in ids if c not in row_of]
+    if missing:
+        raise ValueError(f"{len(missing)} question clip(s) not in the feature cache {clips.path}, e.g. {missing[0]}")
+    if transcripts == "whisper":
+        from omni.yardstick import whisper_hyps
+
+        text = dict(zip(ids, whisper_hyps(clips, [row_of[c] for c in ids], encoder)))
+    else:
+        text = {c: clips.rows[row_of[c]]["text"] for c in ids}
+    ask = answerer(model, clips)
+    predictions = bench.ask(questions, ask)
+    results = {
+        bench.MODEL: bench.score(questions, predictions, seed=seed),
+        f"{bench.TEXT} ({transcripts})": bench.run_benchmark(bench.transcript_questions(questions, text), ask, seed=seed),
+        bench.SHUFFLED: bench.run_benchmark(bench.shuffled_questions(questions, seed), ask, seed=seed),
+        bench.PROBE: bench.run_benchmark(questions, bench.probe_answerer(cache, questions, seed=seed, clips=clips), seed=seed),
+    }
+    return BenchResult(results, transcription_wer(questions, predictions, clips), len(questions))
+
+
+def transcription_wer(questions: list[dict], predictions: list, cache: FeatureCache) -> dict[str, float]:
+    """WER of the answers to the transcription questions (chat transcripts), on all of them and on
+    clear speech (style "normal", as omni.yardstick), corpus and median; {} without such questions."""
+    from omni import metrics
+
+    idx = [i for i, q in enumerate(questions) if q["task"] == "transcribe"]
+    if not idx:
+        return {}
+    style = {r["labels"].get("clip_id"): r["labels"].get("style", "normal") for r in cache.rows}
+    refs, hyps = [questions[i]["answer"] for i in idx], [predictions[i] or "" for i in idx]
+    clear = [j for j, i in enumerate(idx) if style.get(questions[i]["clip_ids"][0], "normal") == "normal"]
+    out = {"n": float(len(idx)), "wer": metrics.wer(refs, hyps), "median_wer": metrics.median_wer(refs, hyps), "n_clear": float(len(clear))}
+    if clear:
+        c_refs, c_hyps = [refs[j] for j in clear], [hyps[j] for j in clear]
+        out |= {"clear_wer": metrics.wer(c_refs, c_hyps), "clear_median_wer": metrics.median_wer(c_refs, c_hyps)}
+    return out
+
+
+def save_bench(res: BenchResult, out: str | Path, title: str = ""):
+    """OUT/scores.json and OUT/bench.png; returns the figure."""
+    from omni import bench
+    from omni.common import atomic_write
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "scores.json", json.dumps({"scores": {k: {t: asdict(v) for t, v in r.items()} for k, r in res.results.items()},
+                                                  "transcribe": res.transcribe, "n_questions": res.n_questions}, indent=1))
+    fig = bench.plot_scores(res.results, title=title or f"texture benchmark: {res.n_questions} questions")
+    fig.savefig(out / "bench.png", dpi=110)
+    return fig
+
+
 def bench_run(run: str | Path, out: str | Path, questions: str | Path = "", transcripts: str = "reference",
-              device: str = "cpu", max_per_task: int | None = None, seed: int = 0) -> dict:
+              device: str = "cpu", max_per_task: int | None = None, seed: int = 0, features: str | Path = "") -> dict:
     """The benchmark on an instruction-tuned run: the model, and on the same questions the transcript-only
     LM (the same model, no audio), shuffled audio and the linear-probe ceiling. Writes OUT/scores.json
     and OUT/bench.png; returns {answerer: {task: TaskScore}}.
 
-    transcripts: "reference" (the corpus text: a perfect transcriber, the strictest text-only
-    baseline) or "whisper" (Whisper's own greedy transcripts, cached beside the features; slow on CPU).
+    features: the feature cache holding the questions' clips when it is not the run's own (a
+    separate test corpus such as test_hard); the probe still fits on the run's cache.
     """
     from omni import bench
-    from omni.common import atomic_write
 
-    if transcripts not in ("reference", "whisper"):
-        raise ValueError(f"transcripts must be 'reference' or 'whisper', got {transcripts!r}")
+    require_choice("transcripts", transcripts, ("reference", "whisper"))
     model, cache, meta = load_instructed(run, device)
+    clips = FeatureCache.open(features) if features else cache
     qs = bench.load_questions(questions or Path(meta["instructions"]) / "test.jsonl", check_audio=False,
                               max_per_task=max_per_task, seed=seed)
-    row_of = {r["labels"].get("clip_id"): i for i, r in enumerate(cache.rows)}
-    clips = sorted({c for q in qs for c in q["clip_ids"]})
-    if transcripts == "whisper":
-        from omni.yardstick import whisper_hyps
+    res = benchmark(model, cache, qs, clips, transcripts, meta.get("encoder", "tiny.en"), seed)
+    fig = save_bench(res, out, title=f"texture benchmark: {len(qs)} questions, {Path(run).name}")
+    import matplotlib.pyplot as plt
 
-        text = dict(zip(clips, whisper_hyps(cache, [row_of[c] for c in clips], meta.get("encoder", "tiny.en"))))
-    else:
-        text = {c: cache.rows[row_of[c]]["text"] for c in clips}
-    ask = answerer(model, cache)
-    results = {
-        "model": bench.run_benchmark(qs, ask, seed=seed),
-        f"transcript only ({transcripts})": bench.run_benchmark(bench.transcript_questions(qs, text), ask, seed=seed),
-        "shuffled audio": bench.run_benchmark(bench.shuffled_questions(qs, seed), ask, seed=seed),
-        "linear probe": bench.run_benchmark(qs, bench.probe_answerer(cache, qs, seed=seed), seed=seed),
-    }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "scores.json", json.dumps({k: {t: asdict(v) for t, v in r.items()} for k, r in results.items()}, indent=1))
-    fig = bench.plot_scores(results, title=f"texture benchmark: {len(qs)} questions, {Path(run).name}")
-    fig.savefig(out / "bench.png", dpi=110)
-    return results
+    plt.close(fig)
+    return res.results
+
+
+# --- the experiment: data, training, the benchmark on two test sets -----------------------------
+
+
+@dataclass
+class TextureConfig(InstructConfig):
+    corpus: str = "data/synth"  # synth corpus the instructions are built from when `instructions` lacks train.jsonl
+    hard_corpus: str = "data/synth_hard"  # the hard test corpus (split test_hard), rendered from `corpus`'s config if missing
+    hard_clips: int = 300  # clips of the hard corpus when it is built; 0 = no hard set
+    hard_features: str = "cache/features"  # feature cache root for the hard corpus
+    encoder: str = "tiny.en"  # Whisper source of the features (the hard corpus's are built with it)
+    bench_per_task: int = 40  # questions per task in each benchmark (a seeded subsample); 0 = all
+    transcripts: str = "reference"  # transcript-only baseline's text: reference (a perfect transcriber) | whisper
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("hard_clips", "bench_per_task"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        require_choice("transcripts", self.transcripts, ("reference", "whisper"))
+
+
+@dataclass
+class TextureResult:
+    config: TextureConfig
+    instruct: InstructResult
+    benches: dict[str, BenchResult]  # "test" (held-out voices), "test_hard" (voices made differently)
+    metrics: dict[str, float]
+
+
+def corpus_config(corpus: str | Path, **changes) -> "SynthConfig":  # noqa: F821
+    """The SynthConfig a corpus was built with (its config.json; older key names read too), with `changes`."""
+    from omni.data.synth import SynthConfig
+
+    f = Path(corpus) / "config.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: no corpus config (build the corpus with `omni data synth --out {corpus}`)")
+    raw = json.loads(f.read_text())["config"]
+    if "n_sentences" in raw:  # the field's earlier name
+        raw["sentences"] = raw.pop("n_sentences")
+    names = {f.name for f in fields(SynthConfig)}
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names}
+    return SynthConfig(**(kw | changes))
+
+
+def prepare_hard(cfg: TextureConfig, progress: bool = False) -> FeatureCache | None:
+    """The hard test set: its corpus (test sentences of `corpus`, held-out variants, rate/pitch outside
+    the training ranges; omni.data.synth), its questions (instructions/test_hard.jsonl, the options of
+    `corpus`) and its features, each built when missing. None when hard_clips is 0."""
+    from omni.data.features import build_features
+    from omni.data.instructions import InstructionConfig, load_corpus_rows, write_instructions
+    from omni.data.synth import HARD, build_corpus
+
+    if not cfg.hard_clips:
+        return None
+    hard = Path(cfg.hard_corpus)
+    if not (hard / "manifest.jsonl").is_file():
+        build_corpus(corpus_config(cfg.corpus, out=str(hard), hard_clips=cfg.hard_clips, only=(HARD,), workers=2))
+    # never a sentence the model trained on: every hard sentence must be one of the corpus's test sentences
+    test_texts = {r["text"] for r in load_corpus_rows(cfg.corpus) if r["split"] == "test"}
+    stray = [r["text"] for r in load_corpus_rows(hard) if r["text"] not in test_texts]
+    if stray:
+        raise ValueError(f"{hard}: {len(stray)} clip(s) speak a sentence that is not in {cfg.corpus}'s test split, e.g. {stray[0]!r} "
+                         f"(built from another corpus config? parameter `hard_corpus`)")
+    if not (Path(cfg.instructions) / f"{HARD}.jsonl").is_file():
+        write_instructions(InstructionConfig(corpus=str(hard), out=cfg.instructions, options_from=cfg.corpus))
+    return FeatureCache.open(build_features(hard / "manifest.jsonl", cfg.hard_features, cfg.encoder, progress=progress))
+
+
+def prepare_data(cfg: TextureConfig) -> FeatureCache:
+    """The instruction manifests (built from `corpus` when missing) and the corpus's feature cache:
+    `features` is a cache folder (index.json) or a root to build it under."""
+    from omni.data.features import build_features
+    from omni.data.instructions import InstructionConfig, write_instructions
+
+    if not (Path(cfg.instructions) / "train.jsonl").is_file():
+        write_instructions(InstructionConfig(corpus=cfg.corpus, out=cfg.instructions))
+    f = Path(cfg.features or "cache/features")
+    if (f / "index.json").is_file():
+        return FeatureCache.open(f)
+    return FeatureCache.open(build_features(Path(cfg.corpus) / "manifest.jsonl", f, cfg.encoder, progress=False))
+
+
+def run_texture(cfg: TextureConfig, tracker: Tracker | NullTracker | None = None) -> TextureResult:
+    """Data (built when missing) -> run_instruct -> the benchmark on the held-out test set and on the
+    hard set, with the three baselines; headline metrics (test_*, hard_*) logged to `tracker`."""
+    from omni import bench
+
+    tracker = tracker or NullTracker()
+    cache = prepare_data(cfg)
+    hard = prepare_hard(cfg)
+    res = run_instruct(replace(cfg, features=str(cache.path)), cache=cache, tracker=tracker)
+    per = cfg.bench_per_task or None
+    folder = Path(cfg.instructions)
+    sets = {"test": (folder / "test.jsonl", cache)}
+    if hard is not None:
+        sets["test_hard"] = (folder / "test_hard.jsonl", hard)
+    benches, m = {}, {"val_loss": res.val_loss, "train_seconds": res.history.seconds}
+    for name, (path, clips) in sets.items():
+        t0 = time.perf_counter()
+        qs = bench.load_questions(path, check_audio=False, max_per_task=per, seed=cfg.seed)
+        b = benchmark(res.model, cache, qs, clips, cfg.transcripts, cfg.encoder, cfg.seed)
+        benches[name] = b
+        prefix = "" if name == "test" else "hard_"
+        m |= bench.headline(b.results, prefix) | {f"{prefix}bench_seconds": time.perf_counter() - t0, f"{prefix}n_questions": float(len(qs))}
+        m |= {f"{prefix}transcribe_{k}": v for k, v in b.transcribe.items()}
+        m[f"{prefix}meets_bar"] = float(bench.meets_bar(b.results)[0])
+    tracker.log_metrics(m, step=cfg.steps)
+    tracker.flush()
+    return TextureResult(cfg, res, benches, m)

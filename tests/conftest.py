@@ -64,7 +64,7 @@ def repo() -> Path:
 # tiny.en states; a 1-layer random LM (bytes); a 10-step alignment with the learned layer mix.
 
 
-def tiny_lm(path: Path, seed: int = 0) -> Path:
+def tiny_lm(path: Path, seed: int = 0, sequence_len: int = 256) -> Path:
     """A random 1-layer GPT (byte tokenizer: no tokenizer.json) whose output depends on the audio
     prefix: GPT's own init keeps the residual branches near zero, so at init every clip would
     decode to the same text and a test comparing transcripts would compare nothing."""
@@ -73,7 +73,7 @@ def tiny_lm(path: Path, seed: int = 0) -> Path:
     from omni.gpt import GPT, GPTConfig
 
     torch.manual_seed(seed)
-    gpt = GPT(GPTConfig(sequence_len=256, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    gpt = GPT(GPTConfig(sequence_len=sequence_len, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
     with torch.no_grad():
         for block in gpt.transformer.h:
             block.attn.c_proj.weight.normal_(0.0, 0.3)

@@ -5,13 +5,14 @@ gets the text and no audio, and a probe on informative fake Whisper states beats
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from omni.bench import (
-    is_correct, load_questions, plot_scores, probe_answerer, run_benchmark, score, shuffled_questions,
-    transcript_questions,
+    TaskScore, ask, findings, headline, is_correct, load_questions, meets_bar, plot_scores, probe_answerer, run_benchmark,
+    score, shuffled_questions, task_table, transcript_questions,
 )
 from omni.data.instructions import LETTERS, TASK_LABEL, InstructionConfig, build_instructions, label_answer
 from omni.data.manifest import write_manifest
@@ -193,3 +194,61 @@ def test_probe_ceiling(corpus, tmp_path):
     assert len(ax.patches) == 2 * len(s) and [t.get_text() for t in ax.get_xticklabels()][-1] == "texture"
     with pytest.raises(ValueError, match="not in the feature cache"):
         probe_answerer(fake_cache(tmp_path / "part", rows[:50], informative=True), qs)
+
+
+def test_ask_batches_one_task_at_a_time_and_keeps_the_order(corpus):
+    rows, qs = corpus
+    seen = []
+
+    def answer(batch):
+        seen.append({q["task"] for q in batch})
+        return [q["line"] for q in batch]
+
+    assert ask(qs, answer, batch_size=7) == [q["line"] for q in qs]
+    assert all(len(s) == 1 for s in seen) and max(len(s) for s in seen) == 1
+    assert len(seen) >= len({q["task"] for q in qs})
+
+
+def test_probe_reads_the_questions_clips_from_another_cache(corpus, tmp_path):
+    """A separate test corpus: the probe fits on the corpus cache's train split and reads the
+    questions' clips from the other cache; a cache of another encoder (width) is refused."""
+    rows, qs = corpus
+    train_rows = [r for r in rows if r["split"] != "test"]
+    test_rows = [dict(r, clip_id=f"hard_{r['clip_id']}") for r in rows if r["split"] == "test"]
+    hard_qs = [dict(q, clip_ids=[f"hard_{c}" for c in q["clip_ids"]]) for q in qs]
+    main = fake_cache(tmp_path / "main", train_rows, informative=True)
+    other = fake_cache(tmp_path / "other", test_rows, informative=True, seed=1)
+    with pytest.raises(ValueError, match="not in the feature cache"):
+        probe_answerer(main, hard_qs)
+    s = run_benchmark(hard_qs, probe_answerer(main, hard_qs, clips=other))
+    assert s["gender"].accuracy > 0.9 and s["accent"].accuracy > 0.9
+    with pytest.raises(ValueError, match="not the same encoder"):
+        probe_answerer(main, hard_qs, clips=fake_cache(tmp_path / "wide", test_rows, informative=True, d=24))
+
+
+def _scores(acc: dict[str, float], chance: float = 0.5, n: int = 100) -> dict[str, TaskScore]:
+    return {t: TaskScore(t, a, max(0.0, a - 0.1), min(1.0, a + 0.1), chance, n) for t, a in acc.items()}
+
+
+def test_table_headline_bar_and_sentences_from_the_numbers():
+    model = _scores({"gender": 0.95, "pitch": 0.55, "style": 0.40, "transcribe": 0.0})
+    results = {"model": model, "transcript only (reference)": _scores({"gender": 0.5, "pitch": 0.5, "style": 0.45, "transcribe": 0.0}),
+               "shuffled audio": _scores({"gender": 0.52, "pitch": 0.50, "style": 0.30}),
+               "linear probe": _scores({"gender": 1.0, "pitch": 0.9, "style": 0.9})}
+    table = task_table(results)
+    assert [r["task"] for r in table] == ["gender", "pitch", "style", "transcribe"]
+    assert table[0] == {"task": "gender", "n": 100, "accuracy": 0.95, "ci_lo": 0.85, "ci_hi": 1.0, "chance": 0.5,
+                        "transcript_only": 0.5, "shuffled": 0.52, "probe": 1.0}
+    assert np.isnan(table[3]["probe"])
+    h = headline(results, "hard_")
+    assert h["hard_texture_mean"] == pytest.approx((0.95 + 0.55 + 0.40) / 3) and h["hard_texture_chance_mean"] == 0.5
+    assert h["hard_transcript_only_texture_mean"] == pytest.approx((0.5 + 0.5 + 0.45) / 3)
+    assert h["hard_texture_tasks_above_transcript_only"] == 2 and h["hard_acc_gender"] == 0.95
+    ok, why = meets_bar(results)
+    assert not ok and "NOT met" in why and "not above transcript-only on style" in why
+    ok, why = meets_bar({**results, "model": _scores({"gender": 0.95, "pitch": 0.9, "style": 0.9})})
+    assert ok and "above transcript-only on every texture task" in why
+    said = findings(results)
+    assert said[0].startswith("hears gender: 0.95 [0.85, 1.00] (n=100) vs chance 0.50, transcript-only 0.50")
+    assert said[1].startswith("partly hears pitch") and said[2].startswith("does not hear style")
+    assert len(said) == 3  # texture tasks only

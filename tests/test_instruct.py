@@ -80,7 +80,7 @@ def test_multi_turn_audio_in_place_and_assistant_only_loss(setup):
 
 def test_few_steps_lower_the_loss_save_and_bench(setup, capsys):
     root, rows, cache, cfg = setup
-    res = run_instruct(replace(cfg, out=str(root / "run"), eval_every=6), cache=cache)
+    res = run_instruct(replace(cfg, out=str(root / "run"), eval_every=6, trainable="projector+lm"), cache=cache)
     assert [e["step"] for e in res.history.evals] == [5, 11] and res.history.evals[-1]["val_loss"] == res.val_loss
     first, last = sum(res.history.loss[:3]) / 3, sum(res.history.loss[-3:]) / 3
     assert last < first - 0.1, res.history.loss
@@ -97,11 +97,15 @@ def test_few_steps_lower_the_loss_save_and_bench(setup, capsys):
     assert main(["bench", "--run", str(root / "run"), "--out", str(root / "bench"), "--max-per-task", "3"]) == 0
     printed = capsys.readouterr().out
     assert "texture" in printed and "linear probe" in printed
-    scores = json.loads((root / "bench" / "scores.json").read_text())
+    scores = json.loads((root / "bench" / "scores.json").read_text())["scores"]
     assert set(scores) == {"model", "transcript only (reference)", "shuffled audio", "linear probe"}
     assert scores["model"]["gender"]["n"] == min(3, sum(q["task"] == "gender" for q in qs)) == scores["linear probe"]["gender"]["n"]
     assert "transcribe" not in scores["linear probe"] and (root / "bench" / "bench.png").stat().st_size > 1000
     assert main(["bench", "--run", str(root)]) == 2  # not a run folder: one line, exit 2
+    # --features: the questions' clips from another cache (a separate test corpus); one lacking them is refused
+    small = fake_cache(root / "bench_small_cache", rows[:3], informative=False)
+    assert main(["bench", "--run", str(root / "run"), "--out", str(root / "bench2"), "--features", str(small.path)]) == 2
+    assert "not in the feature cache" in capsys.readouterr().err
 
 
 
@@ -141,9 +145,70 @@ def test_projector_only_keeps_the_lm_and_bad_input(setup):
     assert not torch.equal(proj, model.projector.fc2.weight)
     with pytest.raises(ValueError, match="trainable"):
         run_instruct(replace(cfg, trainable="lora"), cache=cache)
+    with pytest.raises(ValueError, match="trainable"):  # changed after construction: run_instruct checks again
+        bad = replace(cfg)
+        bad.trainable = "lora"
+        run_instruct(bad, cache=cache)
     with pytest.raises(ValueError, match=r"train.jsonl: row 1 is \d+ tokens with its audio, over the LM's sequence_len=16"):
         model.gpt.config.sequence_len = 16
         run_instruct(cfg, cache=cache, model=model)
     small = fake_cache(root / "small_cache", rows[:4], informative=False)
     with pytest.raises(ValueError, match="not in the feature cache"):
         run_instruct(cfg, cache=small)
+
+
+def test_lora_adapters_train_the_base_stays_bit_identical_and_round_trip(setup):
+    """The default, projector+lora: peft adapters on attention + MLP train, every base weight of the LM
+    stays bit-identical, only the adapters are saved, and the reloaded run answers exactly as the trained one."""
+    from omni.gpt import GPT
+    from omni.instruct import load_instructed
+    from omni.lm import GPT_TARGETS, lora_parameters
+
+    root, rows, cache, cfg = setup
+    assert InstructConfig().trainable == "projector+lora" and cfg.trainable == "projector+lora"
+    base = GPT.load(cfg.lm).state_dict()
+    res = run_instruct(replace(cfg, out=str(root / "lora_run"), steps=8), cache=cache)
+    lora = lora_parameters(res.model.gpt)
+    # adapters on every attention and MLP projection of the one block (c_proj is in both), A and B each
+    modules = {n.split(".lora_")[0] for n in lora}
+    assert {m.rsplit(".", 1)[-1] for m in modules} == set(GPT_TARGETS) and len(modules) == 6 and len(lora) == 12
+    moved = {n.split(".lora_")[0] for n, p in lora.items() if "lora_B" in n and p.abs().max() > 0}  # B starts at zero
+    assert moved == modules
+    # base weights: the same tensors, bit for bit (peft's base_layer names mapped back)
+    after = {k.replace(".base_layer", ""): v for k, v in res.model.gpt.state_dict().items() if "lora_" not in k}
+    assert set(after) == set(base) and all(torch.equal(base[k], after[k]) for k in base)
+    out = root / "lora_run"
+    assert (out / "lora.safetensors").is_file() and (out / "lora.json").is_file() and not (out / "lm").exists()
+    assert json.loads((out / "audio_path.json").read_text())["lm"] == str(Path(cfg.lm).resolve())
+
+    loaded, _, meta = load_instructed(out)
+    assert meta["instruct"]["lora_rank"] == 16 and set(lora_parameters(loaded.gpt)) == set(lora)
+    qs = load_questions(root / "instr" / "test.jsonl", check_audio=False)[:8]
+    got = answerer(res.model, cache, max_new_tokens=6)(qs)
+    assert answerer(loaded, cache, max_new_tokens=6)(qs) == got
+    # and the adapters matter: the same run without them answers differently
+    bare, _, _ = load_instructed(out)
+    with torch.no_grad():
+        for n, p in lora_parameters(bare.gpt).items():
+            if "lora_B" in n:
+                p.zero_()
+    assert answerer(bare, cache, max_new_tokens=6)(qs) != got
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", 0, r"parameter `steps` = 0: must be >= 1"),
+    ("lora_rank", 0, r"parameter `lora_rank` = 0: must be >= 1"),
+    ("lora_alpha", 0.0, r"parameter `lora_alpha` = 0.0: must be > 0"),
+    ("lora_dropout", 1.0, r"parameter `lora_dropout` = 1.0: must be in \[0, 1\)"),
+    ("lr", -1.0, r"parameter `lr` = -1.0: must be > 0"),
+    ("warmup", -1, r"parameter `warmup` = -1: must be >= 0"),
+    ("trainable", "lora", r"parameter `trainable` = 'lora': must be one of projector, projector\+lora, projector\+lm"),
+    ("layer", "top", r"parameter `layer` = 'top'"),
+    ("projector", "mlp", r"parameter `projector`"),
+    ("device", "tpu", r"parameter `device` = 'tpu'"),
+])
+def test_config_refuses_bad_values_naming_the_parameter(field, value, message):
+    from omni.params import ParamError
+
+    with pytest.raises((ParamError, ValueError), match=message):
+        InstructConfig(**{field: value})

@@ -163,3 +163,19 @@ def test_bad_config_and_missing_corpus(tmp_path):
         build_instructions([], InstructionConfig(max_options=1))
     with pytest.raises(FileNotFoundError, match="omni data synth"):
         load_corpus_rows(tmp_path)
+
+
+def test_a_separate_test_corpus_takes_its_options_from_the_training_corpus(sets):
+    """A hard corpus (one split, fewer styles) asked with options_from the training corpus offers the
+    same answer sets, at the same chance; a value the option corpus lacks is refused by name."""
+    rows, _ = sets
+    hard = [dict(r, split="test_hard") for r in rows if r["split"] == "test" and r["style"] == "normal"]
+    cfg = InstructionConfig(seed=3)
+    alone = build_instructions(hard, cfg)["test_hard"]
+    shared = build_instructions(hard, cfg, option_rows=rows)["test_hard"]
+    style_sets = lambda qs: {tuple(sorted(q["options"])) for q in qs if q["task"] == "style" and q["format"] == "open"}
+    assert style_sets(alone) == {("normal",)} or not style_sets(alone)  # alone: one style, no question worth asking
+    assert style_sets(shared) == {tuple(sorted(STYLE_NAMES[s] for s in {r["style"] for r in rows}))}
+    assert all(q["split"] == "test_hard" for q in shared) and not any(q["task"] == "multi_turn" for q in shared)
+    with pytest.raises(ValueError, match="not among the answer set"):
+        build_instructions([dict(hard[0], accent="en-029")], InstructionConfig(seed=3, tasks=("accent",)), option_rows=rows)

@@ -63,3 +63,30 @@ def test_alignment_notebook_under_plain_papermill(tiny_alignment, tmp_path, env)
     assert run.info.status == "FAILED"
     assert run.data.params["steps"] == "4" and run.data.params["lm"] == str(tiny_alignment.lm)
     assert {"wer", "control_wer"} <= set(run.data.metrics)
+
+
+def test_instruct_notebook_under_plain_papermill(tiny_alignment, tmp_path, env):
+    """07 on the tiny corpus: instruction data, a 4-clip hard corpus and its features are built, LoRA
+    trains a few steps, both test sets are benchmarked with the three baselines, the metrics reach MLflow."""
+    from conftest import tiny_lm
+    from omni.instruct import TextureConfig
+
+    lm = tiny_lm(tmp_path / "lm", sequence_len=1024)  # byte tokens: multi-turn conversations run long
+    res = papermill("07_instruct.ipynb", tmp_path / "out.ipynb", env, corpus=tiny_alignment.corpus,
+                    features=tiny_alignment.cache.path, lm=lm, instructions=tmp_path / "instr",
+                    hard_corpus=tmp_path / "hard", hard_features=tmp_path / "features", hard_clips=4, bench_per_task=3,
+                    out_dir=tmp_path / "run", steps=3, batch_size=4, warmup=0, device="cpu")
+    # every cell runs; whether 3 steps beat shuffled audio is chance, and the verdict is the last cell
+    assert res.returncode == 0 or "does no better with the right audio" in res.stderr, res.stderr[-3000:]
+    assert (tmp_path / "instr" / "train.jsonl").is_file() and (tmp_path / "instr" / "test_hard.jsonl").is_file()
+    assert (tmp_path / "run" / "model" / "lora.safetensors").is_file()
+    for name in ("test", "test_hard"):
+        assert (tmp_path / "run" / f"bench_{name}" / "bench.png").stat().st_size > 1000
+    run = only_run(tmp_path / "mlflow.db", "instruct")
+    if res.returncode == 0:
+        assert run.info.status == "FINISHED"
+    assert {f.name for f in dataclasses.fields(TextureConfig)} | {"out_dir"} == set(run.data.params)
+    assert {"texture_mean", "texture_chance_mean", "transcript_only_texture_mean", "hard_texture_mean", "transcribe_wer",
+            "hard_transcribe_wer", "meets_bar", "loss"} <= set(run.data.metrics)
+    html = (tmp_path / "out.ipynb").read_text()
+    assert "hears" in html and "transcription through chat" in html

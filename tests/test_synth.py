@@ -102,3 +102,44 @@ def test_lm_text_can_exclude_the_corpus_test_sentences():
     train, _ = text.lm_splits(0.01, exclude=held)
     keys = {text.sentence_key(s) for p in train.split("\n\n") for s in text.split_sentences(p)}
     assert len(held) == 450 and not keys & {text.sentence_key(s) for s in held}
+
+
+def test_hard_split_voices_made_differently_from_training(tmp_path):
+    """test_hard: test sentences, held-out variants, rate and pitch outside the training ranges,
+    buckets against the training ranges; the default plan is unchanged; `only` renders just it."""
+    cfg = synth.SynthConfig(hard_clips=40)
+    base = synth.plan(synth.SynthConfig())
+    clips = synth.plan(cfg)
+    assert clips[: len(base)] == base  # the corpus itself is unchanged by a hard set
+    hard = [c for c in clips if c.split == synth.HARD]
+    assert len(hard) == 40 and len(clips) == len(base) + 40
+    test_sents = {c.text for c in base if c.split == "test"}
+    _, held = synth.voices(cfg)
+    assert {c.text for c in hard} <= test_sents and {c.voice for c in hard} <= set(held)
+    for c in hard:
+        assert 85 <= c.rate <= 120 or 245 <= c.rate <= 300
+        assert 0 <= c.pitch <= 15 or 85 <= c.pitch <= 99
+        assert c.rate_bucket == ("slow" if c.rate < 130 else "fast") and c.pitch_bucket == ("low" if c.pitch < 25 else "high")
+    assert {c.rate_bucket for c in hard} == {"slow", "fast"} and {c.pitch_bucket for c in hard} == {"low", "high"}
+    assert {c.gender for c in hard} >= {"female", "male"}
+    assert [c.clip_id for c in synth.plan(dataclasses.replace(cfg, only=(synth.HARD,)))] == [c.clip_id for c in hard]
+
+    out = synth.build_corpus(small(tmp_path / "hard", hard_clips=3, only=(synth.HARD,)))
+    m = read_manifest(out / "manifest.jsonl")
+    assert len(m) == 3 and {e.labels["split"] for e in m} == {synth.HARD}
+    assert sorted(p.name for p in out.glob("*.jsonl")) == ["manifest.jsonl", "test_hard.jsonl"]
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["config"]["hard_clips"] == 3 and meta["counts"] == {synth.HARD: 3}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hard_rate": (85, 140, 245, 300)}, r"hard_rate=.*below and \[c, d\] above the training range \(130, 230\)"),
+    ({"hard_pitch": (0, 15, 60, 99)}, r"hard_pitch=.*training range \(25, 75\)"),
+    ({"hard_pitch": (0, 15, 85, 120)}, r"espeak pitch is 0-99"),
+    ({"hard_clips": -1}, r"hard_clips must be >= 0"),
+    ({"only": ("test_hard",), "hard_clips": 0}, r"test_hard needs hard_clips > 0"),
+    ({"only": ("dev",)}, r"unknown splits \['dev'\]"),
+])
+def test_hard_config_is_checked(change, message):
+    with pytest.raises(ValueError, match=message):
+        synth.plan(dataclasses.replace(synth.SynthConfig(hard_clips=10), **change))

@@ -26,6 +26,8 @@ Design choices:
   does not need to know the tasks; open answers with no closed set (transcript, last word) get 0.
 - Multiple-choice options come from the label's values across the whole corpus (all splits), so a
   test question can offer a value the test split lacks, and the option set never leaks the split.
+  A separate test corpus (omni.data.synth's test_hard) takes them from the training corpus
+  (`options_from`), so its questions offer the same options, at the same chance, as the test set's.
 - Comparative rate/pitch questions are asked only for the outer buckets (the middle third is
   neither "faster" nor "slower" than usual); yes/no questions are balanced per clip by a coin flip,
   so always saying "yes" scores about 0.5, not more. Gender is asked only of voices that have one
@@ -100,6 +102,7 @@ class InstructionConfig:
     max_options: int = 4  # options shown in a multiple-choice question (fewer if the label has fewer)
     audio_last: float = 0.25  # share of questions whose audio tag comes after the question text
     chains: int = 1  # per clip of every split but test*: multi-turn conversations of 2-3 of its questions
+    options_from: str = ""  # corpus whose label values make the answer sets (the training corpus, for a separate test corpus such as test_hard); "" = this corpus
 
 
 def words(text: str) -> list[str]:
@@ -226,6 +229,9 @@ def _question(cfg: InstructionConfig, task: str, r: dict, split_rows: list[dict]
         answer = label_answer(task, r[TASK_LABEL[task]])
         if answer is None or len(options) < 2:
             return None
+        if answer not in options:  # only with options_from: a value the option corpus never has
+            raise ValueError(f"clip {r['clip_id']}: the {task} answer {answer!r} is not among the answer set {options} "
+                             f"(InstructionConfig.options_from names a corpus without it)")
         phrasing = phrasing.format(options=", ".join(options[:-1]) + " or " + options[-1])
         if task not in OPEN_ONLY and rng.random() < cfg.mc_fraction:
             fmt = "mc"
@@ -258,10 +264,11 @@ def _question(cfg: InstructionConfig, task: str, r: dict, split_rows: list[dict]
     }
 
 
-def build_instructions(rows: list[dict], cfg: InstructionConfig) -> dict[str, list[dict]]:
-    """{split: conversation rows} for every corpus split present, each from that split's clips only."""
+def build_instructions(rows: list[dict], cfg: InstructionConfig, option_rows: list[dict] | None = None) -> dict[str, list[dict]]:
+    """{split: conversation rows} for every corpus split present, each from that split's clips only.
+    option_rows: the rows whose label values make the answer sets (default `rows`)."""
     _check(cfg)
-    answer_sets = {t: _answer_set(t, rows) for t in cfg.tasks}
+    answer_sets = {t: _answer_set(t, option_rows or rows) for t in cfg.tasks}
     out: dict[str, list[dict]] = {}
     by_split = collections.defaultdict(list)
     for r in rows:
@@ -298,7 +305,9 @@ def _chains(cfg: InstructionConfig, r: dict, qs: list[dict]) -> list[dict]:
 def write_instructions(cfg: InstructionConfig) -> dict[str, Path]:
     """Read the corpus, build every split's questions and write OUT/<split>.jsonl; returns the paths."""
     _check(cfg)
-    sets = build_instructions(load_corpus_rows(cfg.corpus), cfg)
+    rows = load_corpus_rows(cfg.corpus)
+    option_rows = load_corpus_rows(cfg.options_from) if cfg.options_from else None
+    sets = build_instructions(rows, cfg, option_rows)
     out = Path(cfg.out)
     return {split: write_manifest(out / f"{split}.jsonl", qs) for split, qs in sets.items()}
 

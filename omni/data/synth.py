@@ -17,6 +17,13 @@ render time):
    in train, and "test" vs "test_seen_voice" have the same sentences, which separates sentence
    from voice generalisation. Voices are dealt round-robin from a seeded shuffle per split, so
    every voice gets about the same number of clips.
+4. The hard set (only when `hard_clips` > 0): split "test_hard", test sentences spoken by held-out
+   voices at rates and pitches OUTSIDE the configured ranges (`hard_rate`, `hard_pitch`: two
+   intervals each, one below and one above), so both the voice and the way it is set were never
+   heard in training. Its rate/pitch buckets are computed against the *training* ranges, so a
+   rate below the range is "slow" and one above it "fast": the labels mean what they mean in
+   training. `only=("test_hard",)` renders just these clips into their own folder, beside an
+   existing corpus that stays as it is (same sentences, same splits: the plan is the same).
 Which split a probe should be scored on:
 - voice identity (speaker): fit on train, score on test_seen_voice (held-out sentences, voices it
   has seen; the held-out voices are classes it never saw).
@@ -59,6 +66,7 @@ from omni.data import text as text_source
 from omni.data.manifest import read_manifest, write_manifest
 
 SPLITS = ("train", "val", "test_seen_voice", "test")
+HARD = "test_hard"  # the split of voices made differently from training (SynthConfig.hard_clips)
 STYLES = {"klatt": "klatt", "klatt2": "klatt", "klatt3": "klatt", "klatt4": "klatt", "whisper": "whisper",
           "whisperf": "whisper", "croak": "croak", "grandma": "elderly", "grandpa": "elderly"}  # else "normal"
 
@@ -83,6 +91,10 @@ class SynthConfig:
     pitch: tuple[int, int] = (25, 75)  # espeak base pitch 0-99 (50 = the variant's own), per clip
     pitch_range: tuple[int, int] = (30, 70)  # intonation excursion 0-99 (50 = default), per clip
     workers: int = 2  # synthesis processes (1: in this process)
+    hard_clips: int = 0  # clips of split "test_hard": test sentences, held-out variants, rate and pitch outside the ranges above (0 = none)
+    hard_rate: tuple[int, int, int, int] = (85, 120, 245, 300)  # test_hard rates: uniform on [a, b] or [c, d] (coin flip), outside `rate`
+    hard_pitch: tuple[int, int, int, int] = (0, 15, 85, 99)  # test_hard pitches: [a, b] or [c, d], outside `pitch`
+    only: tuple[str, ...] = ()  # write only these splits' clips (e.g. ("test_hard",): a separate hard corpus beside an existing one); () = all
 
 
 @dataclass(frozen=True)
@@ -164,6 +176,19 @@ def _check(cfg: SynthConfig) -> None:
         genders = {variant_gender(v) for v in vs}
         if not {"female", "male"} <= genders:
             raise ValueError(f"{group} variants {list(vs)} must include a female and a male voice (have {sorted(genders)})")
+    if cfg.hard_clips < 0:
+        raise ValueError(f"SynthConfig.hard_clips must be >= 0, got {cfg.hard_clips}")
+    for name, inner in (("hard_rate", cfg.rate), ("hard_pitch", cfg.pitch)):
+        a, b, c, d = getattr(cfg, name)
+        if not (a <= b < inner[0] and inner[1] < c <= d):
+            raise ValueError(f"SynthConfig.{name}={getattr(cfg, name)} must be two intervals [a, b] below and [c, d] above "
+                             f"the training range {inner} (a <= b < {inner[0]}, {inner[1]} < c <= d)")
+    if cfg.hard_pitch[0] < 0 or cfg.hard_pitch[3] > 99:
+        raise ValueError(f"SynthConfig.hard_pitch={cfg.hard_pitch}: espeak pitch is 0-99")
+    unknown = sorted(set(cfg.only) - set(SPLITS) - {HARD})
+    if unknown or (HARD in cfg.only and not cfg.hard_clips):
+        raise ValueError(f"SynthConfig.only={cfg.only}: " + (f"unknown splits {unknown} (choose from {SPLITS + (HARD,)})" if unknown
+                                                              else "test_hard needs hard_clips > 0"))
     if cfg.clips_per_sentence < 1 or cfg.clips_per_sentence > len(cfg.accents) * (len(cfg.variants) - len(cfg.heldout_variants)):
         raise ValueError(f"clips_per_sentence must be between 1 and the number of seen voices, got {cfg.clips_per_sentence}")
 
@@ -208,6 +233,8 @@ def plan(cfg: SynthConfig) -> list[Clip]:
     jobs += [("val", s, cfg.clips_per_sentence, seen) for s in parts["val"]]
     jobs += [("test_seen_voice", s, 1, seen) for s in parts["test"]]
     jobs += [("test", s, 1, held) for s in parts["test"]]
+    # the hard set: test sentences in order, cycled if hard_clips is larger (each time by another voice)
+    jobs += [(HARD, parts["test"][i % len(parts["test"])], 1, held) for i in range(cfg.hard_clips)]
     dealt: dict[str, list[str]] = {}
     counters: collections.Counter = collections.Counter()
     clips = []
@@ -219,8 +246,14 @@ def plan(cfg: SynthConfig) -> list[Clip]:
             voice = order[counters[split] % len(order)]
             counters[split] += 1
             accent, variant = voice.split("+")
-            r = random.Random(f"{cfg.seed}:clip:{sid}:{split}:{j}")
-            rate, pitch, prange = r.randint(*cfg.rate), r.randint(*cfg.pitch), r.randint(*cfg.pitch_range)
+            if split == HARD:  # outside the training ranges: one of the two intervals, each by a coin flip
+                r = random.Random(f"{cfg.seed}:clip:{sid}:{split}:{counters[split]}")
+                rate = r.randint(*(cfg.hard_rate[:2] if r.random() < 0.5 else cfg.hard_rate[2:]))
+                pitch = r.randint(*(cfg.hard_pitch[:2] if r.random() < 0.5 else cfg.hard_pitch[2:]))
+                prange = r.randint(*cfg.pitch_range)
+            else:
+                r = random.Random(f"{cfg.seed}:clip:{sid}:{split}:{j}")
+                rate, pitch, prange = r.randint(*cfg.rate), r.randint(*cfg.pitch), r.randint(*cfg.pitch_range)
             digest = hashlib.sha1(f"{sentence}|{voice}|{rate}|{pitch}|{prange}".encode()).hexdigest()[:8]
             clips.append(
                 Clip(
@@ -232,6 +265,8 @@ def plan(cfg: SynthConfig) -> list[Clip]:
                     pitch_bucket=_bucket(pitch, *cfg.pitch, ("low", "mid", "high")),
                 )
             )
+    if cfg.only:
+        clips = [c for c in clips if c.split in cfg.only]
     return clips
 
 
@@ -291,8 +326,9 @@ def build_corpus(cfg: SynthConfig) -> Path:
         info = sf.info(str(out / c.path))
         rows.append(c.row(out.resolve(), info.frames / info.samplerate))
     write_manifest(out / "manifest.jsonl", rows)
-    for split in SPLITS:
-        write_manifest(out / f"{split}.jsonl", [r for r in rows if r["split"] == split])
+    for split in SPLITS + (HARD,):
+        if any(r["split"] == split for r in rows):
+            write_manifest(out / f"{split}.jsonl", [r for r in rows if r["split"] == split])
     meta = {"config": asdict(cfg), "counts": dict(collections.Counter(r["split"] for r in rows)),
             "seconds": round(sum(r["duration"] for r in rows), 2)}
     meta["config"].pop("workers")  # does not change the corpus
