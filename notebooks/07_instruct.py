@@ -12,7 +12,7 @@
 #     language: python
 #     name: python3
 #   omni:
-#     config: omni.instruct.TextureConfig
+#     config: omni.texture.TextureConfig
 #     derived:
 #     - out
 #     experiment: instruct
@@ -30,7 +30,7 @@
 # ceiling for what the features hold).
 
 # %% tags=["parameters"]
-# generated from omni.instruct.TextureConfig by `python -m omni.params`: edit the dataclass, not this cell
+# generated from omni.texture.TextureConfig by `python -m omni.params`: edit the dataclass, not this cell
 instructions: str = 'data/instructions'  # folder with train.jsonl and val.jsonl (omni data instructions)
 features: str = ''  # feature cache folder (FeatureCache) holding every clip the conversations name
 lm: str = 'runs/lm'  # pretrained LM folder (GPT.save + tokenizer.json, or bytes)
@@ -68,7 +68,7 @@ import pandas as pd
 from IPython.display import display
 
 from omni import bench, params, plots, track
-from omni.instruct import TextureConfig, run_texture, save_bench
+from omni.texture import TextureConfig, run_texture, save_bench
 
 cfg = params.from_params(TextureConfig, globals(), out=f"{out_dir}/model")  # adapters and audio path there
 tracker = track.open_run("instruct", mlflow_run_id, cfg, {"out_dir": out_dir})

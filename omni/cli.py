@@ -96,7 +96,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from omni.instruct import bench_run
+    from omni.texture import bench_run
 
     results = bench_run(args.run, args.out, args.questions, args.transcripts, args.device, args.max_per_task, args.seed, args.features)
     tasks = sorted({t for r in results.values() for t in r}, key=lambda t: (t == "texture", t))

@@ -69,7 +69,7 @@ def test_instruct_notebook_under_plain_papermill(tiny_alignment, tmp_path, env):
     """07 on the tiny corpus: instruction data, a 4-clip hard corpus and its features are built, LoRA
     trains a few steps, both test sets are benchmarked with the three baselines, the metrics reach MLflow."""
     from conftest import tiny_lm
-    from omni.instruct import TextureConfig
+    from omni.texture import TextureConfig
 
     lm = tiny_lm(tmp_path / "lm", sequence_len=1024)  # byte tokens: multi-turn conversations run long
     res = papermill("07_instruct.ipynb", tmp_path / "out.ipynb", env, corpus=tiny_alignment.corpus,
