@@ -40,6 +40,7 @@ lr: float = 0.003  # AdamW peak learning rate
 warmup: int = 50  # linear warm-up steps
 eval_every: int = 200  # steps between validation bits-per-byte measurements
 eval_tokens: int = 32768  # validation tokens per evaluation
+copy_random: float = 0.0  # share of the copy windows whose spans are random token ids instead of prose (induction forms on them in a few hundred steps: benchmarks/bench_copy.py)
 copy_fraction: float = 0.0  # fraction of training windows that repeat a passage (span, BOS, the same span): builds the copy (induction) heads a frozen LM needs to read soft tokens as words (issue 10)
 seed: int = 0  # fixes init, batches and samples
 device: str = 'auto'  # auto | cpu | cuda

@@ -54,6 +54,7 @@ class PretrainConfig:
     warmup: int = 50  # linear warm-up steps
     eval_every: int = 200  # steps between validation bits-per-byte measurements
     eval_tokens: int = 32768  # validation tokens per evaluation
+    copy_random: float = 0.0  # share of the copy windows whose spans are random token ids instead of prose (induction forms on them in a few hundred steps: benchmarks/bench_copy.py)
     copy_fraction: float = 0.0  # fraction of training windows that repeat a passage (span, BOS, the same span): builds the copy (induction) heads a frozen LM needs to read soft tokens as words (issue 10)
     seed: int = 0  # fixes init, batches and samples
     device: str = "auto"  # auto | cpu | cuda
@@ -66,6 +67,7 @@ class PretrainConfig:
             require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
         require(self.lr > 0, "lr", self.lr, "> 0")
         require(0 <= self.copy_fraction <= 1, "copy_fraction", self.copy_fraction, "in [0, 1]")
+        require(0 <= self.copy_random <= 1, "copy_random", self.copy_random, "in [0, 1]")
         require(self.sequence_len >= 2 * COPY_MIN + 1 or not self.copy_fraction, "sequence_len", self.sequence_len,
                 f">= {2 * COPY_MIN + 1} when copy_fraction > 0")
         require(self.warmup >= 0 and self.eval_every >= 0, "warmup" if self.warmup < 0 else "eval_every",
@@ -120,23 +122,30 @@ def _stream(tok, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def draw_windows(ids: torch.Tensor, n: int, T: int, copy_fraction: float, bos_id: int, gen: torch.Generator) -> torch.Tensor:
+def draw_windows(ids: torch.Tensor, n: int, T: int, copy_fraction: float, bos_id: int, gen: torch.Generator,
+                 copy_random: float = 0.0, vocab_size: int = 0) -> torch.Tensor:
     """n training windows of T + 1 tokens from the stream `ids`, drawn from `gen`. A fraction
     `copy_fraction` of them are copy windows: the stream cut into spans of COPY_MIN..COPY_MAX
     tokens, each followed by BOS, itself again and BOS (span, BOS, span, BOS, next span, ...), the
     layout alignment gives a frozen LM: [audio tokens][BOS text BOS]. Prose alone rarely repeats
     itself within a window, so a small LM trained on it never learns to copy from its context
     (issue 10 measured: the second reading of a sentence cost 4.28 nats/token against 4.43 for the
-    first); one repeat per window did not teach it either (step 500: 4.41 against 4.60)."""
+    first); one repeat per window did not teach it either (step 500: 4.41 against 4.60).
+    A share `copy_random` of the copy windows take their spans from random token ids (never BOS)
+    in [0, vocab_size): with nothing to predict but the copy, induction forms fast."""
     starts = torch.randint(0, len(ids) - T - 1, (n,), generator=gen)
     copy = torch.rand(n, generator=gen) < copy_fraction
     lengths = torch.randint(COPY_MIN, min(COPY_MAX, (T - 1) // 2) + 1, (n, T // (2 * COPY_MIN) + 1), generator=gen)
     out = torch.stack([ids[s : s + T + 1] for s in starts])
+    rand = torch.rand(n, generator=gen) < copy_random
+    noise = torch.randint(0, max(vocab_size, 2), (n, T + 1), generator=gen)
+    noise[noise == bos_id] = (bos_id + 1) % max(vocab_size, 2)
     bos = torch.tensor([bos_id])
     for b in torch.nonzero(copy).flatten().tolist():
-        parts, at, filled = [], int(starts[b]), 0
+        parts, at, filled = [], 0, 0
+        source = noise[b] if rand[b] else ids[int(starts[b]) :]
         for L in lengths[b].tolist():
-            span = ids[at : at + L]
+            span = source[at : at + L]
             parts += [span, bos, span, bos]
             at, filled = at + L, filled + 2 * L + 2
             if filled >= T + 1:
@@ -228,7 +237,7 @@ def pretrain(cfg: PretrainConfig, tracker: Tracker | NullTracker | None = None) 
     def loss_fn(step: int):
         # the batch is a function of (seed, rank, step) alone, so a resumed run draws the same batches
         gen = torch.Generator().manual_seed((cfg.seed * 1000 + rank) * 1_000_003 + step)
-        windows = draw_windows(train_ids, cfg.batch_size, T, cfg.copy_fraction, tok.bos_id, gen).to(device)
+        windows = draw_windows(train_ids, cfg.batch_size, T, cfg.copy_fraction, tok.bos_id, gen, cfg.copy_random, tok.vocab_size).to(device)
         return gpt(windows[:, :-1], windows[:, 1:]), cfg.batch_size * T
 
     # copying, measured on validation passages cut to a spoken sentence's length

@@ -203,3 +203,14 @@ def test_copy_test_scores_the_second_reading_apart_from_the_first():
     Copier.parameters = lambda self: iter([torch.zeros(1)])
     first, second = copy_test(Copier(), tok, ["hello there", "a b"])
     assert first == pytest.approx(math.log(V), rel=1e-4) and second < 1e-3
+
+
+def test_random_copy_windows_repeat_random_spans_and_leave_the_rest_as_before():
+    ids = torch.arange(10, 2000)
+    prose = draw_windows(ids, 64, 40, 0.5, 0, torch.Generator().manual_seed(3))
+    mixed = draw_windows(ids, 64, 40, 0.5, 0, torch.Generator().manual_seed(3), copy_random=1.0, vocab_size=8)
+    plain = ~(prose == 0).any(1)
+    assert plain.sum() > 10 and torch.equal(prose[plain], mixed[plain])  # plain windows untouched
+    for w in mixed[~plain].tolist():  # copy windows: random ids below 8, never BOS inside a span, each span repeated
+        L = w.index(0)
+        assert all(0 < t < 8 for t in w[:L]) and w[L + 1 : 2 * L + 1] == w[:L][: len(w) - L - 1]
