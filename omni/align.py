@@ -35,7 +35,8 @@ from omni.data.features import FeatureCache, build_features
 from omni.hf_lm import check_load_in
 from omni.lm import LoraSpec, add_lora, is_hub_id, load_lm, save_lm, save_lora
 from omni.params import require, require_choice, require_device, require_layer
-from omni.speech_lm import Hypothesis, LoopGuard, SpeechLM, SpeechLMConfig, collate_states, left_pad
+from omni.align_losses import ctc_embedding_loss, ctc_readout, distill_loss
+from omni.speech_lm import Hypothesis, LoopGuard, SpeechLM, SpeechLMConfig, collate_states
 from omni.track import NullTracker, Tracker
 from omni.yardstick import clear_rows, content_scores, score_table, whisper_hyps
 from omni.train import History, TrainConfig, init_ddp, pick_device, train
@@ -76,7 +77,7 @@ class AlignConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs float32
     whisper_baseline: bool = True  # also decode the held-out clips with Whisper's own decoder
-    kl_weight: float = 0.0  # lever (issue 10): + this x KL from the same frozen LM reading the transcript where the audio stands (distill_loss); 0 = off
+    kl_weight: float = 0.0  # lever (issue 10): + this x KL from the same frozen LM reading the transcript where the audio stands (distill_loss); 0 means off
     ctc_weight: float = 0.0  # lever (issue 10): + this x CTC of the audio tokens read as LM tokens (ctc_embedding_loss); 0 means plain cross-entropy
     guard: bool = True  # final held-out decodes (ours, control, Whisper) under the loop guard (LoopGuard); greedy figures kept as *_greedy
     guard_logprob: float = -1.0  # our decoder's guard: re-decode below this mean token log-prob (Whisper keeps openai-whisper's -1); a small LM is rarely that sure, see fallback_fraction and median_logprob
@@ -174,66 +175,6 @@ def held_out_loss(model: SpeechLM, cache: FeatureCache, rows: list[int], states:
         total += model(hidden.to(device), lengths.to(device), texts).item() * len(texts)
         n += len(texts)
     return total / max(n, 1)
-
-
-def ctc_embedding_loss(model: SpeechLM, hidden: torch.Tensor, frame_lengths: torch.Tensor, texts: list[str]) -> torch.Tensor:
-    """CTC that pulls each audio token onto the LM's embedding of a word spoken in its stretch:
-    the token's logits over the LM vocabulary are its dot products with the LM's own (normed)
-    input embeddings / sqrt(n_embd) (a token equal to a word's embedding scores sqrt(n_embd),
-    an unrelated one about 0), BOS is the blank, the transcript's tokens the target. It asks the
-    projector for what a frozen LM can read without learning: its own word embeddings, in order."""
-    tokens, lengths = model.audio_tokens(hidden, frame_lengths)
-    logp = embedding_logits(model, tokens).log_softmax(dim=-1)
-    targets = [model.tokenizer.encode(t) for t in texts]
-    flat = torch.tensor([i for t in targets for i in t], dtype=torch.long, device=tokens.device)
-    # zero_infinity: a clip with fewer audio tokens than text tokens (+ repeats) adds nothing, not inf
-    return torch.nn.functional.ctc_loss(logp.transpose(0, 1), flat, lengths, torch.tensor([len(t) for t in targets]),
-                                        blank=model.tokenizer.bos_id, zero_infinity=True)
-
-
-def distill_loss(model: SpeechLM, hidden: torch.Tensor, frame_lengths: torch.Tensor, texts: list[str]) -> torch.Tensor:
-    """KL(teacher || student) on the text's next-token distributions. The teacher is the same frozen
-    LM with the transcript's own token embeddings standing where the audio tokens stand; the student
-    sees the audio tokens. Ultravox distils its projector from the LM reading the transcript; here
-    the teacher's distributions say how the LM would continue had the audio been the words, soft
-    targets where cross-entropy has one hard token."""
-    device = hidden.device
-    idx, targets = model.text_batch(texts, device)
-    prefix, mask = model.prefix(hidden, frame_lengths)
-    student = model.gpt(idx, audio=prefix, audio_mask=mask).float().log_softmax(-1)
-    with torch.no_grad():
-        ids = [model.tokenizer.encode(t) or [model.tokenizer.bos_id] for t in texts]
-        padded = torch.full((len(ids), max(map(len, ids))), model.tokenizer.bos_id, dtype=torch.long, device=device)
-        for i, row in enumerate(ids):
-            padded[i, : len(row)] = torch.tensor(row)
-        words, words_mask = left_pad(model.gpt.embed(padded), torch.tensor([len(r) for r in ids], device=device))
-        teacher = model.gpt(idx, audio=words.to(prefix.dtype), audio_mask=words_mask).float().log_softmax(-1)
-    kl = (teacher.exp() * (teacher - student)).sum(-1)
-    return kl[targets >= 0].mean()
-
-
-def embedding_logits(model: SpeechLM, tokens: torch.Tensor) -> torch.Tensor:
-    """Audio tokens (B, A, n_embd) read as LM tokens: logits (B, A, vocab), each the token's dot
-    product with the LM's input embedding of that vocabulary entry / sqrt(n_embd)."""
-    table = model.gpt.embed(torch.arange(model.gpt.config.vocab_size, device=tokens.device)[None])[0]
-    return tokens.float() @ table.float().T / table.size(1) ** 0.5
-
-
-@torch.no_grad()
-def ctc_readout(model: SpeechLM, states: list[torch.Tensor], batch_size: int) -> list[str]:
-    """What the audio tokens spell with no LM: each read as its nearest LM token (embedding_logits),
-    repeats collapsed, blanks (BOS) dropped. Beside the LM's transcript it separates what the
-    projector recognised from what the frozen LM copied out of it."""
-    device, blank = model.gpt_device, model.tokenizer.bos_id
-    out = []
-    for i in range(0, len(states), batch_size):
-        hidden, frame_lengths = collate_states([s.float() for s in states[i : i + batch_size]])
-        tokens, lengths = model.audio_tokens(hidden.to(device), frame_lengths.to(device))
-        best = embedding_logits(model, tokens).argmax(-1).tolist()
-        for row, n in zip(best, lengths.tolist()):
-            ids = [t for j, t in enumerate(row[:n]) if t != blank and (j == 0 or t != row[j - 1])]
-            out.append(model.tokenizer.decode(ids).strip())
-    return out
 
 
 TRAINABLE = ("projector", "projector+lora", "projector+lm")

@@ -339,7 +339,7 @@ def test_score_table_and_content_scores_hand_computed():
 
 
 def test_ctc_lever_pulls_audio_tokens_onto_the_words_embeddings(tmp_path):
-    from omni.align import ctc_embedding_loss
+    from omni.align_losses import ctc_embedding_loss
 
     model, hidden, lengths = _tiny_speech_lm(tmp_path)
     model.gpt.requires_grad_(False)  # frozen, as run_alignment leaves it
@@ -361,7 +361,7 @@ def test_ctc_lever_pulls_audio_tokens_onto_the_words_embeddings(tmp_path):
 
 
 def test_ctc_readout_spells_audio_tokens_that_are_word_embeddings(tmp_path):
-    from omni.align import ctc_readout
+    from omni.align_losses import ctc_readout
 
     model, hidden, lengths = _tiny_speech_lm(tmp_path)
     tok, bos = model.tokenizer, model.tokenizer.bos_id
@@ -380,7 +380,7 @@ def test_ctc_readout_spells_audio_tokens_that_are_word_embeddings(tmp_path):
 
 
 def test_distill_loss_is_zero_when_the_audio_tokens_are_the_words_and_trains_the_projector(tmp_path):
-    from omni.align import distill_loss
+    from omni.align_losses import distill_loss
 
     model, hidden, lengths = _tiny_speech_lm(tmp_path)
     model.gpt.requires_grad_(False)
