@@ -138,12 +138,14 @@ def draw_windows(ids: torch.Tensor, n: int, T: int, copy_fraction: float, bos_id
     lengths = torch.randint(COPY_MIN, min(COPY_MAX, (T - 1) // 2) + 1, (n, T // (2 * COPY_MIN) + 1), generator=gen)
     out = torch.stack([ids[s : s + T + 1] for s in starts])
     rand = torch.rand(n, generator=gen) < copy_random
-    noise = torch.randint(0, max(vocab_size, 2), (n, T + 1), generator=gen)
-    noise[noise == bos_id] = (bos_id + 1) % max(vocab_size, 2)
+    noise = None
+    if copy_random > 0:  # drawn last, so windows without random spans are what they were without it
+        noise = torch.randint(0, max(vocab_size, 2), (n, T + 1), generator=gen)
+        noise[noise == bos_id] = (bos_id + 1) % max(vocab_size, 2)
     bos = torch.tensor([bos_id])
     for b in torch.nonzero(copy).flatten().tolist():
         parts, at, filled = [], 0, 0
-        source = noise[b] if rand[b] else ids[int(starts[b]) :]
+        source = noise[b] if noise is not None and rand[b] else ids[int(starts[b]) :]
         for L in lengths[b].tolist():
             span = source[at : at + L]
             parts += [span, bos, span, bos]
