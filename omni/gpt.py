@@ -19,6 +19,13 @@ Design choices:
   0, 1, ... exactly as if it were alone, and padded slots are masked out as keys.
 - KV cache for generation: prefill [audio][idx] in one pass, then one token at a time; `stream`
   yields each step's tokens (for a server), `generate` collects them.
+- nanochat's later architecture (2026-01-11 on), each part a config field that is off by default, so
+  an omni LM folder or a ccf4b7f-era nanochat checkpoint computes exactly what it did before:
+  `smear` (the previous token's embedding mixed into each position: previous-token information for
+  free, which is what an induction head needs first), `lambdas` (per-layer residual and x0 scales),
+  `value_embeds` (per-token value embeddings on alternating layers, gated), `backout` (the residual
+  after the middle block subtracted before the final norm), `window_pattern` (sliding-window layers),
+  `rope_base`, `qk_scale`. Audio positions are not tokens: they get no value embedding.
 """
 
 import json
@@ -44,6 +51,17 @@ class GPTConfig:
     n_kv_head: int = 6  # key/value heads (GQA when < n_head; must divide n_head)
     n_embd: int = 384  # model width; head_dim = n_embd // n_head (must be even for rotary)
     softcap: float = 15.0  # logits = softcap * tanh(logits / softcap); 0 disables
+    rope_base: float = 10000.0  # rotary base theta (nanochat from 2026-03-09: 100000)
+    qk_scale: float = 1.0  # q and k are each multiplied by this after QK-norm (nanochat today: 1.2)
+    smear: bool = False  # mix the previous position's embedding into each position through a learned gate (nanochat's smear)
+    smear_channels: int = 24  # input channels of the smear gate
+    lambdas: bool = False  # per-layer scalars: x = resid_lambdas[i] * x + x0_lambdas[i] * x0 before block i
+    value_embeds: bool = False  # per-token value embeddings, gated, on layers i with i % 2 == (n_layer - 1) % 2
+    ve_gate_channels: int = 12  # input channels of a value-embedding gate (nanochat until 2026-03-09: 32)
+    ve_gate_scale: float = 3.0  # gate = scale * sigmoid(...) (nanochat until 2026-03-09: 2)
+    backout: bool = False  # subtract backout_lambda * (residual after block n_layer // 2) before the final norm
+    window_pattern: str = "L"  # per-layer attention span, tiled over layers: L = full, S = short_window; the last layer is always L
+    short_window: int = 0  # keys an S layer sees before the query (query included: short_window + 1); 0 = full
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head != 0:
@@ -52,11 +70,37 @@ class GPTConfig:
             raise ValueError(f"head_dim={self.n_embd // self.n_head} must be even (rotary embeddings)")
         if self.n_kv_head < 1 or self.n_head % self.n_kv_head != 0:
             raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if not self.window_pattern or set(self.window_pattern.upper()) - set("SL"):
+            raise ValueError(f"window_pattern={self.window_pattern!r} must be a non-empty string of S and L")
+        if "S" in self.window_pattern.upper() and self.short_window < 1:
+            raise ValueError(f"short_window={self.short_window} must be >= 1 when window_pattern has S layers")
+        if self.smear and self.smear_channels > self.n_embd:
+            raise ValueError(f"smear_channels={self.smear_channels} exceeds n_embd={self.n_embd}")
+        if self.value_embeds and self.ve_gate_channels > self.n_embd:
+            raise ValueError(f"ve_gate_channels={self.ve_gate_channels} exceeds n_embd={self.n_embd}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def windows(self) -> list[int]:
+        """Per layer, how many keys before the query it sees (the query itself too); 0 = all."""
+        pattern = self.window_pattern.upper()
+        w = [self.short_window if pattern[i % len(pattern)] == "S" else 0 for i in range(self.n_layer)]
+        w[-1] = 0  # as nanochat: the last layer always sees the whole context
+        return w
+
+    def has_ve(self, layer: int) -> bool:
+        return self.value_embeds and layer % 2 == (self.n_layer - 1) % 2
 
     @classmethod
-    def from_depth(cls, depth: int, vocab_size: int = 257, **kw) -> "GPTConfig":
-        # nanochat's single knob: width grows with depth, heads stay 64 wide
-        shape = dict(n_layer=depth, n_head=depth, n_kv_head=depth, n_embd=64 * depth)
+    def from_depth(cls, depth: int, vocab_size: int = 257, head_dim: int = 64, **kw) -> "GPTConfig":
+        # nanochat's single knob: width grows with depth (64 per layer); heads are head_dim wide
+        width = 64 * depth
+        if width % head_dim:
+            raise ValueError(f"head_dim={head_dim} must divide the width 64 * depth = {width}")
+        n_head = width // head_dim
+        shape = dict(n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=width)
         return cls(vocab_size=vocab_size, **(shape | kw))
 
 
@@ -88,6 +132,7 @@ class KVCache:
         self.v: Tensor | None = None
         self.key_mask: Tensor | None = None  # (B, max_len) bool, False = padded slot
         self.pad: Tensor | None = None  # (B,) long, left padding of the prefill
+        self.prev_embedding: Tensor | None = None  # (B, 1, D) the last position's embedding before smear (GPTConfig.smear)
 
     def update(self, layer: int, k: Tensor, v: Tensor, n_layer: int) -> tuple[Tensor, Tensor]:
         # k, v (B, n_kv_head, T, hd) for the new tokens; returns all keys/values up to pos + T
@@ -111,19 +156,28 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
+        self.qk_scale = config.qk_scale
         self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.ve_gate_channels, self.ve_gate_scale = config.ve_gate_channels, config.ve_gate_scale
+        self.ve_gate = nn.Linear(config.ve_gate_channels, self.n_kv_head, bias=False) if config.has_ve(layer_idx) else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None,
+                ve: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # value residual: the token's own value embedding, gated per kv head
+            gate = self.ve_gate_scale * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate_channels]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim).to(v.dtype)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         # .to: autocast may run rms_norm in float32 (CUDA's list differs from CPU's); SDPA wants one dtype
         q, k = norm(q).to(v.dtype), norm(k).to(v.dtype)
+        if self.qk_scale != 1.0:
+            q, k = q * self.qk_scale, k * self.qk_scale
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v, self.n_layer)
@@ -155,8 +209,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None) -> Tensor:
-        x = x + self.attn(norm(x), cos, sin, mask, kv_cache)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None,
+                ve: Tensor | None = None) -> Tensor:
+        x = x + self.attn(norm(x), cos, sin, mask, kv_cache, ve)
         x = x + self.mlp(norm(x))
         return x
 
@@ -172,6 +227,19 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # nanochat's later parts exist only when their field is on, so older state dicts load strictly
+        if config.lambdas:
+            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        if config.smear:
+            self.smear_gate = nn.Linear(config.smear_channels, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
+        if config.value_embeds:
+            kv_dim = config.n_kv_head * config.head_dim
+            self.value_embeds = nn.ModuleDict(
+                {str(i): nn.Embedding(config.vocab_size, kv_dim) for i in range(config.n_layer) if config.has_ve(i)})
         # non-persistent: derived from the config, so never saved and never loaded
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
@@ -180,7 +248,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        D = self.config.n_embd
+        c = self.config
+        D = c.n_embd
         s = math.sqrt(3.0 / D)  # uniform with std 1/sqrt(D): unit-RMS inputs give unit-RMS outputs
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         # small rather than zero: the fresh model still predicts ~uniform, but an audio prefix
@@ -191,11 +260,27 @@ class GPT(nn.Module):
                 nn.init.uniform_(lin.weight, -s, s)
             nn.init.normal_(block.attn.c_proj.weight, mean=0.0, std=0.001)
             nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=0.001)
+            if block.attn.ve_gate is not None:  # gates start slightly above neutral, as nanochat's
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        # the later parts start as nanochat (2026-04) starts them
+        L = c.n_layer
+        if c.lambdas:  # stronger residual and more of x0 in early layers
+            for i in range(L):
+                self.resid_lambdas[i] = 1.15 - 0.10 * i / max(L - 1, 1)
+                self.x0_lambdas[i] = 0.20 - 0.15 * i / max(L - 1, 1)
+        if c.smear:
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+            nn.init.zeros_(self.smear_lambda)
+        if c.backout:
+            nn.init.constant_(self.backout_lambda, 0.2)
+        if c.value_embeds:
+            for emb in self.value_embeds.values():
+                nn.init.uniform_(emb.weight, -s, s)
 
-    def _build_rotary(self, seq_len: int, base: float = 10000.0) -> None:
+    def _build_rotary(self, seq_len: int) -> None:
         head_dim = self.config.n_embd // self.config.n_head
         device = self.transformer.wte.weight.device
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        inv_freq = 1.0 / self.config.rope_base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
         freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
         self.cos, self.sin = freqs.cos(), freqs.sin()  # (seq_len, head_dim/2), float32
 
@@ -227,17 +312,19 @@ class GPT(nn.Module):
         idx (B, T) text tokens; audio (B, A, D) soft tokens prepended before idx; audio_mask (B, A)
         bool, True = real, padding on the left. targets (B, T) aligned with idx, -1 = ignore.
         embeds (B, T, D): the inputs at idx's positions instead of embed(idx), for audio spliced into
-        the middle of a text (omni.instruct); logits and loss are computed at every position.
+        the middle of a text (omni.instruct); there idx is -1 where a position is not a token (no
+        value embedding); logits and loss are computed at every position.
         With kv_cache, the call appends to the cache (an audio prefix only on the first call).
         """
+        c = self.config
         B, T = idx.shape
-        if embeds is not None and embeds.shape != (B, T, self.config.n_embd):
-            raise ValueError(f"embeds must be (B={B}, T={T}, n_embd={self.config.n_embd}), got {tuple(embeds.shape)}")
+        if embeds is not None and embeds.shape != (B, T, c.n_embd):
+            raise ValueError(f"embeds must be (B={B}, T={T}, n_embd={c.n_embd}), got {tuple(embeds.shape)}")
         x = self.embed(idx) if embeds is None else embeds
         A = 0
         if audio is not None:
-            if audio.ndim != 3 or audio.size(0) != B or audio.size(2) != self.config.n_embd:
-                raise ValueError(f"audio must be (B={B}, A, n_embd={self.config.n_embd}), got {tuple(audio.shape)}")
+            if audio.ndim != 3 or audio.size(0) != B or audio.size(2) != c.n_embd:
+                raise ValueError(f"audio must be (B={B}, A, n_embd={c.n_embd}), got {tuple(audio.shape)}")
             A = audio.size(1)
             if audio_mask is not None:
                 if audio_mask.shape != audio.shape[:2] or audio_mask.dtype != torch.bool:
@@ -261,10 +348,10 @@ class GPT(nn.Module):
         S = A + T  # new positions in this call
         start = kv_cache.pos if kv_cache is not None else 0
         total = start + S
-        if total > self.config.sequence_len:
+        if total > c.sequence_len:
             raise ValueError(
                 f"total length {total} (audio prefix {A} + text {T}"
-                f"{f' + cached {start}' if start else ''}) exceeds sequence_len={self.config.sequence_len}"
+                f"{f' + cached {start}' if start else ''}) exceeds sequence_len={c.sequence_len}"
             )
         if kv_cache is not None and total > kv_cache.max_len:
             raise ValueError(f"total length {total} exceeds the kv_cache's max_len={kv_cache.max_len}")
@@ -279,37 +366,75 @@ class GPT(nn.Module):
         q_idx = torch.arange(start, total, device=idx.device)
         pos = (q_idx.unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)  # padded slots: any valid position
         cos, sin = self._rotary(pos, total)
+        masks = self._masks(B, A, start, total, q_idx, audio_mask, kv_cache)
+        x = self._smear(x, kv_cache)
 
-        mask = None  # None = is_causal fast path (no padding, no cache)
-        if kv_cache is not None or audio_mask is not None:
-            key_real = torch.ones(B, total, dtype=torch.bool, device=idx.device)
-            if kv_cache is not None:
-                if kv_cache.key_mask is None:
-                    kv_cache.key_mask = torch.ones(B, kv_cache.max_len, dtype=torch.bool, device=idx.device)
-                    kv_cache.pad = pad
-                if audio_mask is not None:
-                    kv_cache.key_mask[:, :A] = audio_mask
-                key_real = kv_cache.key_mask[:, :total]
-            elif audio_mask is not None:
-                key_real[:, :A] = audio_mask
-            k_idx = torch.arange(total, device=idx.device)
-            causal = k_idx.unsqueeze(0) <= q_idx.unsqueeze(1)  # (S, total)
-            # a query always sees itself: a padded slot would otherwise have no key at all and give NaN
-            mask = causal & (key_real.unsqueeze(1) | (k_idx.unsqueeze(0) == q_idx.unsqueeze(1)))
-            mask = mask.unsqueeze(1)  # (B, 1, S, total), broadcast over heads
-
-        for block in self.transformer.h:
-            x = block(x, cos, sin, mask, kv_cache)
+        # value embeddings: token ids only at text positions (audio and spliced positions have none)
+        ve_idx = torch.cat([torch.full((B, A), -1, dtype=idx.dtype, device=idx.device), idx], dim=1) if A else idx
+        ve_real = (ve_idx >= 0).unsqueeze(-1)
+        ve_idx = ve_idx.clamp(min=0)
+        x0, kept = x, None
+        for i, block in enumerate(self.transformer.h):
+            if c.lambdas:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](ve_idx) * ve_real if c.has_ve(i) else None
+            x = block(x, cos, sin, masks[i], kv_cache, ve)
+            if c.backout and i == c.n_layer // 2:
+                kept = x
         if kv_cache is not None:
             kv_cache.pos += S
+        if kept is not None:
+            x = x - self.backout_lambda.to(x.dtype) * kept
 
         x = norm(x[:, A:])  # the lm_head never sees audio positions
         logits = self.lm_head(x).float()
-        if self.config.softcap > 0:
-            logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+        if c.softcap > 0:
+            logits = c.softcap * torch.tanh(logits / c.softcap)
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+    def _smear(self, x: Tensor, kv_cache: KVCache | None) -> Tensor:
+        """x_t += smear_lambda * sigmoid(smear_gate(x_t[:smear_channels])) * x_{t-1}, on the embeddings
+        (audio included); while decoding, x_{t-1} of the first new position comes from the cache."""
+        if not self.config.smear:
+            return x
+        prev = kv_cache.prev_embedding if kv_cache is not None else None
+        if kv_cache is not None:
+            kv_cache.prev_embedding = x[:, -1:]
+        before = x[:, :-1] if prev is None else torch.cat([prev.to(x.dtype), x[:, :-1]], dim=1)
+        here = x if prev is not None else x[:, 1:]
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(here[..., : self.config.smear_channels]))
+        mixed = here + gate * before
+        return mixed if prev is not None else torch.cat([x[:, :1], mixed], dim=1)
+
+    def _masks(self, B: int, A: int, start: int, total: int, q_idx: Tensor, audio_mask: Tensor | None,
+               kv_cache: KVCache | None) -> list[Tensor | None]:
+        """Per layer, the attention mask (B, 1, S, total) bool, or None for SDPA's is_causal fast path
+        (no padding, no cache, full window). Updates the cache's key mask."""
+        windows = self.config.windows()
+        if kv_cache is None and audio_mask is None and not any(windows):
+            return [None] * len(windows)
+        device = q_idx.device
+        key_real = torch.ones(B, total, dtype=torch.bool, device=device)
+        if kv_cache is not None:
+            if kv_cache.key_mask is None:
+                kv_cache.key_mask = torch.ones(B, kv_cache.max_len, dtype=torch.bool, device=device)
+                kv_cache.pad = (~audio_mask).sum(dim=1) if audio_mask is not None else torch.zeros(B, dtype=torch.long, device=device)
+            if audio_mask is not None:
+                kv_cache.key_mask[:, :A] = audio_mask
+            key_real = kv_cache.key_mask[:, :total]
+        elif audio_mask is not None:
+            key_real[:, :A] = audio_mask
+        k_idx = torch.arange(total, device=device)
+        dist = q_idx.unsqueeze(1) - k_idx.unsqueeze(0)  # (S, total): how far back each key is
+        # a query always sees itself: a padded slot would otherwise have no key at all and give NaN
+        base = key_real.unsqueeze(1) | (dist == 0)
+        out: dict[int, Tensor] = {}
+        for w in set(windows):
+            seen = (dist >= 0) & (dist <= w) if w else dist >= 0
+            out[w] = (seen & base).unsqueeze(1)  # (B, 1, S, total), broadcast over heads
+        return [out[w] for w in windows]
 
     @torch.no_grad()
     def generate(self, idx: Tensor, **kwargs) -> Tensor:

@@ -158,8 +158,8 @@ def encode(conv: Conversation, tok) -> tuple[list[int | Path], list[bool]]:
 
 def assemble(model: SpeechLM, seqs: Sequence[list[int | Path]], states: dict[Path, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[Path, int]]:
     """(idx (B, L), embeds (B, L, D), lengths (B,), audio tokens per clip): each sequence's clips
-    expanded into their audio tokens, right-padded; idx holds 0 at audio and padding positions
-    (only embeds is read there)."""
+    expanded into their audio tokens, right-padded; idx holds -1 at audio positions (not tokens: only
+    embeds is read there, and they get no value embedding) and 0 at padding."""
     device = model.gpt_device
     clips = sorted({s for seq in seqs for s in seq if isinstance(s, Path)})
     tokens, n_tok = None, {}
@@ -174,7 +174,7 @@ def assemble(model: SpeechLM, seqs: Sequence[list[int | Path]], states: dict[Pat
         for s in seq:
             if isinstance(s, Path):
                 where.append((b, len(ids), s))
-                ids += [0] * n_tok[s]
+                ids += [-1] * n_tok[s]
             else:
                 ids.append(s)
         rows.append(ids)
@@ -182,7 +182,7 @@ def assemble(model: SpeechLM, seqs: Sequence[list[int | Path]], states: dict[Pat
     idx = torch.zeros(len(rows), L, dtype=torch.long, device=device)
     for b, r in enumerate(rows):
         idx[b, : len(r)] = torch.tensor(r, device=device)
-    embeds = model.gpt.embed(idx)
+    embeds = model.gpt.embed(idx.clamp(min=0))
     if where:
         bi = torch.cat([torch.full((n_tok[c],), b, device=device) for b, _, c in where])
         pi = torch.cat([torch.arange(p, p + n_tok[c], device=device) for _, p, c in where])
