@@ -10,10 +10,20 @@ Design choices:
   removed, so the LM cannot have memorised the transcripts alignment is scored on.
 - Documents joined into one token stream with BOS between them; batches are random windows
   drawn with a seeded generator (a different stream per DDP rank).
-- `copy_fraction` of the windows are copy windows (span, BOS, the same span, BOS, ...): a frozen LM
-  reads soft audio tokens only if it can copy from its context, which prose alone does not teach a
-  small LM (issue 10). `copy_test` measures the skill on validation passages (nats per token read
-  once vs read again) at every evaluation.
+- An induction curriculum (issue 18): a frozen LM reads soft audio tokens as words only if it can
+  copy from its context (an induction head), which a small LM does not learn from this much prose.
+  A share `induction` of the windows (annealed over `induction_steps` down to `induction_floor`)
+  are synthetic: random token ids in which spans of SPAN_MIN..SPAN_MAX tokens repeat verbatim at
+  distances drawn from a wide range, with no separator (a fixed layout teaches a positional
+  shortcut instead of an induction head: Kawata et al. 2025, arXiv 2512.18634); a share
+  `repeat_fraction` of the prose windows repeat their own passages the same way. `copy_test`
+  measures the skill on validation passages (nats per token read once vs read again) and on random
+  spans (the share of repeated tokens predicted) at every evaluation.
+- Architecture: today's nanochat (`arch="nanochat"`: per-layer lambdas, value embeddings, backout,
+  RoPE base 100k, q/k scale 1.2) with `smear` (the previous token's embedding for free, what an
+  induction head needs first) and `head_dim`-wide heads; `arch="gpt"` is omni's January GPT.
+- Optimiser: Muon for the hidden matrices (omni.train), which formed induction heads in a fraction
+  of AdamW's steps here.
 - Validation is reported in bits per byte (nats per token / ln 2 * tokens per byte): comparable
   across tokenizers, unlike loss per token.
 - Output folder: GPT.save()'s config.json + model.safetensors, tokenizer.json, pretrain.json.
@@ -37,7 +47,9 @@ from omni.track import NullTracker, Tracker
 from omni.train import History, TrainConfig, pick_device, train
 
 
-COPY_MIN, COPY_MAX = 4, 64  # span lengths (tokens) of the repeated passages: a spoken sentence's range
+SPAN_MIN, SPAN_MAX = 4, 32  # tokens in a repeated span (a spoken sentence is 5-30 BPE tokens)
+GAP_MAX = 64  # tokens between a span and its repeat are drawn from [0, GAP_MAX): varied distances
+ARCHS = ("gpt", "nanochat")
 
 
 @dataclass
@@ -47,15 +59,22 @@ class PretrainConfig:
     tokenizer: str = "bpe"  # bpe | byte
     vocab_size: int = 4096  # BPE vocabulary (ignored for byte)
     depth: int = 4  # GPT depth; width 64 * depth
+    head_dim: int = 64  # width of an attention head (n_head = width / head_dim)
+    arch: str = "nanochat"  # nanochat (today's: lambdas, value embeddings, backout, RoPE 100k, q/k x 1.2) | gpt (omni's January GPT)
+    smear: bool = True  # mix the previous token's embedding into each position (nanochat's smear)
     sequence_len: int = 256  # training window in tokens
     batch_size: int = 16  # windows per step (per rank under DDP)
     steps: int = 800  # optimiser steps
-    lr: float = 3e-3  # AdamW peak learning rate
+    optimizer: str = "muon"  # muon (Muon for hidden matrices, AdamW for the rest) | adamw
+    lr: float = 3e-3  # AdamW peak learning rate (embeddings, lm_head, scalars; everything with optimizer=adamw)
+    muon_lr: float = 0.02  # Muon peak learning rate (hidden matrices)
     warmup: int = 50  # linear warm-up steps
     eval_every: int = 200  # steps between validation bits-per-byte measurements
     eval_tokens: int = 32768  # validation tokens per evaluation
-    copy_random: float = 0.0  # share of the copy windows whose spans are random token ids instead of prose (induction forms on them in a few hundred steps: benchmarks/bench_copy.py)
-    copy_fraction: float = 0.0  # fraction of training windows that repeat a passage (span, BOS, the same span): builds the copy (induction) heads a frozen LM needs to read soft tokens as words (issue 10)
+    induction: float = 0.5  # share of synthetic induction windows (random tokens, spans repeated at varied distances) at step 0
+    induction_floor: float = 0.05  # share kept after the anneal, so the skill is never unlearned
+    induction_steps: int = 300  # steps over which the share goes linearly from `induction` to `induction_floor`
+    repeat_fraction: float = 0.25  # share of prose windows whose passages repeat verbatim at varied distances
     seed: int = 0  # fixes init, batches and samples
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "bfloat16"  # autocast on CUDA; CPU runs float32
@@ -66,10 +85,14 @@ class PretrainConfig:
         for name in ("vocab_size", "depth", "sequence_len", "batch_size", "steps", "eval_tokens"):
             require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
         require(self.lr > 0, "lr", self.lr, "> 0")
-        require(0 <= self.copy_fraction <= 1, "copy_fraction", self.copy_fraction, "in [0, 1]")
-        require(0 <= self.copy_random <= 1, "copy_random", self.copy_random, "in [0, 1]")
-        require(self.sequence_len >= 2 * COPY_MIN + 1 or not self.copy_fraction, "sequence_len", self.sequence_len,
-                f">= {2 * COPY_MIN + 1} when copy_fraction > 0")
+        require(self.muon_lr > 0, "muon_lr", self.muon_lr, "> 0")
+        for name in ("induction", "induction_floor", "repeat_fraction"):
+            require(0 <= getattr(self, name) <= 1, name, getattr(self, name), "in [0, 1]")
+        require(self.induction_steps >= 0, "induction_steps", self.induction_steps, ">= 0")
+        require((64 * self.depth) % self.head_dim == 0 and self.head_dim % 2 == 0, "head_dim", self.head_dim,
+                f"even and dividing the width 64 * depth = {64 * self.depth}")
+        require_choice("arch", self.arch, ARCHS)
+        require_choice("optimizer", self.optimizer, ("muon", "adamw"))
         require(self.warmup >= 0 and self.eval_every >= 0, "warmup" if self.warmup < 0 else "eval_every",
                 min(self.warmup, self.eval_every), ">= 0")
         require_choice("tokenizer", self.tokenizer, ("bpe", "byte"))
@@ -84,10 +107,19 @@ class PretrainResult:
     val_bpb: float
     first_nats: float = 0.0  # nats per token on validation passages
     copy_nats: float = 0.0  # nats per token on the same passages repeated right after (copying from context)
+    random_copy: float = 0.0  # share of repeated random tokens predicted (random_copy)
     samples: list[str] = field(default_factory=list)
     n_train_tokens: int = 0
     n_val_bytes: int = 0
     model: GPT | None = field(default=None, repr=False)  # the trained GPT (what rank 0 saved to `out`)
+
+
+def gpt_config(cfg: PretrainConfig, vocab_size: int) -> GPTConfig:
+    """The GPT's shape and parts from the pretraining parameters."""
+    parts: dict = dict(smear=cfg.smear)
+    if cfg.arch == "nanochat":  # today's nanochat (2026-03-14 on); short windows would not fit 256-token windows usefully
+        parts |= dict(lambdas=True, value_embeds=True, backout=True, rope_base=100000.0, qk_scale=1.2)
+    return GPTConfig.from_depth(cfg.depth, vocab_size=vocab_size, head_dim=cfg.head_dim, sequence_len=max(1024, cfg.sequence_len), **parts)
 
 
 def corpus(sources: str) -> tuple[str, str]:
@@ -122,37 +154,49 @@ def _stream(tok, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def draw_windows(ids: torch.Tensor, n: int, T: int, copy_fraction: float, bos_id: int, gen: torch.Generator,
-                 copy_random: float = 0.0, vocab_size: int = 0) -> torch.Tensor:
-    """n training windows of T + 1 tokens from the stream `ids`, drawn from `gen`. A fraction
-    `copy_fraction` of them are copy windows: the stream cut into spans of COPY_MIN..COPY_MAX
-    tokens, each followed by BOS, itself again and BOS (span, BOS, span, BOS, next span, ...), the
-    layout alignment gives a frozen LM: [audio tokens][BOS text BOS]. Prose alone rarely repeats
-    itself within a window, so a small LM trained on it never learns to copy from its context
-    (issue 10 measured: the second reading of a sentence cost 4.28 nats/token against 4.43 for the
-    first); one repeat per window did not teach it either (step 500: 4.41 against 4.60).
-    A share `copy_random` of the copy windows take their spans from random token ids (never BOS)
-    in [0, vocab_size): with nothing to predict but the copy, induction forms fast."""
+def induction_share(cfg: PretrainConfig, step: int) -> float:
+    """The share of synthetic induction windows at `step`: `induction`, annealed linearly to
+    `induction_floor` over `induction_steps`."""
+    if cfg.induction_steps == 0:
+        return cfg.induction_floor
+    f = min(1.0, step / cfg.induction_steps)
+    return cfg.induction + (cfg.induction_floor - cfg.induction) * f
+
+
+def _randint(lo: int, hi: int, gen: torch.Generator) -> int:
+    return int(torch.randint(lo, hi, (1,), generator=gen))
+
+
+def repeat_spans(w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """`w` with spans of SPAN_MIN..SPAN_MAX tokens copied verbatim further on, each at a distance
+    drawn from [0, GAP_MAX) after its end, no separator; in place. The first span starts anywhere in
+    the first GAP_MAX tokens, so neither where a repeat begins nor how far back it reaches is fixed."""
+    at = _randint(0, GAP_MAX, gen)
+    while True:
+        L, gap = _randint(SPAN_MIN, SPAN_MAX + 1, gen), _randint(0, GAP_MAX, gen)
+        if at + 2 * L + gap > w.numel():
+            return w
+        w[at + L + gap : at + 2 * L + gap] = w[at : at + L]
+        at += 2 * L + gap + _randint(0, SPAN_MAX, gen)
+
+
+def draw_windows(ids: torch.Tensor, n: int, T: int, bos_id: int, vocab_size: int, gen: torch.Generator,
+                 induction: float = 0.0, repeat: float = 0.0) -> torch.Tensor:
+    """n training windows of T + 1 tokens drawn from `gen`: random windows of the stream `ids`; a share
+    `induction` of them replaced by synthetic ones (random token ids, never BOS, with repeat_spans),
+    and a share `repeat` of the others given repeat_spans of their own prose. With both shares 0,
+    exactly the plain windows of the stream."""
     starts = torch.randint(0, len(ids) - T - 1, (n,), generator=gen)
-    copy = torch.rand(n, generator=gen) < copy_fraction
-    lengths = torch.randint(COPY_MIN, min(COPY_MAX, (T - 1) // 2) + 1, (n, T // (2 * COPY_MIN) + 1), generator=gen)
     out = torch.stack([ids[s : s + T + 1] for s in starts])
-    rand = torch.rand(n, generator=gen) < copy_random
-    noise = None
-    if copy_random > 0:  # drawn last, so windows without random spans are what they were without it
-        noise = torch.randint(0, max(vocab_size, 2), (n, T + 1), generator=gen)
-        noise[noise == bos_id] = (bos_id + 1) % max(vocab_size, 2)
-    bos = torch.tensor([bos_id])
-    for b in torch.nonzero(copy).flatten().tolist():
-        parts, at, filled = [], 0, 0
-        source = noise[b] if noise is not None and rand[b] else ids[int(starts[b]) :]
-        for L in lengths[b].tolist():
-            span = source[at : at + L]
-            parts += [span, bos, span, bos]
-            at, filled = at + L, filled + 2 * L + 2
-            if filled >= T + 1:
-                break
-        out[b] = torch.cat(parts)[: T + 1]
+    if induction == 0 and repeat == 0:
+        return out
+    kind = torch.rand(n, generator=gen)
+    for b in range(n):
+        if kind[b] < induction:
+            w = torch.randint(0, vocab_size - 1, (T + 1,), generator=gen)
+            out[b] = repeat_spans(w + (w >= bos_id).long(), gen)  # every id but BOS
+        elif kind[b] < induction + (1 - induction) * repeat:
+            repeat_spans(out[b], gen)
     return out
 
 
@@ -175,6 +219,21 @@ def copy_test(gpt: GPT, tok, sentences: list[str]) -> tuple[float, float]:
         n += len(t)
     gpt.train()
     return first / max(n, 1), second / max(n, 1)
+
+
+@torch.no_grad()
+def random_copy(gpt: GPT, bos_id: int, vocab_size: int, n: int = 32, length: int = 30, seed: int = 0) -> float:
+    """The share of repeated tokens the LM predicts (greedy) in BOS, r, BOS, r for random spans r of
+    `length` token ids: copying with nothing to go on but the context."""
+    gpt.eval()
+    device = next(gpt.parameters()).device
+    r = torch.randint(0, vocab_size - 1, (n, length), generator=torch.Generator().manual_seed(seed))
+    r = r + (r >= bos_id).long()
+    bos = torch.full((n, 1), bos_id)
+    x = torch.cat([bos, r, bos, r], dim=1).to(device)
+    pred = gpt(x[:, :-1]).argmax(-1)
+    gpt.train()
+    return (pred[:, length + 1 :] == x[:, length + 2 :]).float().mean().item()
 
 
 def _eval_windows(n_val_ids: int, seq: int, max_tokens: int) -> int:
@@ -233,13 +292,14 @@ def pretrain(cfg: PretrainConfig, tracker: Tracker | NullTracker | None = None) 
     _eval_windows(len(val_ids), cfg.sequence_len, cfg.eval_tokens)  # fail now, not after training
 
     torch.manual_seed(cfg.seed)
-    gpt = GPT(GPTConfig.from_depth(cfg.depth, vocab_size=tok.vocab_size, sequence_len=max(1024, cfg.sequence_len))).to(device)
+    gpt = GPT(gpt_config(cfg, tok.vocab_size)).to(device)
     T = cfg.sequence_len
 
     def loss_fn(step: int):
         # the batch is a function of (seed, rank, step) alone, so a resumed run draws the same batches
         gen = torch.Generator().manual_seed((cfg.seed * 1000 + rank) * 1_000_003 + step)
-        windows = draw_windows(train_ids, cfg.batch_size, T, cfg.copy_fraction, tok.bos_id, gen, cfg.copy_random, tok.vocab_size).to(device)
+        windows = draw_windows(train_ids, cfg.batch_size, T, tok.bos_id, tok.vocab_size, gen,
+                               induction_share(cfg, step), cfg.repeat_fraction).to(device)
         return gpt(windows[:, :-1], windows[:, 1:]), cfg.batch_size * T
 
     # copying, measured on validation passages cut to a spoken sentence's length
@@ -247,26 +307,30 @@ def pretrain(cfg: PretrainConfig, tracker: Tracker | NullTracker | None = None) 
 
     def eval_fn(step: int) -> dict[str, float]:
         first, again = copy_test(gpt, tok, passages)
-        return {"val_bpb": bits_per_byte(gpt, val_ids, n_val_bytes, T, cfg.batch_size, cfg.eval_tokens), "first_nats": first, "copy_nats": again}
+        return {"val_bpb": bits_per_byte(gpt, val_ids, n_val_bytes, T, cfg.batch_size, cfg.eval_tokens), "first_nats": first, "copy_nats": again,
+                "random_copy": random_copy(gpt, tok.bos_id, tok.vocab_size)}
 
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, eval_every=cfg.eval_every, dtype=cfg.dtype,
-                       weight_decay=0.0, ckpt_every=cfg.ckpt_every if cfg.ckpt_dir else 0, ckpt_dir=cfg.ckpt_dir)
+                       weight_decay=0.0, ckpt_every=cfg.ckpt_every if cfg.ckpt_dir else 0, ckpt_dir=cfg.ckpt_dir,
+                       optimizer=cfg.optimizer, muon_lr=cfg.muon_lr)
     hist = train(dict(gpt.named_parameters()), loss_fn, tcfg, tracker, eval_fn=eval_fn)
     val_bpb = hist.evals[-1]["val_bpb"]
-    first_nats, copy_nats_ = hist.evals[-1]["first_nats"], hist.evals[-1]["copy_nats"]
+    first_nats, copy_nats_, random_copy_ = hist.evals[-1]["first_nats"], hist.evals[-1]["copy_nats"], hist.evals[-1]["random_copy"]
     samples = sample(gpt, tok, ["Holmes", "It was a dark", "The door opened and", "I have"], seed=cfg.seed)
     if rank == 0:
         out = Path(cfg.out)
         gpt.save(out)
         if isinstance(tok, BPETokenizer):
             tok.save(out / "tokenizer.json")
-        meta = {"config": asdict(cfg), "val_bpb": val_bpb, "first_nats": first_nats, "copy_nats": copy_nats_, "train_tokens": len(train_ids), "seconds": hist.seconds, "samples": samples}
+        meta = {"config": asdict(cfg), "val_bpb": val_bpb, "first_nats": first_nats, "copy_nats": copy_nats_, "random_copy": random_copy_,
+                "train_tokens": len(train_ids), "seconds": hist.seconds, "samples": samples, "evals": hist.evals}
         (out / "pretrain.json").write_text(json.dumps(meta, indent=2))
-    tracker.log_metrics({"val_bpb": val_bpb, "first_nats": first_nats, "copy_nats": copy_nats_, "train_tokens": float(len(train_ids)), "train_seconds": hist.seconds}, step=cfg.steps)
+    tracker.log_metrics({"val_bpb": val_bpb, "first_nats": first_nats, "copy_nats": copy_nats_, "random_copy": random_copy_,
+                         "train_tokens": float(len(train_ids)), "train_seconds": hist.seconds}, step=cfg.steps)
     tracker.flush()  # the tracker buffers: unflushed, these final metrics never reach MLflow
     if ddp:
         torch.distributed.destroy_process_group()
-    return PretrainResult(cfg, hist, val_bpb, first_nats, copy_nats_, samples, len(train_ids), n_val_bytes, model=gpt)
+    return PretrainResult(cfg, hist, val_bpb, first_nats, copy_nats_, random_copy_, samples, len(train_ids), n_val_bytes, model=gpt)
 
 
 def sample(gpt: GPT, tok, prompts: list[str], seed: int = 0, max_new_tokens: int = 48) -> list[str]:

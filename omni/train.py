@@ -16,6 +16,10 @@ Stability measures from audio-LLM practice:
   to hold parameters with a name prefix (the projector) still for the first `freeze_steps`;
 - a batch must carry at least one supervised target token (`loss_fn`'s n_tokens): an empty
   batch is an error in the data or the prompt, not a step to take;
+- `optimizer="muon"`: hidden matrices (2-D parameters whose name holds `muon_match`, the transformer
+  blocks) step with torch's Muon (orthogonalised momentum) at `muon_lr`, the rest with AdamW, as
+  nanochat does. Measured here: a depth-2 GPT copies random 4096-token sequences (96 % of repeats)
+  after 450 steps with Muon, while AdamW was at 19 % (issue 18);
 - checkpoints (safetensors model state + JSON loop state) every `ckpt_every` steps, and resume;
 - under torchrun, gradients are averaged over ranks (DDP without the wrapper).
 """
@@ -54,6 +58,9 @@ class TrainConfig:
     early_steps: int = 0  # steps that run at early_lr_factor * lr
     freeze_steps: int = 0  # parameters whose name starts with freeze_prefix do not move for this many steps
     freeze_prefix: str = ""  # e.g. "projector." (AlignConfig.freeze_projector_steps)
+    optimizer: str = "adamw"  # adamw | muon (Muon for the hidden matrices, AdamW for the rest)
+    muon_lr: float = 0.02  # Muon's peak learning rate (same schedule as lr)
+    muon_match: str = "transformer.h."  # 2-D parameters whose name holds this go to Muon
     dtype: str = "float32"  # float32 | bfloat16 (autocast; only used on CUDA)
     log_every: int = 1  # steps between metric logs
     eval_every: int = 0  # steps between eval_fn calls; 0 = only at the end
@@ -121,14 +128,20 @@ def train(
     if not plist:
         raise ValueError("nothing to train: the parameter list is empty")
     device = plist[0].device
+    if cfg.optimizer not in ("adamw", "muon"):
+        raise ValueError(f"optimizer {cfg.optimizer!r} is not adamw or muon (parameter `optimizer`)")
+    muon = [p for n, p in zip(names, plist) if cfg.optimizer == "muon" and p.ndim == 2 and cfg.muon_match in n]
+    adam = [p for p in plist if not any(p is q for q in muon)]
     # no weight decay on vectors and scalars (norm gains, biases, layer weights), as usual
     groups = [
-        {"params": [p for p in plist if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in plist if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in adam if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+        {"params": [p for p in adam if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0},
     ]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
+    opts = [torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")]
+    if muon:
+        opts.append(torch.optim.Muon([{"params": muon, "lr_scale": cfg.muon_lr / cfg.lr}], lr=cfg.muon_lr, weight_decay=cfg.weight_decay))
     hist = History()
-    start = _resume(cfg, names, plist, opt, hist)
+    start = _resume(cfg, names, plist, opts, hist)
     lora = [p for n, p in zip(names, plist) if "lora_" in n] if cfg.lora_grad_clip > 0 else []
     rest = [p for p in plist if not any(p is q for q in lora)]
     frozen = [p for n, p in zip(names, plist) if cfg.freeze_prefix and n.startswith(cfg.freeze_prefix)]
@@ -139,13 +152,15 @@ def train(
     for step in bar:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        for opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_scale"]
         with _autocast(cfg, device):
             loss, n_tokens = loss_fn(step)
         if n_tokens <= 0:
             raise ValueError(f"step {step}: the batch has no supervised target token (n_tokens={n_tokens}): every target is ignored")
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         loss_value = loss.item()
         if math.isfinite(loss_value):
             loss.backward()
@@ -163,7 +178,8 @@ def train(
         if not (math.isfinite(loss_value) and math.isfinite(gnorm)):
             hist.skipped += 1  # the guard: a non-finite step changes nothing but this counter
             bad_in_row += 1
-            opt.zero_grad(set_to_none=True)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
             if cfg.max_bad_steps and bad_in_row >= cfg.max_bad_steps:
                 raise FloatingPointError(
                     f"step {step}: {bad_in_row} non-finite steps in a row (loss {loss_value}, grad norm {gnorm}): "
@@ -171,7 +187,8 @@ def train(
                 )
         else:
             bad_in_row = 0
-            opt.step()
+            for opt in opts:
+                opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -190,7 +207,7 @@ def train(
             hist.evals.append({"step": step, **metrics})
             tracker.log_metrics({metric_prefix + k: v for k, v in metrics.items()}, step=step)
         if cfg.ckpt_every and cfg.ckpt_dir and ((step + 1) % cfg.ckpt_every == 0 or last):
-            _save(cfg, names, plist, opt, hist, step + 1)
+            _save(cfg, names, plist, opts, hist, step + 1)
     hist.seconds += time.perf_counter() - t_start
     tracker.flush()
     return hist
@@ -231,13 +248,20 @@ def _average_gradients(plist: list[torch.nn.Parameter]) -> None:
             p.grad.div_(world)
 
 
-def _save(cfg: TrainConfig, names, plist, opt, hist: History, next_step: int) -> None:
+def _state_of(opts: list, p: torch.nn.Parameter) -> dict:
+    for opt in opts:
+        if p in opt.state:
+            return opt.state[p]
+    return {}
+
+
+def _save(cfg: TrainConfig, names, plist, opts: list, hist: History, next_step: int) -> None:
     d = Path(cfg.ckpt_dir)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in zip(names, plist)}
     for i, p in enumerate(plist):
-        st = opt.state.get(p, {})
-        for key in ("exp_avg", "exp_avg_sq", "step"):
+        st = _state_of(opts, p)
+        for key in ("exp_avg", "exp_avg_sq", "step", "momentum_buffer"):
             if key in st:
                 # step too: a parameter held frozen, or a skipped step, leaves it behind the loop's count
                 t = st[key].detach().cpu()
@@ -249,7 +273,7 @@ def _save(cfg: TrainConfig, names, plist, opt, hist: History, next_step: int) ->
     atomic_write(d / "train_state.json", json.dumps(meta))
 
 
-def _resume(cfg: TrainConfig, names, plist, opt, hist: History) -> int:
+def _resume(cfg: TrainConfig, names, plist, opts: list, hist: History) -> int:
     d = Path(cfg.ckpt_dir) if cfg.ckpt_dir else None
     if d is None or not (d / "train_state.json").exists():
         return 0
@@ -267,7 +291,10 @@ def _resume(cfg: TrainConfig, names, plist, opt, hist: History) -> int:
         for n, p in zip(names, plist):
             p.copy_(tensors[f"param/{n}"])
     step = meta["next_step"]
+    opt, muon = opts[0], opts[1] if len(opts) > 1 else None
     for n, p in zip(names, plist):
+        if f"adam/{n}/momentum_buffer" in tensors and muon is not None:  # Muon keeps one buffer per matrix
+            muon.state[p] = {"momentum_buffer": tensors[f"adam/{n}/momentum_buffer"].to(p.device)}
         if f"adam/{n}/exp_avg" in tensors:
             # where torch keeps `step`: on the parameter's device for fused AdamW (CUDA here), else on the CPU
             fused = bool(opt.param_groups[0].get("fused"))

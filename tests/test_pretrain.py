@@ -20,7 +20,8 @@ from omni.lm import load_lm
 from omni.data import text
 from omni.data.synth import held_out_sentences
 from omni.gpt import GPT, GPTConfig
-from omni.pretrain import COPY_MAX, COPY_MIN, PretrainConfig, bits_per_byte, copy_test, corpus, draw_windows, pretrain
+from omni.pretrain import (GAP_MAX, SPAN_MAX, SPAN_MIN, PretrainConfig, bits_per_byte, copy_test, corpus, draw_windows, induction_share,
+                           pretrain, random_copy)
 from omni.tokenizer import BPETokenizer, ByteTokenizer
 
 TINY = dict(sources="sherlock", vocab_size=300, depth=1, sequence_len=32, batch_size=4, steps=8, warmup=2,
@@ -168,23 +169,75 @@ def test_ddp_ranks_stay_identical_only_with_gradient_averaging(tmp_path):
     assert any(not torch.equal(d0[n], d1[n]) for n in d0)
 
 
-def test_copy_windows_repeat_each_span_after_bos_and_plain_windows_are_the_stream():
-    ids = torch.arange(10, 2000)  # no token equals BOS (0) or another
-    plain = draw_windows(ids, 8, 40, 0.0, 0, torch.Generator().manual_seed(1))
+def _repeats(w: list[int]) -> list[tuple[int, int, int]]:
+    """(start of a span, its repeat's start, length) for each maximal verbatim repeat of >= SPAN_MIN tokens."""
+    out, n = [], len(w)
+    for d in range(1, n):
+        run = 0
+        for i in range(d, n + 1):
+            if i < n and w[i] == w[i - d]:
+                run += 1
+            else:
+                if run >= SPAN_MIN:
+                    out.append((i - run - d, i - run, run))
+                run = 0
+    return out
+
+
+def test_plain_windows_are_the_stream():
+    ids = torch.arange(10, 2000)
+    plain = draw_windows(ids, 8, 40, 0, 4096, torch.Generator().manual_seed(1))
     assert plain.shape == (8, 41) and all(torch.equal(w, torch.arange(int(w[0]), int(w[0]) + 41)) for w in plain)
-    windows = draw_windows(ids, 8, 40, 1.0, 0, torch.Generator().manual_seed(1))
-    assert windows.shape == (8, 41)
-    assert torch.equal(windows, draw_windows(ids, 8, 40, 1.0, 0, torch.Generator().manual_seed(1)))  # the generator fixes them
+
+
+def test_induction_windows_repeat_random_spans_at_varied_distances():
+    ids = torch.arange(10, 2000)  # the stream never repeats itself
+    gen = torch.Generator().manual_seed(1)
+    windows = draw_windows(ids, 64, 256, 0, 500, gen, induction=1.0)
+    assert torch.equal(windows, draw_windows(ids, 64, 256, 0, 500, torch.Generator().manual_seed(1), induction=1.0))  # seeded
+    assert not (windows == 0).any() and int(windows.max()) < 500  # random ids of the vocabulary, never BOS
+    distances, starts = set(), set()
     for w in windows.tolist():
-        at, start = 0, w[0]
-        while at < len(w):  # span, BOS, span, BOS, ... the spans consecutive in the stream
-            L = w.index(0, at) - at if 0 in w[at:] else len(w) - at
-            span = w[at : at + L]
-            assert span == list(range(start, start + L)) and (L >= COPY_MIN or at + L == len(w))
-            assert w[at + L + 1 : at + 2 * L + 1] == span[: max(0, len(w) - at - L - 1)]
-            at, start = at + 2 * L + 2, start + L
-    half = draw_windows(ids, 400, 40, 0.5, 0, torch.Generator().manual_seed(2))
-    assert 150 < int((half == 0).any(1).sum()) < 250
+        reps = [r for r in _repeats(w) if r[2] >= SPAN_MIN + 2]  # chance repeats of random ids are short
+        assert reps, "an induction window without a repeated span"
+        distances |= {b - a for a, b, _ in reps}
+        starts.add(reps[0][0])
+    assert len(distances) > 30 and len(starts) > 20  # neither the distance nor the place is fixed (no positional shortcut)
+    assert max(distances) > SPAN_MAX + GAP_MAX // 2 and min(distances) <= SPAN_MAX
+
+
+def test_repeat_windows_copy_their_own_prose_and_the_rest_stay_plain():
+    ids = torch.arange(10, 5000)
+    mixed = draw_windows(ids, 200, 128, 0, 4096, torch.Generator().manual_seed(2), repeat=0.5)
+    plain = [bool(torch.equal(w, torch.arange(int(w[0]), int(w[0]) + 129))) for w in mixed]
+    assert 60 < sum(plain) < 140  # about half
+    for w, p in zip(mixed.tolist(), plain):
+        if not p:
+            assert _repeats(w) and all(t >= 10 for t in w)  # prose tokens, repeated verbatim
+
+
+def test_induction_share_anneals_to_its_floor():
+    cfg = PretrainConfig(induction=0.8, induction_floor=0.1, induction_steps=100)
+    assert [round(induction_share(cfg, s), 3) for s in (0, 50, 100, 500)] == [0.8, 0.45, 0.1, 0.1]
+    assert induction_share(replace(cfg, induction_steps=0), 0) == 0.1
+    with pytest.raises(ValueError, match="induction_floor"):
+        PretrainConfig(induction_floor=1.5)
+
+
+def test_random_copy_counts_the_repeats_predicted():
+    class Copier(torch.nn.Module):  # predicts, in the second half, the token one reading back
+        def forward(self, x):
+            n = x.size(1)
+            L = (n - 1) // 2
+            logits = torch.zeros(x.size(0), n, 50)
+            for p in range(L + 1, n):
+                logits[torch.arange(x.size(0)), p, x[:, p - L]] = 50.0
+            return logits
+
+    Copier.parameters = lambda self: iter([torch.zeros(1)])
+    assert random_copy(Copier(), 0, 50) == 1.0
+    uniform = GPT(GPTConfig(sequence_len=64, vocab_size=50, n_layer=1, n_head=1, n_kv_head=1, n_embd=16))
+    assert random_copy(uniform, 0, 50) < 0.2
 
 
 def test_copy_test_scores_the_second_reading_apart_from_the_first():
@@ -203,14 +256,3 @@ def test_copy_test_scores_the_second_reading_apart_from_the_first():
     Copier.parameters = lambda self: iter([torch.zeros(1)])
     first, second = copy_test(Copier(), tok, ["hello there", "a b"])
     assert first == pytest.approx(math.log(V), rel=1e-4) and second < 1e-3
-
-
-def test_random_copy_windows_repeat_random_spans_and_leave_the_rest_as_before():
-    ids = torch.arange(10, 2000)
-    prose = draw_windows(ids, 64, 40, 0.5, 0, torch.Generator().manual_seed(3))
-    mixed = draw_windows(ids, 64, 40, 0.5, 0, torch.Generator().manual_seed(3), copy_random=1.0, vocab_size=8)
-    plain = ~(prose == 0).any(1)
-    assert plain.sum() > 10 and torch.equal(prose[plain], mixed[plain])  # plain windows untouched
-    for w in mixed[~plain].tolist():  # copy windows: random ids below 8, never BOS inside a span, each span repeated
-        L = w.index(0)
-        assert all(0 < t < 8 for t in w[:L]) and w[L + 1 : 2 * L + 1] == w[:L][: len(w) - L - 1]
