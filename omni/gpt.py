@@ -25,7 +25,8 @@ Design choices:
   free, which is what an induction head needs first), `lambdas` (per-layer residual and x0 scales),
   `value_embeds` (per-token value embeddings on alternating layers, gated), `backout` (the residual
   after the middle block subtracted before the final norm), `window_pattern` (sliding-window layers),
-  `rope_base`, `qk_scale`. Audio positions are not tokens: they get no value embedding.
+  `rope_base`, `qk_scale`, `rotary_bf16` (nanochat's bf16 rotary tables, until 2026-03-04). Audio
+  positions are not tokens: they get no value embedding. omni.nanochat maps each nanochat period on them.
 """
 
 import json
@@ -52,6 +53,7 @@ class GPTConfig:
     n_embd: int = 384  # model width; head_dim = n_embd // n_head (must be even for rotary)
     softcap: float = 15.0  # logits = softcap * tanh(logits / softcap); 0 disables
     rope_base: float = 10000.0  # rotary base theta (nanochat from 2026-03-09: 100000)
+    rotary_bf16: bool = False  # round the rotary cos/sin tables to bf16, as nanochat kept them (on every device) until 2026-03-04
     qk_scale: float = 1.0  # q and k are each multiplied by this after QK-norm (nanochat today: 1.2)
     smear: bool = False  # mix the previous position's embedding into each position through a learned gate (nanochat's smear)
     smear_channels: int = 24  # input channels of the smear gate
@@ -283,6 +285,8 @@ class GPT(nn.Module):
         inv_freq = 1.0 / self.config.rope_base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
         freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
         self.cos, self.sin = freqs.cos(), freqs.sin()  # (seq_len, head_dim/2), float32
+        if self.config.rotary_bf16:  # nanochat multiplied fp32 activations by bf16 tables, i.e. by these values
+            self.cos, self.sin = self.cos.bfloat16().float(), self.sin.bfloat16().float()
 
     def _rotary(self, pos: Tensor, total: int) -> tuple[Tensor, Tensor]:
         # pos (B, T) long, all < total -> cos, sin (B, T, 1, hd/2). Grows only if sequence_len
