@@ -502,13 +502,16 @@ class GPT(nn.Module):
             else:
                 out = torch.cat([out, nxt.unsqueeze(1)], dim=1)
 
-    def save(self, directory: str | Path) -> None:
-        """Weights as model.safetensors plus config.json (never pickle)."""
+    def save(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Weights as model.safetensors plus config.json (never pickle); dtype (e.g. torch.float16)
+        stores the floating-point weights at that precision (load() reads them back as float32)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         save_file(state, str(directory / "model.safetensors"))
         (directory / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
 
@@ -521,6 +524,8 @@ class GPT(nn.Module):
         with torch.device("meta"):
             model = cls(config)  # no init work: every parameter is overwritten below
         state = load_file(str(directory / "model.safetensors"), device=str(device))
+        # weights stored at half precision compute in float32, like a freshly built model
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         model.load_state_dict(state, strict=True, assign=True)
         model._build_rotary(config.sequence_len)
         return model

@@ -224,3 +224,20 @@ def test_bf16_autocast_cuda():
         out = model.generate(idx, audio=audio, audio_mask=mask, max_new_tokens=4)
     loss.backward()
     assert torch.isfinite(loss) and out.shape == (2, 4)
+
+
+def test_half_precision_save_loads_as_float32(tmp_path):
+    cfg = dict(smear=True, smear_channels=8, lambdas=True, value_embeds=True, ve_gate_channels=8, backout=True)
+    model = decisive(tiny(**cfg))
+    model.save(tmp_path / "fp16", dtype=torch.float16)
+    model.save(tmp_path / "fp32")
+    from safetensors.torch import load_file
+
+    assert all(v.dtype == torch.float16 for v in load_file(tmp_path / "fp16" / "model.safetensors").values())
+    half, full = GPT.load(tmp_path / "fp16"), GPT.load(tmp_path / "fp32")
+    assert all(p.dtype == torch.float32 for p in half.parameters())
+    idx = torch.randint(0, 37, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(full(idx), model(idx))  # float32 round trip: exact
+        diff = (half(idx) - model(idx)).abs().max().item()
+    assert 0 < diff < 0.05  # rounded to fp16, not bit-equal, but close
