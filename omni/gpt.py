@@ -55,6 +55,7 @@ class GPTConfig:
     rope_base: float = 10000.0  # rotary base theta (nanochat from 2026-03-09: 100000)
     rotary_bf16: bool = False  # round the rotary cos/sin tables to bf16, as nanochat kept them (on every device) until 2026-03-04
     qk_scale: float = 1.0  # q and k are each multiplied by this after QK-norm (nanochat today: 1.2)
+    smear_keys: bool = False  # per kv head, k_j <- s * k_j + (1 - s) * k_{j-1}, s = sigmoid(learned): a head can match on the previous token (Olsson et al. 2022's smeared keys: induction in one layer). Not nanochat's
     smear: bool = False  # mix the previous position's embedding into each position through a learned gate (nanochat's smear)
     smear_channels: int = 24  # input channels of the smear gate
     lambdas: bool = False  # per-layer scalars: x = resid_lambdas[i] * x + x0_lambdas[i] * x0 before block i
@@ -135,6 +136,7 @@ class KVCache:
         self.key_mask: Tensor | None = None  # (B, max_len) bool, False = padded slot
         self.pad: Tensor | None = None  # (B,) long, left padding of the prefill
         self.prev_embedding: Tensor | None = None  # (B, 1, D) the last position's embedding before smear (GPTConfig.smear)
+        self.prev_keys: dict[int, Tensor] = {}  # layer -> (B, 1, n_kv_head, hd) the last position's key before smearing (GPTConfig.smear_keys)
 
     def update(self, layer: int, k: Tensor, v: Tensor, n_layer: int) -> tuple[Tensor, Tensor]:
         # k, v (B, n_kv_head, T, hd) for the new tokens; returns all keys/values up to pos + T
@@ -165,6 +167,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.ve_gate_channels, self.ve_gate_scale = config.ve_gate_channels, config.ve_gate_scale
         self.ve_gate = nn.Linear(config.ve_gate_channels, self.n_kv_head, bias=False) if config.has_ve(layer_idx) else None
+        self.key_smear = nn.Parameter(torch.zeros(self.n_kv_head)) if config.smear_keys else None  # logit of s per kv head
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None,
                 ve: Tensor | None = None) -> Tensor:
@@ -180,6 +183,8 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(q).to(v.dtype), norm(k).to(v.dtype)
         if self.qk_scale != 1.0:
             q, k = q * self.qk_scale, k * self.qk_scale
+        if self.key_smear is not None:
+            k = self._smear_keys(k, kv_cache)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v, self.n_layer)
@@ -193,6 +198,18 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
+
+
+    def _smear_keys(self, k: Tensor, kv_cache: KVCache | None) -> Tensor:
+        """k (B, T, H, hd) -> s * k_j + (1 - s) * k_{j-1}; the key before the first position is the cache's
+        last one while decoding, else zero."""
+        prev = kv_cache.prev_keys.get(self.layer_idx) if kv_cache is not None else None
+        if kv_cache is not None:
+            kv_cache.prev_keys[self.layer_idx] = k[:, -1:]
+        if prev is None:
+            prev = torch.zeros_like(k[:, :1])
+        s = torch.sigmoid(self.key_smear).to(k.dtype).view(1, 1, -1, 1)
+        return s * k + (1 - s) * torch.cat([prev.to(k.dtype), k[:, :-1]], dim=1)
 
 
 class MLP(nn.Module):
@@ -378,11 +395,16 @@ class GPT(nn.Module):
         ve_real = (ve_idx >= 0).unsqueeze(-1)
         ve_idx = ve_idx.clamp(min=0)
         x0, kept = x, None
+        # padded slots stay zero in every layer, so nothing of them reaches a real position through
+        # a smeared key (smear_keys) either
+        padded = None if audio_mask is None else torch.cat([~audio_mask, torch.zeros(B, T, dtype=torch.bool, device=x.device)], 1).unsqueeze(-1)
         for i, block in enumerate(self.transformer.h):
             if c.lambdas:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](ve_idx) * ve_real if c.has_ve(i) else None
             x = block(x, cos, sin, masks[i], kv_cache, ve)
+            if padded is not None:
+                x = x.masked_fill(padded, 0.0)
             if c.backout and i == c.n_layer // 2:
                 kept = x
         if kv_cache is not None:
