@@ -12,7 +12,7 @@
 #     language: python
 #     name: python3
 #   omni:
-#     config: omni.pretrain.PretrainConfig
+#     config: omni.experiments.pretrain_lm.PretrainConfig
 #     derived:
 #     - ckpt_dir
 #     experiment: pretrain_lm
@@ -24,10 +24,10 @@
 # (see `omni/data/LICENSES.md`), with the speech corpus's held-out sentences removed so that the
 # LM cannot have memorised the transcripts alignment is scored on. Validation in bits per byte.
 # On a GPU box scale it with `-p depth=12 -p steps=5000 -p device=cuda`; for several GPUs use
-# `torchrun --nproc_per_node N -m omni.pretrain --depth 12 ...`.
+# `torchrun --nproc_per_node N -m omni.experiments.pretrain_lm --depth 12 ...`.
 
 # %% tags=["parameters"]
-# generated from omni.pretrain.PretrainConfig by `python -m omni.params`: edit the dataclass, not this cell
+# generated from omni.experiments.pretrain_lm.PretrainConfig by `python -m omni.params`: edit the dataclass, not this cell
 out: str = 'runs/lm'  # where the LM folder is written
 sources: str = 'all'  # "all" (every installed source) or comma-separated names of omni.data.text sources
 tokenizer: str = 'bpe'  # bpe | byte
@@ -50,11 +50,9 @@ mlflow_run_id: str = ""  # MLflow run to log into; empty: start a new run in the
 out_dir: str = "reports/pretrain_lm/adhoc"  # folder this run writes its files into
 
 # %%
-import matplotlib.pyplot as plt
-from IPython.display import display
-
-from omni import params, plots, track
-from omni.pretrain import PretrainConfig, pretrain
+from omni import params, track
+from omni.experiments import plots
+from omni.experiments.pretrain_lm import PretrainConfig, pretrain
 
 cfg = params.from_params(PretrainConfig, globals(), ckpt_dir=f"{out_dir}/ckpt")  # a rerun in this folder resumes
 tracker = track.open_run("pretrain_lm", mlflow_run_id, cfg, {"out_dir": out_dir})
@@ -63,16 +61,12 @@ print(f"train tokens {res.n_train_tokens:,}; {res.history.seconds:.0f} s; valida
 
 # %%
 fig = plots.loss_curves({"train": res.history.loss}, title=f"LM pretraining: depth {cfg.depth}, {cfg.tokenizer} {cfg.vocab_size}")
-tracker.log_figure(fig, "loss.png")
-display(fig)
-plt.close(fig)
+plots.show(tracker, fig, "loss.png")
 
 # %%
 evals = res.history.evals
 fig = plots.curve([e["step"] + 1 for e in evals], [e["val_bpb"] for e in evals], xlabel="step", ylabel="bits per byte", title="validation bits per byte")
-tracker.log_figure(fig, "val_bpb.png")
-display(fig)
-plt.close(fig)
+plots.show(tracker, fig, "val_bpb.png")
 
 # %% [markdown]
 # ## Can it copy from its context?
@@ -84,9 +78,7 @@ steps = [e["step"] + 1 for e in evals]
 fig = plots.curve(steps, [e["copy_nats"] for e in evals], xlabel="step", ylabel="nats per token, second reading",
                   title="copying from context (lower: the LM repeats what it just read)",
                   hline=res.first_nats, hline_label="first reading, end of training")
-tracker.log_figure(fig, "copy_nats.png")
-display(fig)
-plt.close(fig)
+plots.show(tracker, fig, "copy_nats.png")
 print(f"validation passages: {res.first_nats:.2f} nats/token read once, {res.copy_nats:.2f} nats/token read again right after "
       f"(copy_fraction={cfg.copy_fraction})")
 

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from omni.common import file_lock
+
 FLUSH_EVERY = 200  # buffered metric values before a log_batch
 FLUSH_SECONDS = 15.0  # ... or this long since the last flush: a killed run loses at most this much
 
@@ -95,8 +97,6 @@ def last_step(run_id: str) -> int | None:
 def init_store() -> None:
     """Create or migrate the tracking database once, under a file lock: two first runs started
     together on a fresh sqlite file otherwise race MLflow's schema migration and one crashes."""
-    from omni.common import file_lock
-
     uri = tracking_uri()
     if not uri.startswith("sqlite:///"):
         return

@@ -14,12 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_bad_clips(folder: Path) -> dict[str, tuple[Path, str]]:
-    """One clip of each kind Whisper cannot take, tiny (16-bit PCM via omni.audio.save; float for NaN):
+    """One clip of each kind Whisper cannot take, tiny (16-bit PCM via omni.data.audio.save; float for NaN):
     name -> (path, what the reason says). 'missing' is not written."""
     import numpy as np
     import soundfile as sf
 
-    from omni import audio
+    from omni.data import audio
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -70,7 +70,7 @@ def tiny_lm(path: Path, seed: int = 0, sequence_len: int = 256) -> Path:
     decode to the same text and a test comparing transcripts would compare nothing."""
     import torch
 
-    from omni.gpt import GPT, GPTConfig
+    from omni.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(seed)
     gpt = GPT(GPTConfig(sequence_len=sequence_len, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
@@ -89,8 +89,9 @@ def tiny_alignment(tmp_path_factory):
     holding model/ (what `omni transcribe --run` takes); `result` the AlignResult."""
     from types import SimpleNamespace
 
-    from omni.align import AlignConfig, prepare_cache, run_alignment
     from omni.data.synth import SynthConfig, build_corpus
+    from omni.experiments import alignment
+    from omni.experiments.alignment import AlignConfig, prepare_cache
 
     root = tmp_path_factory.mktemp("alignment")
     build_corpus(SynthConfig(out=str(root / "corpus"), sentences=16, min_words=3, max_words=6, test_fraction=0.25, workers=1))
@@ -98,11 +99,11 @@ def tiny_alignment(tmp_path_factory):
                       layer="weighted", steps=10, eval_every=5, eval_clips=4, batch_size=8, max_new_tokens=12,
                       whisper_baseline=False, device="cpu", out=str(root / "run" / "model"))
     cache = prepare_cache(cfg)
-    result = run_alignment(cfg, cache=cache)
+    result = alignment.run(cfg, cache=cache)
     return SimpleNamespace(root=root, corpus=root / "corpus", cache=cache, lm=root / "lm", run=root / "run", cfg=cfg, result=result)
 
 
-# --- tiny backbones of every kind omni.lm loads (tests/test_lm.py, test_lora.py, benchmarks) --------
+# --- tiny backbones of every kind omni.model.lm loads (tests/test_lm.py, test_lora.py, benchmarks) --------
 
 
 def tiny_hf_lm(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2, arch: str = "qwen3") -> Path:
@@ -148,7 +149,7 @@ def tiny_nanochat(base: Path, seed: int = 0, step: int = 10, n_embd: int = 32, n
     import tiktoken
     import torch
 
-    from omni.gpt import GPT, GPTConfig
+    from omni.model.gpt import GPT, GPTConfig
 
     ranks = {bytes([i]): i for i in range(256)}
     enc = tiktoken.Encoding(name="rustbpe", pat_str=r"\s+|\S+", mergeable_ranks=ranks,

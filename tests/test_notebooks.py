@@ -38,7 +38,7 @@ def env(tmp_path):
 
 
 def test_pretrain_notebook_under_plain_papermill(tmp_path, env):
-    from omni.pretrain import PretrainConfig
+    from omni.experiments.pretrain_lm import PretrainConfig
 
     res = papermill("02_pretrain_lm.ipynb", tmp_path / "out.ipynb", env, out=tmp_path / "lm", out_dir=tmp_path / "run",
                     sources="sherlock", vocab_size=300, depth=1, sequence_len=32, batch_size=4, steps=4, warmup=1,
@@ -69,7 +69,7 @@ def test_instruct_notebook_under_plain_papermill(tiny_alignment, tmp_path, env):
     """07 on the tiny corpus: instruction data, a 4-clip hard corpus and its features are built, LoRA
     trains a few steps, both test sets are benchmarked with the three baselines, the metrics reach MLflow."""
     from conftest import tiny_lm
-    from omni.texture import TextureConfig
+    from omni.experiments.instruct import InstructConfig
 
     lm = tiny_lm(tmp_path / "lm", sequence_len=1024)  # byte tokens: multi-turn conversations run long
     res = papermill("07_instruct.ipynb", tmp_path / "out.ipynb", env, corpus=tiny_alignment.corpus,
@@ -85,7 +85,7 @@ def test_instruct_notebook_under_plain_papermill(tiny_alignment, tmp_path, env):
     run = only_run(tmp_path / "mlflow.db", "instruct")
     if res.returncode == 0:
         assert run.info.status == "FINISHED"
-    assert {f.name for f in dataclasses.fields(TextureConfig)} | {"out_dir"} == set(run.data.params)
+    assert {f.name for f in dataclasses.fields(InstructConfig)} | {"out_dir"} == set(run.data.params)
     assert {"texture_mean", "texture_chance_mean", "transcript_only_texture_mean", "hard_texture_mean", "transcribe_wer",
             "hard_transcribe_wer", "meets_bar", "loss"} <= set(run.data.metrics)
     html = (tmp_path / "out.ipynb").read_text()

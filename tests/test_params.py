@@ -11,7 +11,7 @@ import nbformat
 import pytest
 
 from omni import params, track
-from omni.smoke import SmokeConfig
+from omni.experiments.smoke import SmokeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
