@@ -43,7 +43,8 @@ SENTENCE = "The quick brown fox jumps over the lazy dog near the quiet river ban
 
 def quick_run(work: Path) -> Path:
     """A smoke-size alignment run folder under `work` (built once)."""
-    from omni.experiments.alignment import AlignConfig, prepare_cache, run_alignment
+    from omni.experiments import alignment
+    from omni.experiments.alignment import AlignConfig, prepare_cache
     from omni.experiments.pretrain_lm import PretrainConfig, pretrain
 
     run = work / "run"
@@ -55,7 +56,7 @@ def quick_run(work: Path) -> Path:
     cfg = AlignConfig(corpus=str(work / "corpus"), sentences=24, features=str(work / "features"), lm=str(lm), steps=20,
                       eval_every=20, eval_clips=4, batch_size=8, max_new_tokens=20, whisper_baseline=False, device="cpu",
                       out=str(run / "model"))
-    run_alignment(cfg, cache=prepare_cache(cfg))
+    alignment.run(cfg, cache=prepare_cache(cfg))
     return run
 
 

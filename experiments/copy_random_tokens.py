@@ -1,6 +1,6 @@
 """Can omni's GPT learn to copy from its context, and how fast (issue 10)?
 
-    python benchmarks/bench_copy.py [--steps 400] [--depth 2]
+    python experiments/copy_random_tokens.py [--steps 400] [--depth 2]
 
 A frozen LM reads soft audio tokens as words only if it can copy from its context (an induction
 head). This trains a fresh GPT of the given depth on the classic induction task, BOS + random

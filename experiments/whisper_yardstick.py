@@ -1,12 +1,12 @@
 """The yardstick (issue 10): Whisper's own WER on the held-out split, greedy vs under the loop guard.
 
-    python benchmarks/bench_yardstick.py [--clips N] [--corpus data/synth] [--features cache/features]
+    python experiments/whisper_yardstick.py [--clips N] [--corpus data/synth] [--features cache/features]
 
 Decodes the first N held-out clips (split "test": unseen sentences, unseen voices; all of them by
 default) with Whisper's own decoder twice, in chunks of 16 so that a stopped run leaves both
 decodings on the same clips: greedy, and with openai-whisper's temperature fallback
 (omni.model.speech_lm.LoopGuard's defaults: temperatures 0.0..1.0, compression ratio 2.4, mean log-prob
--1). Both are cached in the feature cache folder, where omni.experiments.alignment.run_alignment finds them, so a
+-1). Both are cached in the feature cache folder, where omni.experiments.alignment.run finds them, so a
 later alignment run does not decode Whisper again. Prints, after each chunk, corpus and median
 per-clip WER on clear speech (style "normal") and per style and variant, for both decodings, and
 the guard's cost as a ratio of the two decoding times measured side by side (a cached clip costs

@@ -59,6 +59,37 @@ def repo() -> Path:
     return REPO
 
 
+# --- notebooks under papermill's own CLI (tests/test_notebooks.py, test_params.py, test_ablation.py, ...) ---
+
+
+def papermill(notebook: str, executed: Path, env: dict, **values):
+    """papermill's CLI as its docs show it (`-p NAME VALUE`; no omni runner, no run id unless given)."""
+    import subprocess
+    import sys
+
+    args = [a for k, v in values.items() for a in ("-p", k, str(v))]
+    return subprocess.run([sys.executable, "-m", "papermill", f"notebooks/{notebook}", str(executed), *args],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+
+def papermill_env(db: Path) -> dict:
+    """The environment of a papermill run logging into its own sqlite store `db`."""
+    return os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{db}", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def only_run(db: Path, experiment: str):
+    """The one MLflow run of `experiment` in the store `db`."""
+    from omni import track
+
+    old = os.environ["MLFLOW_TRACKING_URI"]
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
+    try:
+        (run,) = track.client().search_runs([track.experiment_id(experiment)])
+        return run
+    finally:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
 # --- a tiny alignment run, shared by tests/test_align.py and tests/test_cli.py -------------------
 # 16 sentences -> 11 train, 1 val, 4 test + 4 test_seen_voice clips; the cache of their Whisper
 # tiny.en states; a 1-layer random LM (bytes); a 10-step alignment with the learned layer mix.

@@ -2,12 +2,14 @@
 probe, the MLflow comparison and its findings, and a tiny layer grid end to end through `omni run` (real papermill kernels, a real MLflow sqlite store)."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import only_run, papermill, papermill_env
 from omni import track
 from omni.data.synth import SynthConfig
 from omni.eval import compare, findings, layer_probes, probes
@@ -160,6 +162,27 @@ def test_tiny_grid_end_to_end(tiny, tmp_path, monkeypatch):
     assert "content.wer: lowest among last: last" in findings and "weighted: content objective: state" in findings
     assert "gender / linear / test seen voice: best state 4 (last)" in findings
     assert "grid.wall_seconds" in parent.data.metrics
+
+    # 05 under papermill's own CLI, given the grid's parent run (as `omni run` gives it): it reads the
+    # children, logs into the parent and leaves it FINISHED (the runner owns it: finish() ends nothing)
+    out = papermill("05_ablation_report.ipynb", tmp_path / "05.ipynb", dict(os.environ), mlflow_run_id=summary.run_id,
+                    out_dir=tmp_path / "05")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert client.get_run(summary.run_id).info.status == "FINISHED"
+    assert (tmp_path / "05" / "findings.md").read_text() == findings
+
+
+def test_grid_point_notebook(tiny, tmp_path):
+    """04 under papermill's own CLI, one grid point on its own: probes and content, its own run FINISHED."""
+    root = tiny["root"]
+    out = papermill("04_layer_ablation.ipynb", tmp_path / "out.ipynb", papermill_env(tmp_path / "mlflow.db"),
+                    corpus=root / "corpus", features=root / "features", lm=root / "lm", layer="weighted", probes="linear",
+                    attributes="gender", weighted_steps=10, steps=2, batch_size=4, warmup=0, weights_every=1, eval_clips=2,
+                    test_clips=2, seen_clips=1, max_new_tokens=12, out_dir=tmp_path / "run")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = only_run(tmp_path / "mlflow.db", "layer_ablation")
+    assert run.info.status == "FINISHED"
+    assert {"content.wer", "probe.gender.linear.test_seen_voice", "time.total"} <= set(run.data.metrics)
 
 
 def test_last_reuses_the_finished_run_of_the_same_state():  # MLflow: the session's throwaway store (conftest)

@@ -219,30 +219,34 @@ def test_run_is_deterministic_given_a_seed(runs):
     assert [x.row for x in c.clips] != [x.row for x in a.clips]
 
 
-def test_report_end_to_end(runs, monkeypatch):
-    from omni.run.runner import run_experiment
+def test_report_end_to_end(runs):
+    """Notebook 06 under papermill's own CLI on both runs: its own MLflow run ends FINISHED with the statistics."""
+    from conftest import only_run, papermill, papermill_env
 
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
-    params = {"run": f"{runs / 'frozen'},{runs / 'weighted'}", "split": "test,test_seen_voice", "clips": 8, "candidates": 4,
-              "text_points": 120, "audio_points": 60, "validate_clips": 4, "readout_clips": 1,
-              "umap": False}  # UMAP: test_umap_is_deterministic_given_a_seed (slow); the notebook loops over whatever maps exist
-    (r,) = run_experiment("experiments/embedding_viz.yaml", params, reports=runs / "reports")
-    assert r.status == "FINISHED", r.error
-    assert r.metrics["after_retrieval_chance"] == 0.25
-    assert r.metrics["before_cos_clip"] == pytest.approx(r.metrics["after_cos_clip"])  # the frozen run
-    assert "layer_weighted_k_4_stack/after_cka_word" in r.metrics
-    page = (r.report_dir / "embedding_map.html").read_text()
+    out_dir = runs / "report"
+    res = papermill("06_embedding_viz.ipynb", runs / "06.ipynb", papermill_env(runs / "mlflow.db"), out_dir=out_dir,
+                    run=f"{runs / 'frozen'},{runs / 'weighted'}", split="test,test_seen_voice", clips=8, candidates=4,
+                    text_points=120, audio_points=60, validate_clips=4, readout_clips=1,
+                    umap=False)  # UMAP: test_umap_is_deterministic_given_a_seed (slow); the notebook loops over whatever maps exist
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = only_run(runs / "mlflow.db", "embedding_viz")
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    assert metrics["after_retrieval_chance"] == 0.25
+    assert metrics["before_cos_clip"] == pytest.approx(metrics["after_cos_clip"])  # the frozen run
+    assert "layer_weighted_k_4_stack/after_cka_word" in metrics
+    page = (out_dir / "embedding_map.html").read_text()
     assert embedding_page.remote_references(page) == []
     data = json.loads(page.split('id="data">')[1].split("</script>")[0])
     assert [x["name"] for x in data["runs"]] == ["layer=last k=4 stack", "layer=weighted k=4 stack"]
     assert set(data["runs"][0]["xy"]) == {"pca"} and len(data["runs"][0]["kind"]) == 120 + 2 * 60
     assert all(c["timing"] == "espeak" for c in data["runs"][0]["clips"])
-    report = (r.report_dir / "report.html").read_text()
+    report = (runs / "06.ipynb").read_text()
     assert "What the LM reads" in report and "before #1" in report
     if shutil.which("node"):  # the page's script runs and a hover describes the clip under the mouse
         harness = runs / "harness.js"
         harness.write_text(HARNESS)
-        out = subprocess.run(["node", str(harness), str(r.report_dir / "embedding_map.html")], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(["node", str(harness), str(out_dir / "embedding_map.html")], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         res = json.loads(out.stdout)
         assert res["display"] == "block" and "audio token after training" in res["tip"] and "nearest LM tokens" in res["tip"]
