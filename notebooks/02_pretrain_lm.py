@@ -50,6 +50,9 @@ mlflow_run_id: str = ""  # MLflow run to log into; empty: start a new run in the
 out_dir: str = "reports/pretrain_lm/adhoc"  # folder this run writes its files into
 
 # %%
+import matplotlib.pyplot as plt
+from IPython.display import display
+
 from omni import params, track
 from omni.experiments import plots
 from omni.experiments.pretrain_lm import PretrainConfig, pretrain
@@ -61,12 +64,16 @@ print(f"train tokens {res.n_train_tokens:,}; {res.history.seconds:.0f} s; valida
 
 # %%
 fig = plots.loss_curves({"train": res.history.loss}, title=f"LM pretraining: depth {cfg.depth}, {cfg.tokenizer} {cfg.vocab_size}")
-plots.show(tracker, fig, "loss.png")
+tracker.log_figure(fig, "loss.png")
+display(fig)
+plt.close(fig)
 
 # %%
 evals = res.history.evals
 fig = plots.curve([e["step"] + 1 for e in evals], [e["val_bpb"] for e in evals], xlabel="step", ylabel="bits per byte", title="validation bits per byte")
-plots.show(tracker, fig, "val_bpb.png")
+tracker.log_figure(fig, "val_bpb.png")
+display(fig)
+plt.close(fig)
 
 # %% [markdown]
 # ## Can it copy from its context?
@@ -78,7 +85,9 @@ steps = [e["step"] + 1 for e in evals]
 fig = plots.curve(steps, [e["copy_nats"] for e in evals], xlabel="step", ylabel="nats per token, second reading",
                   title="copying from context (lower: the LM repeats what it just read)",
                   hline=res.first_nats, hline_label="first reading, end of training")
-plots.show(tracker, fig, "copy_nats.png")
+tracker.log_figure(fig, "copy_nats.png")
+display(fig)
+plt.close(fig)
 print(f"validation passages: {res.first_nats:.2f} nats/token read once, {res.copy_nats:.2f} nats/token read again right after "
       f"(copy_fraction={cfg.copy_fraction})")
 

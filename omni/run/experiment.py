@@ -206,11 +206,7 @@ def checked_params(exp: Experiment, point: dict[str, Any], found: tuple[type, tu
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in derived}
 
 
-def _slug(point: dict[str, Any], keys: list[str]) -> str:
-    s = "-".join(f"{k}={point[k]}" for k in keys if k in point)
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", s)
-
-
 def slug(point: dict[str, Any], keys: list[str]) -> str:
+    """A grid point's folder and run-name suffix: `layer=last-seed=0`, made file-name safe."""
     s = "-".join(f"{k}={point[k]}" for k in keys if k in point)
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", s)
