@@ -174,7 +174,10 @@ def test_features_bad_clips_exit_2_naming_all_or_skip(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 + len(expected) and all(f"{man}:{line}: " in e for line, e in zip(sorted(expected), err[1:]))
     assert not cache.exists()
-    assert main(["features", "--manifest", str(man), "--out", str(cache), "--skip-bad"]) == 0
-    out = capsys.readouterr().out.splitlines()
+    # --out and --mode, the flags' old names, still work until the next release, with a note
+    assert main(["features", "--manifest", str(man), "--out", str(cache), "--mode=var", "--skip-bad"]) == 0
+    out, err = capsys.readouterr()
+    assert "`--out` is now `--features`" in err and "`--mode` is now `--encoder-mode`" in err
+    out = out.splitlines()
     assert out[0].endswith(f"skipped {len(expected)} bad rows") and len(out) == 2 + len(expected)
     assert out[-1].startswith("1 clips") and len(list(cache.iterdir())) == 1
