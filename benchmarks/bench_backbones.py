@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import tiny_hf_lm, tiny_nanochat  # noqa: E402  (the test suite's tiny-model writers)
 
-from omni.gpt import GPT, GPTConfig  # noqa: E402
-from omni.lm import LoraSpec, add_lora, load_lm  # noqa: E402
-from omni.speech_lm import SpeechLM, SpeechLMConfig  # noqa: E402
+from omni.model.gpt import GPT, GPTConfig  # noqa: E402
+from omni.model.lm import LoraSpec, add_lora, load_lm  # noqa: E402
+from omni.model.speech_lm import SpeechLM, SpeechLMConfig  # noqa: E402
 
 TEXTS = ["it was a dark and stormy night and the rain fell in torrents", "holmes looked up from his chair",
          "the door opened", "i have no data yet it is a capital mistake to theorise before one has data"]

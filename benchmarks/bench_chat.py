@@ -3,7 +3,7 @@ clip, 1 conversation vs 4 at once, measured side by side (alternating) in one ru
 
     python benchmarks/bench_chat.py [--run RUN] [--repeats 5] [--new 64] [--work /tmp/omni-bench-chat]
 
-A real uvicorn serves omni.chat's app on a free local port in this process; clients are threads
+A real uvicorn serves omni.serve.chat's app on a free local port in this process; clients are threads
 speaking HTTP to it (http.client, streamed reads). Each conversation: POST a conversation, POST the
 clip (the server decodes it and runs encoder + layer choice + projector: "upload"), then POST the
 question and read the server-sent events: "first token" is from sending the question to receiving
@@ -15,7 +15,7 @@ Sampling: temperature 1, top-k 50, a fixed seed per conversation, so answers run
 rather than stopping at an early BOS; the count actually generated is printed.
 
 Without --run a quick smoke-size model is trained into --work (reused next time): a 24-sentence
-synthesized corpus, omni.pretrain's default LM (depth 4, BPE 4096) for 20 steps, a 20-step
+synthesized corpus, omni.experiments.pretrain_lm's default LM (depth 4, BPE 4096) for 20 steps, a 20-step
 alignment. Timing does not depend on how well it is trained, only on its shape.
 Prints absolute ms and ratios; asserts nothing about timing.
 """
@@ -43,8 +43,9 @@ SENTENCE = "The quick brown fox jumps over the lazy dog near the quiet river ban
 
 def quick_run(work: Path) -> Path:
     """A smoke-size alignment run folder under `work` (built once)."""
-    from omni.align import AlignConfig, prepare_cache, run_alignment
-    from omni.pretrain import PretrainConfig, pretrain
+    from omni.experiments import alignment
+    from omni.experiments.alignment import AlignConfig, prepare_cache
+    from omni.experiments.pretrain_lm import PretrainConfig, pretrain
 
     run = work / "run"
     if (run / "model" / "audio_path.json").exists():
@@ -55,7 +56,7 @@ def quick_run(work: Path) -> Path:
     cfg = AlignConfig(corpus=str(work / "corpus"), sentences=24, features=str(work / "features"), lm=str(lm), steps=20,
                       eval_every=20, eval_clips=4, batch_size=8, max_new_tokens=20, whisper_baseline=False, device="cpu",
                       out=str(run / "model"))
-    run_alignment(cfg, cache=prepare_cache(cfg))
+    alignment.run(cfg, cache=prepare_cache(cfg))
     return run
 
 
@@ -64,7 +65,7 @@ def clip_bytes(seconds: float) -> bytes:
 
     import soundfile as sf
 
-    from omni import audio, tts
+    from omni.data import audio, tts
 
     wave = tts.synthesize(SENTENCE).numpy()
     n = int(seconds * audio.SAMPLE_RATE)
@@ -77,7 +78,7 @@ def clip_bytes(seconds: float) -> bytes:
 def start_server(session) -> tuple[int, object]:
     import uvicorn
 
-    from omni.chat import create_app
+    from omni.serve.chat import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,7 +107,7 @@ def conversation(port: int, wav: bytes, new: int, seed: int, barrier: threading.
     clip = request(port, "POST", f"/api/conversations/{cid}/clips?name=bench.wav", wav, "audio/wav")
     upload_ms = (time.perf_counter() - t0) * 1000
     barrier.wait()
-    body = json.dumps({"clip": clip["id"], "text": "", "max_tokens": new, "temperature": 1.0, "top_k": 50, "seed": seed}).encode()
+    body = json.dumps({"clip": clip["id"], "text": "", "max_new_tokens": new, "temperature": 1.0, "top_k": 50, "seed": seed}).encode()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     t_send = time.perf_counter()
     conn.request("POST", f"/api/conversations/{cid}/messages", body=body, headers={"Content-Type": "application/json"})
@@ -158,7 +159,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
-    from omni.chat import Session, load_model
+    from omni.serve.chat import Session, load_model
 
     run = args.run or str(quick_run(Path(args.work)))
     session = Session(*load_model(run, args.device))

@@ -28,11 +28,11 @@ import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from omni import audio  # noqa: E402
+from omni.data import audio  # noqa: E402
 from omni.data.features import cache_key, check_and_key, encoder_fingerprint  # noqa: E402
 from omni.data.manifest import read_manifest  # noqa: E402
 from omni.data.synth import SynthConfig, build_corpus  # noqa: E402
-from omni.encoder import WhisperEncoder  # noqa: E402
+from omni.model.encoder import WhisperEncoder  # noqa: E402
 
 
 def timed(fn, repeat: int = 2) -> float:

@@ -38,15 +38,16 @@ from pathlib import Path  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
-from omni import audio  # noqa: E402
+from omni.data import audio  # noqa: E402
 from omni.data import features  # noqa: E402
 from omni.data.features import FeatureCache, build_features  # noqa: E402
 from omni.data.synth import SynthConfig, build_corpus  # noqa: E402
-from omni.encoder import LayerSelect, WhisperEncoder  # noqa: E402
-from omni.projector import Projector, ProjectorConfig  # noqa: E402
-from omni.speech_lm import collate_states  # noqa: E402
+from omni.model import mel  # noqa: E402
+from omni.model.encoder import LayerSelect, WhisperEncoder  # noqa: E402
+from omni.model.encoder import collate_states  # noqa: E402
+from omni.model.projector import Projector, ProjectorConfig  # noqa: E402
 
-FRAMES_PER_S = audio.SAMPLE_RATE / audio.HOP_LENGTH / 2  # 50 encoder frames per second
+FRAMES_PER_S = mel.SAMPLE_RATE / mel.HOP_LENGTH / 2  # 50 encoder frames per second
 
 
 def load() -> str:

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_encoder.py [--clips 16] [--batch-size 8] [--repeats 3]
 
-Synthesizes 3-5 s clips with omni.tts, converts tiny.en from its CTranslate2 file (timed, into a
+Synthesizes 3-5 s clips with omni.data.tts, converts tiny.en from its CTranslate2 file (timed, into a
 temporary folder, to report the conversion cost), then times WhisperEncoder.encode (log-mel +
 forward, batch 8, default torch threads) in both modes in ONE process, interleaving the repeats so
 that both see the same machine load. Prints clips/s, the speedup ratio, and how close var's hidden
@@ -29,7 +29,8 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F
 
-from omni import audio, ct2, encoder, tts  # noqa: E402
+from omni.data import audio, tts  # noqa: E402
+from omni.model import ct2, encoder  # noqa: E402
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog near the river bank.",

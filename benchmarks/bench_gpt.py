@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from omni.gpt import GPT, GPTConfig
+from omni.model.gpt import GPT, GPTConfig
 
 
 def timeit(fn, warmup: int = 1, reps: int = 5) -> float:

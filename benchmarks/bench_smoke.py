@@ -2,7 +2,7 @@
 
     python benchmarks/bench_smoke.py [--steps 50] [--control shuffle] [--device cpu]
 
-Runs omni.smoke.run_smoke with its defaults (5 clips, depth-6 random GPT, 50 full-batch steps, then
+Runs omni.experiments.smoke.run with its defaults (5 clips, depth-6 random GPT, 50 full-batch steps, then
 the same 50 steps as the shuffled-audio control) once, and prints: encode (encoder load + Whisper
 on the 5 clips), train real, train control, decode (greedy transcripts after each training), the
 rest (clip check, model construction), and seconds per optimiser step. The seed's figure was
@@ -22,8 +22,9 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from omni.smoke import SmokeConfig, run_smoke  # noqa: E402
-from omni.speech_lm import SpeechLM  # noqa: E402
+from omni.experiments import smoke  # noqa: E402
+from omni.experiments.smoke import SmokeConfig  # noqa: E402
+from omni.model.speech_lm import SpeechLM  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +58,7 @@ def main() -> None:
     SpeechLM.transcribe = timed
     try:
         t0, c0 = time.perf_counter(), time.process_time()
-        res = run_smoke(cfg)
+        res = smoke.run(cfg)
         total, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         SpeechLM.transcribe = real_transcribe

@@ -3,8 +3,8 @@ greedy decoding tokens/s with vs without the KV cache.
 
     python benchmarks/bench_transcribe.py [--run RUN_DIR] [--repeats 20] [--new 64]
 
-With --run, the model is an alignment run's (omni.align.load_aligned: its LM, audio path, encoder
-and encoder mode). Without, a SpeechLM with a random projector on a random GPT of omni.pretrain's
+With --run, the model is an alignment run's (omni.experiments.trained.load_run: its LM, audio path, encoder
+and encoder mode). Without, a SpeechLM with a random projector on a random GPT of omni.experiments.pretrain_lm's
 default size (depth and BPE vocabulary from PretrainConfig; sequence_len as pretrain builds it) and
 the embedded tiny.en encoder: latency does not depend on the weights' values.
 
@@ -31,9 +31,10 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from omni import audio, tts  # noqa: E402
-from omni.gpt import KVCache  # noqa: E402
-from omni.speech_lm import left_pad  # noqa: E402
+from omni.data import audio, tts  # noqa: E402
+from omni.model.gpt import KVCache  # noqa: E402
+from omni.model.mel import log_mel  # noqa: E402
+from omni.model.speech_lm import left_pad  # noqa: E402
 
 SENTENCE = "The quick brown fox jumps over the lazy dog near the quiet river bank this morning."
 
@@ -57,17 +58,17 @@ class IdTokenizer:
 
 
 def random_model(device: str):
-    from omni.encoder import WhisperEncoder
-    from omni.gpt import GPT, GPTConfig
-    from omni.pretrain import PretrainConfig
-    from omni.speech_lm import SpeechLM, SpeechLMConfig
+    from omni.experiments.pretrain_lm import PretrainConfig
+    from omni.model.encoder import WhisperEncoder
+    from omni.model.gpt import GPT, GPTConfig
+    from omni.model.speech_lm import SpeechLM, SpeechLMConfig
 
     pc = PretrainConfig()
     torch.manual_seed(0)
     gpt = GPT(GPTConfig.from_depth(pc.depth, vocab_size=pc.vocab_size, sequence_len=max(1024, pc.sequence_len)))  # as pretrain builds it
     encoder = WhisperEncoder.from_source("tiny.en", device=device)
     model = SpeechLM(gpt.to(device), IdTokenizer(pc.vocab_size), encoder.n_states, encoder.d_model, SpeechLMConfig()).to(device).eval()
-    return model, encoder, "var", f"random GPT depth {pc.depth}, vocab {pc.vocab_size} (omni.pretrain defaults)"
+    return model, encoder, "var", f"random GPT depth {pc.depth}, vocab {pc.vocab_size} (omni.experiments.pretrain_lm defaults)"
 
 
 def main() -> None:
@@ -82,9 +83,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     if args.run:
-        from omni.align import load_aligned
+        from omni.experiments.trained import load_run, run_encoder
 
-        model, encoder, mode = load_aligned(args.run, args.device)
+        model, meta = load_run(args.run, args.device)
+        encoder, mode = run_encoder(meta, model.gpt_device)
         what = f"alignment run {args.run}"
     else:
         model, encoder, mode, what = random_model(args.device)
@@ -106,7 +108,7 @@ def main() -> None:
     def first_token() -> dict[str, float]:
         t = {}
         t0 = time.perf_counter()
-        mel, lengths = audio.log_mel([wave], n_mels=encoder.n_mels, pad30=mode == "pad30")
+        mel, lengths = log_mel([wave], n_mels=encoder.n_mels, pad30=mode == "pad30")
         mel = mel.to(dev)
         sync()
         t["log-mel"] = time.perf_counter() - t0
@@ -139,7 +141,7 @@ def main() -> None:
         t["audio tokens"] = prefix.size(1)
         return t
 
-    from omni.align import transcribe_waves
+    from omni.experiments.trained import transcribe_waves
 
     def library() -> float:
         t0 = time.perf_counter()
@@ -168,7 +170,7 @@ def main() -> None:
 
     # greedy tokens/s with vs without the KV cache, from the same prefix
     with torch.no_grad():
-        mel, lengths = audio.log_mel([wave], n_mels=encoder.n_mels, pad30=mode == "pad30")
+        mel, lengths = log_mel([wave], n_mels=encoder.n_mels, pad30=mode == "pad30")
         hidden, frames = encoder(mel.to(dev), lengths, mode=mode)
         prefix, mask = model.prefix(hidden, frames.to(dev))
         idx = torch.tensor([after + [bos]], device=dev)

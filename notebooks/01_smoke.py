@@ -12,7 +12,7 @@
 #     language: python
 #     name: python3
 #   omni:
-#     config: omni.smoke.SmokeConfig
+#     config: omni.experiments.smoke.SmokeConfig
 #     derived:
 #     - ckpt_dir
 #     experiment: smoke
@@ -32,7 +32,7 @@
 # `min_gap_bits` bits per caption, and more captions are decoded from the audio than by the control.
 
 # %% tags=["parameters"]
-# generated from omni.smoke.SmokeConfig by `python -m omni.params`: edit the dataclass, not this cell
+# generated from omni.experiments.smoke.SmokeConfig by `python -m omni.params`: edit the dataclass, not this cell
 steps: int = 50  # optimiser steps, full batch of all clips each step
 lr: float = 0.003  # AdamW peak lr for GPT and projector
 seed: int = 0  # fixes init, control shuffles and decoding
@@ -54,14 +54,13 @@ out_dir: str = "reports/smoke/adhoc"  # folder this run writes its files into
 import math
 
 import matplotlib.pyplot as plt
-from IPython.display import display
 
 from omni import params, track
-from omni.smoke import SmokeConfig, run_smoke
+from omni.experiments import plots, smoke
 
-cfg = params.from_params(SmokeConfig, globals(), ckpt_dir=f"{out_dir}/ckpt")  # a rerun in this folder resumes
+cfg = params.from_params(smoke.SmokeConfig, globals(), ckpt_dir=f"{out_dir}/ckpt")  # a rerun in this folder resumes
 tracker = track.open_run("smoke", mlflow_run_id, cfg, {"out_dir": out_dir})
-res = run_smoke(cfg, tracker)
+res = smoke.run(cfg, tracker)
 
 # %% [markdown]
 # ## Loss: real audio vs the control
@@ -80,9 +79,7 @@ if res.control is not None:
 ax.set(title=f"smoke: depth {cfg.depth}, layer {cfg.layer}, k={cfg.k}", xlabel="step", ylabel="loss (nats/token)")
 ax.legend()
 fig.tight_layout()
-tracker.log_figure(fig, "loss.png")
-display(fig)
-plt.close(fig)
+plots.show(tracker, fig, "loss.png")
 
 # %%
 m = res.metrics()

@@ -12,7 +12,7 @@
 #     language: python
 #     name: python3
 #   omni:
-#     config: omni.pretrain.PretrainConfig
+#     config: omni.experiments.pretrain_lm.PretrainConfig
 #     derived:
 #     - ckpt_dir
 #     experiment: pretrain_lm
@@ -24,10 +24,10 @@
 # (see `omni/data/LICENSES.md`), with the speech corpus's held-out sentences removed so that the
 # LM cannot have memorised the transcripts alignment is scored on. Validation in bits per byte.
 # On a GPU box scale it with `-p depth=12 -p steps=5000 -p device=cuda`; for several GPUs use
-# `torchrun --nproc_per_node N -m omni.pretrain --depth 12 ...`.
+# `torchrun --nproc_per_node N -m omni.experiments.pretrain_lm --depth 12 ...`.
 
 # %% tags=["parameters"]
-# generated from omni.pretrain.PretrainConfig by `python -m omni.params`: edit the dataclass, not this cell
+# generated from omni.experiments.pretrain_lm.PretrainConfig by `python -m omni.params`: edit the dataclass, not this cell
 out: str = 'runs/lm'  # where the LM folder is written
 sources: str = 'all'  # "all" (every installed source) or comma-separated names of omni.data.text sources
 tokenizer: str = 'bpe'  # bpe | byte
@@ -53,8 +53,9 @@ out_dir: str = "reports/pretrain_lm/adhoc"  # folder this run writes its files i
 import matplotlib.pyplot as plt
 from IPython.display import display
 
-from omni import params, plots, track
-from omni.pretrain import PretrainConfig, pretrain
+from omni import params, track
+from omni.experiments import plots
+from omni.experiments.pretrain_lm import PretrainConfig, pretrain
 
 cfg = params.from_params(PretrainConfig, globals(), ckpt_dir=f"{out_dir}/ckpt")  # a rerun in this folder resumes
 tracker = track.open_run("pretrain_lm", mlflow_run_id, cfg, {"out_dir": out_dir})

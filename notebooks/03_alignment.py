@@ -12,7 +12,7 @@
 #     language: python
 #     name: python3
 #   omni:
-#     config: omni.align.AlignConfig
+#     config: omni.experiments.alignment.AlignConfig
 #     derived:
 #     - out
 #     experiment: alignment
@@ -26,13 +26,13 @@
 # decodes each clip with another clip's audio.
 
 # %% tags=["parameters"]
-# generated from omni.align.AlignConfig by `python -m omni.params`: edit the dataclass, not this cell
+# generated from omni.experiments.alignment.AlignConfig by `python -m omni.params`: edit the dataclass, not this cell
 corpus: str = 'data/synth'  # synthesized corpus folder (built if missing)
 sentences: int = 3000  # corpus size when it has to be built
 features: str = 'cache/features'  # feature cache root
 encoder: str = 'tiny.en'  # Whisper source
 encoder_mode: str = 'var'  # var | pad30
-lm: str = 'runs/lm'  # omni LM folder (omni.pretrain; pretrained with defaults if missing) | nanochat checkpoint folder | HF model folder or hub id
+lm: str = 'runs/lm'  # omni LM folder (omni.experiments.pretrain_lm; pretrained with defaults if missing) | nanochat checkpoint folder | HF model folder or hub id
 load_in: str = ''  # "" | 8bit | 4bit: k-bit weights for a Hugging Face LM (bitsandbytes, CUDA only)
 layer: str = 'last'  # last | middle | <index> | weighted | weighted_ln
 k: int = 4  # frames per audio token
@@ -68,16 +68,15 @@ mlflow_run_id: str = ""  # MLflow run to log into; empty: start a new run in the
 out_dir: str = "reports/alignment/adhoc"  # folder this run writes its files into
 
 # %%
-import matplotlib.pyplot as plt
 import pandas as pd
-from IPython.display import display
 
-from omni import metrics, params, plots, track
-from omni.align import AlignConfig, run_alignment
+from omni import params, track
+from omni.eval import metrics
+from omni.experiments import alignment, plots
 
-cfg = params.from_params(AlignConfig, globals(), out=f"{out_dir}/model")  # checkpoints there: a rerun resumes
+cfg = params.from_params(alignment.AlignConfig, globals(), out=f"{out_dir}/model")  # the trained audio path; resume checkpoints under it
 tracker = track.open_run("alignment", mlflow_run_id, cfg, {"out_dir": out_dir})
-res = run_alignment(cfg, tracker)
+res = alignment.run(cfg, tracker)
 s = res.scores
 
 # %% [markdown]
@@ -108,7 +107,7 @@ clear_table = pd.DataFrame(
      for name, p in systems if f"{p}wer" in s],
     columns=["system", "clear WER", "clear median WER", "all WER", "all median WER"],
 ).set_index("system")
-print(f"clear speech: {s['n_clear']:.0f} of {s['n_test']} held-out clips, variants {', '.join(res.test['clear_variants'])}; "
+print(f"clear speech: {s['n_clear']:.0f} of {s['n_test']} held-out clips, variants {', '.join(res.test.clear_variants)}; "
       f"{100 * s['fallback_fraction']:.0f}% of our clips fell back to sampling")
 clear_table.style.format("{:.3f}")
 
@@ -116,7 +115,7 @@ clear_table.style.format("{:.3f}")
 # ## WER by style and variant, beside Whisper's on the same clips
 
 # %%
-by_label = pd.DataFrame(res.test["table"])
+by_label = pd.DataFrame(res.test.table)
 by_label = by_label[by_label["by"].isin(["style", "variant"])]
 by_label = by_label.pivot_table(index=["by", "group", "n"], columns="system", values=["wer", "median_wer"])
 by_label.style.format("{:.3f}")
@@ -126,41 +125,36 @@ by_label.style.format("{:.3f}")
 
 # %%
 fig = plots.loss_curves({"train loss": res.history.loss}, title=f"alignment: layer {layer}, k={k}, {projector}")
-tracker.log_figure(fig, "loss.png")
-display(fig)
-plt.close(fig)
+plots.show(tracker, fig, "loss.png")
 
 # %%
 fig = plots.curve([st for st, _ in res.wer_curve], [w for _, w in res.wer_curve], xlabel="step", ylabel="held-out WER",
                   title=f"WER on {eval_clips} held-out clips vs training steps",
                   hline=s.get("whisper_wer"), hline_label=f"Whisper {encoder}")
-tracker.log_figure(fig, "wer_curve.png")
-display(fig)
-plt.close(fig)
+plots.show(tracker, fig, "wer_curve.png")
 
 # %% [markdown]
 # ## Where it fails: WER by voice, rate and pitch
 
 # %%
-per = metrics.per_utterance_wer(res.test["refs"], res.test["hyps"])
-labels = pd.DataFrame([r["labels"] for r in res.test["rows"]])
+per = metrics.per_utterance_wer(res.test.refs, res.test.hyps)
+labels = pd.DataFrame([r["labels"] for r in res.test.rows])
 labels["wer"] = per
 fig = plots.bars_by(labels, ["variant", "accent", "rate_bucket", "pitch_bucket", "style"], "wer", title="held-out WER by label")
-tracker.log_figure(fig, "wer_by_label.png")
-display(fig)
-plt.close(fig)
+plots.show(tracker, fig, "wer_by_label.png")
 
 # %% [markdown]
 # ## Examples
 
 # %%
-for i in range(min(8, len(res.test["refs"]))):
-    print(f"ref:     {res.test['refs'][i]}\nours:    {res.test['hyps'][i]}")
-    if "whisper_hyps" in res.test:
-        print(f"whisper: {res.test['whisper_hyps'][i]}")
-    print(f"control: {res.test['control_hyps'][i]}\n")
+for i in range(min(8, len(res.test.refs))):
+    print(f"ref:     {res.test.refs[i]}\nours:    {res.test.hyps[i]}")
+    if res.test.whisper_hyps is not None:
+        print(f"whisper: {res.test.whisper_hyps[i]}")
+    print(f"control: {res.test.control_hyps[i]}\n")
 
 # %%
 print(f"train {s['train_seconds']:.0f} s ({s['step_seconds']:.3f} s/step, {s['tokens_per_s']:.0f} tokens/s), "
       f"decode {1000 * s['decode_seconds_per_clip']:.0f} ms/clip, skipped steps {s['skipped_steps']:.0f}")
 assert s["control_wer"] > s["wer"], "the aligned model does no better with the right audio than with shuffled audio"
+tracker.finish()

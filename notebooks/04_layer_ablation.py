@@ -12,7 +12,7 @@
 #     language: python
 #     name: python3
 #   omni:
-#     config: omni.ablation.AblationConfig
+#     config: omni.experiments.layer_ablation.AblationConfig
 #     derived:
 #     - out
 #     - whisper_baseline
@@ -27,17 +27,17 @@
 # the linear probe learns the softmax layer weights jointly with the classifier. **Content**:
 # projector-only alignment into the frozen LM at a fixed budget: held-out WER, CER and loss.
 # Everything reads the feature cache: Whisper does not run here. The grid's comparison is
-# notebook 05, in the parent run. The parameters are `omni.ablation.AblationConfig`'s fields:
-# the alignment's own (omni.align.AlignConfig) plus the probes'.
+# notebook 05, in the parent run. The parameters are `omni.experiments.layer_ablation.AblationConfig`'s fields:
+# the alignment's own (omni.experiments.alignment.AlignConfig) plus the probes'.
 
 # %% tags=["parameters"]
-# generated from omni.ablation.AblationConfig by `python -m omni.params`: edit the dataclass, not this cell
+# generated from omni.experiments.layer_ablation.AblationConfig by `python -m omni.params`: edit the dataclass, not this cell
 corpus: str = 'data/synth'  # synthesized corpus folder (built if missing)
 sentences: int = 3000  # corpus size when it has to be built
 features: str = 'cache/features'  # feature cache root
 encoder: str = 'tiny.en'  # Whisper source
 encoder_mode: str = 'var'  # var | pad30
-lm: str = 'runs/lm'  # omni LM folder (omni.pretrain; pretrained with defaults if missing) | nanochat checkpoint folder | HF model folder or hub id
+lm: str = 'runs/lm'  # omni LM folder (omni.experiments.pretrain_lm; pretrained with defaults if missing) | nanochat checkpoint folder | HF model folder or hub id
 load_in: str = ''  # "" | 8bit | 4bit: k-bit weights for a Hugging Face LM (bitsandbytes, CUDA only)
 layer: str = 'last'  # last | middle | <index> | weighted | weighted_ln
 k: int = 4  # frames per audio token
@@ -73,7 +73,7 @@ test_clips: int = 100  # held-out clips (split test, unseen voices) decoded at t
 seen_clips: int = 0  # ... and of split test_seen_voice
 probes: str = 'linear,attention'  # texture probes to run, comma-separated; "" for none
 probe_seeds: int = 1  # probes run for seeds below this (the linear probes are deterministic)
-attributes: str = 'voice,gender,accent,rate,pitch,style'  # what the probes predict (omni.layer_probes.ATTRIBUTES)
+attributes: str = 'voice,gender,accent,rate,pitch,style'  # what the probes predict (omni.eval.layer_probes.ATTRIBUTES)
 attn_stride: int = 4  # the attention probe reads frames averaged in runs of this many (4: 12.5 per second)
 attn_steps: int = 200  # Adam steps of the attention probe
 weighted_steps: int = 100  # L-BFGS iterations of the joint texture probe: layer weights and classifier
@@ -82,16 +82,14 @@ mlflow_run_id: str = ""  # MLflow run to log into; empty: start a new run in the
 out_dir: str = "reports/layer_ablation/adhoc"  # folder this run writes its files into
 
 # %%
-import warnings
-
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm in a kernel without ipywidgets
 from IPython.display import display
 
-from omni import ablation, params, plots, track
+from omni import params, track
+from omni.experiments import layer_ablation, plots
 
-cfg = params.from_params(ablation.AblationConfig, globals(), out="", whisper_baseline=False)  # a grid point never runs Whisper
+cfg = params.from_params(layer_ablation.AblationConfig, globals(), out="", whisper_baseline=False)  # a grid point never runs Whisper
 tracker = track.open_run("layer_ablation", mlflow_run_id, cfg, {"out_dir": out_dir})
-res = ablation.run_point(cfg, tracker, run_id=mlflow_run_id)
+res = layer_ablation.run(cfg, tracker, run_id=mlflow_run_id)
 
 # %% [markdown]
 # `last` and `middle` name a state that the grid usually also holds by its index: when that run
@@ -107,7 +105,7 @@ if res.probes is not None:
     display(res.probes.table().style.format(precision=3))
 if res.probes is not None and res.probes.history:
     fig = plots.weight_histories(res.probes.history, f"{layer}: texture-objective layer weights vs probe step")
-    tracker.log_figure(fig, "texture_weights.png")
+    plots.show(tracker, fig, "texture_weights.png")
 
 # %% [markdown]
 # ## Content: projector-only alignment at a fixed budget
@@ -121,7 +119,8 @@ if res.content is not None:
     print(f"{s['audio_tokens_per_s']:.1f} audio tokens per second of speech; training {s['tokens_per_s']:.0f} tokens/s, "
           f"{s['step_seconds']:.3f} s/step")
     assert len(res.content.history.loss) == steps, "alignment did not run its budget"
-if hist := ablation.weight_histories(res):
+if hist := layer_ablation.weight_histories(res):
     fig = plots.weight_histories(hist, f"{layer}: layer weights vs training step, by objective")
-    tracker.log_figure(fig, "layer_weights.png")
+    plots.show(tracker, fig, "layer_weights.png")
 print(f"grid point: {res.seconds['total']:.1f} s in all")
+tracker.finish()

@@ -16,8 +16,8 @@
 # %% [markdown]
 # # 05 · Ablation report: the grid, compared
 # Runs last, in the grid's parent run. Every number below comes from `mlflow.search_runs` over the
-# parent's children (mean ± std over seeds, `omni.compare.summarize`); the findings are computed
-# from that table (`omni.findings`), not typed.
+# parent's children (mean ± std over seeds, `omni.eval.compare.summarize`); the findings are computed
+# from that table (`omni.eval.findings`), not typed.
 
 # %% tags=["parameters"]
 reference: str = ""  # row the content findings compare against; empty: the last state for a layer grid, else the first point
@@ -25,14 +25,14 @@ mlflow_run_id: str = ""  # the grid's parent run (given by `omni run`): its chil
 out_dir: str = "reports/ablation/adhoc"  # folder this run writes its files into
 
 # %%
-import warnings
 from pathlib import Path
 
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm in a kernel without ipywidgets
 from IPython.display import display
 
-from omni import compare, plots, track
-from omni.layer_probes import EVAL_SPLITS
+from omni import track
+from omni.eval import compare
+from omni.eval.layer_probes import EVAL_SPLITS
+from omni.experiments import plots
 
 assert mlflow_run_id, "run me through `omni run` with a grid: I read the children of the parent run"
 tracker = track.attach(mlflow_run_id)
@@ -51,7 +51,7 @@ print(f"{len(grid.runs)} child runs ({len(grid.failed)} not finished), grouped b
 
 # %%
 if grid.n_states and any(c.startswith("probe.") for c in grid.table.columns):
-    tracker.log_figure(plots.probe_accuracy(grid.table, grid.n_states), "probes.png")
+    plots.show(tracker, plots.probe_accuracy(grid.table, grid.n_states), "probes.png")
     for split in EVAL_SPLITS:
         t = grid.probe_table(split)
         if len(t.columns):
@@ -68,7 +68,7 @@ quality, cost = grid.content_columns()
 if quality:
     shown = quality if grid.layer_grid else quality[:3] + cost[:2]  # projector grids: the speed beside the WER
     fig = plots.grid_metrics(grid.table, shown, "content (held-out, unseen voices): mean ± std over seeds", xlabel=" / ".join(grid.by))
-    tracker.log_figure(fig, "content.png")
+    plots.show(tracker, fig, "content.png")
     display(grid.formatted(quality + cost).assign(seeds=grid.table["n_runs"]))
 else:
     print("no content metrics in this grid")
@@ -79,9 +79,9 @@ else:
 # %%
 for w in grid.weighted_rows:
     if hist := grid.weight_histories(w):
-        tracker.log_figure(plots.weight_histories(hist, f"{w}: layer weights vs training step (first seed)"), f"weights_history_{w}.png")
+        plots.show(tracker, plots.weight_histories(hist, f"{w}: layer weights vs training step (first seed)"), f"weights_history_{w}.png")
     if finals := grid.final_weights(w):
-        tracker.log_figure(plots.final_weights(finals, f"{w}: final layer weights (mean over seeds)"), f"weights_final_{w}.png")
+        plots.show(tracker, plots.final_weights(finals, f"{w}: final layer weights (mean over seeds)"), f"weights_final_{w}.png")
 
 # %% [markdown]
 # ## Cost and findings (computed from the table above)
@@ -95,5 +95,5 @@ print(grid.findings_markdown())
 (out / "findings.md").write_text(grid.findings_markdown())
 tracker.log_artifact(out / "findings.md")
 tracker.log_metrics(grid.metrics())
-tracker.flush()
 assert not grid.failed, f"{len(grid.failed)} grid points did not finish: {grid.failed}"
+tracker.finish()  # the parent run is the runner's: this flushes, and ends nothing

@@ -12,7 +12,7 @@
 #     language: python
 #     name: python3
 #   omni:
-#     config: omni.embedding_map.MapConfig
+#     config: omni.experiments.embedding_viz.EmbeddingVizConfig
 #     experiment: embedding_viz
 # ---
 
@@ -28,7 +28,7 @@
 # next to this report as `embedding_map.html`: one self-contained file, no network needed.
 
 # %% tags=["parameters"]
-# generated from omni.embedding_map.MapConfig by `python -m omni.params`: edit the dataclass, not this cell
+# generated from omni.experiments.embedding_viz.EmbeddingVizConfig by `python -m omni.params`: edit the dataclass, not this cell
 run: str = ''  # alignment run(s): folder, report folder, grid report folder or MLflow run id; comma-separated
 split: str = 'test'  # held-out split(s) of the feature cache, comma-separated; "" : every clip
 clips: int = 200  # held-out clips (sampled with `seed`) whose audio tokens are analysed
@@ -52,16 +52,14 @@ out_dir: str = "reports/embedding_viz/adhoc"  # folder this run writes its files
 import math
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 from IPython.display import HTML, display
 
-from omni import embedding_map, embedding_page, params, plots, track
+from omni import params, track
+from omni.experiments import embedding_page, embedding_viz, plots
 
-cfg = params.from_params(embedding_map.MapConfig, globals())
+cfg = params.from_params(embedding_viz.EmbeddingVizConfig, globals())
 tracker = track.open_run("embedding_viz", mlflow_run_id, cfg, {"out_dir": out_dir})
-runs = embedding_map.analyse(cfg)
-tracker.log_metrics(embedding_map.flat_metrics(runs))
-tracker.flush()
+runs = embedding_viz.run(cfg, tracker)
 projections = list(runs[0].map.xy)
 for r in runs:
     print(f"{r.name}: {r.path}\n  {len(r.clips)} clips of split {split!r}, {sum(len(t) for t in r.tokens['after'])} audio tokens "
@@ -77,11 +75,10 @@ for r in runs:
 # transcript token's nearest *other* token (how tightly the table itself is packed).
 
 # %%
-table = embedding_map.stats_table(runs)
+table = embedding_viz.stats_table(runs)
 display(table.style.format("{:.3f}"))
 fig = plots.alignment_bars(runs)
-tracker.log_figure(fig, "stats.png")
-fig
+plots.show(tracker, fig, "stats.png")
 
 # %% [markdown]
 # ## The shared maps
@@ -93,9 +90,7 @@ fig
 for r in runs:
     for p in projections:
         fig = plots.embedding_map(r, p)
-        tracker.log_figure(fig, f"map_{embedding_map.slug(r.name)}_{p}.png")
-        display(fig)
-        plt.close(fig)
+        plots.show(tracker, fig, f"map_{embedding_viz.slug(r.name)}_{p}.png")
 
 # %% [markdown]
 # ## Coloured by voice, gender, rate, pitch and the word being spoken
@@ -104,9 +99,7 @@ for r in runs:
 for r in runs:
     for p in projections:
         fig = plots.embedding_labels(r, p)
-        tracker.log_figure(fig, f"labels_{embedding_map.slug(r.name)}_{p}.png")
-        display(fig)
-        plt.close(fig)
+        plots.show(tracker, fig, f"labels_{embedding_viz.slug(r.name)}_{p}.png")
 
 # %% [markdown]
 # ## What the LM reads: nearest LM tokens of each audio token
@@ -147,8 +140,9 @@ display(HTML(f'<p>Open <a href="embedding_map.html">embedding_map.html</a> ({pag
 
 # %%
 for r in runs:
-    for s in embedding_map.STAGES:
+    for s in embedding_viz.STAGES:
         bad = [k for k, v in r.stats[s].items() if not math.isfinite(v)]
         assert not bad, f"{r.name} {s}: non-finite statistics {bad}"
         assert abs(r.stats[s]["rms_audio"] / r.stats[s]["rms_text"] - 1) < 0.05, "audio tokens are not at the text-embedding scale"
 assert not embedding_page.remote_references(page.read_text()), "the interactive page must not load anything from the network"
+tracker.finish()

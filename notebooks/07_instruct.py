@@ -12,7 +12,7 @@
 #     language: python
 #     name: python3
 #   omni:
-#     config: omni.texture.TextureConfig
+#     config: omni.experiments.instruct.InstructConfig
 #     derived:
 #     - out
 #     experiment: instruct
@@ -30,12 +30,12 @@
 # ceiling for what the features hold).
 
 # %% tags=["parameters"]
-# generated from omni.texture.TextureConfig by `python -m omni.params`: edit the dataclass, not this cell
+# generated from omni.experiments.instruct.InstructConfig by `python -m omni.params`: edit the dataclass, not this cell
 instructions: str = 'data/instructions'  # folder with train.jsonl and val.jsonl (omni data instructions)
 features: str = ''  # feature cache folder (FeatureCache) holding every clip the conversations name
 lm: str = 'runs/lm'  # pretrained LM folder (GPT.save + tokenizer.json, or bytes)
-audio_path: str = ''  # an alignment run's model folder to start select+projector from; "" : fresh
-layer: str = 'weighted'  # Whisper state(s) for the projector (as omni.speech_lm)
+run: str = ''  # a trained run to start the audio path (layer choice + projector) from: folder, report folder or MLflow run id; "" : fresh
+layer: str = 'weighted'  # Whisper state(s) for the projector (as omni.model.speech_lm)
 k: int = 4  # frames per audio token
 projector: str = 'stack'  # stack | conv | avg
 trainable: str = 'projector+lora'  # projector+lora (peft adapters) | projector (frozen LM) | projector+lm (whole LM)
@@ -63,16 +63,16 @@ mlflow_run_id: str = ""  # MLflow run to log into; empty: start a new run in the
 out_dir: str = "reports/instruct/adhoc"  # folder this run writes its files into
 
 # %%
-import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-from omni import bench, params, plots, track
-from omni.texture import TextureConfig, run_texture, save_bench
+from omni import params, track
+from omni.eval import texture
+from omni.experiments import instruct, plots
 
-cfg = params.from_params(TextureConfig, globals(), out=f"{out_dir}/model")  # adapters and audio path there
+cfg = params.from_params(instruct.InstructConfig, globals(), out=f"{out_dir}/model")  # adapters and audio path there
 tracker = track.open_run("instruct", mlflow_run_id, cfg, {"out_dir": out_dir})
-res = run_texture(cfg, tracker)
+res = instruct.run(cfg, tracker)
 m = res.metrics
 print(f"trained {cfg.steps} steps ({cfg.trainable}) in {m['train_seconds']:.0f} s; val loss {m['val_loss']:.3f}")
 
@@ -80,10 +80,8 @@ print(f"trained {cfg.steps} steps ({cfg.trainable}) in {m['train_seconds']:.0f} 
 # ## Training
 
 # %%
-fig = plots.loss_curves({"train loss": res.instruct.history.loss}, title=f"instruction tuning: {cfg.trainable}, lr {cfg.lr}")
-tracker.log_figure(fig, "loss.png")
-display(fig)
-plt.close(fig)
+fig = plots.loss_curves({"train loss": res.tuning.history.loss}, title=f"instruction tuning: {cfg.trainable}, lr {cfg.lr}")
+plots.show(tracker, fig, "loss.png")
 
 # %% [markdown]
 # ## Per task: accuracy with its 95% CI, chance and the three baselines
@@ -93,11 +91,9 @@ plt.close(fig)
 # %%
 names = {"test": "held-out voices (test)", "test_hard": "hard set: rate and pitch outside training (test_hard)"}
 for name, b in res.benches.items():
-    fig = save_bench(b, f"{out_dir}/bench_{name}", title=f"{names[name]}: {b.n_questions} questions")
-    tracker.log_figure(fig, f"bench_{name}.png")
-    display(fig)
-    plt.close(fig)
-    table = pd.DataFrame(bench.task_table(b.results)).set_index("task")
+    fig = instruct.save_benchmark(b, f"{out_dir}/bench_{name}", title=f"{names[name]}: {b.n_questions} questions")
+    plots.show(tracker, fig, f"bench_{name}.png")
+    table = pd.DataFrame(texture.task_table(b.results)).set_index("task")
     print(names[name])
     display(table.style.format({c: "{:.3f}" for c in table.columns if c != "n"}))
 
@@ -108,14 +104,14 @@ for name, b in res.benches.items():
 
 # %%
 for name, b in res.benches.items():
-    ok, why = bench.meets_bar(b.results)
+    ok, why = texture.meets_bar(b.results)
     print(f"{names[name]}: {'PASSES' if ok else 'FALLS SHORT OF'} the bar: {why}")
-    for line in bench.findings(b.results):
+    for line in texture.findings(b.results):
         print("  " + line)
     t = b.transcribe
     if t:
         print(f"  transcription through chat: WER {t['wer']:.3f} (median {t['median_wer']:.3f}) on {t['n']:.0f} clips; "
-              f"clear speech {t.get('clear_wer', float('nan')):.3f} on {t['n_clear']:.0f} (the alignment recipe: 1.336 clear, guarded)")
+              f"clear speech {t.get('clear_wer', float('nan')):.3f} on {t['n_clear']:.0f} (the alignment recipe's clear-speech WER: RESULTS.md)")
     print()
 
 # %%

@@ -7,13 +7,15 @@
     omni data synth --out data/synth --sentences 3000            synthesized multi-voice corpus
     omni data instructions --corpus data/synth --out data/instructions   questions about the voice
     omni data librispeech ROOT/train-clean-100 --out M.jsonl     manifest from LibriSpeech
-    omni features --manifest M.jsonl --encoder tiny.en --out cache/
-    omni transcribe --run RUN_DIR --manifest M.jsonl [--whisper] | AUDIO ...
-    omni bench --run RUN [--out reports/bench]                    texture benchmark + baselines of a tuned run
+    omni features --manifest M.jsonl --encoder tiny.en --features cache/features [--encoder-mode var]
+    omni transcribe --run RUN_DIR --manifest M.jsonl [--whisper-baseline] | AUDIO ...
+    omni texture --run RUN [--out reports/bench]                  texture benchmark + baselines of a tuned run
     omni chat --run RUN [--host H --port P] | --cli AUDIO ... [--question Q]   chat demo (web page or terminal)
 
 Imports happen inside the handlers: `omni --help` should not pay for torch or mlflow.
 Bad input ends with one line `omni: error: ...` naming the file, line or parameter, exit code 2.
+A flag has the name of the config field it sets (`--encoder-mode` is `encoder_mode`); the old names
+in RENAMED still work until the next release, with a note.
 """
 
 from __future__ import annotations
@@ -22,10 +24,19 @@ import argparse
 import sys
 from pathlib import Path
 
+# old names, kept until the next release: {command: {old: new}}; a command renamed is under "" (issue 21)
+RENAMED = {
+    "": {"bench": "texture"},
+    "features": {"--out": "--features", "--mode": "--encoder-mode"},
+    "transcribe": {"--whisper": "--whisper-baseline"},
+    "chat": {"--max-tokens": "--max-new-tokens"},
+    "texture": {"--max-per-task": "--bench-per-task"},
+}
+
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from omni.experiment import parse_overrides
-    from omni.runner import resume_experiment, run_experiment
+    from omni.run.experiment import parse_overrides
+    from omni.run.runner import resume_experiment, run_experiment
 
     if args.resume:
         if args.param or args.experiment:
@@ -55,7 +66,7 @@ def _uri() -> str:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from omni.index import mark_dead_runs, write_index
+    from omni.run.index import mark_dead_runs, write_index
 
     for d in mark_dead_runs(args.reports):
         print(f"marked KILLED (its process is gone): {d}")
@@ -92,13 +103,13 @@ def cmd_data_instructions(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_texture(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from omni.texture import bench_run
+    from omni.experiments.instruct import benchmark_run
 
-    results = bench_run(args.run, args.out, args.questions, args.transcripts, args.device, args.max_per_task, args.seed, args.features)
+    results = benchmark_run(args.run, args.out, args.questions, args.transcripts, args.device, args.bench_per_task, args.seed, args.features)
     tasks = sorted({t for r in results.values() for t in r}, key=lambda t: (t == "texture", t))
     print(f"{'task':14s} {'chance':>7s} " + " ".join(f"{k[:22]:>22s}" for k in results))
     for t in tasks:
@@ -120,7 +131,7 @@ def cmd_data_librispeech(args: argparse.Namespace) -> int:
 def cmd_features(args: argparse.Namespace) -> int:
     from omni.data.features import FeatureCache, build_features
 
-    path = build_features(args.manifest, args.out, args.encoder, mode=args.mode, device=args.device, skip_bad=args.skip_bad)
+    path = build_features(args.manifest, args.features, args.encoder, mode=args.encoder_mode, device=args.device, skip_bad=args.skip_bad)
     cache = FeatureCache.open(path)
     print(f"{len(cache)} clips, {cache.n_states} states x {cache.d_model} dims -> {path}")
     return 0
@@ -129,11 +140,12 @@ def cmd_features(args: argparse.Namespace) -> int:
 def cmd_transcribe(args: argparse.Namespace) -> int:
     import time
 
-    from omni import audio, metrics
-    from omni.align import load_aligned, transcribe_waves
-    from omni.yardstick import whisper_decode
+    from omni.data import audio
     from omni.data.manifest import read_manifest
-    from omni.speech_lm import LoopGuard
+    from omni.eval import metrics
+    from omni.eval.yardstick import whisper_decode
+    from omni.experiments.trained import load_run, run_encoder, transcribe_waves
+    from omni.model.speech_lm import LoopGuard
 
     if bool(args.manifest) == bool(args.audio):
         raise ValueError("give either --manifest M.jsonl or audio files, not both or neither")
@@ -157,14 +169,15 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         if not paths:
             raise ValueError("no usable audio files")
     waves = [audio.load(p) for p in paths]
-    guard = None if args.no_guard else LoopGuard()
-    model, encoder, mode = load_aligned(args.run, args.device)
+    guard = LoopGuard() if args.guard else None
+    model, meta = load_run(args.run, args.device, name="--run")
+    encoder, mode = run_encoder(meta, model.gpt_device)
     t0 = time.perf_counter()
     hyps = transcribe_waves(model, encoder, waves, mode=mode, guard=guard)
     dt = time.perf_counter() - t0
     systems = {"aligned": hyps}
-    if args.whisper:
-        from omni.encoder import load_whisper_model
+    if args.whisper_baseline:
+        from omni.model.encoder import load_whisper_model
 
         systems[f"whisper {encoder.source}"] = whisper_decode(*load_whisper_model(encoder.source), waves, guard)
     for i, p in enumerate(paths):  # one line per clip: whitespace inside a hypothesis (tabs, newlines) printed as single spaces
@@ -198,9 +211,9 @@ def breakdown_labels(labels: list[dict], max_groups: int = 30) -> list[str]:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from omni.chat import Session, chat_cli, load_model, sampling, serve
+    from omni.serve.chat import Session, chat_cli, load_model, sampling, serve
 
-    s = sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    s = sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: must be in 1..65535")
     for a in args.cli or []:  # before seconds go into loading the model
@@ -212,6 +225,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
     else:
         serve(session, args.host, args.port)
     return 0
+
+
+def note_renamed(argv: list[str], cmd: str) -> None:
+    """A note on stderr for every old name used (RENAMED): it still works, until the next release."""
+    command = RENAMED[""].get(cmd, cmd)
+    old = [(cmd, command)] if cmd != command else []
+    old += [(a.split("=")[0], new) for a in argv for o, new in RENAMED.get(command, {}).items() if a == o or a.startswith(o + "=")]
+    for name, new in old:
+        print(f"omni: note: `{name}` is now `{new}`; the old name goes in the next release", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     f = sub.add_parser("features", help="encode a manifest once with the frozen encoder; keep every hidden state")
     f.add_argument("--manifest", required=True)
     f.add_argument("--encoder", default="tiny.en")
-    f.add_argument("--out", default="cache/features")
-    f.add_argument("--mode", default="var", choices=["var", "pad30"])
+    f.add_argument("--features", "--out", default="cache/features", help="feature cache root (--out: the old name)")
+    f.add_argument("--encoder-mode", "--mode", default="var", help="var (each clip its own length) | pad30 (--mode: the old name)")
     f.add_argument("--device", default="cpu")
     f.add_argument("--skip-bad", action="store_true", help="skip (and list) bad manifest rows instead of stopping")
     f.set_defaults(fn=cmd_features)
@@ -271,8 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("audio", nargs="*", help="audio files (instead of --manifest)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--skip-bad", action="store_true", help="skip (and list) bad rows or files instead of stopping")
-    t.add_argument("--whisper", action="store_true", help="also transcribe with Whisper's own decoder (the run's encoder), scored on the same clips")
-    t.add_argument("--no-guard", action="store_true", help="plain greedy decoding, without the loop guard's temperature fallback")
+    t.add_argument("--whisper-baseline", "--whisper", action="store_true",
+                   help="also transcribe with Whisper's own decoder (the run's encoder), scored on the same clips (--whisper: the old name)")
+    t.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode under the loop guard's temperature fallback; --no-guard: plain greedy decoding")
     t.set_defaults(fn=cmd_transcribe)
 
     c = sub.add_parser("chat", help="chat demo: a local web page (or --cli, the terminal) that streams a trained model's answers to audio")
@@ -284,23 +308,25 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (0..2)")
     c.add_argument("--top-k", type=int, default=0, help="0 = off")
     c.add_argument("--top-p", type=float, default=1.0, help="1 = off (0 < p <= 1)")
-    c.add_argument("--max-tokens", type=int, default=120)
+    c.add_argument("--max-new-tokens", "--max-tokens", type=int, default=120, help="decoding budget per answer (--max-tokens: the old name)")
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--device", default="cpu")
     c.set_defaults(fn=cmd_chat)
 
-    b = sub.add_parser("bench", help="texture benchmark of an instruction-tuned run, with its three baselines")
-    b.add_argument("--run", required=True, help="run_instruct output folder")
-    b.add_argument("--out", default="reports/bench")
+    b = sub.add_parser("texture", aliases=["bench"], help="texture benchmark of an instruction-tuned run, with its three baselines (bench: the old name)")
+    b.add_argument("--run", required=True, help="instruction-tuned run: its model folder, report folder or MLflow run id")
+    b.add_argument("--out", default="reports/bench", help="where scores.json and bench.png go")
     b.add_argument("--questions", default="", help="instruction manifest to ask (default: the run's test.jsonl)")
-    b.add_argument("--transcripts", default="reference", choices=["reference", "whisper"], help="what the transcript-only baseline reads")
-    b.add_argument("--max-per-task", type=int, default=None)
+    b.add_argument("--transcripts", default="reference", help="what the transcript-only baseline reads: reference | whisper")
+    b.add_argument("--bench-per-task", "--max-per-task", type=int, default=0, help="questions per task (a seeded subsample); 0 = all (--max-per-task: the old name)")
     b.add_argument("--features", default="", help="feature cache of the questions' clips when not the run's own (e.g. the hard set's)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", default="cpu")
-    b.set_defaults(fn=cmd_bench)
+    b.set_defaults(fn=cmd_texture)
 
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    note_renamed(argv, args.cmd)
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError) as e:  # our errors are ValueErrors that name the culprit

@@ -10,7 +10,7 @@ an out-of-range value is refused in one line naming the parameter.
     python -m omni.params --check    # exit 1 if a cell is out of date (a test runs this)
 
 Design choices:
-- The notebook names its config class in its metadata (`"omni": {"config": "omni.smoke.SmokeConfig"}`);
+- The notebook names its config class in its metadata (`"omni": {"config": "omni.experiments.smoke.SmokeConfig"}`);
   fields a notebook derives itself (e.g. the checkpoint folder under `out_dir`) are listed under
   `"derived"` and are not parameters.
 - Values are coerced by the field's annotation the way a YAML or command-line value would be written
@@ -18,6 +18,9 @@ Design choices:
 - Ranges live in each config's `__post_init__` (via `require`), so a config built in Python is checked too.
 - Two names are reserved in every notebook: `mlflow_run_id` (the run to log into; "" starts one) and
   `out_dir` (where the run writes its files).
+- A renamed field keeps its old name working for one release: the config lists it in its `ALIASES`
+  ClassVar ({old: new}); a value given under the old name (YAML, `-p`, papermill) sets the new field,
+  with a note on stderr, and MLflow logs the new name.
 """
 
 from __future__ import annotations
@@ -56,23 +59,6 @@ def require_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None
     require(value in choices, name, value, "one of " + ", ".join(map(str, choices)))
 
 
-# hidden states of the embedded encoder (4 layers + the input); other encoders are checked when loaded
-KNOWN_STATES = {"tiny.en": 5}
-LAYER_NAMES = ("last", "middle", "weighted", "weighted_ln")
-
-
-def require_layer(layer: str, encoder: str) -> None:
-    """`layer` names a Whisper state choice; an index must exist in the encoder (where known now)."""
-    if layer in LAYER_NAMES:
-        return
-    try:
-        index = int(layer)
-    except ValueError:
-        raise ParamError(f"parameter `layer` = {layer!r}: must be one of {', '.join(LAYER_NAMES)} or a state index") from None
-    n = KNOWN_STATES.get(encoder)
-    require(n is None or -n <= index < n, "layer", layer, f"a state index of {encoder}: 0..{(n or 1) - 1} (or negative from the end)")
-
-
 def require_device(device: str) -> None:
     """auto | cpu | cuda[:N], and cuda only where CUDA is there: refused before any work starts."""
     require(device in ("auto", "cpu") or device.startswith("cuda"), "device", device, "auto, cpu or cuda[:N]")
@@ -83,7 +69,7 @@ def require_device(device: str) -> None:
 
 
 def config_class(path: str) -> type:
-    """`omni.align.AlignConfig` -> the class."""
+    """`omni.experiments.alignment.AlignConfig` -> the class."""
     module, _, name = path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
@@ -133,15 +119,45 @@ def coerce(cls: type, name: str, value: Any) -> Any:
     raise ParamError(f"parameter `{name}` = {value!r}: expected {want.__name__}")
 
 
+def aliases(cls: type) -> dict[str, str]:
+    """{old name: new name} of the fields `cls` renamed (its ALIASES), accepted until the next release."""
+    return dict(getattr(cls, "ALIASES", {}))
+
+
+def note_alias(old: str, new: str) -> None:
+    print(f"note: parameter `{old}` is now `{new}`; the old name goes in the next release", file=sys.stderr)
+
+
+def rename_aliases(cls: type, values: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """`values` under the new names: each old name (aliases) becomes its new one, with a note; a value
+    given under both names is refused (which one was meant?)."""
+    out = dict(values)
+    for old, new in aliases(cls).items():
+        if old in out:
+            if new in out:
+                raise ParamError(f"{where + ': ' if where else ''}parameter `{old}` is the old name of `{new}`: give one of them")
+            note_alias(old, new)
+            out[new] = out.pop(old)
+    return out
+
+
 def from_params(cls: type, namespace: Mapping[str, Any], **derived: Any):
     """Build config `cls` from every field that `namespace` (a notebook's `globals()`) defines.
-    `derived` sets fields the notebook computes itself. Ranges are checked by the config itself."""
+    `derived` sets fields the notebook computes itself. Ranges are checked by the config itself.
+    An old name (aliases) in `namespace` was injected by papermill: its value wins over the new
+    name's, which the parameters cell always defines."""
+    namespace = dict(namespace)
+    for old, new in aliases(cls).items():
+        if old in namespace:
+            note_alias(old, new)
+            namespace[new] = namespace.pop(old)
     kwargs = {f.name: coerce(cls, f.name, namespace[f.name]) for f in dataclasses.fields(cls) if f.name in namespace}
     return cls(**(kwargs | derived))
 
 
 def check(cls: type, values: Mapping[str, Any], derived: typing.Iterable[str] = ()) -> Any:
     """What `omni run` does before a kernel starts: unknown names, types and ranges of `values`."""
+    values = rename_aliases(cls, values)
     names = {f.name for f in dataclasses.fields(cls)} - set(derived)
     unknown = [k for k in values if k not in names and k not in RESERVED]
     if unknown:

@@ -4,6 +4,9 @@ Design choices:
 - The runner (`omni run`) owns a run's life: it creates the run, passes its id to the notebook as
   the `mlflow_run_id` parameter, and closes it as FINISHED or FAILED. A notebook only *attaches*
   and logs. So a crashed notebook still leaves a run, marked failed, with what it logged so far.
+- Under plain papermill (no run id) a notebook starts a run of its own (`open_run`) and so owns it:
+  `tracker.finish()`, every notebook's last line, ends it FINISHED; a cell that raises, or a process
+  that ends before finish(), ends it FAILED.
 - Everything goes through `MlflowClient` with explicit run ids: no global "active run", which is
   what makes parallel grid workers and nested (parent/child) runs safe.
 - Per-step metrics are buffered and sent with `log_batch` (one sqlite transaction per flush,
@@ -21,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from omni.common import file_lock
 
 FLUSH_EVERY = 200  # buffered metric values before a log_batch
 FLUSH_SECONDS = 15.0  # ... or this long since the last flush: a killed run loses at most this much
@@ -95,8 +100,6 @@ def last_step(run_id: str) -> int | None:
 def init_store() -> None:
     """Create or migrate the tracking database once, under a file lock: two first runs started
     together on a fresh sqlite file otherwise race MLflow's schema migration and one crashes."""
-    from omni.common import file_lock
-
     uri = tracking_uri()
     if not uri.startswith("sqlite:///"):
         return
@@ -175,6 +178,15 @@ class Tracker:
             end_run(self.run_id, "FAILED")
             self.owned = False
 
+    def _cell_ran(self, result) -> None:
+        """IPython's post_run_cell event, for a run this kernel started: a cell that raised ends it FAILED
+        now. papermill stops at that cell and kills a kernel that takes over 5 s to exit (joining a
+        process pool's workers can), and a killed kernel never reaches _at_exit: the run would stay
+        RUNNING. A later finish() (a notebook fixed and rerun by hand) still ends it FINISHED."""
+        if self.owned and (result.error_in_exec is not None or result.error_before_exec is not None):
+            self.flush()
+            end_run(self.run_id, "FAILED")
+
     def log_figure(self, fig, name: str) -> None:
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / name
@@ -238,11 +250,21 @@ def content_hash(path: str | Path, length: int = 16) -> str:
     return h.hexdigest()[:length] if files else "missing"
 
 
+def _ipython():
+    """The running IPython shell (a notebook's kernel), or None."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
+
+
 def open_run(experiment: str, run_id: str, config: Any, extra: dict[str, Any] | None = None) -> Tracker:
     """What every notebook calls: log into `run_id` (given by `omni run`), or start a run of its own
     in `experiment` when the notebook runs under plain papermill or by hand, so no run logs nowhere.
     Every field of `config` (a dataclass) is logged as a param under its own name, with `extra`
-    (e.g. out_dir), and the git commit as tags."""
+    (e.g. out_dir), and the git commit as tags. A run started here ends FINISHED at finish(), FAILED
+    when a cell raises (in a kernel) or the process ends first."""
     from dataclasses import asdict
 
     params = asdict(config) | dict(extra or {})
@@ -251,6 +273,9 @@ def open_run(experiment: str, run_id: str, config: Any, extra: dict[str, Any] | 
     else:
         tracker = Tracker(start_run(experiment, f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"))
         tracker.owned = True
+        shell = _ipython()
+        if shell is not None:
+            shell.events.register("post_run_cell", tracker._cell_ran)
     tracker.log_params(params)
     tracker.set_tags(git_state(Path(__file__).resolve().parent))
     return tracker

@@ -13,7 +13,7 @@ Stability measures from audio-LLM practice:
 - LoRA parameters (names holding "lora_") can be clipped on their own (`lora_grad_clip`), so the
   projector's large early gradients do not shrink the adapters' updates, and vice versa;
 - an early learning-rate factor for the first `early_steps` (on top of the warmup), and an option
-  to hold parameters with a name prefix (the projector) still for the first `freeze_steps`;
+  to hold the projector (parameters named "projector.*") still for the first `freeze_projector_steps`;
 - a batch must carry at least one supervised target token (`loss_fn`'s n_tokens): an empty
   batch is an error in the data or the prompt, not a step to take;
 - `optimizer="muon"`: hidden matrices (2-D parameters whose name holds `muon_match`, the transformer
@@ -43,6 +43,10 @@ from omni.common import progress as progress_bar
 from omni.track import NullTracker, Tracker
 
 
+DTYPES = ("bfloat16", "float16", "float32")  # a config's `dtype`: autocast on CUDA; the CPU runs float32
+PROJECTOR = "projector."  # name prefix of the projector's parameters (what freeze_projector_steps holds still)
+
+
 @dataclass
 class TrainConfig:
     steps: int = 50  # optimiser steps
@@ -56,8 +60,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # stop with an error after this many non-finite steps in a row; 0 = never stop
     early_lr_factor: float = 1.0  # the lr is multiplied by this for the first `early_steps` steps
     early_steps: int = 0  # steps that run at early_lr_factor * lr
-    freeze_steps: int = 0  # parameters whose name starts with freeze_prefix do not move for this many steps
-    freeze_prefix: str = ""  # e.g. "projector." (AlignConfig.freeze_projector_steps)
+    freeze_projector_steps: int = 0  # parameters named "projector.*" do not move for this many steps (AlignConfig's field of the same name)
     optimizer: str = "adamw"  # adamw | muon (Muon for the hidden matrices, AdamW for the rest)
     muon_lr: float = 0.02  # Muon's peak learning rate (same schedule as lr)
     muon_match: str = "transformer.h."  # 2-D parameters whose name holds this go to Muon
@@ -144,7 +147,7 @@ def train(
     start = _resume(cfg, names, plist, opts, hist)
     lora = [p for n, p in zip(names, plist) if "lora_" in n] if cfg.lora_grad_clip > 0 else []
     rest = [p for p in plist if not any(p is q for q in lora)]
-    frozen = [p for n, p in zip(names, plist) if cfg.freeze_prefix and n.startswith(cfg.freeze_prefix)]
+    frozen = [p for n, p in zip(names, plist) if n.startswith(PROJECTOR)]
     bad_in_row = 0
 
     bar = progress_bar(range(start, cfg.steps), enabled=cfg.progress, desc="train", leave=False)
@@ -165,7 +168,7 @@ def train(
         if math.isfinite(loss_value):
             loss.backward()
             _average_gradients(plist)
-            if step < cfg.freeze_steps:
+            if step < cfg.freeze_projector_steps:
                 for p in frozen:
                     p.grad = None  # AdamW leaves a parameter without a gradient untouched (no decay, no moments)
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")

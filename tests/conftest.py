@@ -14,12 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_bad_clips(folder: Path) -> dict[str, tuple[Path, str]]:
-    """One clip of each kind Whisper cannot take, tiny (16-bit PCM via omni.audio.save; float for NaN):
+    """One clip of each kind Whisper cannot take, tiny (16-bit PCM via omni.data.audio.save; float for NaN):
     name -> (path, what the reason says). 'missing' is not written."""
     import numpy as np
     import soundfile as sf
 
-    from omni import audio
+    from omni.data import audio
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -59,6 +59,37 @@ def repo() -> Path:
     return REPO
 
 
+# --- notebooks under papermill's own CLI (tests/test_notebooks.py, test_params.py, test_ablation.py, ...) ---
+
+
+def papermill(notebook: str, executed: Path, env: dict, **values):
+    """papermill's CLI as its docs show it (`-p NAME VALUE`; no omni runner, no run id unless given)."""
+    import subprocess
+    import sys
+
+    args = [a for k, v in values.items() for a in ("-p", k, str(v))]
+    return subprocess.run([sys.executable, "-m", "papermill", f"notebooks/{notebook}", str(executed), *args],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+
+def papermill_env(db: Path) -> dict:
+    """The environment of a papermill run logging into its own sqlite store `db`."""
+    return os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{db}", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def only_run(db: Path, experiment: str):
+    """The one MLflow run of `experiment` in the store `db`."""
+    from omni import track
+
+    old = os.environ["MLFLOW_TRACKING_URI"]
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
+    try:
+        (run,) = track.client().search_runs([track.experiment_id(experiment)])
+        return run
+    finally:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
 # --- a tiny alignment run, shared by tests/test_align.py and tests/test_cli.py -------------------
 # 16 sentences -> 11 train, 1 val, 4 test + 4 test_seen_voice clips; the cache of their Whisper
 # tiny.en states; a 1-layer random LM (bytes); a 10-step alignment with the learned layer mix.
@@ -70,7 +101,7 @@ def tiny_lm(path: Path, seed: int = 0, sequence_len: int = 256) -> Path:
     decode to the same text and a test comparing transcripts would compare nothing."""
     import torch
 
-    from omni.gpt import GPT, GPTConfig
+    from omni.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(seed)
     gpt = GPT(GPTConfig(sequence_len=sequence_len, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
@@ -89,8 +120,9 @@ def tiny_alignment(tmp_path_factory):
     holding model/ (what `omni transcribe --run` takes); `result` the AlignResult."""
     from types import SimpleNamespace
 
-    from omni.align import AlignConfig, prepare_cache, run_alignment
     from omni.data.synth import SynthConfig, build_corpus
+    from omni.experiments import alignment
+    from omni.experiments.alignment import AlignConfig, prepare_cache
 
     root = tmp_path_factory.mktemp("alignment")
     build_corpus(SynthConfig(out=str(root / "corpus"), sentences=16, min_words=3, max_words=6, test_fraction=0.25, workers=1))
@@ -98,11 +130,11 @@ def tiny_alignment(tmp_path_factory):
                       layer="weighted", steps=10, eval_every=5, eval_clips=4, batch_size=8, max_new_tokens=12,
                       whisper_baseline=False, device="cpu", out=str(root / "run" / "model"))
     cache = prepare_cache(cfg)
-    result = run_alignment(cfg, cache=cache)
+    result = alignment.run(cfg, cache=cache)
     return SimpleNamespace(root=root, corpus=root / "corpus", cache=cache, lm=root / "lm", run=root / "run", cfg=cfg, result=result)
 
 
-# --- tiny backbones of every kind omni.lm loads (tests/test_lm.py, test_lora.py, benchmarks) --------
+# --- tiny backbones of every kind omni.model.lm loads (tests/test_lm.py, test_lora.py, benchmarks) --------
 
 
 def tiny_hf_lm(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2, arch: str = "qwen3") -> Path:
@@ -148,7 +180,7 @@ def tiny_nanochat(base: Path, seed: int = 0, step: int = 10, n_embd: int = 32, n
     import tiktoken
     import torch
 
-    from omni.gpt import GPT, GPTConfig
+    from omni.model.gpt import GPT, GPTConfig
 
     ranks = {bytes([i]): i for i in range(256)}
     enc = tiktoken.Encoding(name="rustbpe", pat_str=r"\s+|\S+", mergeable_ranks=ranks,

@@ -1,16 +1,20 @@
-"""omni.layer_probes, probes, compare, findings, ablation: probes per layer choice, the joint texture-weight
+"""omni.eval.layer_probes, probes, compare, findings, ablation: probes per layer choice, the joint texture-weight
 probe, the MLflow comparison and its findings, and a tiny layer grid end to end through `omni run` (real papermill kernels, a real MLflow sqlite store)."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from omni import ablation, compare, findings, layer_probes, probes, track
-from omni.align import AlignConfig, prepare_cache
+from conftest import only_run, papermill, papermill_env
+from omni import track
 from omni.data.synth import SynthConfig
+from omni.eval import compare, findings, layer_probes, probes
+from omni.experiments import layer_ablation
+from omni.experiments.alignment import AlignConfig, prepare_cache
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +77,7 @@ def test_pooled_states_and_subset(tiny):
     assert pooled["mean"].shape == (len(cache), cache.n_states, cache.d_model)
     first = cache.load_states([3])[0].float().mean(1).numpy()
     assert np.allclose(pooled["mean"][3], first, atol=1e-4)
-    view = ablation.subset(cache, {"test": 1, "test_seen_voice": 0})
+    view = layer_ablation.subset(cache, {"test": 1, "test_seen_voice": 0})
     assert len(view.select(split="test")) == 1 and not view.select(split="test_seen_voice")
     assert len(view.select(split="train")) == len(cache.select(split="train"))
     assert np.allclose(layer_probes.pooled_states(view)["mean"], pooled["mean"][[cache.rows.index(r) for r in view.rows]])
@@ -116,16 +120,16 @@ def test_listed_points_are_one_row_each():
 
 
 def test_ablation_config_is_an_alignment_config():
-    cfg = ablation.AblationConfig(layer="weighted", eval_every=0, weights_every=7, steps=3, whisper_baseline=True, out="x")
+    cfg = layer_ablation.AblationConfig(layer="weighted", eval_every=0, weights_every=7, steps=3, whisper_baseline=True, out="x")
     a = cfg.align_config()
     assert type(a) is AlignConfig and (a.steps, a.eval_every, a.whisper_baseline, a.out) == (3, 7, False, "")
-    assert ablation.AblationConfig(layer=2).align_config().layer == "2" and ablation.AblationConfig(layer="last").align_config().eval_every == 0
+    assert layer_ablation.AblationConfig(layer=2).align_config().layer == "2" and layer_ablation.AblationConfig(layer="last").align_config().eval_every == 0
     with pytest.raises(ValueError, match="probes"):
-        ablation.run_point(ablation.AblationConfig(probes="linear,svm"))
+        layer_ablation.run(layer_ablation.AblationConfig(probes="linear,svm"))
 
 
 def test_tiny_grid_end_to_end(tiny, tmp_path, monkeypatch):
-    from omni.runner import run_experiment
+    from omni.run.runner import run_experiment
 
     monkeypatch.chdir(tmp_path)  # reports/ here; MLflow: the session's throwaway sqlite store (conftest)
     root = tiny["root"]
@@ -158,6 +162,27 @@ def test_tiny_grid_end_to_end(tiny, tmp_path, monkeypatch):
     assert "content.wer: lowest among last: last" in findings and "weighted: content objective: state" in findings
     assert "gender / linear / test seen voice: best state 4 (last)" in findings
     assert "grid.wall_seconds" in parent.data.metrics
+
+    # 05 under papermill's own CLI, given the grid's parent run (as `omni run` gives it): it reads the
+    # children, logs into the parent and leaves it FINISHED (the runner owns it: finish() ends nothing)
+    out = papermill("05_ablation_report.ipynb", tmp_path / "05.ipynb", dict(os.environ), mlflow_run_id=summary.run_id,
+                    out_dir=tmp_path / "05")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert client.get_run(summary.run_id).info.status == "FINISHED"
+    assert (tmp_path / "05" / "findings.md").read_text() == findings
+
+
+def test_grid_point_notebook(tiny, tmp_path):
+    """04 under papermill's own CLI, one grid point on its own: probes and content, its own run FINISHED."""
+    root = tiny["root"]
+    out = papermill("04_layer_ablation.ipynb", tmp_path / "out.ipynb", papermill_env(tmp_path / "mlflow.db"),
+                    corpus=root / "corpus", features=root / "features", lm=root / "lm", layer="weighted", probes="linear",
+                    attributes="gender", weighted_steps=10, steps=2, batch_size=4, warmup=0, weights_every=1, eval_clips=2,
+                    test_clips=2, seen_clips=1, max_new_tokens=12, out_dir=tmp_path / "run")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = only_run(tmp_path / "mlflow.db", "layer_ablation")
+    assert run.info.status == "FINISHED"
+    assert {"content.wer", "probe.gender.linear.test_seen_voice", "time.total"} <= set(run.data.metrics)
 
 
 def test_last_reuses_the_finished_run_of_the_same_state():  # MLflow: the session's throwaway store (conftest)

@@ -1,4 +1,4 @@
-"""omni.align on a tiny synthesized corpus (4 held-out clips), its feature cache and a random 1-layer LM
+"""omni.experiments.alignment on a tiny synthesized corpus (4 held-out clips), its feature cache and a random 1-layer LM
 (the `tiny_alignment` fixture in conftest.py): what a run reports, that a saved run transcribes raw
 audio as the run decoded its cached states, prompts on either side of the audio, fail-fast parameter
 errors, and Whisper's own transcripts cached next to the features."""
@@ -10,11 +10,20 @@ from dataclasses import replace
 import pytest
 import torch
 
-from omni import audio, metrics
-from omni.align import AlignConfig, decode, load_aligned, run_alignment, transcribe_waves
-from omni.yardstick import whisper_hyps
+from omni.data import audio
 from omni.data.features import FeatureCache
-from omni.speech_lm import collate_states
+from omni.eval import metrics
+from omni.eval.yardstick import whisper_hyps
+from omni.experiments import alignment
+from omni.experiments.alignment import AlignConfig, decode
+from omni.experiments.trained import load_run, run_encoder, transcribe_waves
+from omni.model.encoder import collate_states
+
+
+def load_with_encoder(run):
+    """(model, the run's Whisper encoder, its mode): what `omni transcribe --run` loads."""
+    model, meta = load_run(run)
+    return (model, *run_encoder(meta, model.gpt_device))
 
 
 def test_run_reports_scores_curves_and_layer_weights(tiny_alignment):
@@ -27,19 +36,19 @@ def test_run_reports_scores_curves_and_layer_weights(tiny_alignment):
     assert s["skipped_steps"] == 0 and s["best_eval_step"] in (5, 10) and "whisper_wer" not in s
     assert len(res.history.loss) == 10 and all(math.isfinite(v) for v in res.history.loss)
     refs = [cache.rows[r]["text"] for r in cache.select(split="test")]
-    assert res.test["refs"] == refs and len(res.test["hyps"]) == len(res.test["control_hyps"]) == 4
-    assert s["wer"] == metrics.wer(refs, res.test["hyps"]) and s["control_wer"] == metrics.wer(refs, res.test["control_hyps"])
+    assert res.test.refs == refs and len(res.test.hyps) == len(res.test.control_hyps) == 4
+    assert s["wer"] == metrics.wer(refs, res.test.hyps) and s["control_wer"] == metrics.wer(refs, res.test.control_hyps)
     # the yardstick: guarded by default, the greedy pass kept, medians, clear speech apart, a table per label
-    assert s["greedy_wer"] == metrics.wer(refs, res.test["greedy_hyps"]) and s["median_wer"] == metrics.median_wer(refs, res.test["hyps"])
-    assert 0 <= s["fallback_fraction"] <= 1 and s["control_median_wer"] == metrics.median_wer(refs, res.test["control_hyps"])
-    labels = [r["labels"] for r in res.test["rows"]]
+    assert s["greedy_wer"] == metrics.wer(refs, res.test.greedy_hyps) and s["median_wer"] == metrics.median_wer(refs, res.test.hyps)
+    assert 0 <= s["fallback_fraction"] <= 1 and s["control_median_wer"] == metrics.median_wer(refs, res.test.control_hyps)
+    labels = [r["labels"] for r in res.test.rows]
     clear = [i for i, r in enumerate(labels) if r["style"] == "normal"]
-    assert s["n_clear"] == len(clear) and res.test["clear_variants"] == sorted({labels[i]["variant"] for i in clear})
+    assert s["n_clear"] == len(clear) and res.test.clear_variants == sorted({labels[i]["variant"] for i in clear})
     if clear:
-        assert s["clear_wer"] == metrics.wer([refs[i] for i in clear], [res.test["hyps"][i] for i in clear])
-    table = {(r["by"], r["group"], r["system"]): r for r in res.test["table"]}
+        assert s["clear_wer"] == metrics.wer([refs[i] for i in clear], [res.test.hyps[i] for i in clear])
+    table = {(r["by"], r["group"], r["system"]): r for r in res.test.table}
     assert table[("all", "all", "aligned")]["wer"] == s["wer"] and table[("all", "all", "control")]["n"] == 4
-    assert {r["by"] for r in res.test["table"]} >= {"style", "variant", "rate_bucket", "pitch_bucket"}
+    assert {r["by"] for r in res.test.table} >= {"style", "variant", "rate_bucket", "pitch_bucket"}
     # the WER-vs-steps curve and the learned layer mix, at each evaluation (every 5 steps)
     assert [step for step, _ in res.wer_curve] == [5, 10] and all(w >= 0 for _, w in res.wer_curve)
     assert [e["step"] + 1 for e in res.history.evals] == [5, 10]
@@ -58,7 +67,7 @@ def test_run_reports_scores_curves_and_layer_weights(tiny_alignment):
 
 def test_saved_run_transcribes_raw_audio_like_the_run_decoded_its_cache(tiny_alignment):
     res, cache = tiny_alignment.result, tiny_alignment.cache
-    model, encoder, mode = load_aligned(tiny_alignment.run)  # a report folder holding model/
+    model, encoder, mode = load_with_encoder(tiny_alignment.run)  # a report folder holding model/
     assert mode == "var" and not model.training
     for a, b in zip(res.model.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a.cpu(), b.cpu())
@@ -82,8 +91,8 @@ def test_saved_run_transcribes_raw_audio_like_the_run_decoded_its_cache(tiny_ali
     between_clips = (logits_cached - logits_cached.roll(1, dims=0)).abs().max().item()
     print(f"logits: float16 cache vs float32 encoder differ by {rounding:.2e}, two clips by {between_clips:.2e}")
     assert rounding < 1e-2 and between_clips > 100 * rounding, (rounding, between_clips)
-    same = sum(a == b for a, b in zip(hyps, res.test["greedy_hyps"]))  # transcribe_waves decodes greedily by default
-    assert same >= len(hyps) - 1, list(zip(hyps, res.test["greedy_hyps"]))
+    same = sum(a == b for a, b in zip(hyps, res.test.greedy_hyps))  # transcribe_waves decodes greedily by default
+    assert same >= len(hyps) - 1, list(zip(hyps, res.test.greedy_hyps))
 
 
 def test_shuffled_control_gives_every_clip_another_clips_audio():
@@ -110,9 +119,9 @@ def test_prompt_before_or_after_the_audio(tiny_alignment, tmp_path, position):
     cache = tiny_alignment.cache
     cfg = replace(tiny_alignment.cfg, layer="last", prompt="Transcribe:", prompt_position=position, steps=2,
                   eval_every=0, eval_clips=2, max_new_tokens=6, out=str(tmp_path / "model"))
-    res = run_alignment(cfg, cache=cache)
-    assert math.isfinite(res.scores["test_loss"]) and len(res.test["hyps"]) == 4
-    model, encoder, mode = load_aligned(tmp_path / "model")
+    res = alignment.run(cfg, cache=cache)
+    assert math.isfinite(res.scores["test_loss"]) and len(res.test.hyps) == 4
+    model, encoder, mode = load_with_encoder(tmp_path / "model")
     assert (model.config.prompt, model.config.prompt_position) == ("Transcribe:", position)
     rows = cache.select(split="test")[:2]
     hidden, lengths = collate_states([s.float() for s in cache.load_states(rows)])
@@ -127,44 +136,44 @@ def test_prompt_before_or_after_the_audio(tiny_alignment, tmp_path, position):
         assert (targets[0, :n_prompt] == -1).all()
     waves = [audio.load(cache.rows[r]["audio"]) for r in rows]
     hyps = transcribe_waves(model, encoder, waves, mode=mode, max_new_tokens=6)
-    assert sum(a == b for a, b in zip(hyps, res.test["greedy_hyps"][:2])) >= 1
+    assert sum(a == b for a, b in zip(hyps, res.test.greedy_hyps[:2])) >= 1
 
 
 def test_bad_parameters_fail_before_any_work(tiny_alignment, tmp_path, monkeypatch):
-    import omni.pretrain
+    import omni.experiments.alignment
 
     def no_pretraining(*a, **k):
         raise AssertionError("a bad parameter must be reported before an LM is pretrained")
 
-    monkeypatch.setattr(omni.pretrain, "pretrain", no_pretraining)
+    monkeypatch.setattr(omni.experiments.alignment, "pretrain", no_pretraining)
     missing = dict(corpus=str(tmp_path / "no-corpus"), lm=str(tmp_path / "no-lm"), device="cpu")
     with pytest.raises(ValueError, match="parameter `layer` = 'lats'"):  # when the config is built, before any work
-        run_alignment(AlignConfig(layer="lats", **missing))
+        alignment.run(AlignConfig(layer="lats", **missing))
     with pytest.raises(ValueError, match="parameter `projector`"):
-        run_alignment(AlignConfig(projector="mlp", **missing))
+        alignment.run(AlignConfig(projector="mlp", **missing))
     with pytest.raises(ValueError, match="parameter `prompt_position`"):
-        run_alignment(AlignConfig(prompt_position="middle", **missing))
+        alignment.run(AlignConfig(prompt_position="middle", **missing))
     with pytest.raises(ValueError, match="parameter `trainable`"):
-        run_alignment(AlignConfig(trainable="lm", **missing))
+        alignment.run(AlignConfig(trainable="lm", **missing))
     # the range of an index: known for the embedded encoder when the config is built ...
     with pytest.raises(ValueError, match=r"parameter `layer` = '9': must be a state index of tiny.en: 0..4"):
         replace(tiny_alignment.cfg, layer="9")
     # ... and for any other encoder once its cache is open, before the LM
     with pytest.raises(ValueError, match="layer='9' is out of range"):
-        run_alignment(replace(tiny_alignment.cfg, encoder="some/other-whisper", layer="9", lm=str(tmp_path / "no-lm")), cache=tiny_alignment.cache)
+        alignment.run(replace(tiny_alignment.cfg, encoder="some/other-whisper", layer="9", lm=str(tmp_path / "no-lm")), cache=tiny_alignment.cache)
 
 
 def test_projector_plus_lm_trains_the_lm_and_the_run_carries_it(tiny_alignment, tmp_path):
-    from omni.lm import load_lm
+    from omni.model.lm import load_lm
 
     cfg = replace(tiny_alignment.cfg, trainable="projector+lm", layer="last", steps=4, eval_every=4, out=str(tmp_path / "model"))
-    res = run_alignment(cfg, cache=tiny_alignment.cache)
+    res = alignment.run(cfg, cache=tiny_alignment.cache)
     original, _ = load_lm(cfg.lm, torch.device("cpu"))
     changed = [n for n, p in res.model.gpt.named_parameters() if not torch.equal(p.detach(), original.state_dict()[n])]
     assert changed, "the LM did not train"
     meta = json.loads((tmp_path / "model" / "audio_path.json").read_text())
     assert meta["lm"] == str((tmp_path / "model" / "lm").resolve())  # its own copy, not the frozen original
-    model, _, _ = load_aligned(tmp_path / "model")
+    model, _, _ = load_with_encoder(tmp_path / "model")
     for n, p in model.gpt.named_parameters():
         assert torch.equal(p, res.model.gpt.state_dict()[n])
     # the default leaves the LM exactly as pretrained
@@ -173,18 +182,18 @@ def test_projector_plus_lm_trains_the_lm_and_the_run_carries_it(tiny_alignment, 
 
 
 def test_whisper_baseline_is_cached_next_to_the_features(tiny_alignment, tmp_path, monkeypatch):
-    import omni.encoder
-    from omni.speech_lm import LoopGuard
+    import omni.eval.yardstick
+    from omni.model.speech_lm import LoopGuard
 
     cache = tiny_alignment.cache
     calls = []
-    real = omni.encoder.whisper_transcribe
+    real = omni.eval.yardstick.whisper_transcribe
 
     def counting(model, processor, waves, **kw):
         calls.append((len(waves), "temperature" in kw))
         return real(model, processor, waves, **kw)
 
-    monkeypatch.setattr(omni.encoder, "whisper_transcribe", counting)
+    monkeypatch.setattr(omni.eval.yardstick, "whisper_transcribe", counting)
     rows = cache.select(split="test")
     refs = [cache.rows[r]["text"] for r in rows]
     first = whisper_hyps(cache, rows[:3], "tiny.en")
@@ -194,11 +203,11 @@ def test_whisper_baseline_is_cached_next_to_the_features(tiny_alignment, tmp_pat
     assert all(isinstance(h, str) and h for h in first)
 
     # the alignment's (unguarded) baseline decodes only the clip not cached yet ...
-    res = run_alignment(replace(tiny_alignment.cfg, whisper_baseline=True, guard=False, steps=1, eval_clips=1, out=""), cache=cache)
-    assert calls == [(3, False), (1, False)] and res.test["whisper_hyps"][:3] == first
-    assert res.scores["whisper_wer"] == metrics.wer(refs, res.test["whisper_hyps"])
-    assert res.scores["whisper_cer"] == metrics.cer(refs, res.test["whisper_hyps"])
-    assert res.scores["whisper_median_wer"] == metrics.median_wer(refs, res.test["whisper_hyps"])
+    res = alignment.run(replace(tiny_alignment.cfg, whisper_baseline=True, guard=False, steps=1, eval_clips=1, out=""), cache=cache)
+    assert calls == [(3, False), (1, False)] and res.test.whisper_hyps[:3] == first
+    assert res.scores["whisper_wer"] == metrics.wer(refs, res.test.whisper_hyps)
+    assert res.scores["whisper_cer"] == metrics.cer(refs, res.test.whisper_hyps)
+    assert res.scores["whisper_median_wer"] == metrics.median_wer(refs, res.test.whisper_hyps)
 
     # ... other decoding settings are another cache file: the guard decodes again, with the fallback
     guarded = whisper_hyps(cache, rows[:2], "tiny.en", LoopGuard())
@@ -206,10 +215,10 @@ def test_whisper_baseline_is_cached_next_to_the_features(tiny_alignment, tmp_pat
     assert len(list(cache.path.glob("whisper_hyps.tiny.en.guard-*.json"))) == 1
 
     # ... and a later call runs no Whisper at all, even through a view that numbers the rows differently
-    monkeypatch.setattr(omni.encoder, "load_whisper_model", lambda *a: pytest.fail("Whisper loaded again"))
-    assert whisper_hyps(cache, rows, "tiny.en") == res.test["whisper_hyps"] and len(calls) == 3
+    monkeypatch.setattr(omni.eval.yardstick, "load_whisper_model", lambda *a: pytest.fail("Whisper loaded again"))
+    assert whisper_hyps(cache, rows, "tiny.en") == res.test.whisper_hyps and len(calls) == 3
     view = FeatureCache(cache.path, dict(cache.index, rows=[cache.rows[r] for r in reversed(rows)]))
-    assert whisper_hyps(view, [0, 1, 2, 3], "tiny.en") == res.test["whisper_hyps"][::-1]
+    assert whisper_hyps(view, [0, 1, 2, 3], "tiny.en") == res.test.whisper_hyps[::-1]
     assert whisper_hyps(view, [3, 2], "tiny.en", LoopGuard()) == guarded
 
 
@@ -218,7 +227,7 @@ def test_interrupted_alignment_resumes_bit_identical(tiny_alignment, tmp_path, m
     audio path as a run that never stopped: batches are a function of the step, not of history."""
     from dataclasses import replace
 
-    import omni.align as align
+    import omni.experiments.alignment as align
     from safetensors.torch import load_file
 
     real_train = align.train
@@ -234,9 +243,9 @@ def test_interrupted_alignment_resumes_bit_identical(tiny_alignment, tmp_path, m
         return real_train(params, loss_fn, cfg, *args, **kwargs)  # the rerun: resumes from the checkpoint
 
     base = replace(tiny_alignment.cfg, steps=6, eval_every=2, eval_clips=1, layer="weighted")
-    align.run_alignment(replace(base, out=str(tmp_path / "straight")), cache=tiny_alignment.cache)
+    align.run(replace(base, out=str(tmp_path / "straight")), cache=tiny_alignment.cache)
     monkeypatch.setattr(align, "train", dies_then_reruns)
-    align.run_alignment(replace(base, out=str(tmp_path / "resumed")), cache=tiny_alignment.cache)
+    align.run(replace(base, out=str(tmp_path / "resumed")), cache=tiny_alignment.cache)
     a = load_file(tmp_path / "straight" / "audio_path.safetensors")
     b = load_file(tmp_path / "resumed" / "audio_path.safetensors")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
@@ -248,9 +257,9 @@ def test_interrupted_alignment_resumes_bit_identical(tiny_alignment, tmp_path, m
 def _tiny_speech_lm(tmp_path):
     from conftest import tiny_lm
 
-    from omni.gpt import GPT
-    from omni.speech_lm import SpeechLM, SpeechLMConfig
-    from omni.tokenizer import ByteTokenizer
+    from omni.model.gpt import GPT
+    from omni.model.speech_lm import SpeechLM, SpeechLMConfig
+    from omni.model.tokenizer import ByteTokenizer
 
     gpt = GPT.load(tiny_lm(tmp_path / "lm"))
     torch.manual_seed(0)
@@ -260,7 +269,7 @@ def _tiny_speech_lm(tmp_path):
 
 
 def test_guard_re_decodes_a_looping_clip_and_not_a_clean_one(tmp_path, monkeypatch):
-    from omni.speech_lm import LoopGuard
+    from omni.model.speech_lm import LoopGuard, compression_ratio
 
     model, hidden, lengths = _tiny_speech_lm(tmp_path)
     tok, bos = model.tokenizer, model.tokenizer.bos_id
@@ -279,7 +288,7 @@ def test_guard_re_decodes_a_looping_clip_and_not_a_clean_one(tmp_path, monkeypat
     assert calls == [(0.0, 2, None), (0.2, 1, 6)]  # only the looping clip, seeded sampling at the next temperature
     assert [h.text for h in hyps] == [sampled, clean]
     assert (hyps[0].greedy, hyps[0].temperature, hyps[0].attempts) == (loop, 0.2, 2)
-    assert hyps[0].compression_ratio == metrics.compression_ratio(sampled) and hyps[0].compression_ratio <= 2.4
+    assert hyps[0].compression_ratio == compression_ratio(sampled) and hyps[0].compression_ratio <= 2.4
     assert (hyps[1].greedy, hyps[1].temperature, hyps[1].attempts) == (clean, 0.0, 1)
     # no guard: one greedy pass, the loop stays
     calls.clear()
@@ -287,7 +296,7 @@ def test_guard_re_decodes_a_looping_clip_and_not_a_clean_one(tmp_path, monkeypat
 
 
 def test_guard_on_low_log_probability_tries_every_temperature_and_is_deterministic(tmp_path):
-    from omni.speech_lm import LoopGuard
+    from omni.model.speech_lm import LoopGuard
 
     model, hidden, lengths = _tiny_speech_lm(tmp_path)
     # a random byte LM is never confident (mean log-prob near -ln 257): every temperature is tried
@@ -320,7 +329,7 @@ def test_mean_logprobs_match_the_training_loss(tmp_path):
 
 
 def test_score_table_and_content_scores_hand_computed():
-    from omni.yardstick import clear_rows, content_scores, score_table
+    from omni.eval.yardstick import clear_rows, content_scores, score_table
 
     rows = [{"style": "normal", "variant": "f4"}, {"style": "whisper", "variant": "whisperf"}, {"style": "normal", "variant": "m4"}]
     refs = ["a b c d", "a b", "a b c"]
@@ -339,10 +348,10 @@ def test_score_table_and_content_scores_hand_computed():
 
 
 def test_ctc_lever_pulls_audio_tokens_onto_the_words_embeddings(tmp_path):
-    from omni.align_losses import ctc_embedding_loss
+    from omni.model.losses import ctc_embedding_loss
 
     model, hidden, lengths = _tiny_speech_lm(tmp_path)
-    model.gpt.requires_grad_(False)  # frozen, as run_alignment leaves it
+    model.gpt.requires_grad_(False)  # frozen, as alignment.run leaves it
     texts = ["ab", "c"]
     loss = ctc_embedding_loss(model, hidden, lengths, texts)
     assert loss.ndim == 0 and math.isfinite(loss.item()) and loss.item() > 0
@@ -361,7 +370,7 @@ def test_ctc_lever_pulls_audio_tokens_onto_the_words_embeddings(tmp_path):
 
 
 def test_ctc_readout_spells_audio_tokens_that_are_word_embeddings(tmp_path):
-    from omni.align_losses import ctc_readout
+    from omni.model.losses import ctc_readout
 
     model, hidden, lengths = _tiny_speech_lm(tmp_path)
     tok, bos = model.tokenizer, model.tokenizer.bos_id
@@ -380,7 +389,7 @@ def test_ctc_readout_spells_audio_tokens_that_are_word_embeddings(tmp_path):
 
 
 def test_distill_loss_is_zero_when_the_audio_tokens_are_the_words_and_trains_the_projector(tmp_path):
-    from omni.align_losses import distill_loss
+    from omni.model.losses import distill_loss
 
     model, hidden, lengths = _tiny_speech_lm(tmp_path)
     model.gpt.requires_grad_(False)

@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 SCRIPT = r"""
 import json, os, sys
 from safetensors.torch import save_file
-from omni.align import AlignConfig, prepare_cache, run_alignment
+from omni.experiments import alignment
+from omni.experiments.alignment import AlignConfig, prepare_cache
 
 cfg = AlignConfig(**json.loads(sys.argv[1]))
-res = run_alignment(cfg, cache=prepare_cache(cfg))
+res = alignment.run(cfg, cache=prepare_cache(cfg))
 state = {f"select.{k}": v for k, v in res.model.select.state_dict().items()}
 state |= {f"projector.{k}": v for k, v in res.model.projector.state_dict().items()}
 save_file({k: v.contiguous() for k, v in state.items()}, f"{sys.argv[2]}/rank{os.environ['RANK']}.safetensors")
@@ -26,10 +27,10 @@ save_file({k: v.contiguous() for k, v in state.items()}, f"{sys.argv[2]}/rank{os
 
 @pytest.mark.slow
 def test_two_gloo_ranks_train_the_same_audio_path_as_one_process(tiny_alignment, tmp_path):
-    from omni.align import run_alignment
+    from omni.experiments import alignment
 
     cfg = replace(tiny_alignment.cfg, steps=3, eval_every=3, eval_clips=1, max_new_tokens=2, out="", batch_size=8)
-    one = run_alignment(cfg, cache=tiny_alignment.cache).model
+    one = alignment.run(cfg, cache=tiny_alignment.cache).model
     (tmp_path / "spy.py").write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(tmp_path / "spy.py"), json.dumps(asdict(cfg)), str(tmp_path)]

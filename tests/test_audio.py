@@ -1,4 +1,4 @@
-"""omni.audio: loading, checks and the Whisper-compatible log-mel."""
+"""omni.data.audio: loading, checks and the Whisper-compatible log-mel."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,8 @@ import soundfile as sf
 import torch
 
 from conftest import write_bad_clips
-from omni import audio, tts
+from omni.data import audio, tts
+from omni.model.mel import HOP_LENGTH, log_mel, mel_filters, N_SAMPLES_30S
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +23,16 @@ def test_log_mel_pad30_matches_feature_extractor(speech):
 
     fe = WhisperFeatureExtractor(feature_size=80)
     ref = fe([w.numpy() for w in speech], sampling_rate=audio.SAMPLE_RATE, return_tensors="np").input_features
-    mel, lengths = audio.log_mel(speech, pad30=True)
+    mel, lengths = log_mel(speech, pad30=True)
     assert mel.shape == (2, 80, 3000) and ref.shape == (2, 80, 3000)
     assert np.abs(mel.numpy() - ref).max() <= 1e-3
-    assert lengths.tolist() == [w.numel() // audio.HOP_LENGTH for w in speech]
-    assert torch.allclose(audio.mel_filters(80), torch.from_numpy(fe.mel_filters.T).float(), atol=1e-6)
+    assert lengths.tolist() == [w.numel() // HOP_LENGTH for w in speech]
+    assert torch.allclose(mel_filters(80), torch.from_numpy(fe.mel_filters.T).float(), atol=1e-6)
 
 
 def test_log_mel_var_matches_padded_away_from_end(speech):
-    padded, _ = audio.log_mel(speech, pad30=True)
-    mel, lengths = audio.log_mel(speech)
+    padded, _ = log_mel(speech, pad30=True)
+    mel, lengths = log_mel(speech)
     assert mel.shape == (2, 80, int(lengths.max())) and lengths.dtype == torch.long
     for i, n in enumerate(lengths.tolist()):
         # the last 2 frames see reflect padding unpadded vs zeros padded: allowed to differ
@@ -40,22 +41,22 @@ def test_log_mel_var_matches_padded_away_from_end(speech):
 
 
 def test_log_mel_does_not_depend_on_batch(speech):
-    both, _ = audio.log_mel(speech)
-    alone, n = audio.log_mel(speech[1])
+    both, _ = log_mel(speech)
+    alone, n = log_mel(speech[1])
     assert alone.shape == (1, 80, int(n[0]))
     assert torch.equal(alone[0], both[1, :, : int(n[0])])
     # a loud neighbour must not change the clamp of a quiet clip
-    loud, _ = audio.log_mel([speech[1] * 0.01, speech[0]])
-    quiet, _ = audio.log_mel([speech[1] * 0.01])
+    loud, _ = log_mel([speech[1] * 0.01, speech[0]])
+    quiet, _ = log_mel([speech[1] * 0.01])
     assert torch.allclose(loud[0, :, : quiet.shape[2]], quiet[0], atol=1e-6)
 
 
 def test_log_mel_128_and_frame_count():
     wave = torch.sin(torch.arange(16000 * 2 + 77) * 0.05)
-    mel, n = audio.log_mel(wave, n_mels=128)
+    mel, n = log_mel(wave, n_mels=128)
     assert mel.shape == (1, 128, (16000 * 2 + 77) // 160) and n.tolist() == [mel.shape[2]]
     with pytest.raises(ValueError, match="30 s"):
-        audio.log_mel(torch.ones(audio.N_SAMPLES_30S + 1), pad30=True)
+        log_mel(torch.ones(N_SAMPLES_30S + 1), pad30=True)
 
 
 def test_save_load_roundtrip(tmp_path, speech):
@@ -136,7 +137,7 @@ def test_validate_in_memory():
 def test_min_samples_is_the_real_minimum_of_log_mel_and_the_encoder():
     """MIN_SAMPLES is what the var forward takes: one sample fewer fails inside log_mel, which is
     why check_file refuses it up front; pad30 (from the same log_mel frames) takes it too."""
-    from omni.encoder import EncoderConfig, WhisperEncoder
+    from omni.model.encoder import EncoderConfig, WhisperEncoder
 
     torch.manual_seed(0)
     enc = WhisperEncoder(EncoderConfig(d_model=32, n_heads=2, n_layers=1, ffn_dim=64)).eval()

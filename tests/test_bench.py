@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from omni.bench import (
+from omni.eval.texture import (
     TaskScore, ask, findings, headline, is_correct, load_questions, meets_bar, plot_scores, probe_answerer, run_benchmark,
     score, shuffled_questions, task_table, transcript_questions,
 )

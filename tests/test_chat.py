@@ -1,4 +1,4 @@
-"""The chat demo (omni.chat): GPT.stream, the HTTP API through FastAPI's TestClient and a real uvicorn
+"""The chat demo (omni.serve.chat): GPT.stream, the HTTP API through FastAPI's TestClient and a real uvicorn
 server, bad input, concurrent conversations, the terminal mode, and one real-browser test (Debian's
 Chromium driven by Playwright; skipped only where no Chromium is installed).
 
@@ -23,11 +23,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from omni import audio
-from omni.chat import MAX_UPLOAD_BYTES, Session, create_app, load_model
-from omni.chat_worker import Worker
 from omni.cli import main
-from omni.speech_lm import collate_states
+from omni.data import audio
+from omni.model.encoder import collate_states
+from omni.serve.chat import MAX_UPLOAD_BYTES, Session, create_app, load_model
+from omni.serve.chat_worker import Worker
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -111,7 +111,7 @@ def upload(client, cid, data: bytes, name="a.wav"):
 
 # --- GPT.stream -------------------------------------------------------------------------------
 def test_stream_yields_generate_step_by_step():
-    from omni.gpt import GPT, GPTConfig
+    from omni.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(sequence_len=64, vocab_size=37, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
@@ -148,16 +148,16 @@ def test_upload_then_answer_streams_the_transcript(client, session, clips):
     assert r.status_code == 200, r.json()
     clip = r.json()
     assert clip["name"] == "first.wav" and clip["audio_tokens"] > 5 and clip["seconds"] > 0.5
-    events = ask(client, cid, clip=clip["id"], max_tokens=40)
+    events = ask(client, cid, clip=clip["id"], max_new_tokens=40)
     tokens, done = [e for e in events if e["event"] == "token"], events[-1]
     assert done["event"] == "done" and len(tokens) > 3  # streamed piece by piece, not in one go
     assert "".join(e["text"] for e in tokens) == done["text"] == expected(session, audio.load(path))
     assert done["first_token_ms"] > 0 and done["tokens"] >= len(tokens)
     # a question goes after the audio, exactly where SpeechLM puts an "after" prompt
-    q = ask(client, cid, clip=clip["id"], text="Who is speaking?", max_tokens=40)[-1]
+    q = ask(client, cid, clip=clip["id"], text="Who is speaking?", max_new_tokens=40)[-1]
     assert q["text"] == expected(session, audio.load(path), prompt="Who is speaking?")
     # a turn without a clip is text only: the LM continues the text
-    t = ask(client, cid, text="The cat", max_tokens=5)[-1]
+    t = ask(client, cid, text="The cat", max_new_tokens=5)[-1]
     ids = torch.tensor([[session.bos] + session.tokenizer.encode("The cat")])
     out = session.model.gpt.generate(ids, max_new_tokens=5, stop_token=session.bos)[0].tolist()
     assert t["text"] == session.tokenizer.decode(out[: out.index(session.bos)] if session.bos in out else out)
@@ -203,15 +203,16 @@ def test_bad_input_is_refused_clearly_and_the_server_keeps_serving(client, sessi
     refused(client.post(msg, json={"text": "hi", "temperature": -1}), 422, "temperature")
     refused(client.post(msg, json={"text": "hi", "top_p": 0}), 422, "top_p", "greater than 0")
     refused(client.post(msg, json={"text": "hi", "top_k": -3}), 422, "top_k")
-    refused(client.post(msg, json={"text": "hi", "max_tokens": 0}), 422, "max_tokens")
-    refused(client.post(msg, json={"text": "hi", "max_tokens": 1000}), 422, "max_tokens", "at most", "sequence_len 256")
+    refused(client.post(msg, json={"text": "hi", "max_new_tokens": 0}), 422, "max_new_tokens")
+    refused(client.post(msg, json={"text": "hi", "max_new_tokens": 1000}), 422, "max_new_tokens", "at most", "sequence_len 256")
+    refused(client.post(msg, json={"text": "hi", "max_tokens": 1000}), 422, "max_new_tokens", "at most")  # the old name, read until the next release
     refused(client.post(msg, json={"text": ""}), 422, "type a question or attach a clip")
     refused(client.post(msg, json={"text": "hi", "clip": "nope"}), 404, "clip", "nope")
     refused(client.post(msg, content=b"{not json", headers={"content-type": "application/json"}), 422)
     refused(client.post("/api/conversations/nope/messages", json={"text": "hi"}), 404, "not found")
     # still serving: a good upload and answer after all of that
     clip = upload(client, cid, data).json()
-    assert ask(client, cid, clip=clip["id"], max_tokens=5)[-1]["event"] == "done"
+    assert ask(client, cid, clip=clip["id"], max_new_tokens=5)[-1]["event"] == "done"
 
 
 def test_upload_over_the_size_limit_is_refused_before_the_body_is_read(server):
@@ -274,7 +275,7 @@ def test_two_concurrent_conversations_do_not_mix(server, session, clips):
         cid = json.loads(_http(server, "POST", "/api/conversations")[1])["id"]
         req = urllib.request.Request(f"{server}/api/conversations/{cid}/clips?name=clip{i}.wav", data=clips[i][1], method="POST")
         clip = json.loads(urllib.request.urlopen(req, timeout=60).read())
-        _, body = _http(server, "POST", f"/api/conversations/{cid}/messages", {"clip": clip["id"], "max_tokens": 60})
+        _, body = _http(server, "POST", f"/api/conversations/{cid}/messages", {"clip": clip["id"], "max_new_tokens": 60})
         results[i] = (cid, sse(body.splitlines()))
 
     threads = [threading.Thread(target=converse, args=(i,)) for i in (0, 1)]
@@ -323,12 +324,12 @@ def test_worker_reports_a_failing_job_and_keeps_going():
 
     def bad():
         yield {"event": "token", "text": "x"}
-        raise ValueError("max_tokens: too many")
+        raise ValueError("max_new_tokens: too many")
 
     async def run(steps):
         return [e async for e in worker.run(steps)]
 
-    assert asyncio.run(run(bad())) == [{"event": "token", "text": "x"}, {"event": "error", "message": "max_tokens: too many"}]
+    assert asyncio.run(run(bad())) == [{"event": "token", "text": "x"}, {"event": "error", "message": "max_new_tokens: too many"}]
     assert asyncio.run(run(iter([{"event": "done"}]))) == [{"event": "done"}]
 
 
@@ -346,7 +347,7 @@ def test_cli_streams_answers_and_refuses_a_run_that_is_not_a_model(tiny_alignmen
     assert main(["chat", "--run", str(tiny_alignment.run), "--cli", str(clips[0][0]), "--temperature", "9"]) == 2
     assert "temperature" in capsys.readouterr().err
     path = str(clips[0][0])
-    assert main(["chat", "--run", str(tiny_alignment.run), "--cli", path, "--max-tokens", "40"]) == 0
+    assert main(["chat", "--run", str(tiny_alignment.run), "--cli", path, "--max-new-tokens", "40"]) == 0
     out, err = capsys.readouterr()
     assert out == f"{path}: {expected(session, audio.load(path))}\n"
     assert "first token" in err and "tokens/s" in err
@@ -357,7 +358,7 @@ def test_cli_streams_answers_and_refuses_a_run_that_is_not_a_model(tiny_alignmen
 def test_browser_uploads_a_clip_asks_and_sees_the_answer_stream(session, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    from omni import tts
+    from omni.data import tts
 
     def slowly(events):  # 20 ms per piece, so the browser gets them in separate reads and shows each
         for e in events:
@@ -383,7 +384,7 @@ def test_browser_uploads_a_clip_asks_and_sees_the_answer_stream(session, tmp_pat
             page.evaluate("""() => { window.seen = []; new MutationObserver(() => {
                 const b = document.querySelector('.bot .bubble'); if (b) window.seen.push(b.textContent);
               }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true}); }""")
-            page.fill("#max_tokens", "30")
+            page.fill("#max_new_tokens", "30")
             page.fill("#text", "What did you hear?")
             page.click("#send")
             expect(page.locator(".bot .stats")).to_contain_text("first token", timeout=20000)

@@ -8,8 +8,9 @@ import numpy as np
 import torch
 
 from conftest import mixed_manifest
-from omni import audio, metrics
 from omni.cli import main
+from omni.data import audio
+from omni.eval import metrics
 
 
 def _tone(path, seconds=1.0):
@@ -56,7 +57,7 @@ def test_transcribe_beside_whisper_on_the_same_clips(tiny_alignment, tmp_path, c
     manifest = tmp_path / "three.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     refs = [r["text"] for r in rows]
-    assert main(["transcribe", "--run", str(tiny_alignment.run), "--manifest", str(manifest), "--whisper"]) == 0
+    assert main(["transcribe", "--run", str(tiny_alignment.run), "--manifest", str(manifest), "--whisper-baseline"]) == 0
     lines = capsys.readouterr().out.splitlines()
     out = [line.split("\t") for line in lines if "\t" in line]
     assert len(out) == 3 and all(len(r) == 4 for r in out)  # path, ours, Whisper's, reference
@@ -86,13 +87,13 @@ def test_transcribe_by_mlflow_run_id(tiny_alignment, tmp_path, capsys):
     from dataclasses import replace
 
     from omni import track
-    from omni.align import run_alignment
+    from omni.experiments import alignment
 
     # conftest.py points MLflow at a throwaway store; artifacts go to tmp, not ./mlruns of the repo
     track.client().create_experiment("test-cli-alignment", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = track.start_run("test-cli-alignment", "tiny")
     cfg = replace(tiny_alignment.cfg, steps=1, eval_clips=1, out=str(tmp_path / "model"))
-    res = run_alignment(cfg, track.Tracker(run_id), cache=tiny_alignment.cache)
+    res = alignment.run(cfg, track.Tracker(run_id), cache=tiny_alignment.cache)
     track.end_run(run_id)
     logged = track.run_metrics(run_id)  # the final scores reach MLflow (the tracker buffers)
     assert logged["wer"] == res.scores["wer"] and logged["control_wer"] == res.scores["control_wer"]
@@ -128,7 +129,7 @@ def test_transcribe_unknown_run_is_named(tmp_path, capsys):
 def test_features_unknown_encoder_is_named(tmp_path, capsys):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"audio": str(_tone(tmp_path / "a.wav")), "text": "a tone"}) + "\n")
-    code = main(["features", "--manifest", str(manifest), "--encoder", "no-such-encoder", "--out", str(tmp_path / "cache")])
+    code = main(["features", "--manifest", str(manifest), "--encoder", "no-such-encoder", "--features", str(tmp_path / "cache")])
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("omni: error: ") and "no-such-encoder" in err
@@ -169,11 +170,14 @@ def test_features_bad_clips_exit_2_naming_all_or_skip(tmp_path, capsys):
     good = [{"audio": str(_tone(tmp_path / "g.wav")), "text": "a tone"}]
     man, expected = mixed_manifest(tmp_path / "m.jsonl", good)
     cache = tmp_path / "cache"
-    assert main(["features", "--manifest", str(man), "--out", str(cache)]) == 2
+    assert main(["features", "--manifest", str(man), "--features", str(cache)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 + len(expected) and all(f"{man}:{line}: " in e for line, e in zip(sorted(expected), err[1:]))
     assert not cache.exists()
-    assert main(["features", "--manifest", str(man), "--out", str(cache), "--skip-bad"]) == 0
-    out = capsys.readouterr().out.splitlines()
+    # --out and --mode, the flags' old names, still work until the next release, with a note
+    assert main(["features", "--manifest", str(man), "--out", str(cache), "--mode=var", "--skip-bad"]) == 0
+    out, err = capsys.readouterr()
+    assert "`--out` is now `--features`" in err and "`--mode` is now `--encoder-mode`" in err
+    out = out.splitlines()
     assert out[0].endswith(f"skipped {len(expected)} bad rows") and len(out) == 2 + len(expected)
     assert out[-1].startswith("1 clips") and len(list(cache.iterdir())) == 1

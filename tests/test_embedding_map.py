@@ -1,4 +1,4 @@
-"""omni.embedding_map, alignment_stats, embedding_page, runs: readout and statistics on inputs whose answer
+"""omni.experiments.embedding_viz, alignment_stats, embedding_page, runs: readout and statistics on inputs whose answer
 is known; the report end to end
 through `omni run` on a tiny synthesized corpus, a tiny random LM and two 5-step alignment runs."""
 
@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from omni import alignment_stats as stats
-from omni import embedding_map as emap
-from omni import embedding_page, tts
-from omni import runs as run_io
+from omni.data import tts
+from omni.eval import embedding_stats as stats
+from omni.experiments import embedding_page
+from omni.experiments import embedding_viz
+from omni.experiments import trained
 
 # Runs the interactive page's script under node against a minimal DOM stub, hovers the first audio
 # token that has a word, pins its clip, cycles the colourings and searches that word; prints what it saw.
@@ -106,15 +107,15 @@ def test_readout_names_the_nearest_tokens_under_the_transcript():
     assert sims[0, 0] == pytest.approx(0.9 / np.linalg.norm(audio[0]), rel=1e-5)
     # "b <d>": token 1 is the word under audio token 0, token 3 the word under audio token 1
     clip = stats.Clip(0, "b <d>", {"voice": "v"}, ["b", "<d>"], [(0, 0.1), (0.1, 0.2)], "chars", np.array([0, 1]), [1, 3], [[1], [3]])
-    rv = emap.RunViz("r", Path("."), {}, [clip], {"before": [audio], "after": [audio]}, {}, {s: [(ids, sims)] for s in emap.STAGES},
-                    ["a", "b", "c", "<d>"], emap.MapData(np.zeros(0), np.zeros(0), np.zeros(0)), {}, 0.1)
+    rv = embedding_viz.RunViz("r", Path("."), {}, [clip], {"before": [audio], "after": [audio]}, {}, {s: [(ids, sims)] for s in embedding_viz.STAGES},
+                    ["a", "b", "c", "<d>"], embedding_viz.MapData(np.zeros(0), np.zeros(0), np.zeros(0)), {}, 0.1)
     page = embedding_page.readout_html(rv, [0], k=2)
     assert "“b &lt;d&gt;”" in page and page.count('class="hit"') == 4  # top-1 of both tokens, both stages
     assert '<td class="w" colspan="1">b</td>' in page and "after #2" in page and "before #1" in page
 
 
 def test_token_strings_are_readable():
-    from omni.tokenizer import ByteTokenizer
+    from omni.model.tokenizer import ByteTokenizer
 
     s = stats.token_strings(ByteTokenizer(), 257)
     assert s[ord("a")] == "a" and s[ord(" ")] == "·"
@@ -123,9 +124,9 @@ def test_token_strings_are_readable():
 
 def test_map_sample_is_seeded_and_within_budget():
     clips = _clips(["a b c", "d e f g", "h i"])
-    tokens = {s: [np.zeros((len(c.words), 8)) for c in clips] for s in emap.STAGES}
-    a = emap.map_sample(tokens, clips, vocab_size=1000, text_points=20, audio_points=5, seed=3)
-    b = emap.map_sample(tokens, clips, vocab_size=1000, text_points=20, audio_points=5, seed=3)
+    tokens = {s: [np.zeros((len(c.words), 8)) for c in clips] for s in embedding_viz.STAGES}
+    a = embedding_viz.map_sample(tokens, clips, vocab_size=1000, text_points=20, audio_points=5, seed=3)
+    b = embedding_viz.map_sample(tokens, clips, vocab_size=1000, text_points=20, audio_points=5, seed=3)
     text_ids, m, pairs = a
     assert np.array_equal(text_ids, b[0]) and np.array_equal(pairs, b[2])
     assert len(text_ids) == 20 and set(range(9)) <= set(text_ids.tolist())  # transcript tokens first
@@ -135,22 +136,22 @@ def test_map_sample_is_seeded_and_within_budget():
 
 def test_pca_is_deterministic():
     X = np.random.default_rng(0).standard_normal((80, 16)).astype(np.float32)
-    xy = emap.project(X, "pca")
-    assert xy.shape == (80, 2) and np.array_equal(xy, emap.project(X, "pca"))
+    xy = embedding_viz.project(X, "pca")
+    assert xy.shape == (80, 2) and np.array_equal(xy, embedding_viz.project(X, "pca"))
 
 
 UMAP_CHECK = """
 import numpy as np
-from omni import embedding_map as emap
+from omni.experiments import embedding_viz
 X = np.random.default_rng(0).standard_normal((80, 16)).astype(np.float32)
-a, b = emap.project(X, "umap", seed=1), emap.project(X, "umap", seed=1)
+a, b = embedding_viz.project(X, "umap", seed=1), embedding_viz.project(X, "umap", seed=1)
 print(a.shape == (80, 2) and bool(np.array_equal(a, b)))
 """
 
 
 @pytest.mark.slow  # numba compiles umap-learn on first use: 25-70 s on 2 busy cores, ~5 s once cached
 def test_umap_is_deterministic_given_a_seed():
-    # In a subprocess with the runner's numba cache (omni.runner: ~/.cache/omni/numba), not conftest's
+    # In a subprocess with the runner's numba cache (omni.run.runner: ~/.cache/omni/numba), not conftest's
     # fresh one: umap-learn is then compiled once per machine instead of once per test session.
     env = os.environ | {"NUMBA_CACHE_DIR": str(Path.home() / ".cache" / "omni" / "numba")}
     out = subprocess.run([sys.executable, "-c", UMAP_CHECK], capture_output=True, text=True, env=env, timeout=300)
@@ -160,11 +161,11 @@ def test_umap_is_deterministic_given_a_seed():
 
 def test_no_run_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="-p run="):
-        run_io.run_dirs("")
+        trained.run_dirs("")
     with pytest.raises(FileNotFoundError, match="nope"):
-        run_io.run_dirs("nope")
+        trained.run_dirs("nope")
     with pytest.raises(FileNotFoundError, match="working directory"):  # a relative corpus seen from elsewhere
-        run_io.run_cache({"align": {"corpus": str(tmp_path / "data" / "synth")}})
+        trained.run_cache({"align": {"corpus": str(tmp_path / "data" / "synth")}})
 
 
 # --- end to end --------------------------------------------------------------------------------
@@ -175,9 +176,10 @@ def runs(tmp_path_factory):
     """A tiny synthesized corpus, a random tiny LM, and two 5-step alignment runs on it: one whose
     projector is frozen for all 5 steps (its trained weights are its initial weights; lr=0 is refused)
     and one with the weighted layer choice."""
-    from omni.align import AlignConfig, run_alignment
     from omni.data.synth import SynthConfig, build_corpus
-    from omni.gpt import GPT, GPTConfig
+    from omni.experiments import alignment
+    from omni.experiments.alignment import AlignConfig
+    from omni.model.gpt import GPT, GPTConfig
 
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("viz")
@@ -186,61 +188,65 @@ def runs(tmp_path_factory):
     GPT(GPTConfig(sequence_len=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)).save(tmp / "lm")
     common = dict(corpus=str(tmp / "corpus"), features=str(tmp / "features"), lm=str(tmp / "lm"), steps=5, eval_every=5,
                   eval_clips=4, batch_size=8, whisper_baseline=False, device="cpu", max_new_tokens=8)
-    run_alignment(AlignConfig(**common, freeze_projector_steps=5, seed=3, out=str(tmp / "frozen" / "model")))
-    run_alignment(AlignConfig(**common, layer="weighted", out=str(tmp / "weighted" / "model")))
+    alignment.run(AlignConfig(**common, freeze_projector_steps=5, seed=3, out=str(tmp / "frozen" / "model")))
+    alignment.run(AlignConfig(**common, layer="weighted", out=str(tmp / "weighted" / "model")))
     return tmp
 
 
 def test_before_is_the_runs_own_initialisation(runs):
-    after, meta = run_io.load_run(runs / "frozen")  # a report folder holding model/
-    before = run_io.initial_model(after, meta)
+    after, meta = trained.load_run(runs / "frozen")  # a report folder holding model/
+    before = trained.initial_model(after, meta)
     assert meta["align"]["seed"] == 3
     for (n, a), (_, b) in zip(after.projector.state_dict().items(), before.projector.state_dict().items()):
         assert torch.equal(a, b), n  # frozen: the trained weights never moved from the init we rebuild
-    after, meta = run_io.load_run(runs / "weighted" / "model")
-    before = run_io.initial_model(after, meta)
+    after, meta = trained.load_run(runs / "weighted" / "model")
+    before = trained.initial_model(after, meta)
     assert not torch.equal(after.projector.fc1.weight, before.projector.fc1.weight)
 
 
 def test_a_grid_folder_means_all_its_runs(runs):
-    assert run_io.run_dirs(str(runs)) == [runs / "frozen" / "model", runs / "weighted" / "model"]
-    assert run_io.run_dirs(f"{runs / 'weighted'}, {runs / 'frozen' / 'model'}") == [runs / "weighted" / "model", runs / "frozen" / "model"]
+    assert trained.run_dirs(str(runs)) == [runs / "frozen" / "model", runs / "weighted" / "model"]
+    assert trained.run_dirs(f"{runs / 'weighted'}, {runs / 'frozen' / 'model'}") == [runs / "weighted" / "model", runs / "frozen" / "model"]
 
 
-def test_analyse_is_deterministic_given_a_seed(runs):
-    cfg = emap.MapConfig(run=str(runs / "weighted"), split="test,test_seen_voice", clips=6, candidates=3, text_points=50,
+def test_run_is_deterministic_given_a_seed(runs):
+    cfg = embedding_viz.EmbeddingVizConfig(run=str(runs / "weighted"), split="test,test_seen_voice", clips=6, candidates=3, text_points=50,
                         audio_points=20, validate_clips=0, umap=False, seed=5)
-    a, b = (emap.analyse(cfg, log=lambda *_: None)[0] for _ in range(2))
+    a, b = (embedding_viz.run(cfg, log=lambda *_: None)[0] for _ in range(2))
     assert [c.row for c in a.clips] == [c.row for c in b.clips] and a.stats == b.stats
     assert np.array_equal(a.map.xy["pca"], b.map.xy["pca"]) and np.array_equal(a.map.pos, b.map.pos)
-    c = emap.analyse(dataclasses.replace(cfg, seed=6), log=lambda *_: None)[0]
+    c = embedding_viz.run(dataclasses.replace(cfg, seed=6), log=lambda *_: None)[0]
     assert [x.row for x in c.clips] != [x.row for x in a.clips]
 
 
-def test_report_end_to_end(runs, monkeypatch):
-    from omni.runner import run_experiment
+def test_report_end_to_end(runs):
+    """Notebook 06 under papermill's own CLI on both runs: its own MLflow run ends FINISHED with the statistics."""
+    from conftest import only_run, papermill, papermill_env
 
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
-    params = {"run": f"{runs / 'frozen'},{runs / 'weighted'}", "split": "test,test_seen_voice", "clips": 8, "candidates": 4,
-              "text_points": 120, "audio_points": 60, "validate_clips": 4, "readout_clips": 1,
-              "umap": False}  # UMAP: test_umap_is_deterministic_given_a_seed (slow); the notebook loops over whatever maps exist
-    (r,) = run_experiment("experiments/embedding_viz.yaml", params, reports=runs / "reports")
-    assert r.status == "FINISHED", r.error
-    assert r.metrics["after_retrieval_chance"] == 0.25
-    assert r.metrics["before_cos_clip"] == pytest.approx(r.metrics["after_cos_clip"])  # the frozen run
-    assert "layer_weighted_k_4_stack/after_cka_word" in r.metrics
-    page = (r.report_dir / "embedding_map.html").read_text()
+    out_dir = runs / "report"
+    res = papermill("06_embedding_viz.ipynb", runs / "06.ipynb", papermill_env(runs / "mlflow.db"), out_dir=out_dir,
+                    run=f"{runs / 'frozen'},{runs / 'weighted'}", split="test,test_seen_voice", clips=8, candidates=4,
+                    text_points=120, audio_points=60, validate_clips=4, readout_clips=1,
+                    umap=False)  # UMAP: test_umap_is_deterministic_given_a_seed (slow); the notebook loops over whatever maps exist
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = only_run(runs / "mlflow.db", "embedding_viz")
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    assert metrics["after_retrieval_chance"] == 0.25
+    assert metrics["before_cos_clip"] == pytest.approx(metrics["after_cos_clip"])  # the frozen run
+    assert "layer_weighted_k_4_stack/after_cka_word" in metrics
+    page = (out_dir / "embedding_map.html").read_text()
     assert embedding_page.remote_references(page) == []
     data = json.loads(page.split('id="data">')[1].split("</script>")[0])
     assert [x["name"] for x in data["runs"]] == ["layer=last k=4 stack", "layer=weighted k=4 stack"]
     assert set(data["runs"][0]["xy"]) == {"pca"} and len(data["runs"][0]["kind"]) == 120 + 2 * 60
     assert all(c["timing"] == "espeak" for c in data["runs"][0]["clips"])
-    report = (r.report_dir / "report.html").read_text()
+    report = (runs / "06.ipynb").read_text()
     assert "What the LM reads" in report and "before #1" in report
     if shutil.which("node"):  # the page's script runs and a hover describes the clip under the mouse
         harness = runs / "harness.js"
         harness.write_text(HARNESS)
-        out = subprocess.run(["node", str(harness), str(r.report_dir / "embedding_map.html")], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(["node", str(harness), str(out_dir / "embedding_map.html")], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         res = json.loads(out.stdout)
         assert res["display"] == "block" and "audio token after training" in res["tip"] and "nearest LM tokens" in res["tip"]

@@ -1,4 +1,4 @@
-"""omni.encoder + omni.ct2: the embedded tiny.en converts, transcribes, and our encoder matches it."""
+"""omni.model.encoder + omni.model.ct2: the embedded tiny.en converts, transcribes, and our encoder matches it."""
 
 import re
 
@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omni import audio, ct2, encoder, tts, whisper_weights
+from omni.data import audio, tts
+from omni.model import ct2, encoder, whisper_weights
+from omni.model.mel import log_mel
 
 # Whisper tiny.en transcribes this one exactly from several espeak voices (en-us at 150 and 175 wpm,
 # en-gb-x-rp, en-us+f3); many other sentences come back with a word or two wrong.
@@ -37,7 +39,7 @@ def enc() -> encoder.WhisperEncoder:
 @pytest.fixture(scope="module")
 def pad30_states(enc, waves) -> torch.Tensor:
     """Our encoder in pad30 mode on the feature extractor's 3000 frames, all 1500 output frames."""
-    mel, _ = audio.log_mel(waves, pad30=True)
+    mel, _ = log_mel(waves, pad30=True)
     with torch.inference_mode():
         states, frames = enc(mel, torch.full((len(waves),), 3000), mode="pad30")
     assert frames.tolist() == [1500] * len(waves)
@@ -75,7 +77,7 @@ def test_ct2_mapping_covers_the_model(whisper):
 
 
 def test_pad30_matches_transformers_encoder(whisper, waves, pad30_states, enc):
-    mel, _ = audio.log_mel(waves[:1], pad30=True)
+    mel, _ = log_mel(waves[:1], pad30=True)
     with torch.inference_mode():
         ref = whisper[0].model.encoder(mel, output_hidden_states=True)
     ours = pad30_states[:1]
@@ -87,7 +89,7 @@ def test_pad30_matches_transformers_encoder(whisper, waves, pad30_states, enc):
 
 
 def test_var_batch_equals_alone(enc, waves):
-    mel, lengths = audio.log_mel(waves)
+    mel, lengths = log_mel(waves)
     assert lengths[0] != lengths[1]
     with torch.inference_mode():
         both, frames = enc(mel, lengths)

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from conftest import mixed_manifest
-from omni import audio
+from omni.data import audio
 from omni.data import features
 from omni.data.features import FeatureCache, build_features, cache_key, encoder_fingerprint
 from omni.data.manifest import ManifestError, read_manifest
 from omni.data.synth import SynthConfig, build_corpus
-from omni.encoder import WhisperEncoder
+from omni.model.encoder import WhisperEncoder
 
 SHARD = 8  # clips per shard here: 22 clips -> shards of 8, 8, 6
 
@@ -304,7 +304,7 @@ def test_a_build_failing_midway_leaves_no_half_cache_and_the_rerun_resumes(corpu
 KILL = """
 import os, signal, sys
 from omni.data import features
-from omni.encoder import WhisperEncoder
+from omni.model.encoder import WhisperEncoder
 features.CLIPS_PER_SHARD = 2
 real = WhisperEncoder.encode
 calls = []

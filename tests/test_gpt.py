@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from omni.gpt import GPT, GPTConfig
+from omni.model.gpt import GPT, GPTConfig
 
 TINY = dict(sequence_len=64, vocab_size=37, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)  # GQA on
 

@@ -69,7 +69,7 @@ def test_freeze_projector_steps_holds_the_projector_still():
         seen.append({n: p.detach().clone() for n, p in params.items()})
         return loss_fn(step)
 
-    train(params, watched, TrainConfig(steps=6, lr=0.1, freeze_steps=3, freeze_prefix="projector.", progress=False))
+    train(params, watched, TrainConfig(steps=6, lr=0.1, freeze_projector_steps=3, progress=False))
     # seen[s] = values before step s: steps 0, 1, 2 leave the projector alone, step 3 moves it
     assert all(torch.equal(seen[s]["projector.w"], seen[0]["projector.w"]) for s in range(4))
     assert not torch.equal(seen[4]["projector.w"], seen[0]["projector.w"])
@@ -101,7 +101,7 @@ def test_resume_is_bit_identical_with_frozen_and_skipped_steps(tmp_path):
         except Interrupted:
             return None, params
 
-    base = TrainConfig(steps=10, lr=0.05, warmup=2, freeze_steps=4, freeze_prefix="projector.", progress=False)
+    base = TrainConfig(steps=10, lr=0.05, warmup=2, freeze_projector_steps=4, progress=False)
     straight, p_ref = run(base)
     ckpt = replace(base, ckpt_every=3, ckpt_dir=str(tmp_path))
     run(ckpt, crash_at=7)
@@ -112,7 +112,7 @@ def test_resume_is_bit_identical_with_frozen_and_skipped_steps(tmp_path):
 
 
 def test_audio_path_stays_fp32_under_autocast(tiny_alignment):
-    from omni.speech_lm import collate_states
+    from omni.model.encoder import collate_states
 
     model = tiny_alignment.result.model
     rows = tiny_alignment.cache.select(split="test")[:2]
@@ -124,12 +124,13 @@ def test_audio_path_stays_fp32_under_autocast(tiny_alignment):
 
 
 def test_k_bit_without_cuda_is_refused_before_anything_loads(tmp_path):
-    from omni.align import AlignConfig, run_alignment
+    from omni.experiments import alignment
+    from omni.experiments.alignment import AlignConfig
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="load_in='4bit' needs CUDA"):  # refused when the config is built
-        run_alignment(AlignConfig(corpus=str(tmp_path / "corpus"), features=str(tmp_path / "features"),
+        alignment.run(AlignConfig(corpus=str(tmp_path / "corpus"), features=str(tmp_path / "features"),
                                   lm=str(tmp_path / "lm"), load_in="4bit", trainable="projector+lora", device="cpu"))
     assert not any(tmp_path.iterdir())  # no corpus, no cache, no LM was built
 
@@ -137,14 +138,14 @@ def test_k_bit_without_cuda_is_refused_before_anything_loads(tmp_path):
 def test_freeze_projector_steps_reaches_the_loop_from_align_config(tiny_alignment):
     """AlignConfig.freeze_projector_steps >= steps: the projector ends where it started, the layer mix moved.
     (MLflow gets every AlignConfig field, guards included, through omni.track.open_run.)"""
-    from omni.align import run_alignment
-    from omni.lm import load_lm
-    from omni.speech_lm import SpeechLM, SpeechLMConfig
+    from omni.experiments import alignment
+    from omni.model.lm import load_lm
+    from omni.model.speech_lm import SpeechLM, SpeechLMConfig
 
     cfg = replace(tiny_alignment.cfg, steps=3, eval_every=3, eval_clips=2, max_new_tokens=2, out="", freeze_projector_steps=3)
-    res = run_alignment(cfg, cache=tiny_alignment.cache)
+    res = alignment.run(cfg, cache=tiny_alignment.cache)
     gpt, tok = load_lm(cfg.lm)
-    torch.manual_seed(cfg.seed)  # run_alignment's own seeding, before it builds the audio path
+    torch.manual_seed(cfg.seed)  # alignment.run's own seeding, before it builds the audio path
     init = SpeechLM(gpt, tok, tiny_alignment.cache.n_states, tiny_alignment.cache.d_model,
                     SpeechLMConfig(cfg.layer, cfg.k, cfg.projector, cfg.prompt, cfg.prompt_position))
     for n, p in init.projector.state_dict().items():

@@ -13,12 +13,13 @@ import pytest
 
 from conftest import tiny_lm
 from test_bench import fake_cache, fake_rows
-from omni.bench import load_questions
 from omni.data.instructions import InstructionConfig, build_instructions
 from omni.data.manifest import write_manifest
-from omni.instruct import (
-    ASSISTANT, InstructConfig, answerer, assemble, build_model, conversation_batch, conversation_loss, encode,
-    read_conversations, run_instruct,
+from omni.eval.texture import load_questions
+from omni.experiments.trained import load_run
+from omni.experiments.tuning import (
+    ASSISTANT, TuningConfig, answerer, assemble, build_model, conversation_batch, conversation_loss, encode,
+    read_conversations, tune,
 )
 
 TASKS = ("gender", "style", "same_speaker", "last_word")
@@ -32,7 +33,7 @@ def setup(tmp_path_factory):
     for split in ("train", "val", "test"):
         write_manifest(root / "instr" / f"{split}.jsonl", sets[split])
     cache = fake_cache(root / "cache", rows, informative=True)
-    cfg = InstructConfig(instructions=str(root / "instr"), lm=str(tiny_lm(root / "lm")), layer="weighted",
+    cfg = TuningConfig(instructions=str(root / "instr"), lm=str(tiny_lm(root / "lm")), layer="weighted",
                          steps=12, batch_size=8, lr=3e-3, warmup=0, device="cpu")
     return root, rows, cache, cfg
 
@@ -80,31 +81,31 @@ def test_multi_turn_audio_in_place_and_assistant_only_loss(setup):
 
 def test_few_steps_lower_the_loss_save_and_bench(setup, capsys):
     root, rows, cache, cfg = setup
-    res = run_instruct(replace(cfg, out=str(root / "run"), eval_every=6, trainable="projector+lm"), cache=cache)
+    res = tune(replace(cfg, out=str(root / "run"), eval_every=6, trainable="projector+lm"), cache=cache)
     assert [e["step"] for e in res.history.evals] == [5, 11] and res.history.evals[-1]["val_loss"] == res.val_loss
     first, last = sum(res.history.loss[:3]) / 3, sum(res.history.loss[-3:]) / 3
     assert last < first - 0.1, res.history.loss
     assert res.val_loss == res.val_loss and res.val_loss < 10
     assert (root / "run" / "audio_path.safetensors").is_file() and (root / "run" / "lm" / "model.safetensors").is_file()
 
-    # the saved run reloads as it was, and `omni bench` scores it with its three baselines
+    # the saved run reloads as it was (the one loader of trained runs), and `omni texture` scores it with its three baselines
     from omni.cli import main
-    from omni.instruct import load_instructed
 
-    loaded, _, _ = load_instructed(root / "run")
+    loaded, _ = load_run(root / "run")
     qs = load_questions(root / "instr" / "test.jsonl", check_audio=False)
     assert answerer(loaded, cache)(qs[:5]) == answerer(res.model, cache)(qs[:5])
-    assert main(["bench", "--run", str(root / "run"), "--out", str(root / "bench"), "--max-per-task", "3"]) == 0
+    assert main(["texture", "--run", str(root / "run"), "--out", str(root / "bench"), "--bench-per-task", "3"]) == 0
     printed = capsys.readouterr().out
     assert "texture" in printed and "linear probe" in printed
     scores = json.loads((root / "bench" / "scores.json").read_text())["scores"]
     assert set(scores) == {"model", "transcript only (reference)", "shuffled audio", "linear probe"}
     assert scores["model"]["gender"]["n"] == min(3, sum(q["task"] == "gender" for q in qs)) == scores["linear probe"]["gender"]["n"]
     assert "transcribe" not in scores["linear probe"] and (root / "bench" / "bench.png").stat().st_size > 1000
-    assert main(["bench", "--run", str(root)]) == 2  # not a run folder: one line, exit 2
+    assert main(["bench", "--run", str(root)]) == 2  # not a run folder: one line, exit 2 (and `bench`, the old name, still works)
+    assert "`bench` is now `texture`" in capsys.readouterr().err
     # --features: the questions' clips from another cache (a separate test corpus); one lacking them is refused
     small = fake_cache(root / "bench_small_cache", rows[:3], informative=False)
-    assert main(["bench", "--run", str(root / "run"), "--out", str(root / "bench2"), "--features", str(small.path)]) == 2
+    assert main(["texture", "--run", str(root / "run"), "--out", str(root / "bench2"), "--features", str(small.path)]) == 2
     assert "not in the feature cache" in capsys.readouterr().err
 
 
@@ -140,34 +141,33 @@ def test_projector_only_keeps_the_lm_and_bad_input(setup):
     model = build_model(cfg, cache, torch.device("cpu"))
     before = {k: v.clone() for k, v in model.gpt.state_dict().items()}
     proj = model.projector.fc2.weight.detach().clone()
-    run_instruct(replace(cfg, trainable="projector", steps=3, out=""), cache=cache, model=model)
+    tune(replace(cfg, trainable="projector", steps=3, out=""), cache=cache, model=model)
     assert all(torch.equal(before[k], v) for k, v in model.gpt.state_dict().items())
     assert not torch.equal(proj, model.projector.fc2.weight)
     with pytest.raises(ValueError, match="trainable"):
-        run_instruct(replace(cfg, trainable="lora"), cache=cache)
-    with pytest.raises(ValueError, match="trainable"):  # changed after construction: run_instruct checks again
+        tune(replace(cfg, trainable="lora"), cache=cache)
+    with pytest.raises(ValueError, match="trainable"):  # changed after construction: tune checks again
         bad = replace(cfg)
         bad.trainable = "lora"
-        run_instruct(bad, cache=cache)
+        tune(bad, cache=cache)
     with pytest.raises(ValueError, match=r"train.jsonl: row 1 is \d+ tokens with its audio, over the LM's sequence_len=16"):
         model.gpt.config.sequence_len = 16
-        run_instruct(cfg, cache=cache, model=model)
+        tune(cfg, cache=cache, model=model)
     small = fake_cache(root / "small_cache", rows[:4], informative=False)
     with pytest.raises(ValueError, match="not in the feature cache"):
-        run_instruct(cfg, cache=small)
+        tune(cfg, cache=small)
 
 
 def test_lora_adapters_train_the_base_stays_bit_identical_and_round_trip(setup):
     """The default, projector+lora: peft adapters on attention + MLP train, every base weight of the LM
     stays bit-identical, only the adapters are saved, and the reloaded run answers exactly as the trained one."""
-    from omni.gpt import GPT
-    from omni.instruct import load_instructed
-    from omni.lm import GPT_TARGETS, lora_parameters
+    from omni.model.gpt import GPT
+    from omni.model.lm import GPT_TARGETS, lora_parameters
 
     root, rows, cache, cfg = setup
-    assert InstructConfig().trainable == "projector+lora" and cfg.trainable == "projector+lora"
+    assert TuningConfig().trainable == "projector+lora" and cfg.trainable == "projector+lora"
     base = GPT.load(cfg.lm).state_dict()
-    res = run_instruct(replace(cfg, out=str(root / "lora_run"), steps=8), cache=cache)
+    res = tune(replace(cfg, out=str(root / "lora_run"), steps=8), cache=cache)
     lora = lora_parameters(res.model.gpt)
     # adapters on every attention and MLP projection of the one block (c_proj is in both), A and B each
     modules = {n.split(".lora_")[0] for n in lora}
@@ -181,13 +181,13 @@ def test_lora_adapters_train_the_base_stays_bit_identical_and_round_trip(setup):
     assert (out / "lora.safetensors").is_file() and (out / "lora.json").is_file() and not (out / "lm").exists()
     assert json.loads((out / "audio_path.json").read_text())["lm"] == str(Path(cfg.lm).resolve())
 
-    loaded, _, meta = load_instructed(out)
+    loaded, meta = load_run(out)
     assert meta["instruct"]["lora_rank"] == 16 and set(lora_parameters(loaded.gpt)) == set(lora)
     qs = load_questions(root / "instr" / "test.jsonl", check_audio=False)[:8]
     got = answerer(res.model, cache, max_new_tokens=6)(qs)
     assert answerer(loaded, cache, max_new_tokens=6)(qs) == got
     # and the adapters matter: the same run without them answers differently
-    bare, _, _ = load_instructed(out)
+    bare, _ = load_run(out)
     with torch.no_grad():
         for n, p in lora_parameters(bare.gpt).items():
             if "lora_B" in n:
@@ -211,4 +211,4 @@ def test_config_refuses_bad_values_naming_the_parameter(field, value, message):
     from omni.params import ParamError
 
     with pytest.raises((ParamError, ValueError), match=message):
-        InstructConfig(**{field: value})
+        TuningConfig(**{field: value})

@@ -1,6 +1,6 @@
-"""omni.lm: one interface over three backbones (omni GPT folder, nanochat checkpoint, Hugging Face
+"""omni.model.lm: one interface over three backbones (omni GPT folder, nanochat checkpoint, Hugging Face
 causal LM). Each loads from disk, keeps omni's left-padding semantics, decodes the same with and
-without its KV cache, and takes an aligned projector through omni.align unchanged.
+without its KV cache, and takes an aligned projector through omni.experiments.alignment unchanged.
 A nanochat tokenizer pickle that tries to run code is refused."""
 
 import os
@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import tiny_hf_lm, tiny_lm, tiny_nanochat
 
-from omni.lm import lm_kind, load_lm
+from omni.model.lm import lm_kind, load_lm
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_load_lm_recognises_the_folder(backbones, kind):
 
 
 def test_nanochat_weights_map_onto_omni_gpt_exactly(backbones, tmp_path):
-    from omni.gpt import GPT
+    from omni.model.gpt import GPT
 
     lm, tok = load_lm(backbones["nanochat"])
     assert isinstance(lm, GPT) and lm.config.vocab_size == tok.vocab_size == 265  # padding (320) cropped
@@ -91,7 +91,7 @@ class Evil:
 def test_malicious_tokenizer_pickle_is_refused(backbones, tmp_path, monkeypatch):
     import shutil
 
-    from omni.nanochat import NanochatTokenizer
+    from omni.model.nanochat import NanochatTokenizer
 
     mark = tmp_path / "pwned"
     monkeypatch.setenv("OMNI_EVIL_MARK", str(mark))
@@ -159,16 +159,16 @@ def test_k_bit_is_refused_without_cuda_before_loading(tmp_path):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_alignment_runs_on_every_backbone(tiny_alignment, backbones, kind, tmp_path):
-    """A few projector steps into each LM through omni.align, then greedy decoding (cached == uncached)."""
-    from omni.align import run_alignment
-    from omni.speech_lm import collate_states
+    """A few projector steps into each LM through omni.experiments.alignment, then greedy decoding (cached == uncached)."""
+    from omni.experiments.alignment import run as run_alignment
+    from omni.model.encoder import collate_states
 
     cfg = replace(tiny_alignment.cfg, lm=str(backbones[kind]), steps=4, eval_every=4, eval_clips=2, layer="last",
                   max_new_tokens=6, out="")
     res = run_alignment(cfg, cache=tiny_alignment.cache)
     assert len(res.history.loss) == 4 and all(torch.isfinite(torch.tensor(res.history.loss)))
     assert res.history.loss[-1] < res.history.loss[0]  # the projector learned something
-    assert len(res.test["hyps"]) == len(res.test["refs"]) > 0
+    assert len(res.test.hyps) == len(res.test.refs) > 0
     model = res.model
     rows = tiny_alignment.cache.select(split="test")[:3]
     hidden, lengths = collate_states([s.float() for s in tiny_alignment.cache.load_states(rows)])
@@ -180,7 +180,7 @@ def test_alignment_runs_on_every_backbone(tiny_alignment, backbones, kind, tmp_p
 
 
 def test_hub_ids_and_missing_local_folders_are_told_apart(tmp_path, monkeypatch):
-    from omni.lm import is_hub_id
+    from omni.model.lm import is_hub_id
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mine").mkdir()
@@ -192,7 +192,7 @@ def test_hub_ids_and_missing_local_folders_are_told_apart(tmp_path, monkeypatch)
 @pytest.mark.parametrize("kind", KINDS)
 def test_save_lm_round_trips(backbones, kind, tmp_path):
     """What a projector+lm run writes as its own LM copy loads back to the same model and tokenizer."""
-    from omni.lm import save_lm
+    from omni.model.lm import save_lm
 
     lm, tok = load_lm(backbones[kind])
     lm.eval()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_hf_lm, tiny_lm
 
-from omni.lm import LoraSpec, add_lora, load_lm, load_lora, lora_parameters, merge_lora, save_lora
+from omni.model.lm import LoraSpec, add_lora, load_lm, load_lora, lora_parameters, merge_lora, save_lora
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +64,12 @@ def test_lora_targets_that_name_nothing_are_refused(lms):
 
 
 def test_alignment_with_lora_trains_adapters_not_the_base(tiny_alignment, lms, tmp_path):
-    from omni.align import load_aligned, run_alignment
+    from omni.experiments import alignment
+    from omni.experiments.trained import load_run
 
     cfg = replace(tiny_alignment.cfg, lm=str(lms["hf"]), trainable="projector+lora", lora_rank=4, steps=3,
                   eval_every=3, eval_clips=2, max_new_tokens=4, out=str(tmp_path / "run"))
-    res = run_alignment(cfg, cache=tiny_alignment.cache)
+    res = alignment.run(cfg, cache=tiny_alignment.cache)
     original, _ = load_lm(lms["hf"])
     trained = res.model.gpt
     after = {n.replace(".base_layer", ""): p for n, p in trained.named_parameters() if "lora_" not in n}
@@ -77,6 +78,6 @@ def test_alignment_with_lora_trains_adapters_not_the_base(tiny_alignment, lms, t
     lora = lora_parameters(trained)
     assert any(p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)  # the adapters moved
     assert (tmp_path / "run" / "lora.safetensors").exists()
-    model, _, _ = load_aligned(tmp_path / "run")
+    model, _ = load_run(tmp_path / "run")
     for n, p in lora_parameters(model.gpt).items():
         assert torch.equal(p, lora[n])

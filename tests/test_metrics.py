@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from omni.alignment_stats import (
+from omni.eval.embedding_stats import (
     cosine,
     linear_cka,
     nearest_tokens,
@@ -15,8 +15,8 @@ from omni.alignment_stats import (
     rms,
     rowwise_cosine,
 )
-from omni.metrics import cer, normalize_text, per_utterance_wer, wer
-from omni.probes import AttentionPool, _pad, attention_probe, linear_probe, mean_pool
+from omni.eval.metrics import cer, normalize_text, per_utterance_wer, wer
+from omni.eval.probes import AttentionPool, _pad, attention_probe, linear_probe, mean_pool
 
 # --------------------------------------------------------------------------------- WER / CER
 
@@ -293,7 +293,7 @@ def test_nearest_tokens() -> None:
 
 
 def test_compression_ratio_flags_loops_not_sentences() -> None:
-    from omni.metrics import compression_ratio
+    from omni.model.speech_lm import compression_ratio
 
     assert compression_ratio("") == 0.0
     assert compression_ratio("the more " * 20) > 2.4  # a repetition loop
@@ -302,7 +302,7 @@ def test_compression_ratio_flags_loops_not_sentences() -> None:
 
 
 def test_median_wer_and_summary_hand_computed() -> None:
-    from omni.metrics import median_wer, wer_summary
+    from omni.eval.metrics import median_wer, wer_summary
 
     refs, hyps = ["a b c d", "a b", "a b c"], ["a b c d", "x b", "a x x"]  # per clip 0, 1/2, 2/3
     assert median_wer(refs, hyps) == 0.5
@@ -313,7 +313,7 @@ def test_median_wer_and_summary_hand_computed() -> None:
 
 
 def test_grouped_wer_hand_computed() -> None:
-    from omni.metrics import grouped_wer
+    from omni.eval.metrics import grouped_wer
 
     refs, hyps = ["a b c d", "a b", "a b c", "x y"], ["a b c d", "x b", "a x x", ""]
     got = grouped_wer(refs, hyps, ["normal", "whisper", "normal", "whisper"])

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from omni.gpt import KVCache
-from omni.lm import lm_kind, load_lm
-from omni.nanochat import recognise
+from omni.model.gpt import KVCache
+from omni.model.lm import lm_kind, load_lm
+from omni.model.nanochat import recognise
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nanochat"
 COMMITS = sorted(d.name for d in FIXTURES.iterdir() if (d / "expected.json").exists())

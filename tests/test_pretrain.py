@@ -1,5 +1,5 @@
-"""omni.pretrain on a tiny setting (depth 1, 300-token BPE, 32-token windows, 8 steps, Sherlock only):
-the LM folder loads through omni.lm.load_lm and gives the same logits, bits per byte is sane and
+"""omni.experiments.pretrain_lm on a tiny setting (depth 1, 300-token BPE, 32-token windows, 8 steps, Sherlock only):
+the LM folder loads through omni.model.lm.load_lm and gives the same logits, bits per byte is sane and
 right on a known answer, the speech corpus's held-out sentences never reach the LM, a seed fixes the
 run, and under torchrun (2 processes, gloo) the ranks stay identical because gradients are averaged."""
 
@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 from omni import track
-from omni.lm import load_lm
 from omni.data import text
 from omni.data.synth import held_out_sentences
-from omni.gpt import GPT, GPTConfig
-from omni.pretrain import (GAP_MAX, SPAN_MAX, SPAN_MIN, PretrainConfig, bits_per_byte, copy_test, corpus, draw_windows, induction_share,
-                           pretrain, random_copy)
-from omni.tokenizer import BPETokenizer, ByteTokenizer
+from omni.experiments.pretrain_lm import (GAP_MAX, SPAN_MAX, SPAN_MIN, PretrainConfig, bits_per_byte, copy_test, corpus, draw_windows,
+                                          induction_share, pretrain, random_copy)
+from omni.model.gpt import GPT, GPTConfig
+from omni.model.lm import load_lm
+from omni.model.tokenizer import BPETokenizer, ByteTokenizer
 
 TINY = dict(sources="sherlock", vocab_size=300, depth=1, sequence_len=32, batch_size=4, steps=8, warmup=2,
             eval_every=4, eval_tokens=512, device="cpu", seed=0)
@@ -108,12 +108,13 @@ def test_bad_parameters_are_named_before_training(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-# Runs `python -m omni.pretrain`'s main() in each torchrun process, keeping what that rank trained.
+# Runs `python -m omni.experiments.pretrain_lm`'s main() in each torchrun process, keeping what that rank trained.
 SPY = r"""
 import json, os, sys
 import torch
 from safetensors.torch import save_file
-from omni import pretrain as P, train as T
+from omni import train as T
+from omni.experiments import pretrain_lm as P
 
 out, mode = sys.argv[1], sys.argv[2]
 if mode == "no-average":

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from omni.projector import Projector, ProjectorConfig
-from omni.speech_lm import collate_states, left_pad
+from omni.model.encoder import collate_states
+from omni.model.projector import Projector, ProjectorConfig
+from omni.model.speech_lm import left_pad
 
 
 @pytest.mark.parametrize("kind", ["stack", "conv", "avg"])

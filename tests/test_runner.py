@@ -8,8 +8,8 @@ import pytest
 
 from omni import track
 from omni.cli import main
-from omni.experiment import ExperimentError, grid_points, load_experiment, parse_overrides
-from omni.runner import run_experiment
+from omni.run.experiment import ExperimentError, grid_points, load_experiment, parse_overrides
+from omni.run.runner import run_experiment
 
 NOTEBOOK = '''# %% tags=["parameters"]
 x = 1
@@ -214,8 +214,8 @@ def test_empty_grid_from_the_command_line_is_refused(project, capsys):
 
 
 def test_report_folders_never_collide_and_index_lists_unreadable_ones(project):
-    from omni.index import write_index
-    from omni.runner import new_report_dir
+    from omni.run.index import write_index
+    from omni.run.runner import new_report_dir
 
     a, b = new_report_dir(Path("reports/e"), "s"), new_report_dir(Path("reports/e"), "s")
     assert a != b and a.is_dir() and b.is_dir()

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from omni import track
-from omni.runner import run_experiment
+from omni.run.runner import run_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 HEADLINE = yaml.safe_load((REPO / "experiments/smoke.yaml").read_text())["headline"]
@@ -55,7 +55,7 @@ def test_smoke_passes_and_reports(smoke):
     html = (r.report_dir / "report.html").read_text()
     assert "PASS: loss drop" in html and "audio adds" in html and "control final loss" in html and "captions decoded exactly" in html
     assert html.count('src="data:image/png;base64') == 1  # the loss figure (both curves), shown once
-    assert "run_smoke" not in html  # code hidden
+    assert "smoke.run(" not in html  # code hidden
     assert "IProgress" not in html and "Warning" not in html  # no warning boxes heading the report
     summary = json.loads((r.report_dir / "summary.json").read_text())
     assert summary["status"] == "FINISHED" and set(summary["headline"]) == set(HEADLINE)

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from omni.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+from omni.model.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
 
 # A few hundred English sentences, generated from a seeded grammar (no data files needed).
 _SUBJ = ["the cat", "a young woman", "my brother", "the old sailor", "every student", "the doctor", "she", "he", "they"]

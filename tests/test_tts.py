@@ -1,4 +1,4 @@
-"""omni.tts: espeak-ng through ctypes, offline and deterministic; word timing (espeak events, letter counts)."""
+"""omni.data.tts: espeak-ng through ctypes, offline and deterministic; word timing (espeak events, letter counts)."""
 
 import multiprocessing as mp
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from omni import tts
+from omni.data import tts
 
 TEXT = "She sells seashells by the sea shore every summer morning."
 

@@ -11,7 +11,7 @@ Design choices:
   call finds `index.json` and does nothing. Change any input and a new key (a new folder) appears.
 - Every clip is checked before anything is encoded or written: the manifest reader checks rows and
   headers (missing, undecodable, empty, too short, too long), and the pass that reads each clip's
-  bytes for the key also decodes them from memory for NaN/inf and silence (omni.audio.check_file),
+  bytes for the key also decodes them from memory for NaN/inf and silence (omni.data.audio.check_file),
   so no file is read more often than before the checks (on the 3,300-clip default corpus the
   checks added 2.6% of the encoding time: benchmarks/bench_checks.py). Without skip_bad every problem is raised
   at once (ManifestError, `manifest:line: clip: reason`, nothing written); with skip_bad the bad
@@ -48,14 +48,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from omni import audio
 from omni.common import atomic_save, atomic_write, file_lock
 from omni.common import progress as progress_bar  # the parameters here are called `progress`
+from omni.data import audio
 from omni.data.manifest import Example, Problem, read_manifest
+from omni.model import mel
+from omni.model.encoder import MODES, WhisperEncoder, collate_states
 
 FORMAT_VERSION = 1
 CLIPS_PER_SHARD = 256
-MODES = ("var", "pad30")  # WhisperEncoder.forward's modes
 
 
 def _hash_file(path: Path, h) -> None:
@@ -88,7 +89,7 @@ def cache_key(examples: Sequence[Example], encoder_fp: str, mode: str) -> str:
 def check_and_key(
     examples: Sequence[Example], encoder_fp: str, mode: str, progress: bool = False
 ) -> tuple[str, list[Example], list[Problem]]:
-    """Read each clip once: decode its bytes for the content check (omni.audio.check_file) and hash
+    """Read each clip once: decode its bytes for the content check (omni.data.audio.check_file) and hash
     the good ones. Returns (cache_key(good), good, problems), each problem `manifest:line: clip: reason`."""
     h = _key_hash(encoder_fp, mode)
     good: list[Example] = []
@@ -197,8 +198,6 @@ class FeatureCache:
         Clips are sorted by length and cut into batches (little padding); the batch ORDER is
         shuffled with `seed`. Pass `states` (from load_states(rows, layers)) to avoid re-reading.
         """
-        from omni.speech_lm import collate_states
-
         states = states if states is not None else self.load_states(rows, layers)
         order = sorted(range(len(rows)), key=lambda j: self.rows[rows[j]]["frames"])
         chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -232,8 +231,6 @@ def build_features(
 
     Every row and clip is checked first (see the module docstring); without skip_bad any problem
     raises ManifestError listing them all, before anything is written."""
-    from omni.encoder import WhisperEncoder
-
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     m = read_manifest(manifest, check_content=False, settle=False)  # content: below, in the key's read
@@ -306,7 +303,7 @@ def _build(examples: list[Example], path: Path, key: str, manifest: Path, encode
         "mode": mode,
         "n_states": encoder.n_states,
         "d_model": encoder.d_model,
-        "frames_per_second": audio.SAMPLE_RATE / audio.HOP_LENGTH / 2,
+        "frames_per_second": mel.SAMPLE_RATE / mel.HOP_LENGTH / 2,
         "rows": rows,
     }
     atomic_write(path / "index.json", json.dumps(index))  # last: its presence means the cache is complete

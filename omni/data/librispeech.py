@@ -10,7 +10,7 @@ Design choices:
   found with rglob, and the folder above the speaker's is recorded as the `subset` label.
 - Transcripts are checked whole before anything is written: a malformed line, an id that does not
   belong to its file, a duplicate id or an entry without its flac is an error naming file:line, all
-  collected into one ManifestError. So is a flac that Whisper could not take (omni.audio.check_file:
+  collected into one ManifestError. So is a flac that Whisper could not take (omni.data.audio.check_file:
   undecodable, empty, NaN/inf, silent, too short, over 30 s), as `trans.txt:line: flac: reason`:
   every flac is decoded once here (LibriSpeech is 16 kHz, so no resampling), and the manifest that
   comes out holds only clips that encode. skip_bad leaves those rows out and prints every one. A flac without a transcript line is only counted and warned
@@ -25,7 +25,7 @@ import re
 import warnings
 from pathlib import Path
 
-from omni import audio
+from omni.data import audio
 from omni.data.manifest import ManifestError, Problem, write_manifest
 
 _GENDER = {"F": "female", "M": "male"}

@@ -13,7 +13,7 @@ Design choices:
 - Relative audio paths are relative to the manifest's folder, so a corpus folder can be moved or
   copied whole; absolute paths are allowed (a manifest beside data that lives elsewhere).
 - Validation happens before any work: every line is checked (JSON, shape, fields) and every clip
-  with omni.audio: from its header (exists, readable, not empty, not too short for Whisper's conv
+  with omni.data.audio: from its header (exists, readable, not empty, not too short for Whisper's conv
   stack, not over max_seconds) and, with check_content (default), from its samples (decodes, no
   NaN/inf, not silent). All problems are collected, so a user fixes a file in one pass instead of
   one crash per bad line, and a clip that would stop an encoding job midway is found up front.
@@ -34,8 +34,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omni import audio
 from omni.common import atomic_write
+from omni.data import audio
 
 USER_ROLES = {"user", "human"}
 ASSISTANT_ROLES = {"assistant", "gpt"}
@@ -218,7 +218,7 @@ def read_manifest(
 
     check_audio: every referenced clip must exist and its header be readable, not empty, not too
     short and at most max_seconds (None: no limit); Example.duration is filled from the header.
-    check_content: also decode every clip and refuse NaN/inf and silence (omni.audio.check_file);
+    check_content: also decode every clip and refuse NaN/inf and silence (omni.data.audio.check_file);
     only with check_audio. skip_bad: keep the good rows and return the problems (with a warning)
     instead of raising. settle=False: neither raise nor warn; a caller that adds its own checks
     calls `Manifest.settle(skip_bad)` once it has them all.

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omni import audio
+from omni.data import audio
 
 SMOKE_MANIFEST = Path("data/audio_smoke/manifest.jsonl")
 KINDS = ("steady", "sweep", "beeps", "tremolo", "chord")

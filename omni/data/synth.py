@@ -40,7 +40,7 @@ Other design choices:
   an interrupted run leaves no half file and the next run resumes. Manifests are rebuilt from the
   plan each run (and only rewritten if they changed).
 - Worker processes use the spawn start method (safe with torch and threads); espeak-ng runs as a
-  fresh library instance per utterance (see omni.tts), so outputs are deterministic.
+  fresh library instance per utterance (see omni.data.tts), so outputs are deterministic.
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ from pathlib import Path
 import soundfile as sf
 from tqdm import tqdm
 
+from omni.common import atomic_save
+from omni.data import audio, tts
 from omni.data import text as text_source
 from omni.data.manifest import read_manifest, write_manifest
 
@@ -154,8 +156,6 @@ def _bucket(value: int, lo: int, hi: int, names: tuple[str, str, str]) -> str:
 
 
 def _check(cfg: SynthConfig) -> None:
-    from omni import tts
-
     for name in ("rate", "pitch", "pitch_range"):
         lo, hi = getattr(cfg, name)
         if not lo <= hi:
@@ -169,7 +169,7 @@ def _check(cfg: SynthConfig) -> None:
         raise ValueError(f"unknown accents {unknown}; English voices: {tts.list_english_voices()}")
     unknown = sorted(set(cfg.variants) - set(tts.list_variants()))
     if unknown:
-        raise ValueError(f"unknown voice variants {unknown}; see omni.tts.list_variants()")
+        raise ValueError(f"unknown voice variants {unknown}; see omni.data.tts.list_variants()")
     if not set(cfg.heldout_variants) <= set(cfg.variants):
         raise ValueError(f"heldout_variants {cfg.heldout_variants} must be among variants {cfg.variants}")
     for group, vs in (("held-out", cfg.heldout_variants), ("seen", [v for v in cfg.variants if v not in cfg.heldout_variants])):
@@ -275,9 +275,6 @@ def plan(cfg: SynthConfig) -> list[Clip]:
 
 def _render(job: tuple[str, str, str, int, int, int]) -> tuple[str, int]:
     """Synthesize one clip and write it atomically; runs in a worker process."""
-    from omni import audio, tts
-    from omni.common import atomic_save
-
     path, sentence, voice, rate, pitch, prange = job
     wave = tts.synthesize(sentence, voice=voice, rate=rate, pitch=pitch, pitch_range=prange)
     atomic_save(path, lambda tmp: audio.save(tmp, wave))

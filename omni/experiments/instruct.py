@@ -1,0 +1,225 @@
+"""The instruct experiment (issue 12, notebook 07): instruction tuning on texture, then the texture
+benchmark on two test sets.
+
+`benchmark` asks an instruction-tuned model (omni.experiments.tuning) the benchmark's questions, beside the
+three baselines on the very same questions (omni.eval.texture: transcript-only, shuffled audio, the linear
+probe), and scores transcription through the chat format. `run` is notebook 07's one call: instruction
+data and the hard test set when missing, instruction tuning, both test sets benchmarked.
+`benchmark_run` is `omni texture`: the benchmark of a run trained earlier.
+
+Design choices:
+- The hard set (split `test_hard`, omni.data.synth) lives in a corpus and feature cache of its own;
+  the probe still fits on the training corpus's cache and reads the hard clips from theirs.
+- Transcription through chat is scored with the alignment yardstick's normalisation and clear-speech
+  split, so it compares with the alignment recipe's WER.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from omni.common import atomic_write
+from omni.data.features import FeatureCache, build_features
+from omni.data.instructions import InstructionConfig, load_corpus_rows, write_instructions
+from omni.data.synth import HARD, SynthConfig, build_corpus
+from omni.eval import metrics, texture
+from omni.eval.yardstick import whisper_hyps
+from omni.experiments.trained import load_run, run_cache, run_meta
+from omni.experiments.tuning import TuningConfig, TuningResult, answerer, tune
+from omni.model.speech_lm import SpeechLM
+from omni.params import require, require_choice
+from omni.track import NullTracker, Tracker
+
+TRANSCRIPTS = ("reference", "whisper")  # what the transcript-only baseline reads: the corpus text, or Whisper's transcripts
+
+
+@dataclass
+class BenchmarkResult:
+    results: dict  # {answerer name: {task: omni.eval.texture.TaskScore}}
+    transcribe: dict[str, float]  # WER of the chat transcripts: wer, median_wer, clear_wer, clear_median_wer, n, n_clear
+    n_questions: int
+
+
+def benchmark(model: SpeechLM, cache: FeatureCache, questions: list[dict], clips: FeatureCache | None = None,
+              transcripts: str = "reference", encoder: str = "tiny.en", seed: int = 0) -> BenchmarkResult:
+    """The model and the three baselines on `questions`; the linear probe fits on `cache`'s train split,
+    the questions' clips come from `clips` (default `cache`; another cache for a separate test corpus).
+
+    transcripts: "reference" (the corpus text: a perfect transcriber, the strictest text-only
+    baseline) or "whisper" (Whisper's own greedy transcripts; slow on CPU)."""
+    require_choice("transcripts", transcripts, TRANSCRIPTS)
+    clips = clips or cache
+    row_of = {r["labels"].get("clip_id"): i for i, r in enumerate(clips.rows)}
+    ids = sorted({c for q in questions for c in q["clip_ids"]})
+    missing = [c for c in ids if c not in row_of]
+    if missing:
+        raise ValueError(f"{len(missing)} question clip(s) not in the feature cache {clips.path}, e.g. {missing[0]}")
+    if transcripts == "whisper":
+        text = dict(zip(ids, whisper_hyps(clips, [row_of[c] for c in ids], encoder)))
+    else:
+        text = {c: clips.rows[row_of[c]]["text"] for c in ids}
+    ask = answerer(model, clips)
+    predictions = texture.ask(questions, ask)
+    results = {
+        texture.MODEL: texture.score(questions, predictions, seed=seed),
+        f"{texture.TEXT} ({transcripts})": texture.run_benchmark(texture.transcript_questions(questions, text), ask, seed=seed),
+        texture.SHUFFLED: texture.run_benchmark(texture.shuffled_questions(questions, seed), ask, seed=seed),
+        texture.PROBE: texture.run_benchmark(questions, texture.probe_answerer(cache, questions, seed=seed, clips=clips), seed=seed),
+    }
+    return BenchmarkResult(results, transcription_wer(questions, predictions, clips), len(questions))
+
+
+def transcription_wer(questions: list[dict], predictions: list, cache: FeatureCache) -> dict[str, float]:
+    """WER of the answers to the transcription questions (chat transcripts), on all of them and on
+    clear speech (style "normal", as omni.eval.yardstick), corpus and median; {} without such questions."""
+    idx = [i for i, q in enumerate(questions) if q["task"] == "transcribe"]
+    if not idx:
+        return {}
+    style = {r["labels"].get("clip_id"): r["labels"].get("style", "normal") for r in cache.rows}
+    refs, hyps = [questions[i]["answer"] for i in idx], [predictions[i] or "" for i in idx]
+    clear = [j for j, i in enumerate(idx) if style.get(questions[i]["clip_ids"][0], "normal") == "normal"]
+    out = {"n": float(len(idx)), "wer": metrics.wer(refs, hyps), "median_wer": metrics.median_wer(refs, hyps), "n_clear": float(len(clear))}
+    if clear:
+        c_refs, c_hyps = [refs[j] for j in clear], [hyps[j] for j in clear]
+        out |= {"clear_wer": metrics.wer(c_refs, c_hyps), "clear_median_wer": metrics.median_wer(c_refs, c_hyps)}
+    return out
+
+
+def save_benchmark(res: BenchmarkResult, out: str | Path, title: str = ""):
+    """OUT/scores.json and OUT/bench.png; returns the figure."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "scores.json", json.dumps({"scores": {k: {t: asdict(v) for t, v in r.items()} for k, r in res.results.items()},
+                                                  "transcribe": res.transcribe, "n_questions": res.n_questions}, indent=1))
+    fig = texture.plot_scores(res.results, title=title or f"texture benchmark: {res.n_questions} questions")
+    fig.savefig(out / "bench.png", dpi=110)
+    return fig
+
+
+def benchmark_run(run: str | Path, out: str | Path, questions: str | Path = "", transcripts: str = "reference",
+                  device: str = "cpu", bench_per_task: int = 0, seed: int = 0, features: str | Path = "") -> dict:
+    """The benchmark on an instruction-tuned run: the model, and on the same questions the transcript-only
+    LM (the same model, no audio), shuffled audio and the linear-probe ceiling. Writes OUT/scores.json
+    and OUT/bench.png; returns {answerer: {task: TaskScore}}.
+
+    features: the feature cache holding the questions' clips when it is not the run's own (a
+    separate test corpus such as test_hard); the probe still fits on the run's cache.
+    bench_per_task: questions per task (a seeded subsample); 0 = all.
+    """
+    require_choice("transcripts", transcripts, TRANSCRIPTS)
+    _, meta = run_meta(run, "--run")
+    if "instruct" not in meta:
+        raise FileNotFoundError(f"--run {run}: not an instruction-tuned run (its audio_path.json was not written by omni.experiments.tuning)")
+    model, meta = load_run(run, device, "--run")
+    cache = run_cache(meta)
+    clips = FeatureCache.open(features) if features else cache
+    qs = texture.load_questions(questions or Path(meta["instructions"]) / "test.jsonl", check_audio=False,
+                                max_per_task=bench_per_task or None, seed=seed)
+    res = benchmark(model, cache, qs, clips, transcripts, meta.get("encoder", "tiny.en"), seed)
+    fig = save_benchmark(res, out, title=f"texture benchmark: {len(qs)} questions, {Path(run).name}")
+    plt.close(fig)
+    return res.results
+
+
+# --- the experiment: data, training, the benchmark on two test sets -----------------------------
+
+
+@dataclass
+class InstructConfig(TuningConfig):
+    corpus: str = "data/synth"  # synth corpus the instructions are built from when `instructions` lacks train.jsonl
+    hard_corpus: str = "data/synth_hard"  # the hard test corpus (split test_hard), rendered from `corpus`'s config if missing
+    hard_clips: int = 300  # clips of the hard corpus when it is built; 0 = no hard set
+    hard_features: str = "cache/features"  # feature cache root for the hard corpus
+    encoder: str = "tiny.en"  # Whisper source of the features (the hard corpus's are built with it)
+    bench_per_task: int = 40  # questions per task in each benchmark (a seeded subsample); 0 = all
+    transcripts: str = "reference"  # transcript-only baseline's text: reference (a perfect transcriber) | whisper
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("hard_clips", "bench_per_task"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        require_choice("transcripts", self.transcripts, TRANSCRIPTS)
+
+
+@dataclass
+class InstructResult:
+    config: InstructConfig
+    tuning: TuningResult
+    benches: dict[str, BenchmarkResult]  # "test" (held-out voices), "test_hard" (voices made differently)
+    metrics: dict[str, float]
+
+
+def corpus_config(corpus: str | Path, **changes) -> SynthConfig:
+    """The SynthConfig a corpus was built with (its config.json; older key names read too), with `changes`."""
+    f = Path(corpus) / "config.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: no corpus config (build the corpus with `omni data synth --out {corpus}`)")
+    raw = json.loads(f.read_text())["config"]
+    if "n_sentences" in raw:  # the field's earlier name
+        raw["sentences"] = raw.pop("n_sentences")
+    names = {f.name for f in fields(SynthConfig)}
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names}
+    return SynthConfig(**(kw | changes))
+
+
+def prepare_hard(cfg: InstructConfig, progress: bool = False) -> FeatureCache | None:
+    """The hard test set: its corpus (test sentences of `corpus`, held-out variants, rate/pitch outside
+    the training ranges; omni.data.synth), its questions (instructions/test_hard.jsonl, the options of
+    `corpus`) and its features, each built when missing. None when hard_clips is 0."""
+    if not cfg.hard_clips:
+        return None
+    hard = Path(cfg.hard_corpus)
+    if not (hard / "manifest.jsonl").is_file():
+        build_corpus(corpus_config(cfg.corpus, out=str(hard), hard_clips=cfg.hard_clips, only=(HARD,), workers=2))
+    # never a sentence the model trained on: every hard sentence must be one of the corpus's test sentences
+    test_texts = {r["text"] for r in load_corpus_rows(cfg.corpus) if r["split"] == "test"}
+    stray = [r["text"] for r in load_corpus_rows(hard) if r["text"] not in test_texts]
+    if stray:
+        raise ValueError(f"{hard}: {len(stray)} clip(s) speak a sentence that is not in {cfg.corpus}'s test split, e.g. {stray[0]!r} "
+                         f"(built from another corpus config? parameter `hard_corpus`)")
+    if not (Path(cfg.instructions) / f"{HARD}.jsonl").is_file():
+        write_instructions(InstructionConfig(corpus=str(hard), out=cfg.instructions, options_from=cfg.corpus))
+    return FeatureCache.open(build_features(hard / "manifest.jsonl", cfg.hard_features, cfg.encoder, progress=progress))
+
+
+def prepare_data(cfg: InstructConfig) -> FeatureCache:
+    """The instruction manifests (built from `corpus` when missing) and the corpus's feature cache:
+    `features` is a cache folder (index.json) or a root to build it under."""
+    if not (Path(cfg.instructions) / "train.jsonl").is_file():
+        write_instructions(InstructionConfig(corpus=cfg.corpus, out=cfg.instructions))
+    f = Path(cfg.features or "cache/features")
+    if (f / "index.json").is_file():
+        return FeatureCache.open(f)
+    return FeatureCache.open(build_features(Path(cfg.corpus) / "manifest.jsonl", f, cfg.encoder, progress=False))
+
+
+def run(cfg: InstructConfig, tracker: Tracker | NullTracker | None = None) -> InstructResult:
+    """Data (built when missing) -> tune -> the benchmark on the held-out test set and on the hard
+    set, with the three baselines; headline metrics (test_*, hard_*) logged to `tracker`."""
+    tracker = tracker or NullTracker()
+    cache = prepare_data(cfg)
+    hard = prepare_hard(cfg)
+    res = tune(replace(cfg, features=str(cache.path)), cache=cache, tracker=tracker)
+    per = cfg.bench_per_task or None
+    folder = Path(cfg.instructions)
+    sets = {"test": (folder / "test.jsonl", cache)}
+    if hard is not None:
+        sets["test_hard"] = (folder / "test_hard.jsonl", hard)
+    benches, m = {}, {"val_loss": res.val_loss, "train_seconds": res.history.seconds}
+    for name, (path, clips) in sets.items():
+        t0 = time.perf_counter()
+        qs = texture.load_questions(path, check_audio=False, max_per_task=per, seed=cfg.seed)
+        b = benchmark(res.model, cache, qs, clips, cfg.transcripts, cfg.encoder, cfg.seed)
+        benches[name] = b
+        prefix = "" if name == "test" else "hard_"
+        m |= texture.headline(b.results, prefix) | {f"{prefix}bench_seconds": time.perf_counter() - t0, f"{prefix}n_questions": float(len(qs))}
+        m |= {f"{prefix}transcribe_{k}": v for k, v in b.transcribe.items()}
+        m[f"{prefix}meets_bar"] = float(texture.meets_bar(b.results)[0])
+    tracker.log_metrics(m, step=cfg.steps)
+    tracker.flush()
+    return InstructResult(cfg, res, benches, m)

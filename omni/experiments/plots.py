@@ -1,0 +1,273 @@
+"""Every matplotlib figure of the notebooks. Each returns a Figure; `show` logs it to the run,
+shows it in the notebook and closes it.
+
+Training curves (loss_curves, curve, bars_by); ablation grids from a comparison table
+(omni.eval.compare: probe_accuracy, grid_metrics, weight_histories, final_weights); embedding maps
+(omni.experiments.embedding_viz: embedding_map, embedding_labels, alignment_bars). Points, not bars, where a
+difference of a few percent matters: a bar drawn from zero hides it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import matplotlib.pyplot as plt  # headless: Agg by default; in a kernel: inline
+import numpy as np
+from IPython.display import display
+
+from omni.eval.layer_probes import ATTRIBUTES, EVAL_SPLITS, PROBES
+from omni.experiments.embedding_viz import KIND_NAMES, STAGES, RunViz, point_label
+from omni.track import NullTracker, Tracker
+
+
+def show(tracker: Tracker | NullTracker, fig, name: str) -> None:
+    """Log `fig` to the run (figures/<name>), show it in the notebook, and close it: closed, it is not
+    drawn a second time at the end of the cell, and a long notebook does not keep every figure open."""
+    tracker.log_figure(fig, name)
+    display(fig)
+    plt.close(fig)
+
+
+def loss_curves(curves: dict[str, list[float]], title: str = "training loss", ylabel: str = "cross-entropy (nats/token)", hline: float | None = None):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, ys in curves.items():
+        ax.plot(range(len(ys)), ys, label=name, lw=1.8)
+    if hline is not None:
+        ax.axhline(hline, color="grey", ls=":", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def curve(xs, ys, xlabel: str, ylabel: str, title: str, hline: float | None = None, hline_label: str = ""):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(xs, ys, marker="o", lw=1.8)
+    if hline is not None:
+        ax.axhline(hline, color="C3", ls="--", lw=1.2, label=hline_label)
+        ax.legend()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def bars_by(df, columns: list[str], value: str, title: str):
+    """Mean of `value` per category, one panel per column present in df."""
+    columns = [c for c in columns if c in df]
+    fig, axes = plt.subplots(1, max(1, len(columns)), figsize=(3.2 * max(1, len(columns)), 3.4), squeeze=False)
+    for ax, col in zip(axes[0], columns):
+        means = df.groupby(col)[value].mean().sort_values()
+        ax.barh([str(i) for i in means.index], means.values, color="C0")
+        ax.set_title(col)
+        ax.set_xlabel(value)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# ablation grids
+
+
+def probe_accuracy(table, n_states: int, attributes: Sequence[str] = tuple(ATTRIBUTES)):
+    """Accuracy per layer choice, one panel per attribute: both probes, both splits, chance dashed."""
+    attributes = [a for a in attributes if any(c.startswith(f"probe.{a}.") for c in table.columns)]
+    cols = min(3, max(1, len(attributes)))
+    nrows = math.ceil(len(attributes) / cols) or 1
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.3 * nrows), squeeze=False)
+    x = list(range(len(table.index)))
+    labels = [str(v) for v in table.index]
+    for ax, a in zip(axes.flat, attributes):
+        for j, (probe, split) in enumerate((p, s) for p in PROBES for s in EVAL_SPLITS):
+            col = f"probe.{a}.{probe}.{split}"
+            if col not in table.columns:
+                continue
+            y = table[col].to_numpy(dtype=float)
+            err = table[col + ".std"].fillna(0).to_numpy(dtype=float) if col + ".std" in table.columns else None
+            ax.errorbar(x, y, yerr=err, marker="o" if split == "test_seen_voice" else "s", lw=1.5, ms=4, capsize=2,
+                        ls="-" if probe == "linear" else "--", color=f"C{j}", label=f"{probe}, {split.replace('_', ' ')}")
+        for split, ls in zip(EVAL_SPLITS, (":", "-.")):
+            col = f"probe.{a}.chance.{split}"
+            if col in table.columns:
+                ax.axhline(np.nanmean(table[col].to_numpy(dtype=float)), color="grey", ls=ls, lw=1, label=f"chance, {split.replace('_', ' ')}")
+        ax.set_title(a)
+        ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(attributes):]:
+        ax.axis("off")
+    legend: dict[str, object] = {}
+    for ax in axes.flat:  # identity has no held-out-voice lines: collect the entries of every panel
+        for h, n in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(n, h)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle("texture probes: accuracy per layer choice (mean ± std over seeds)")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+def grid_metrics(table, columns: Sequence[str], title: str, xlabel: str = "layer choice"):
+    """One panel per metric column, mean ± std per group."""
+    columns = [c for c in columns if c in table.columns]
+    fig, axes = plt.subplots(1, max(1, len(columns)), figsize=(4.4 * max(1, len(columns)), 3.4), squeeze=False)
+    x = list(range(len(table.index)))
+    for ax, c in zip(axes[0], columns):
+        err = table[c + ".std"].fillna(0).to_numpy(dtype=float) if c + ".std" in table.columns else None
+        # points, not bars: a loss of 4.05 vs 4.16 must not sit on bars drawn from zero
+        ax.errorbar(x, table[c].to_numpy(dtype=float), yerr=err, fmt="o", color="C0", capsize=3, ms=5)
+        ax.set_xticks(x, [str(v) for v in table.index], rotation=45, ha="right", fontsize=8)
+        ax.set_title(c)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def weight_histories(histories: dict[str, list[tuple[int, list[float]]]], title: str):
+    """One panel per objective: each state's softmax weight against the training step."""
+    names = [n for n, h in histories.items() if h]
+    cols = min(4, max(1, len(names)))
+    nrows = math.ceil(len(names) / cols) or 1
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.8 * cols, 2.9 * nrows), squeeze=False)
+    for ax, n in zip(axes.flat, names):
+        steps = [s for s, _ in histories[n]]
+        w = np.array([v for _, v in histories[n]])
+        for i in range(w.shape[1]):
+            ax.plot(steps, w[:, i], lw=1.6, color=f"C{i}", label=f"state {i}")
+        ax.set_title(n, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylim(0, max(0.5, float(w.max()) * 1.1))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    if names:
+        axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def final_weights(weights: dict[str, np.ndarray], title: str):
+    """Final layer weights of several objectives side by side (grouped bars per state)."""
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    names = list(weights)
+    S = len(next(iter(weights.values()))) if weights else 0
+    width = 0.8 / max(1, len(names))
+    for j, n in enumerate(names):
+        ax.bar(np.arange(S) + (j - (len(names) - 1) / 2) * width, weights[n], width, label=n,
+               color="black" if n.startswith("content") else f"C{j}")
+    ax.set_xticks(range(S), [f"state {i}" for i in range(S)])
+    ax.set_ylabel("softmax weight")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding maps
+
+
+STAGE_COLOURS = {"before": "#e6862a", "after": "#2a6fd6"}
+
+
+def _text_layer(ax, rv: RunViz, xy: np.ndarray, annotate: int = 0) -> None:
+    t = rv.map.kind == 0
+    ax.scatter(xy[t, 0], xy[t, 1], s=3, c="#c8c8c8", lw=0, label="LM tokens")
+    if annotate:
+        counts: dict[int, int] = {}
+        for c in rv.clips:
+            for i in c.text_ids:
+                counts[i] = counts.get(i, 0) + 1
+        where = {int(tok): n for n, tok in enumerate(rv.map.pos) if rv.map.kind[n] == 0}
+        for tok in sorted(counts, key=lambda i: -counts[i])[:annotate]:
+            if tok in where:
+                x, y = xy[where[tok]]
+                ax.annotate(rv.strings[tok], (x, y), fontsize=6, color="#555")
+
+
+def embedding_map(rv: RunViz, projection: str = "pca", annotate: int = 12):
+    """Before | after panels: LM tokens grey (the most frequent transcript tokens named), audio tokens on top."""
+    xy = rv.map.xy[projection]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharex=True, sharey=True)
+    for ax, stage in zip(axes, STAGES):
+        _text_layer(ax, rv, xy, annotate)
+        a = rv.map.kind == KIND_NAMES.index(stage)
+        ax.scatter(xy[a, 0], xy[a, 1], s=5, c=STAGE_COLOURS[stage], lw=0, alpha=0.7, label=f"audio tokens {stage} training")
+        ax.set_title(f"{stage} training")
+        ax.legend(loc="best", fontsize=7, markerscale=3)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{rv.name}: {projection.upper()} of LM token embeddings and audio tokens (one fit for both panels)")
+    fig.tight_layout()
+    return fig
+
+
+def embedding_labels(rv: RunViz, projection: str = "pca", labels: tuple[str, ...] = ("voice", "gender", "rate", "pitch", "word"), top_words: int = 10):
+    """Rows before / after, one column per label: audio tokens coloured by it over the grey LM tokens."""
+    xy = rv.map.xy[projection]
+    fig, axes = plt.subplots(2, len(labels), figsize=(3.3 * len(labels), 6.6), squeeze=False)
+    for col, label in enumerate(labels):
+        values = point_label(rv, label)
+        audio = [v for v, k in zip(values, rv.map.kind) if k > 0]
+        numeric = audio and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in audio)
+        if label == "word":
+            counts: dict[str, int] = {}
+            for v in audio:
+                if v:
+                    counts[v] = counts.get(v, 0) + 1
+            cats = sorted(counts, key=lambda w: (-counts[w], w))[:top_words]
+        else:
+            cats = sorted({str(v) for v in audio})
+        for row, stage in enumerate(STAGES):
+            ax = axes[row, col]
+            _text_layer(ax, rv, xy)
+            a = np.nonzero(rv.map.kind == KIND_NAMES.index(stage))[0]
+            if numeric:
+                sc = ax.scatter(xy[a, 0], xy[a, 1], s=5, c=[values[i] for i in a], cmap="viridis", lw=0)
+                fig.colorbar(sc, ax=ax, fraction=0.046)
+            else:
+                cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")  # tab20 pairs look alike
+                colour = {c: cmap(i % cmap.N) for i, c in enumerate(cats)}
+                rest = [i for i in a if str(values[i]) not in colour]
+                ax.scatter(xy[rest, 0], xy[rest, 1], s=4, c="#9a9a9a", lw=0, alpha=0.5)
+                for c in cats:
+                    sel = [i for i in a if str(values[i]) == c]
+                    ax.scatter(xy[sel, 0], xy[sel, 1], s=5, color=colour[c], lw=0, label=c or "(silence)")
+                if len(cats) <= 12 and row == 0:
+                    ax.legend(fontsize=6, markerscale=2.5, loc="best")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{label} ({stage})" + (" [top words]" if label == "word" else "") + (f" [{len(cats)} values]" if not numeric and len(cats) > 12 and label != "word" else ""), fontsize=9)
+    fig.suptitle(f"{rv.name}: {projection.upper()}, audio tokens by label", y=1.0)
+    fig.tight_layout()
+    return fig
+
+
+def alignment_bars(runs: list[RunViz], keys: tuple[str, ...] = ("cos_clip", "retrieval_a2t", "retrieval_t2a", "cka_word")):
+    """Bars: each statistic before vs after, per run; the control / chance level as a tick."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.4), squeeze=False)
+    w = 0.38
+    for ax, key in zip(axes[0], keys):
+        for j, stage in enumerate(STAGES):
+            vals = [r.stats[stage].get(key, np.nan) for r in runs]
+            ax.bar(np.arange(len(runs)) + (j - 0.5) * w, vals, w, color=STAGE_COLOURS[stage], label=stage)
+            ref = [r.stats[stage].get("retrieval_chance" if key.startswith("retrieval") else f"{key}_control", np.nan) for r in runs]
+            ax.scatter(np.arange(len(runs)) + (j - 0.5) * w, ref, marker="_", s=300, color="k", zorder=3,
+                       label="chance / control" if j == 0 else None)
+        ax.set_xticks(np.arange(len(runs)))
+        ax.set_xticklabels([r.name.replace(" ", "\n", 1) for r in runs], fontsize=7)
+        ax.set_title(key)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig

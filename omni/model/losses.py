@@ -1,0 +1,77 @@
+"""What ties audio tokens to the words spoken, beside alignment's cross-entropy (issue 10's levers).
+
+- `ctc_embedding_loss`: CTC over the LM's vocabulary, each audio token read through the LM's own
+  input embeddings (`embedding_logits`), BOS the blank: it asks the projector for what a frozen LM
+  can read without learning, its own word embeddings, in order.
+- `distill_loss`: KL from the same frozen LM reading the transcript where the audio stands
+  (Ultravox's distillation), soft targets where cross-entropy has one hard token.
+- `ctc_readout`: what the audio tokens spell with no LM at all; beside the LM's transcript it
+  separates what the projector recognised from what the frozen LM copied out of it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from omni.model.encoder import collate_states
+from omni.model.speech_lm import SpeechLM, left_pad
+
+
+def ctc_embedding_loss(model: SpeechLM, hidden: torch.Tensor, frame_lengths: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """CTC that pulls each audio token onto the LM's embedding of a word spoken in its stretch:
+    the token's logits over the LM vocabulary are its dot products with the LM's own (normed)
+    input embeddings / sqrt(n_embd) (a token equal to a word's embedding scores sqrt(n_embd),
+    an unrelated one about 0), BOS is the blank, the transcript's tokens the target. It asks the
+    projector for what a frozen LM can read without learning: its own word embeddings, in order."""
+    tokens, lengths = model.audio_tokens(hidden, frame_lengths)
+    logp = embedding_logits(model, tokens).log_softmax(dim=-1)
+    targets = [model.tokenizer.encode(t) for t in texts]
+    flat = torch.tensor([i for t in targets for i in t], dtype=torch.long, device=tokens.device)
+    # zero_infinity: a clip with fewer audio tokens than text tokens (+ repeats) adds nothing, not inf
+    return torch.nn.functional.ctc_loss(logp.transpose(0, 1), flat, lengths, torch.tensor([len(t) for t in targets]),
+                                        blank=model.tokenizer.bos_id, zero_infinity=True)
+
+
+def distill_loss(model: SpeechLM, hidden: torch.Tensor, frame_lengths: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """KL(teacher || student) on the text's next-token distributions. The teacher is the same frozen
+    LM with the transcript's own token embeddings standing where the audio tokens stand; the student
+    sees the audio tokens. Ultravox distils its projector from the LM reading the transcript; here
+    the teacher's distributions say how the LM would continue had the audio been the words, soft
+    targets where cross-entropy has one hard token."""
+    device = hidden.device
+    idx, targets = model.text_batch(texts, device)
+    prefix, mask = model.prefix(hidden, frame_lengths)
+    student = model.gpt(idx, audio=prefix, audio_mask=mask).float().log_softmax(-1)
+    with torch.no_grad():
+        ids = [model.tokenizer.encode(t) or [model.tokenizer.bos_id] for t in texts]
+        padded = torch.full((len(ids), max(map(len, ids))), model.tokenizer.bos_id, dtype=torch.long, device=device)
+        for i, row in enumerate(ids):
+            padded[i, : len(row)] = torch.tensor(row)
+        words, words_mask = left_pad(model.gpt.embed(padded), torch.tensor([len(r) for r in ids], device=device))
+        teacher = model.gpt(idx, audio=words.to(prefix.dtype), audio_mask=words_mask).float().log_softmax(-1)
+    kl = (teacher.exp() * (teacher - student)).sum(-1)
+    return kl[targets >= 0].mean()
+
+
+def embedding_logits(model: SpeechLM, tokens: torch.Tensor) -> torch.Tensor:
+    """Audio tokens (B, A, n_embd) read as LM tokens: logits (B, A, vocab), each the token's dot
+    product with the LM's input embedding of that vocabulary entry / sqrt(n_embd)."""
+    table = model.gpt.embed(torch.arange(model.gpt.config.vocab_size, device=tokens.device)[None])[0]
+    return tokens.float() @ table.float().T / table.size(1) ** 0.5
+
+
+@torch.no_grad()
+def ctc_readout(model: SpeechLM, states: list[torch.Tensor], batch_size: int) -> list[str]:
+    """What the audio tokens spell with no LM: each read as its nearest LM token (embedding_logits),
+    repeats collapsed, blanks (BOS) dropped. Beside the LM's transcript it separates what the
+    projector recognised from what the frozen LM copied out of it."""
+    device, blank = model.gpt_device, model.tokenizer.bos_id
+    out = []
+    for i in range(0, len(states), batch_size):
+        hidden, frame_lengths = collate_states([s.float() for s in states[i : i + batch_size]])
+        tokens, lengths = model.audio_tokens(hidden.to(device), frame_lengths.to(device))
+        best = embedding_logits(model, tokens).argmax(-1).tolist()
+        for row, n in zip(best, lengths.tolist()):
+            ids = [t for j, t in enumerate(row[:n]) if t != blank and (j == 0 or t != row[j - 1])]
+            out.append(model.tokenizer.decode(ids).strip())
+    return out

@@ -1,0 +1,265 @@
+"""SpeechLM: the trainable path from cached Whisper hidden states to text.
+
+    hidden (B, S, T, d_whisper) --LayerSelect--> (B, T, d) --Projector--> audio tokens (B, A, n_embd)
+    GPT input: [left pad][prompt?][audio tokens][prompt?][BOS text] -> loss on the text (and the closing BOS)
+
+Design choices:
+- The encoder is NOT part of this module: it is frozen and its states are cached, so every
+  experiment that changes the layer choice, the projector or the LM starts from hidden states.
+- The soft prefix is left-padded: every sample's text starts right after its last audio token, and
+  the GPT masks the padding as keys, so a batch gives the same result as each clip alone.
+- The LM is any backbone of omni.model.lm (omni's GPT, a nanochat checkpoint, a Hugging Face causal LM):
+  only embed / forward(idx, targets, audio, audio_mask) / generate are used. `gpt` is its attribute
+  name for history's sake.
+- A text starts with the tokenizer's BOS and ends with its EOS (omni's and nanochat's tokenizers:
+  BOS doubles as end-of-text, nanochat's document delimiter); generation stops on EOS.
+- The layer choice and projector run in fp32 with autocast off, whatever the LM's dtype: their
+  output is cast to the LM's dtype only where it enters the LM.
+- A text prompt ("Transcribe:") can sit before the audio (inside the soft prefix, as embeddings of
+  its tokens) or after it (ordinary tokens with ignored targets).
+- Decoding is greedy, optionally under openai-whisper's loop guard (`LoopGuard`): a hypothesis that
+  compresses too well (gzip ratio > 2.4: a repetition loop) or that the model finds unlikely (mean
+  token log-prob < -1) is re-decoded by seeded sampling at rising temperatures. One sample per
+  temperature (Whisper samples best_of=5): cheaper, and the guard's job is to break loops.
+  Log-probabilities come from one forward pass over each hypothesis, so gpt.generate stays as is.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from omni.model.encoder import LayerSelect
+from omni.model.lm import LoraSpec, add_lora
+from omni.model.projector import Projector, ProjectorConfig
+
+PROMPT_POSITIONS = ("before", "after")
+# what trains beside the audio path (layer choice + projector): none of the LM (frozen, the research
+# setting), LoRA adapters on it (its base weights frozen), or all of it
+TRAINABLE = ("projector", "projector+lora", "projector+lm")
+
+
+def lm_parameters(lm: nn.Module, trainable: str, lora: LoraSpec) -> dict[str, nn.Parameter]:
+    """The LM's parameters that train under `trainable` (one of TRAINABLE), by name; every other LM
+    weight is frozen. New LoRA adapters draw their init from torch's global RNG: seed it first."""
+    train_lm = trainable == "projector+lm"
+    for p in lm.parameters():
+        p.requires_grad_(train_lm)
+    if trainable == "projector+lora":
+        return add_lora(lm, lora)
+    return dict(lm.named_parameters()) if train_lm else {}
+
+
+
+@dataclass
+class SpeechLMConfig:
+    layer: str = "last"  # Whisper state(s) fed to the projector: last | middle | <index> | weighted | weighted_ln
+    k: int = 4  # frames stacked per audio token
+    projector: str = "stack"  # stack | conv | avg
+    prompt: str = ""  # optional text prompt, e.g. "Transcribe:"
+    prompt_position: str = "after"  # before | after the audio
+
+
+def compression_ratio(text: str) -> float:
+    """UTF-8 bytes / zlib-compressed bytes: openai-whisper's repetition test (a hypothesis above
+    2.4 is treated as a loop). An empty text gives 0.0."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data))
+
+
+@dataclass(frozen=True)
+class LoopGuard:
+    """openai-whisper's guard against repetition loops and low-confidence output, for any decoder:
+    a hypothesis fails when it compresses too well (a loop repeats itself) or the model itself
+    finds it unlikely; a failed clip is decoded again at the next temperature."""
+
+    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # Whisper's schedule; 0 = greedy; (0.0,) = no fallback
+    compression_ratio_threshold: float = 2.4  # fail above this zlib ratio (compression_ratio)
+    logprob_threshold: float = -1.0  # fail below this mean token log-probability (end token included)
+    seed: int = 0  # sampling at temperature i uses seed + i: the same clips decode the same way every run
+
+    def fails(self, h: "Hypothesis") -> bool:
+        return h.compression_ratio > self.compression_ratio_threshold or h.avg_logprob < self.logprob_threshold
+
+    def rank(self, h: "Hypothesis") -> tuple[bool, float]:
+        """When every temperature fails, the attempt kept: no loop first, then the likeliest (a
+        loop is likely by construction). openai-whisper and transformers keep the last attempt
+        (temperature 1.0) instead; ranking by Whisper's own criterion keeps a sample at 1.0 from
+        replacing a better earlier one. It only matters for clips that fail at every temperature."""
+        return (h.compression_ratio <= self.compression_ratio_threshold, h.avg_logprob)
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    text: str
+    temperature: float  # the temperature that produced `text`
+    compression_ratio: float
+    avg_logprob: float
+    n_tokens: int  # tokens the mean log-probability averages over
+    greedy: str  # the first (greedy) pass: the unguarded transcript, kept for comparison
+    attempts: int  # temperatures tried for this clip
+
+
+def left_pad(x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, A, D) -> left-padded (B, A, D) and a mask (B, A), True on real tokens."""
+    B, A, _ = x.shape
+    pos = torch.arange(A, device=x.device)[None, :]
+    shift = (A - lengths)[:, None]
+    src = (pos - shift).clamp(min=0)
+    mask = pos >= shift
+    out = torch.gather(x, 1, src[..., None].expand(-1, -1, x.size(-1))) * mask[..., None].to(x.dtype)
+    return out, mask
+
+
+class SpeechLM(nn.Module):
+    def __init__(self, gpt: nn.Module, tokenizer, n_states: int, d_whisper: int, config: SpeechLMConfig):
+        super().__init__()
+        if config.prompt_position not in PROMPT_POSITIONS:
+            raise ValueError(
+                f"prompt_position {config.prompt_position!r} is not one of {PROMPT_POSITIONS} (parameter `prompt_position`)"
+            )
+        self.config = config
+        self.gpt = gpt
+        self.tokenizer = tokenizer
+        self.select = LayerSelect(config.layer, n_states)
+        self.projector = Projector(
+            ProjectorConfig(d_in=d_whisper, d_out=gpt.config.n_embd, k=config.k, kind=config.projector)
+        )
+        self.match_text_scale()
+
+    @torch.no_grad()
+    def match_text_scale(self) -> float:
+        """Set the projector's output RMS to the RMS of the LM's text embeddings (re-run after loading an LM)."""
+        ids = torch.arange(self.gpt.config.vocab_size, device=self.gpt_device)[None, :]
+        rms = self.gpt.embed(ids).float().pow(2).mean().sqrt().item()
+        self.projector.set_target_rms(rms)
+        return rms
+
+    @property
+    def gpt_device(self) -> torch.device:
+        return next(self.gpt.parameters()).device
+
+    def _prompt_ids(self) -> list[int]:
+        return self.tokenizer.encode(self.config.prompt) if self.config.prompt else []
+
+    def audio_tokens(self, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded audio tokens (B, A, n_embd) and their lengths, before any prompt or padding."""
+        with torch.autocast(hidden.device.type, enabled=False):  # the audio path stays fp32 under bf16 autocast
+            return self.projector(self.select(hidden.float()), frame_lengths)
+
+    def prefix(self, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The soft prefix the GPT sees before the text: left-padded (B, P, n_embd) and its mask."""
+        tokens, lengths = self.audio_tokens(hidden, frame_lengths)
+        prompt = self._prompt_ids()
+        if prompt and self.config.prompt_position == "before":
+            ids = torch.tensor([prompt], device=tokens.device)
+            emb = self.gpt.embed(ids).to(tokens.dtype).expand(tokens.size(0), -1, -1)
+            # prompt first, then the real audio tokens, then the right padding; left_pad moves the padding
+            tokens = torch.cat([emb, tokens], dim=1)
+            lengths = lengths + len(prompt)
+        return left_pad(tokens, lengths)
+
+    def text_batch(self, texts: list[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """idx = [prompt?][BOS][text], targets = [-1 ...][text][EOS]; right-padded, pad targets -1."""
+        bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
+        after = self._prompt_ids() if self.config.prompt_position == "after" else []
+        rows = [after + [bos] + self.tokenizer.encode(t) for t in texts]
+        T = max(len(r) for r in rows)
+        idx = torch.zeros(len(rows), T, dtype=torch.long)
+        targets = torch.full((len(rows), T), -1, dtype=torch.long)
+        for i, r in enumerate(rows):
+            idx[i, : len(r)] = torch.tensor(r)
+            targets[i, len(after) : len(r)] = torch.tensor(r[len(after) + 1 :] + [eos])  # text + closing EOS
+        return idx.to(device), targets.to(device)
+
+    def forward(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        prefix, mask = self.prefix(hidden, frame_lengths)
+        idx, targets = self.text_batch(texts, hidden.device)
+        return self.gpt(idx, targets=targets, audio=prefix, audio_mask=mask)
+
+    @torch.no_grad()
+    def transcribe(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, max_new_tokens: int = 200, guard: LoopGuard | None = None) -> list[str]:
+        """Transcripts of a batch: greedy, or greedy with the loop guard's fallback (`hypotheses`)."""
+        return [h.text for h in self.hypotheses(hidden, frame_lengths, max_new_tokens, guard)]
+
+    @torch.no_grad()
+    def hypotheses(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, max_new_tokens: int = 200, guard: LoopGuard | None = None) -> list[Hypothesis]:
+        """Decode each clip at guard.temperatures[0]; a clip whose hypothesis fails the guard
+        (`LoopGuard.fails`) is decoded again, alone with the other failures, by seeded sampling at
+        the next temperature, until it passes or the temperatures run out. Kept per clip: the
+        first hypothesis that passes; if none does, the best by `LoopGuard.rank`.
+        guard=None: one greedy pass, nothing re-decoded."""
+        guard = guard or LoopGuard(temperatures=(0.0,))
+        prefix, mask = self.prefix(hidden, frame_lengths)
+        best: list[Hypothesis | None] = [None] * hidden.size(0)
+        todo = list(range(hidden.size(0)))
+        for i, t in enumerate(guard.temperatures):
+            if not todo:
+                break
+            sub = torch.tensor(todo, device=prefix.device)
+            ids = self._generate(prefix[sub], mask[sub], max_new_tokens, t, guard.seed + i)
+            logprobs = self.mean_logprobs(prefix[sub], mask[sub], ids)
+            failed = []
+            for b, row, (lp, n) in zip(todo, ids, logprobs):
+                text = self.tokenizer.decode(row[0])
+                h = Hypothesis(text, t, compression_ratio(text), lp, n, best[b].greedy if best[b] else text, i + 1)
+                if guard.fails(h):
+                    failed.append(b)
+                    if best[b] is None or guard.rank(h) > guard.rank(best[b]):
+                        best[b] = h
+                    else:
+                        best[b] = replace(best[b], attempts=i + 1)
+                else:
+                    best[b] = h
+            todo = failed
+        return best  # type: ignore[return-value]
+
+    def _generate(self, prefix: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, temperature: float, seed: int) -> list[tuple[list[int], bool]]:
+        """(text token ids without the closing EOS, whether EOS closed them) per row."""
+        bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
+        after = self._prompt_ids() if self.config.prompt_position == "after" else []
+        idx = torch.tensor([after + [bos]] * prefix.size(0), device=prefix.device)
+        out = self.gpt.generate(idx, audio=prefix, audio_mask=mask, max_new_tokens=max_new_tokens, stop_token=eos,
+                                temperature=temperature, seed=seed if temperature > 0 else None)
+        return [(row[: row.index(eos)], True) if eos in row else (row, False) for row in out.tolist()]
+
+    @torch.no_grad()
+    def mean_logprobs(self, prefix: torch.Tensor, mask: torch.Tensor, ids: list[tuple[list[int], bool]]) -> list[tuple[float, int]]:
+        """(mean log-probability, count) of each row's tokens under the model at temperature 1,
+        the closing EOS included when it was generated (openai-whisper counts the end token too):
+        one forward pass over the hypotheses, not the sampler's (temperature-scaled) scores."""
+        bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
+        after = self._prompt_ids() if self.config.prompt_position == "after" else []
+        targets_list = [row + ([eos] if closed else []) for row, closed in ids]
+        idx = torch.zeros(len(ids), len(after) + 1 + max(len(row) for row, _ in ids), dtype=torch.long)
+        targets = torch.full_like(idx, -1)
+        for i, ((row, _), tgt) in enumerate(zip(ids, targets_list)):
+            seq = after + [bos] + row
+            idx[i, : len(seq)] = torch.tensor(seq)
+            targets[i, len(after) : len(after) + len(tgt)] = torch.tensor(tgt, dtype=torch.long)
+        idx, targets = idx.to(prefix.device), targets.to(prefix.device)
+        logp = self.gpt(idx, audio=prefix, audio_mask=mask).log_softmax(dim=-1)
+        picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets >= 0)
+        counts = (targets >= 0).sum(dim=1)
+        return [(float(s) / max(int(n), 1), int(n)) for s, n in zip(picked.sum(dim=1), counts)]
+
+    # -- checkpoints: the trainable audio path only (the GPT saves itself); safetensors + JSON, no pickles
+    def save_audio_path(self, directory: str | Path) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {f"select.{k}": v for k, v in self.select.state_dict().items()}
+        state |= {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, d / "audio_path.safetensors")
+        meta = {"speech_lm": asdict(self.config), "n_states": self.select.n_states, "d_whisper": self.projector.config.d_in}
+        (d / "audio_path.json").write_text(json.dumps(meta, indent=2))
+
+    def load_audio_path(self, directory: str | Path) -> None:
+        state = load_file(Path(directory) / "audio_path.safetensors")
+        self.select.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("select.")})
+        self.projector.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("projector.")})
