@@ -20,9 +20,11 @@
 
 # %% [markdown]
 # # 02 · Pretrain the text LM
-# A BPE tokenizer and a small nanochat-style GPT trained on offline public-domain English
-# (see `omni/data/LICENSES.md`), with the speech corpus's held-out sentences removed so that the
-# LM cannot have memorised the transcripts alignment is scored on. Validation in bits per byte.
+# A BPE tokenizer and a small GPT of today's nanochat architecture trained on offline public-domain
+# English (see `omni/data/LICENSES.md`), with the speech corpus's held-out sentences removed so that
+# the LM cannot have memorised the transcripts alignment is scored on, and an induction curriculum so
+# that it learns to copy from its context (what a frozen LM needs to read audio tokens as words).
+# Validation in bits per byte.
 # On a GPU box scale it with `-p depth=12 -p steps=5000 -p device=cuda`; for several GPUs use
 # `torchrun --nproc_per_node N -m omni.experiments.pretrain_lm --depth 12 ...`.
 
@@ -33,15 +35,23 @@ sources: str = 'all'  # "all" (every installed source) or comma-separated names 
 tokenizer: str = 'bpe'  # bpe | byte
 vocab_size: int = 4096  # BPE vocabulary (ignored for byte)
 depth: int = 4  # GPT depth; width 64 * depth
+head_dim: int = 64  # width of an attention head (the width divided by it gives the number of heads)
+arch: str = 'nanochat'  # nanochat (today's: lambdas, value embeddings, backout, RoPE 100k, q/k x 1.2) | gpt (omni's January GPT)
+smear: bool = True  # mix the previous token's embedding into each position (nanochat's smear)
 sequence_len: int = 256  # training window in tokens
 batch_size: int = 16  # windows per step (per rank under DDP)
 steps: int = 800  # optimiser steps
-lr: float = 0.003  # AdamW peak learning rate
+optimizer: str = 'muon'  # muon (Muon for hidden matrices, AdamW for the rest) | adamw
+lr: float = 0.003  # AdamW peak learning rate (embeddings, lm_head, scalars; every parameter when optimizer is adamw)
+muon_lr: float = 0.02  # Muon peak learning rate (hidden matrices)
 warmup: int = 50  # linear warm-up steps
 eval_every: int = 200  # steps between validation bits-per-byte measurements
 eval_tokens: int = 32768  # validation tokens per evaluation
-copy_random: float = 0.0  # share of the copy windows whose spans are random token ids instead of prose (induction forms on them in a few hundred steps: benchmarks/bench_copy.py)
-copy_fraction: float = 0.0  # fraction of training windows that repeat a passage (span, BOS, the same span): builds the copy (induction) heads a frozen LM needs to read soft tokens as words (issue 10)
+induction: float = 0.5  # share of synthetic induction windows (random tokens, spans repeated at varied distances) at step 0
+induction_floor: float = 0.05  # share kept after the anneal, so the skill is never unlearned
+induction_steps: int = 300  # steps over which the share goes linearly from `induction` to `induction_floor`
+repeat_fraction: float = 0.25  # share of prose windows whose passages repeat verbatim at varied distances
+induction_head: bool = True  # start layer 0, head 0 as an induction head (plant_induction_head; needs smeared keys, which it turns on)
 seed: int = 0  # fixes init, batches and samples
 device: str = 'auto'  # auto | cpu | cuda
 dtype: str = 'bfloat16'  # autocast on CUDA; CPU runs float32
@@ -50,46 +60,31 @@ mlflow_run_id: str = ""  # MLflow run to log into; empty: start a new run in the
 out_dir: str = "reports/pretrain_lm/adhoc"  # folder this run writes its files into
 
 # %%
-import matplotlib.pyplot as plt
-from IPython.display import display
-
 from omni import params, track
-from omni.experiments import plots
-from omni.experiments.pretrain_lm import PretrainConfig, pretrain
+from omni.experiments import plots, pretrain_lm
+from omni.experiments.pretrain_lm import PretrainConfig
 
 cfg = params.from_params(PretrainConfig, globals(), ckpt_dir=f"{out_dir}/ckpt")  # a rerun in this folder resumes
 tracker = track.open_run("pretrain_lm", mlflow_run_id, cfg, {"out_dir": out_dir})
-res = pretrain(cfg, tracker)
+res = pretrain_lm.run(cfg, tracker)
 print(f"train tokens {res.n_train_tokens:,}; {res.history.seconds:.0f} s; validation {res.val_bpb:.3f} bits/byte")
 
 # %%
-fig = plots.loss_curves({"train": res.history.loss}, title=f"LM pretraining: depth {cfg.depth}, {cfg.tokenizer} {cfg.vocab_size}")
-tracker.log_figure(fig, "loss.png")
-display(fig)
-plt.close(fig)
-
-# %%
+plots.show(tracker, plots.loss_curves({"train": res.history.loss}, title=f"LM pretraining: depth {cfg.depth}, {cfg.tokenizer} {cfg.vocab_size}"), "loss.png")
 evals = res.history.evals
-fig = plots.curve([e["step"] + 1 for e in evals], [e["val_bpb"] for e in evals], xlabel="step", ylabel="bits per byte", title="validation bits per byte")
-tracker.log_figure(fig, "val_bpb.png")
-display(fig)
-plt.close(fig)
+plots.show(tracker, plots.curve([e["step"] + 1 for e in evals], [e["val_bpb"] for e in evals], xlabel="step", ylabel="bits per byte",
+                                title="validation bits per byte"), "val_bpb.png")
 
 # %% [markdown]
 # ## Can it copy from its context?
 # A frozen LM reads soft audio tokens only as well as it can read (and repeat) what stands before
-# it: the second reading of a validation passage should cost far fewer nats than the first.
+# it: the second reading of a validation passage should cost far fewer nats than the first, and a
+# span of random tokens read a second time should be predicted token by token.
 
 # %%
-steps = [e["step"] + 1 for e in evals]
-fig = plots.curve(steps, [e["copy_nats"] for e in evals], xlabel="step", ylabel="nats per token, second reading",
-                  title="copying from context (lower: the LM repeats what it just read)",
-                  hline=res.first_nats, hline_label="first reading, end of training")
-tracker.log_figure(fig, "copy_nats.png")
-display(fig)
-plt.close(fig)
-print(f"validation passages: {res.first_nats:.2f} nats/token read once, {res.copy_nats:.2f} nats/token read again right after "
-      f"(copy_fraction={cfg.copy_fraction})")
+plots.show(tracker, plots.copy_curves(evals), "copy.png")
+print(f"validation passages: {res.first_nats:.2f} nats/token read once, {res.copy_nats:.2f} read again right after; "
+      f"random spans read again: {res.random_copy:.0%} of the tokens predicted")
 
 # %% [markdown]
 # ## Samples (temperature 0.8, top-k 50)

@@ -19,7 +19,7 @@ from omni import track
 from omni.data import text
 from omni.data.synth import held_out_sentences
 from omni.experiments.pretrain_lm import (GAP_MAX, SPAN_MAX, SPAN_MIN, PretrainConfig, bits_per_byte, copy_test, corpus, draw_windows,
-                                          induction_share, pretrain, random_copy)
+                                          induction_share, random_copy, run)
 from omni.model.gpt import GPT, GPTConfig
 from omni.model.lm import load_lm
 from omni.model.tokenizer import BPETokenizer, ByteTokenizer
@@ -32,7 +32,7 @@ TINY = dict(sources="sherlock", vocab_size=300, depth=1, sequence_len=32, batch_
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain") / "lm"
     run_id = track.start_run("test-pretrain", "tiny")  # conftest.py points MLflow at a throwaway store
-    res = pretrain(PretrainConfig(out=str(out), **TINY), track.Tracker(run_id))
+    res = run(PretrainConfig(out=str(out), **TINY), track.Tracker(run_id))
     res.run_id = run_id
     return res
 
@@ -92,19 +92,19 @@ def test_held_out_speech_sentences_never_reach_the_lm():
 
 
 def test_a_seed_fixes_the_run(tiny, tmp_path):
-    again = pretrain(PretrainConfig(out=str(tmp_path / "again"), **TINY))
+    again = run(PretrainConfig(out=str(tmp_path / "again"), **TINY))
     assert again.history.loss == tiny.history.loss and again.val_bpb == tiny.val_bpb
     for (n, a), b in zip(again.model.state_dict().items(), tiny.model.state_dict().values()):
         assert torch.equal(a, b), n
-    other = pretrain(replace(PretrainConfig(out=str(tmp_path / "other"), **TINY), seed=1, steps=2))
+    other = run(replace(PretrainConfig(out=str(tmp_path / "other"), **TINY), seed=1, steps=2))
     assert other.history.loss != tiny.history.loss[:2]
 
 
 def test_bad_parameters_are_named_before_training(tmp_path):
     with pytest.raises(ValueError, match="parameter `tokenizer`"):
-        pretrain(replace(PretrainConfig(out=str(tmp_path / "x"), **TINY), tokenizer="words"))
+        run(replace(PretrainConfig(out=str(tmp_path / "x"), **TINY), tokenizer="words"))
     with pytest.raises(ValueError, match="eval_tokens=16"):
-        pretrain(replace(PretrainConfig(out=str(tmp_path / "x"), **TINY), tokenizer="byte", eval_tokens=16))
+        run(replace(PretrainConfig(out=str(tmp_path / "x"), **TINY), tokenizer="byte", eval_tokens=16))
     assert not (tmp_path / "x").exists()
 
 

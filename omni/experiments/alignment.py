@@ -38,7 +38,8 @@ from omni.data.features import FeatureCache, build_features
 from omni.data.synth import SynthConfig, build_corpus
 from omni.eval import metrics
 from omni.eval.yardstick import clear_rows, content_scores, score_table, whisper_hyps
-from omni.experiments.pretrain_lm import PretrainConfig, pretrain
+from omni.experiments import pretrain_lm
+from omni.experiments.pretrain_lm import PretrainConfig
 from omni.model.encoder import MODES, LayerSelect, collate_states, require_layer
 from omni.model.hf_lm import check_load_in
 from omni.model.lm import LoraSpec, is_hub_id, load_lm, save_lm, save_lora
@@ -157,7 +158,7 @@ def ensure_lm(cfg: AlignConfig, device: torch.device):
     path = Path(cfg.lm)
     if not path.exists() and not is_hub_id(cfg.lm):
         print(f"no LM at {cfg.lm}: pretraining one with the defaults of omni.experiments.pretrain_lm")
-        pretrain(PretrainConfig(out=cfg.lm, device=str(device)))
+        pretrain_lm.run(PretrainConfig(out=cfg.lm, device=str(device)))
     return load_lm(cfg.lm, device, load_in=cfg.load_in)
 
 

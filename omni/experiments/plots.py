@@ -58,6 +58,23 @@ def curve(xs, ys, xlabel: str, ylabel: str, title: str, hline: float | None = No
     return fig
 
 
+def copy_curves(evals: list[dict]):
+    """Copying from context against steps: nats per token on validation passages read once and read
+    again right after (left), and the share of repeated random tokens predicted (right)."""
+    steps = [e["step"] + 1 for e in evals]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(steps, [e["first_nats"] for e in evals], marker="o", label="first reading")
+    a.plot(steps, [e["copy_nats"] for e in evals], marker="o", label="second reading (copying)")
+    a.axhline(1.0, color="grey", ls=":", lw=1, label="1 nat/token")
+    a.set_xlabel("step"), a.set_ylabel("nats per token"), a.set_title("validation passages")
+    a.legend(), a.grid(alpha=0.3)
+    b.plot(steps, [e["random_copy"] for e in evals], marker="o", color="C2")
+    b.set_ylim(0, 1.02), b.set_xlabel("step"), b.set_ylabel("share of repeated tokens predicted")
+    b.set_title("random token spans, read again"), b.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def bars_by(df, columns: list[str], value: str, title: str):
     """Mean of `value` per category, one panel per column present in df."""
     columns = [c for c in columns if c in df]

@@ -47,7 +47,7 @@ from omni.model.gpt import GPT, GPTConfig
 from omni.model.tokenizer import BPETokenizer, ByteTokenizer
 from omni.params import require, require_choice, require_device
 from omni.track import NullTracker, Tracker
-from omni.train import History, TrainConfig, pick_device, train
+from omni.train import DTYPES, History, TrainConfig, pick_device, train
 
 
 SPAN_MIN, SPAN_MAX = 4, 32  # tokens in a repeated span (a spoken sentence is 5-30 BPE tokens)
@@ -62,14 +62,14 @@ class PretrainConfig:
     tokenizer: str = "bpe"  # bpe | byte
     vocab_size: int = 4096  # BPE vocabulary (ignored for byte)
     depth: int = 4  # GPT depth; width 64 * depth
-    head_dim: int = 64  # width of an attention head (n_head = width / head_dim)
+    head_dim: int = 64  # width of an attention head (the width divided by it gives the number of heads)
     arch: str = "nanochat"  # nanochat (today's: lambdas, value embeddings, backout, RoPE 100k, q/k x 1.2) | gpt (omni's January GPT)
     smear: bool = True  # mix the previous token's embedding into each position (nanochat's smear)
     sequence_len: int = 256  # training window in tokens
     batch_size: int = 16  # windows per step (per rank under DDP)
     steps: int = 800  # optimiser steps
     optimizer: str = "muon"  # muon (Muon for hidden matrices, AdamW for the rest) | adamw
-    lr: float = 3e-3  # AdamW peak learning rate (embeddings, lm_head, scalars; everything with optimizer=adamw)
+    lr: float = 3e-3  # AdamW peak learning rate (embeddings, lm_head, scalars; every parameter when optimizer is adamw)
     muon_lr: float = 0.02  # Muon peak learning rate (hidden matrices)
     warmup: int = 50  # linear warm-up steps
     eval_every: int = 200  # steps between validation bits-per-byte measurements
@@ -100,7 +100,7 @@ class PretrainConfig:
         require(self.warmup >= 0 and self.eval_every >= 0, "warmup" if self.warmup < 0 else "eval_every",
                 min(self.warmup, self.eval_every), ">= 0")
         require_choice("tokenizer", self.tokenizer, ("bpe", "byte"))
-        require_choice("dtype", self.dtype, ("bfloat16", "float16", "float32"))
+        require_choice("dtype", self.dtype, DTYPES)
         require_device(self.device)
 
 
@@ -292,7 +292,7 @@ def bits_per_byte(gpt: GPT, val_ids: torch.Tensor, n_bytes: int, seq: int, batch
     return total_nats / math.log(2) / (scored * n_bytes / len(val_ids))
 
 
-def pretrain(cfg: PretrainConfig, tracker: Tracker | NullTracker | None = None) -> PretrainResult:
+def run(cfg: PretrainConfig, tracker: Tracker | NullTracker | None = None) -> PretrainResult:
     tracker = tracker or NullTracker()
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = 0
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for f in fields(PretrainConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    res = pretrain(PretrainConfig(**vars(p.parse_args(argv))))
+    res = run(PretrainConfig(**vars(p.parse_args(argv))))
     if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 saves
         print(f"val bpb {res.val_bpb:.3f}; saved to {res.config.out}")
 
