@@ -1,6 +1,6 @@
 """The yardstick (issue 10): Whisper's own WER on the held-out split, greedy vs under the loop guard.
 
-    python experiments/whisper_yardstick.py [--clips N] [--corpus data/synth] [--features cache/features]
+    python experiments/whisper_yardstick.py [--clips N] [--corpus data/synth] [--features cache/features] [--ship]
 
 Decodes the first N held-out clips (split "test": unseen sentences, unseen voices; all of them by
 default) with Whisper's own decoder twice, in chunks of 16 so that a stopped run leaves both
@@ -11,6 +11,8 @@ later alignment run does not decode Whisper again. Prints, after each chunk, cor
 per-clip WER on clear speech (style "normal") and per style and variant, for both decodings, and
 the guard's cost as a ratio of the two decoding times measured side by side (a cached clip costs
 nothing: compare on a fresh cache; each timing includes loading Whisper, about a second).
+--ship writes both decodings into omni/eval/baselines/ (keyed by each clip's SHA-1), the transcripts
+the repo ships so that a fresh machine's alignment runs need not decode Whisper again.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from omni.eval.yardstick import content_scores, score_table, whisper_hyps
+from omni.eval.yardstick import content_scores, score_table, ship_hyps, whisper_hyps
 from omni.experiments.alignment import AlignConfig, prepare_cache
 from omni.model.speech_lm import LoopGuard
 
@@ -29,6 +31,7 @@ def main() -> None:
     p.add_argument("--corpus", default=AlignConfig.corpus)
     p.add_argument("--features", default=AlignConfig.features)
     p.add_argument("--encoder", default=AlignConfig.encoder)
+    p.add_argument("--ship", action="store_true", help="write the transcripts into omni/eval/baselines/ (the repo ships them)")
     args = p.parse_args()
     cfg = AlignConfig(corpus=args.corpus, features=args.features, encoder=args.encoder)
     cache = prepare_cache(cfg)
@@ -55,6 +58,9 @@ def main() -> None:
                 print(f"  {r['by']}={r['group']:9s} n={r['n']:3.0f} {r['system']:15s} WER {r['wer']:.3f} (median {r['median_wer']:.3f})")
     if seconds["whisper_greedy"] > 0:
         print(f"guard / greedy decoding time: {seconds['whisper'] / seconds['whisper_greedy']:.1f}x")
+    if args.ship:
+        for name, guard in systems.items():
+            print("shipped:", ship_hyps(cache, test, cfg.encoder, guard))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ lm: str = 'runs/lm'  # omni LM folder (omni.experiments.pretrain_lm; pretrained 
 load_in: str = ''  # "" | 8bit | 4bit: k-bit weights for a Hugging Face LM (bitsandbytes, CUDA only)
 layer: str = 'last'  # last | middle | <index> | weighted | weighted_ln
 k: int = 4  # frames per audio token
-projector: str = 'stack'  # stack | conv | avg
+projector: str = 'stack'  # stack | conv | avg | lego (posteriors over the LM vocabulary mixing its token embeddings, LegoSLM)
 prompt: str = ''  # e.g. "Transcribe:"
 prompt_position: str = 'after'  # before | after the audio
 trainable: str = 'projector'  # projector (frozen LM: the research setting) | projector+lora (peft adapters) | projector+lm (diagnostic: is the frozen LM the limit?)
@@ -63,7 +63,7 @@ whisper_baseline: bool = True  # also decode the held-out clips with Whisper's o
 kl_weight: float = 0.0  # lever (issue 10): + this x KL from the same frozen LM reading the transcript where the audio stands (distill_loss); 0 means off
 ctc_weight: float = 0.0  # lever (issue 10): + this x CTC of the audio tokens read as LM tokens (ctc_embedding_loss); 0 means plain cross-entropy
 guard: bool = True  # final held-out decodes (ours, control, Whisper) under the loop guard (LoopGuard); greedy figures kept as *_greedy
-guard_logprob: float = -1.0  # our decoder's guard: re-decode below this mean token log-prob (Whisper keeps openai-whisper's -1); a small LM is rarely that sure, see fallback_fraction and median_logprob
+guard_logprob: float = 0.0  # our decoder's guard: re-decode below this mean token log-prob; 0 takes minus the LM's own validation nats per token (pretrain.json's first_nats: a transcript the LM is less sure of than of prose it reads unaided has failed), or the compression ratio alone where the LM has no such figure. Whisper keeps openai-whisper's -1
 mlflow_run_id: str = ""  # MLflow run to log into; empty: start a new run in the default store
 out_dir: str = "reports/alignment/adhoc"  # folder this run writes its files into
 

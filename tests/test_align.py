@@ -145,7 +145,7 @@ def test_bad_parameters_fail_before_any_work(tiny_alignment, tmp_path, monkeypat
     def no_pretraining(*a, **k):
         raise AssertionError("a bad parameter must be reported before an LM is pretrained")
 
-    monkeypatch.setattr(omni.experiments.alignment, "pretrain", no_pretraining)
+    monkeypatch.setattr(omni.experiments.alignment.pretrain_lm, "run", no_pretraining)
     missing = dict(corpus=str(tmp_path / "no-corpus"), lm=str(tmp_path / "no-lm"), device="cpu")
     with pytest.raises(ValueError, match="parameter `layer` = 'lats'"):  # when the config is built, before any work
         alignment.run(AlignConfig(layer="lats", **missing))
@@ -404,3 +404,33 @@ def test_distill_loss_is_zero_when_the_audio_tokens_are_the_words_and_trains_the
     model.audio_tokens = lambda h, n: (torch.nn.utils.rnn.pad_sequence([emb(tok.encode(t)) for t in texts], batch_first=True),
                                        torch.tensor([len(tok.encode(t)) for t in texts]))
     assert distill_loss(model, hidden, lengths, texts).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_shipped_whisper_transcripts_spare_the_decode(tiny_alignment, tmp_path, monkeypatch):
+    """A clip whose bytes match a shipped transcript (omni/eval/baselines, keyed by SHA-1) is not decoded;
+    any other clip is, and a changed clip (other bytes) is not matched."""
+    import shutil
+
+    import omni.eval.yardstick as Y
+
+    monkeypatch.setattr(Y, "BASELINES", tmp_path / "baselines")
+    cache = tiny_alignment.cache
+    rows = cache.select(split="test")[:3]
+    monkeypatch.setattr(Y, "whisper_decode", lambda model, processor, waves, guard=None, batch_size=8: [f"w{len(w)}" for w in waves])
+    monkeypatch.setattr(Y, "load_whisper_model", lambda *a: (None, None))
+    shipped = Y.ship_hyps(cache, rows[:2], "tiny.en")
+    assert sorted(json.loads(shipped.read_text())) == sorted(Y.audio_sha1(cache.rows[r]["audio"]) for r in rows[:2])
+
+    fresh = FeatureCache(tmp_path / "fresh", dict(cache.index))  # another machine: same clips, empty cache folder
+    (tmp_path / "fresh").mkdir()
+    decoded = []
+    monkeypatch.setattr(Y, "whisper_decode", lambda model, processor, waves, guard=None, batch_size=8: decoded.extend(waves) or ["new"] * len(waves))
+    hyps = Y.whisper_hyps(fresh, rows, "tiny.en")
+    assert len(decoded) == 1 and hyps[2] == "new" and hyps[:2] == [json.loads(shipped.read_text())[Y.audio_sha1(cache.rows[r]["audio"])] for r in rows[:2]]
+
+    changed = tmp_path / "changed.wav"  # other bytes under the same name: not the shipped clip
+    shutil.copy(cache.rows[rows[0]]["audio"], changed)
+    changed.write_bytes(changed.read_bytes()[:-2] + b"\x01\x02")
+    other = FeatureCache(tmp_path / "other", dict(cache.index, rows=[dict(cache.rows[rows[0]], audio=str(changed))]))
+    (tmp_path / "other").mkdir()
+    assert Y.whisper_hyps(other, [0], "tiny.en") == ["new"]

@@ -51,3 +51,31 @@ def test_collate_states_pads_right():
     h, n = collate_states([a, b])
     assert h.shape == (2, 3, 5, 2) and n.tolist() == [5, 2]
     assert h[1, :, 2:].abs().sum() == 0 and (h[1, :, :2] == 2).all()
+
+
+def test_lego_tokens_are_posterior_mixes_of_the_lm_embeddings():
+    """LegoSLM: the projector's logits over the LM vocabulary, softmaxed, weight the LM's own token
+    embeddings; the CTC readout reads those logits; a lego projector without a vocabulary is refused."""
+    from omni.model.gpt import GPT, GPTConfig
+    from omni.model.losses import ctc_embedding_loss
+    from omni.model.speech_lm import SpeechLM, SpeechLMConfig
+    from omni.model.tokenizer import ByteTokenizer
+
+    with pytest.raises(ValueError, match="vocab"):
+        Projector(ProjectorConfig(d_in=8, d_out=8, k=2, kind="lego"))
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(sequence_len=64, vocab_size=257, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    model = SpeechLM(gpt, ByteTokenizer(), n_states=2, d_whisper=8, config=SpeechLMConfig(layer="last", k=2, projector="lego"))
+    hidden, lengths = torch.randn(2, 2, 9, 8), torch.tensor([9, 4])
+    logits, n = model.audio_logits(hidden, lengths)
+    tokens, n2 = model.audio_tokens(hidden, lengths)
+    assert logits.shape == (2, 5, 257) and n.tolist() == n2.tolist() == [5, 2]
+    torch.testing.assert_close(tokens, logits.softmax(-1) @ model.embedding_table())
+    # a token whose posterior is one-hot is exactly that word's embedding, where the LM reads it
+    with torch.no_grad():
+        model.projector.fc2.weight.zero_()
+        model.projector.fc2.bias.fill_(-1e4)
+        model.projector.fc2.bias[ord("a")] = 1e4
+    tokens, _ = model.audio_tokens(hidden, lengths)
+    torch.testing.assert_close(tokens[0, 0], gpt.embed(torch.tensor([[ord("a")]]))[0, 0])
+    assert torch.isfinite(ctc_embedding_loss(model, hidden, lengths, ["ab", "c"]))

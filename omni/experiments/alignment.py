@@ -25,6 +25,7 @@ Design choices:
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -62,7 +63,7 @@ class AlignConfig:
     load_in: str = ""  # "" | 8bit | 4bit: k-bit weights for a Hugging Face LM (bitsandbytes, CUDA only)
     layer: str = "last"  # last | middle | <index> | weighted | weighted_ln
     k: int = 4  # frames per audio token
-    projector: str = "stack"  # stack | conv | avg
+    projector: str = "stack"  # stack | conv | avg | lego (posteriors over the LM vocabulary mixing its token embeddings, LegoSLM)
     prompt: str = ""  # e.g. "Transcribe:"
     prompt_position: str = "after"  # before | after the audio
     trainable: str = "projector"  # projector (frozen LM: the research setting) | projector+lora (peft adapters) | projector+lm (diagnostic: is the frozen LM the limit?)
@@ -89,7 +90,7 @@ class AlignConfig:
     kl_weight: float = 0.0  # lever (issue 10): + this x KL from the same frozen LM reading the transcript where the audio stands (distill_loss); 0 means off
     ctc_weight: float = 0.0  # lever (issue 10): + this x CTC of the audio tokens read as LM tokens (ctc_embedding_loss); 0 means plain cross-entropy
     guard: bool = True  # final held-out decodes (ours, control, Whisper) under the loop guard (LoopGuard); greedy figures kept as *_greedy
-    guard_logprob: float = -1.0  # our decoder's guard: re-decode below this mean token log-prob (Whisper keeps openai-whisper's -1); a small LM is rarely that sure, see fallback_fraction and median_logprob
+    guard_logprob: float = 0.0  # our decoder's guard: re-decode below this mean token log-prob; 0 takes minus the LM's own validation nats per token (pretrain.json's first_nats: a transcript the LM is less sure of than of prose it reads unaided has failed), or the compression ratio alone where the LM has no such figure. Whisper keeps openai-whisper's -1
     out: str = ""  # folder the trained audio path is saved in (resume checkpoints under out/resume); "" = not saved
 
     MIN_STEPS: ClassVar[int] = 1  # a subclass may allow 0 (no training)
@@ -210,7 +211,7 @@ def check_config(cfg: AlignConfig, n_states: int | None = None) -> None:
         raise ValueError(f"trainable=projector+lm cannot train k-bit weights (load_in={cfg.load_in!r}): use projector+lora (parameter `trainable`)")
     if cfg.trainable == "projector+lora" and cfg.lora_rank < 1:
         raise ValueError(f"lora_rank={cfg.lora_rank} must be >= 1 (parameter `lora_rank`)")
-    Projector(ProjectorConfig(d_in=1, d_out=1, k=cfg.k, kind=cfg.projector))  # raises naming `projector` or `k`
+    Projector(ProjectorConfig(d_in=1, d_out=1, k=cfg.k, kind=cfg.projector, vocab=2))  # raises naming `projector` or `k`
     LayerSelect(cfg.layer, n_states if n_states is not None else 1 << 16)  # raises naming `layer`
 
 
@@ -339,11 +340,23 @@ def trainable_parameters(model: SpeechLM, lm_params: dict[str, torch.nn.Paramete
     return params | {f"gpt.{n}": p for n, p in lm_params.items()}
 
 
+def guard_floor(cfg: AlignConfig) -> float:
+    """Our decoder's log-prob floor: `guard_logprob`, or with 0 minus the LM's validation nats per token
+    (its pretrain.json), or -inf (the compression ratio alone) for an LM without one."""
+    if cfg.guard_logprob != 0:
+        return cfg.guard_logprob
+    meta = Path(cfg.lm) / "pretrain.json"
+    if meta.exists() and "first_nats" in (m := json.loads(meta.read_text())):
+        return -float(m["first_nats"])
+    return float("-inf")
+
+
 def evaluate(cfg: AlignConfig, model: SpeechLM, cache: FeatureCache, data: Splits, hist: History) -> tuple[HeldOut, dict[str, float]]:
     """The final figures: the whole held-out split decoded by ours, the shuffled-audio control and
     Whisper's own decoder, all under one loop guard (greedy beside), what the audio tokens spell alone
     when the CTC lever is on, the held-out loss, costs, and the WER of seen voices on new sentences."""
-    guard = LoopGuard(seed=cfg.seed, logprob_threshold=cfg.guard_logprob) if cfg.guard else None
+    floor = guard_floor(cfg)
+    guard = LoopGuard(seed=cfg.seed, logprob_threshold=floor) if cfg.guard else None
     whisper_guard = LoopGuard(seed=cfg.seed) if cfg.guard else None  # Whisper's own calibration
     rows, states = data.test, data.test_states
     refs = [cache.rows[r]["text"] for r in rows]
@@ -356,8 +369,9 @@ def evaluate(cfg: AlignConfig, model: SpeechLM, cache: FeatureCache, data: Split
     systems = {"": hyp_texts(decoded), "control": control}
     if guard is not None:
         systems["greedy"] = [h.greedy for h in decoded]
-    if cfg.ctc_weight:  # what the audio tokens spell by themselves (the CTC head), no LM
-        systems["ctc"] = ctc_readout(model, states, cfg.batch_size)
+    # what the audio tokens spell by themselves, no LM: the LM-independent content measure (meaningful
+    # when the tokens were pulled onto word embeddings: ctc_weight > 0 or a lego projector)
+    systems["ctc"] = ctc_readout(model, states, cfg.batch_size)
     if cfg.whisper_baseline:
         systems["whisper"] = whisper_hyps(cache, rows, cfg.encoder, whisper_guard)
         if guard is not None:
@@ -366,6 +380,7 @@ def evaluate(cfg: AlignConfig, model: SpeechLM, cache: FeatureCache, data: Split
         "test_loss": held_out_loss(model, cache, rows, states, cfg.batch_size),
         **content_scores(refs, systems, labels),
         "fallback_fraction": sum(h.attempts > 1 for h in decoded) / len(decoded),
+        **({"guard_floor": floor} if math.isfinite(floor) else {}),  # no floor: the compression ratio alone
         "median_logprob": float(torch.tensor([h.avg_logprob for h in decoded]).median()),
         "train_seconds": hist.seconds,
         "load_seconds": data.load_seconds,

@@ -1,7 +1,7 @@
 """What ties audio tokens to the words spoken, beside alignment's cross-entropy (issue 10's levers).
 
 - `ctc_embedding_loss`: CTC over the LM's vocabulary, each audio token read through the LM's own
-  input embeddings (`embedding_logits`), BOS the blank: it asks the projector for what a frozen LM
+  input embeddings (`SpeechLM.audio_logits`), BOS the blank: it asks the projector for what a frozen LM
   can read without learning, its own word embeddings, in order.
 - `distill_loss`: KL from the same frozen LM reading the transcript where the audio stands
   (Ultravox's distillation), soft targets where cross-entropy has one hard token.
@@ -19,14 +19,14 @@ from omni.model.speech_lm import SpeechLM, left_pad
 
 def ctc_embedding_loss(model: SpeechLM, hidden: torch.Tensor, frame_lengths: torch.Tensor, texts: list[str]) -> torch.Tensor:
     """CTC that pulls each audio token onto the LM's embedding of a word spoken in its stretch:
-    the token's logits over the LM vocabulary are its dot products with the LM's own (normed)
-    input embeddings / sqrt(n_embd) (a token equal to a word's embedding scores sqrt(n_embd),
-    an unrelated one about 0), BOS is the blank, the transcript's tokens the target. It asks the
-    projector for what a frozen LM can read without learning: its own word embeddings, in order."""
-    tokens, lengths = model.audio_tokens(hidden, frame_lengths)
-    logp = embedding_logits(model, tokens).log_softmax(dim=-1)
+    the token's logits over the LM vocabulary (SpeechLM.audio_logits: its dot products with the LM's
+    own input embeddings, or a lego projector's posteriors), BOS is the blank, the transcript's
+    tokens the target. It asks the projector for what a frozen LM can read without learning: its own
+    word embeddings, in order."""
+    logits, lengths = model.audio_logits(hidden, frame_lengths)
+    logp = logits.log_softmax(dim=-1)
     targets = [model.tokenizer.encode(t) for t in texts]
-    flat = torch.tensor([i for t in targets for i in t], dtype=torch.long, device=tokens.device)
+    flat = torch.tensor([i for t in targets for i in t], dtype=torch.long, device=logits.device)
     # zero_infinity: a clip with fewer audio tokens than text tokens (+ repeats) adds nothing, not inf
     return torch.nn.functional.ctc_loss(logp.transpose(0, 1), flat, lengths, torch.tensor([len(t) for t in targets]),
                                         blank=model.tokenizer.bos_id, zero_infinity=True)
@@ -53,24 +53,17 @@ def distill_loss(model: SpeechLM, hidden: torch.Tensor, frame_lengths: torch.Ten
     return kl[targets >= 0].mean()
 
 
-def embedding_logits(model: SpeechLM, tokens: torch.Tensor) -> torch.Tensor:
-    """Audio tokens (B, A, n_embd) read as LM tokens: logits (B, A, vocab), each the token's dot
-    product with the LM's input embedding of that vocabulary entry / sqrt(n_embd)."""
-    table = model.gpt.embed(torch.arange(model.gpt.config.vocab_size, device=tokens.device)[None])[0]
-    return tokens.float() @ table.float().T / table.size(1) ** 0.5
-
-
 @torch.no_grad()
 def ctc_readout(model: SpeechLM, states: list[torch.Tensor], batch_size: int) -> list[str]:
-    """What the audio tokens spell with no LM: each read as its nearest LM token (embedding_logits),
+    """What the audio tokens spell with no LM: each read as its most likely LM token (SpeechLM.audio_logits),
     repeats collapsed, blanks (BOS) dropped. Beside the LM's transcript it separates what the
     projector recognised from what the frozen LM copied out of it."""
     device, blank = model.gpt_device, model.tokenizer.bos_id
     out = []
     for i in range(0, len(states), batch_size):
         hidden, frame_lengths = collate_states([s.float() for s in states[i : i + batch_size]])
-        tokens, lengths = model.audio_tokens(hidden.to(device), frame_lengths.to(device))
-        best = embedding_logits(model, tokens).argmax(-1).tolist()
+        logits, lengths = model.audio_logits(hidden.to(device), frame_lengths.to(device))
+        best = logits.argmax(-1).tolist()
         for row, n in zip(best, lengths.tolist()):
             ids = [t for j, t in enumerate(row[:n]) if t != blank and (j == 0 or t != row[j - 1])]
             out.append(model.tokenizer.decode(ids).strip())

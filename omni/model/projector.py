@@ -11,6 +11,10 @@ Design choices:
   `target_rms` is a buffer, measured from the LM once (`set_target_rms`), never trained.
 - Frames past a clip's length are zeroed before stacking, so the last (partial) token of a clip
   never sees padding from a longer neighbour in the batch.
+- `lego` (LegoSLM, arXiv 2505.11352): the stacked frames map to logits over the LM's vocabulary
+  (`vocab`) instead of a vector; omni.model.speech_lm turns them into the posterior-weighted mix of
+  the LM's own token embeddings, so every audio token lies where the LM reads words (BOS, the CTC
+  blank, included).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-KINDS = ("stack", "conv", "avg")
+KINDS = ("stack", "conv", "avg", "lego")
 
 
 @dataclass
@@ -30,8 +34,9 @@ class ProjectorConfig:
     d_in: int = 384  # Whisper width (tiny.en 384, base 512, small 768)
     d_out: int = 384  # GPT width (n_embd)
     k: int = 4  # frames per audio token: 50 frames/s / k = audio tokens per second
-    kind: str = "stack"  # stack | conv | avg: how k frames become one token
+    kind: str = "stack"  # stack | conv | avg | lego: how k frames become one token (lego: logits over the LM vocabulary, stacked frames)
     hidden: int = 0  # MLP hidden width; 0 means d_out
+    vocab: int = 0  # lego only: the LM's vocabulary size (the logits' width)
 
 
 class Projector(nn.Module):
@@ -44,7 +49,9 @@ class Projector(nn.Module):
         self.config = config
         c = config
         hidden = c.hidden or c.d_out
-        if c.kind == "stack":
+        if c.kind == "lego" and c.vocab < 2:
+            raise ValueError(f"projector kind 'lego' needs the LM's vocabulary size, got vocab={c.vocab} (parameter `projector`)")
+        if c.kind in ("stack", "lego"):
             self.down = None
             self.fc1 = nn.Linear(c.k * c.d_in, hidden)
         elif c.kind == "conv":
@@ -53,7 +60,7 @@ class Projector(nn.Module):
         else:  # avg
             self.down = None
             self.fc1 = nn.Linear(c.d_in, hidden)
-        self.fc2 = nn.Linear(hidden, c.d_out)
+        self.fc2 = nn.Linear(hidden, c.vocab if c.kind == "lego" else c.d_out)
         self.register_buffer("target_rms", torch.tensor(1.0))
 
     @torch.no_grad()
@@ -64,7 +71,8 @@ class Projector(nn.Module):
         return torch.div(frame_lengths + self.config.k - 1, self.config.k, rounding_mode="floor")
 
     def forward(self, x: torch.Tensor, frame_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, T, d_in) right-padded frames -> (tokens (B, ceil(T/k), d_out), token_lengths (B,))."""
+        """x: (B, T, d_in) right-padded frames -> (tokens (B, ceil(T/k), d_out), token_lengths (B,));
+        for `lego`, logits (B, ceil(T/k), vocab) instead of tokens."""
         B, T, D = x.shape
         k = self.config.k
         if frame_lengths is None:
@@ -74,7 +82,7 @@ class Projector(nn.Module):
         n_tok = math.ceil(T / k)
         x = F.pad(x, (0, 0, 0, n_tok * k - T))  # zero frames so T is a multiple of k
         kind = self.config.kind
-        if kind == "stack":
+        if kind in ("stack", "lego"):
             h = self.fc1(x.reshape(B, n_tok, k * D))
         elif kind == "conv":
             h = self.down(x.transpose(1, 2)).transpose(1, 2)
@@ -83,5 +91,7 @@ class Projector(nn.Module):
             counts = F.pad(valid, (0, n_tok * k - T)).reshape(B, n_tok, k).sum(-1, keepdim=True).clamp(min=1)
             h = self.fc1(x.reshape(B, n_tok, k, D).sum(2) / counts)
         y = self.fc2(F.gelu(h))
+        if kind == "lego":
+            return y, self.token_lengths(frame_lengths)
         y = F.rms_norm(y, (y.size(-1),)) * self.target_rms
         return y, self.token_lengths(frame_lengths)

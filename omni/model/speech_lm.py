@@ -129,7 +129,8 @@ class SpeechLM(nn.Module):
         self.tokenizer = tokenizer
         self.select = LayerSelect(config.layer, n_states)
         self.projector = Projector(
-            ProjectorConfig(d_in=d_whisper, d_out=gpt.config.n_embd, k=config.k, kind=config.projector)
+            ProjectorConfig(d_in=d_whisper, d_out=gpt.config.n_embd, k=config.k, kind=config.projector,
+                            hidden=gpt.config.n_embd, vocab=gpt.config.vocab_size if config.projector == "lego" else 0)
         )
         self.match_text_scale()
 
@@ -148,10 +149,30 @@ class SpeechLM(nn.Module):
     def _prompt_ids(self) -> list[int]:
         return self.tokenizer.encode(self.config.prompt) if self.config.prompt else []
 
+    def embedding_table(self) -> torch.Tensor:
+        """The LM's input embeddings of its whole vocabulary, as it sees them: (vocab, n_embd) fp32."""
+        return self.gpt.embed(torch.arange(self.gpt.config.vocab_size, device=self.gpt_device)[None])[0].float()
+
     def audio_tokens(self, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded audio tokens (B, A, n_embd) and their lengths, before any prompt or padding."""
+        """Right-padded audio tokens (B, A, n_embd) and their lengths, before any prompt or padding.
+        A `lego` projector's tokens are its posteriors over the vocabulary times the LM's embeddings."""
         with torch.autocast(hidden.device.type, enabled=False):  # the audio path stays fp32 under bf16 autocast
-            return self.projector(self.select(hidden.float()), frame_lengths)
+            out, lengths = self.projector(self.select(hidden.float()), frame_lengths)
+            if self.config.projector == "lego":
+                out = out.softmax(-1) @ self.embedding_table()
+            return out, lengths
+
+    def audio_logits(self, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each audio token read as LM tokens: logits (B, A, vocab) and the lengths. A `lego` projector's
+        own logits; otherwise each token's dot product with the LM's (normed) input embedding of every
+        vocabulary entry / sqrt(n_embd): a token equal to a word's embedding scores sqrt(n_embd), an
+        unrelated one about 0."""
+        if self.config.projector == "lego":
+            with torch.autocast(hidden.device.type, enabled=False):
+                return self.projector(self.select(hidden.float()), frame_lengths)
+        tokens, lengths = self.audio_tokens(hidden, frame_lengths)
+        table = self.embedding_table()
+        return tokens.float() @ table.T / table.size(1) ** 0.5, lengths
 
     def prefix(self, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The soft prefix the GPT sees before the text: left-padded (B, P, n_embd) and its mask."""
