@@ -56,6 +56,7 @@ seed: int = 0  # fixes init, batches and samples
 device: str = 'auto'  # auto | cpu | cuda
 dtype: str = 'bfloat16'  # autocast on CUDA; CPU runs float32
 ckpt_every: int = 100  # steps between resumable checkpoints (when ckpt_dir is set)
+save_dtype: str = 'float32'  # float32 | float16: precision of the saved weights (float16 halves the folder; loading computes in float32)
 mlflow_run_id: str = ""  # MLflow run to log into; empty: start a new run in the default store
 out_dir: str = "reports/pretrain_lm/adhoc"  # folder this run writes its files into
 

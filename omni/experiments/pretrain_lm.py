@@ -46,7 +46,7 @@ from omni.data.synth import held_out_sentences
 from omni.model.gpt import GPT, GPTConfig
 from omni.model.tokenizer import BPETokenizer, ByteTokenizer
 from omni.params import require, require_choice, require_device
-from omni.track import NullTracker, Tracker
+from omni.track import NullTracker, Tracker, git_state
 from omni.train import DTYPES, History, TrainConfig, pick_device, train
 
 
@@ -84,6 +84,7 @@ class PretrainConfig:
     dtype: str = "bfloat16"  # autocast on CUDA; CPU runs float32
     ckpt_every: int = 100  # steps between resumable checkpoints (when ckpt_dir is set)
     ckpt_dir: str = ""  # checkpoint folder; a rerun with the same folder resumes from it ("" = none)
+    save_dtype: str = "float32"  # float32 | float16: precision of the saved weights (float16 halves the folder; loading computes in float32)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "depth", "sequence_len", "batch_size", "steps", "eval_tokens"):
@@ -101,6 +102,7 @@ class PretrainConfig:
                 min(self.warmup, self.eval_every), ">= 0")
         require_choice("tokenizer", self.tokenizer, ("bpe", "byte"))
         require_choice("dtype", self.dtype, DTYPES)
+        require_choice("save_dtype", self.save_dtype, ("float32", "float16"))
         require_device(self.device)
 
 
@@ -349,11 +351,12 @@ def run(cfg: PretrainConfig, tracker: Tracker | NullTracker | None = None) -> Pr
     samples = sample(gpt, tok, ["Holmes", "It was a dark", "The door opened and", "I have"], seed=cfg.seed)
     if rank == 0:
         out = Path(cfg.out)
-        gpt.save(out)
+        gpt.save(out, dtype=getattr(torch, cfg.save_dtype))
         if isinstance(tok, BPETokenizer):
             tok.save(out / "tokenizer.json")
-        meta = {"config": asdict(cfg), "val_bpb": val_bpb, "first_nats": first_nats, "copy_nats": copy_nats_, "random_copy": random_copy_,
-                "train_tokens": len(train_ids), "seconds": hist.seconds, "samples": samples, "evals": hist.evals}
+        # provenance: what trained it (the commit, every parameter), what it scored (measured in float32 before saving)
+        meta = {"config": asdict(cfg), **git_state(), "val_bpb": val_bpb, "first_nats": first_nats, "copy_nats": copy_nats_,
+                "random_copy": random_copy_, "train_tokens": len(train_ids), "seconds": hist.seconds, "samples": samples, "evals": hist.evals}
         (out / "pretrain.json").write_text(json.dumps(meta, indent=2))
     tracker.log_metrics({"val_bpb": val_bpb, "first_nats": first_nats, "copy_nats": copy_nats_, "random_copy": random_copy_,
                          "train_tokens": float(len(train_ids)), "train_seconds": hist.seconds}, step=cfg.steps)
