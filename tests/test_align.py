@@ -434,3 +434,17 @@ def test_shipped_whisper_transcripts_spare_the_decode(tiny_alignment, tmp_path, 
     other = FeatureCache(tmp_path / "other", dict(cache.index, rows=[dict(cache.rows[rows[0]], audio=str(changed))]))
     (tmp_path / "other").mkdir()
     assert Y.whisper_hyps(other, [0], "tiny.en") == ["new"]
+
+
+def test_headline_table_leads_with_ours_the_control_and_whisper_on_the_same_clips(tiny_alignment):
+    res = tiny_alignment.result  # whisper_baseline=False
+    rows = alignment.headline(res)
+    s = res.scores
+    assert [r["system"].split(":")[0] for r in rows] == ["ours", "control", f"Whisper {res.config.encoder}'s own decoder", "what the audio adds (control minus ours)"]
+    assert rows[0]["WER"] == s["clear_wer"] and rows[1]["median WER"] == s["clear_control_median_wer"]
+    assert "not run" in rows[2]["system"] and math.isnan(rows[2]["WER"])  # skipped, and said so
+    assert rows[3]["WER"] == pytest.approx(s["clear_control_wer"] - s["clear_wer"])
+    # with Whisper's figures present, its row carries them
+    with_whisper = replace(res, scores=s | {"clear_whisper_wer": 0.4, "clear_whisper_median_wer": 0.3, "whisper_wer": 0.5})
+    assert alignment.headline(with_whisper)[2] == {"system": f"Whisper {res.config.encoder}'s own decoder", "WER": 0.4, "median WER": 0.3,
+                                                   "WER, all styles": 0.5}

@@ -405,6 +405,26 @@ def evaluate(cfg: AlignConfig, model: SpeechLM, cache: FeatureCache, data: Split
     return test, scores
 
 
+def headline(res: AlignResult) -> list[dict]:
+    """The report's first table: on the clear held-out speech (unseen voices and sentences), our WER,
+    the shuffled-audio control's and Whisper's own decoder's on the same clips (each a row: system,
+    WER, median per-clip WER, and the WER on every held-out clip), then what the audio adds: the
+    control's WER minus ours. Whisper's row says so when it was skipped."""
+    s, enc = res.scores, res.config.encoder
+    rows = [("ours: frozen LM, projector only", ""), ("control: ours with shuffled audio", "control_")]
+    out = [{"system": name, "WER": s[f"clear_{p}wer"], "median WER": s[f"clear_{p}median_wer"], "WER, all styles": s[f"{p}wer"]}
+           for name, p in rows]
+    if "clear_whisper_wer" in s:
+        out.append({"system": f"Whisper {enc}'s own decoder", "WER": s["clear_whisper_wer"], "median WER": s["clear_whisper_median_wer"],
+                    "WER, all styles": s["whisper_wer"]})
+    else:
+        out.append({"system": f"Whisper {enc}'s own decoder: not run (whisper_baseline=false)", "WER": float("nan"),
+                    "median WER": float("nan"), "WER, all styles": float("nan")})
+    out.append({"system": "what the audio adds (control minus ours)", "WER": s["clear_control_wer"] - s["clear_wer"],
+                "median WER": s["clear_control_median_wer"] - s["clear_median_wer"], "WER, all styles": s["control_wer"] - s["wer"]})
+    return out
+
+
 def save(res: AlignResult, tracker: Tracker | NullTracker) -> None:
     """The trained audio path in cfg.out (plus the LoRA adapters, or a copy of the LM when it trained),
     and in audio_path.json what omni.experiments.trained needs to load it: the LM, the encoder and the config."""
