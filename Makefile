@@ -1,5 +1,6 @@
 # The two commands a newcomer needs (see README):
-#   make run    set up .venv, then run the main job (smoke experiment, embedded Whisper tiny.en, CPU)
+#   make run    set up .venv, then run the main job: the research tour on the embedded defaults (CPU):
+#               the smoke test, then projector-only alignment into the committed copying LM (models/lm)
 #   make test   set up .venv, then run the test suite
 PY ?= python3
 VENV ?= .venv
@@ -22,6 +23,7 @@ $(VENV)/.installed: pyproject.toml
 
 run: setup
 	$(BIN)/omni run experiments/smoke.yaml
+	$(BIN)/omni run experiments/alignment.yaml
 
 # tests/test_chat.py drives Debian's headless Chromium (Playwright never downloads a browser): installed here
 # when missing and we are root (CI, containers); elsewhere that one test skips and says why

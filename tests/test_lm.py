@@ -186,7 +186,7 @@ def test_hub_ids_and_missing_local_folders_are_told_apart(tmp_path, monkeypatch)
     (tmp_path / "mine").mkdir()
     assert is_hub_id("Qwen/Qwen3-0.6B") and is_hub_id("meta-llama/Llama-3.2-1B")
     # runs/lm in a fresh checkout (no runs/ yet) is where the default LM gets pretrained, not a hub id
-    assert not is_hub_id("runs/lm") and not is_hub_id("mine/lm") and not is_hub_id("./x") and not is_hub_id("a/b/c")
+    assert not is_hub_id("runs/lm") and not is_hub_id("models/lm") and not is_hub_id("mine/lm") and not is_hub_id("./x") and not is_hub_id("a/b/c")
 
 
 @pytest.mark.parametrize("kind", KINDS)

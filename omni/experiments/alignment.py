@@ -59,7 +59,7 @@ class AlignConfig:
     features: str = "cache/features"  # feature cache root
     encoder: str = "tiny.en"  # Whisper source
     encoder_mode: str = "var"  # var | pad30
-    lm: str = "runs/lm"  # omni LM folder (omni.experiments.pretrain_lm; pretrained with defaults if missing) | nanochat checkpoint folder | HF model folder or hub id
+    lm: str = "models/lm"  # the LM: an omni LM folder (models/lm: the committed copying LM; a missing folder is pretrained with omni.experiments.pretrain_lm's defaults) | a nanochat checkpoint folder | an HF model folder or hub id
     load_in: str = ""  # "" | 8bit | 4bit: k-bit weights for a Hugging Face LM (bitsandbytes, CUDA only)
     layer: str = "last"  # last | middle | <index> | weighted | weighted_ln
     k: int = 4  # frames per audio token

@@ -81,7 +81,7 @@ def is_hub_id(path_or_id: str | Path) -> bool:
     """"owner/name" that is not on disk. Not one: anything under `runs/` (omni's own output folder, where a
     missing LM is pretrained, even in a fresh checkout without runs/), or whose owner is a local folder."""
     p = Path(path_or_id)
-    return (not p.exists() and len(p.parts) == 2 and not p.is_absolute() and p.parts[0] not in ("runs", ".", "..")
+    return (not p.exists() and len(p.parts) == 2 and not p.is_absolute() and p.parts[0] not in ("runs", "models", ".", "..")
             and not Path(p.parts[0]).exists())
 
 
