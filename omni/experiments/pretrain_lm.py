@@ -67,7 +67,7 @@ class PretrainConfig:
     smear: bool = True  # mix the previous token's embedding into each position (nanochat's smear)
     sequence_len: int = 256  # training window in tokens
     batch_size: int = 16  # windows per step (per rank under DDP)
-    steps: int = 1600  # optimiser steps
+    steps: int = 800  # optimiser steps
     optimizer: str = "muon"  # muon (Muon for hidden matrices, AdamW for the rest) | adamw
     lr: float = 3e-3  # AdamW peak learning rate (embeddings, lm_head, scalars; every parameter when optimizer is adamw)
     muon_lr: float = 0.02  # Muon peak learning rate (hidden matrices)
