@@ -32,8 +32,12 @@ def write_bad_clips(folder: Path) -> dict[str, tuple[Path, str]]:
     sf.write(str(folder / "nan.wav"), nan, 16000, subtype="FLOAT")
     sf.write(str(folder / "empty.wav"), np.zeros(0, np.float32), 16000)
     (folder / "junk.wav").write_bytes(b"RIFF\x00\x01garbage, not a wav file" * 10)
+    audio.save(folder / "truncated.wav", 0.1 * rng.standard_normal(8000))
+    whole = (folder / "truncated.wav").read_bytes()
+    (folder / "truncated.wav").write_bytes(whole[: 44 + 8000])  # cut inside its data: 4000 of 8000 frames
     reasons = {"silent": "silent", "dither": "silent", "short": "too short", "long": "longer than",
-               "nan": "NaN/inf", "empty": "empty", "junk": "unreadable", "missing": "not found"}
+               "nan": "NaN/inf", "empty": "empty", "junk": "unreadable", "missing": "not found",
+               "truncated": "truncated: the header promises 8000 frames (0.50 s), the file holds 4000 (0.25 s)"}
     return {name: (folder / f"{name}.wav", reason) for name, reason in reasons.items()}
 
 

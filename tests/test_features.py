@@ -249,14 +249,14 @@ def test_bad_clips_are_all_named_before_work_or_skipped_and_listed(corpus, tmp_p
     with pytest.raises(ManifestError) as e:
         build_features(man, tmp_path / "cache", progress=False)
     lines = str(e.value).splitlines()[1:]
-    assert len(lines) == 8 and encoded == [] and not (tmp_path / "cache").exists()
+    assert len(lines) == 9 and encoded == [] and not (tmp_path / "cache").exists()
     for (line, reason), text in zip(sorted(expected.items()), lines):
         assert text.strip().startswith(f"{man}:{line}: {tmp_path / 'bad'}") and reason in text, (line, text)
 
-    with pytest.warns(UserWarning, match="skipped 8 bad rows"):
+    with pytest.warns(UserWarning, match="skipped 9 bad rows"):
         path = build_features(man, tmp_path / "cache", skip_bad=True, progress=False)
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"{man}: 12 rows, 4 ok, skipped 8 bad rows"
+    assert out[0] == f"{man}: 13 rows, 4 ok, skipped 9 bad rows"
     assert all(f"{man}:{line}: " in o and reason in o for (line, reason), o in zip(sorted(expected.items()), out[1:9]))
     cache = FeatureCache.open(path)
     good_lines = sorted(set(range(1, 13)) - set(expected))
