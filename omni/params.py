@@ -119,6 +119,14 @@ def coerce(cls: type, name: str, value: Any) -> Any:
     raise ParamError(f"parameter `{name}` = {value!r}: expected {want.__name__}")
 
 
+def did_you_mean(name: str, valid: typing.Iterable[str]) -> str:
+    """" (did you mean `steps`?)" for a near-miss of a valid name, else ""."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
 def aliases(cls: type) -> dict[str, str]:
     """{old name: new name} of the fields `cls` renamed (its ALIASES), accepted until the next release."""
     return dict(getattr(cls, "ALIASES", {}))
@@ -161,7 +169,7 @@ def check(cls: type, values: Mapping[str, Any], derived: typing.Iterable[str] = 
     names = {f.name for f in dataclasses.fields(cls)} - set(derived)
     unknown = [k for k in values if k not in names and k not in RESERVED]
     if unknown:
-        raise ParamError(f"unknown parameter {unknown[0]!r}; valid: {', '.join(sorted(names))}")
+        raise ParamError(f"unknown parameter {unknown[0]!r}{did_you_mean(unknown[0], names)}; valid: {', '.join(sorted(names))}")
     return from_params(cls, {k: v for k, v in values.items() if k not in RESERVED})
 
 
