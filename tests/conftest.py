@@ -1,4 +1,5 @@
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,6 +12,12 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(_TMP / "numba"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Debian's headless Chromium, driven by Playwright (which never downloads a browser): tests/test_chat.py, test_browser.py
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+NO_CHROMIUM = "no Chromium installed (apt-get install chromium; .ci/run does)"
 
 
 def write_bad_clips(folder: Path) -> dict[str, tuple[Path, str]]:
