@@ -70,6 +70,24 @@ def repo() -> Path:
     return REPO
 
 
+def _footprint() -> dict[str, int]:
+    """What a test must never write: the repository's reports/, mlflow.db and MLflow's artifact folders
+    (every file with its modification time)."""
+    files = [p for d in ("reports", "mlartifacts", "mlruns") for p in (REPO / d).rglob("*") if p.is_file()]
+    return {str(p.relative_to(REPO)): p.stat().st_mtime_ns for p in files + [REPO / "mlflow.db"] if p.exists()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_left_alone():
+    """Tests write into tmp paths only: a report folder left in the repository's reports/ would show up in
+    the user's reports/index.html (and an MLflow run in their mlflow.db)."""
+    before = _footprint()
+    yield
+    after = _footprint()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"the tests wrote into the repository: {changed[:10]} (write under tmp_path)"
+
+
 # --- notebooks under papermill's own CLI (tests/test_notebooks.py, test_params.py, test_ablation.py, ...) ---
 
 
@@ -78,6 +96,7 @@ def papermill(notebook: str, executed: Path, env: dict, **values):
     import subprocess
     import sys
 
+    assert "out_dir" in values, "give out_dir (a tmp path): a notebook's default writes into the repository's reports/"
     args = [a for k, v in values.items() for a in ("-p", k, str(v))]
     return subprocess.run([sys.executable, "-m", "papermill", f"notebooks/{notebook}", str(executed), *args],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
