@@ -26,10 +26,10 @@ $(VENV)/.installed: pyproject.toml notebooks/jupyter_server_config.json
 run: setup
 	$(BIN)/omni run experiments/smoke.yaml
 
-# tests/test_chat.py drives Debian's headless Chromium (Playwright never downloads a browser): installed here
-# when missing and we are root (CI, containers); elsewhere that one test skips and says why
+# tests/test_chat.py and test_browser.py drive Debian's headless Chromium (Playwright never downloads a browser):
+# installed here when missing and we are root (CI, containers); elsewhere those tests skip and say why
 test: setup
-	@[ -x /usr/bin/chromium ] || [ "$$(id -u)" != 0 ] || { apt-get update -qq && apt-get install -y -qq chromium; } || echo "chromium not installed: the browser test will skip"
+	@[ -x /usr/bin/chromium ] || [ "$$(id -u)" != 0 ] || { apt-get update -qq && apt-get install -y -qq chromium; } || echo "chromium not installed: the browser tests will skip"
 	$(BIN)/python -m pytest -q
 
 bench: setup
