@@ -127,6 +127,7 @@ def test_alignment_notebook(tiny_alignment, tmp_path, env):
     tables = "".join(o.get("data", {}).get("text/html", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert tables.count("<table") >= 3 and ">nan<" not in tables and not re.search(r"\d\.000000", tables)
     assert "Whisper's own decoder was skipped in this run" in html and "ours vs Whisper" not in html
+    assert "above 1" in html and "If it rises while the training loss falls" in html  # WER > 1 and a rising curve explained
     assert re.search(r"held-out WER \(greedy, 2 clips\)(: [\d.]+ at step 60 \(one evaluation\)| (rose|fell|stayed) from)", html)  # the curve in words
 
 
