@@ -66,29 +66,35 @@ def test_run_logs_to_mlflow_and_writes_reports(project, capfd):
     assert '<span class="m" title="score">score</span> <b>7.5</b>' in index  # a key without a label shows as itself
     assert f"{r.report_dir.relative_to(Path('reports')).as_posix()}/report.html" in index
     assert "without encryption" not in capfd.readouterr().err  # ipykernel had nothing to warn about
+    # what MLflow's UI reads: the run's source (notebook and commit; without them its page says "Source —"), the experiment's kind
+    assert run.data.tags["mlflow.source.name"] == "notebooks/nb.py" and run.data.tags["mlflow.source.type"] == "NOTEBOOK"
+    assert len(run.data.tags["mlflow.source.git.commit"]) == 40
+    assert track.client().get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
-def test_mlflow_shows_the_source_and_a_model_training_experiment(project):
-    """The tags MLflow's UI reads: the run's source (notebook and commit; without them the run page says
-    "Source —"), the experiment's kind; links open the runs table, wherever MLFLOW_UI_URL says the UI is."""
-    (r,) = run_experiment("exp.yaml")
-    run = track.client().get_run(r.run_id)
-    tags = run.data.tags
-    assert tags["mlflow.source.name"] == "notebooks/nb.py" and tags["mlflow.source.type"] == "NOTEBOOK"
-    assert len(tags["mlflow.source.git.commit"]) == 40
-    exp = track.client().get_experiment(run.info.experiment_id)
-    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert track.run_url(r.run_id) == (f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{r.run_id}"
-                                       "?workflowType=machine_learning")
+def test_mlflow_links_follow_where_the_ui_is(project):
+    """Links to runs and experiments open the runs table, wherever MLFLOW_UI_URL (or a tracking server)
+    says the UI is; the index builds them when it is written, so `omni index` moves them all."""
+    from omni.run.runner import write_summary
+
+    folder = Path("reports/tiny/20261205-120000")
+    folder.mkdir(parents=True)
+    write_summary(folder, {"experiment": "tiny", "run_name": "tiny-1", "status": "FINISHED", "run_id": "abc", "experiment_id": "7"})
+    old = Path("reports/tiny/20261201-120000")  # written before experiment_id was kept: the ids come from its URL
+    old.mkdir()
+    write_summary(old, {"experiment": "tiny", "run_name": "tiny-0", "status": "FINISHED", "run_id": "def",
+                        "mlflow_url": "http://127.0.0.1:5000/#/experiments/7/runs/def"})
+    assert track.run_url("abc", "7") == "http://127.0.0.1:5000/#/experiments/7/runs/abc?workflowType=machine_learning"
     os.environ["MLFLOW_UI_URL"] = "http://example.org:8123/"
     try:
         index = write_index("reports").read_text()
-        assert f'href="http://example.org:8123/#/experiments/{run.info.experiment_id}/runs/{r.run_id}?workflowType=machine_learning"' in index
-        assert f'href="http://example.org:8123/#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning"' in index
+        for run in ("abc", "def"):
+            assert f'href="http://example.org:8123/#/experiments/7/runs/{run}?workflowType=machine_learning"' in index
+        assert 'href="http://example.org:8123/#/experiments/7/runs?workflowType=machine_learning"' in index  # the experiment
         assert track.ui_command().endswith(" --host example.org --port 8123")
     finally:
         del os.environ["MLFLOW_UI_URL"]
-    assert ":5000" in write_index("reports").read_text() and track.ui_command() == f"mlflow ui --backend-store-uri {track.tracking_uri()}"
+    assert ":8123" not in write_index("reports").read_text() and track.ui_command() == f"mlflow ui --backend-store-uri {track.tracking_uri()}"
     os.environ["MLFLOW_TRACKING_URI"] = "http://tracking.example.org:5555"  # a tracking server serves its own UI
     try:
         assert track.ui_url() == "http://tracking.example.org:5555" and track.ui_command() == ""
