@@ -152,7 +152,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         raise ValueError("give either --manifest M.jsonl or audio files, not both or neither")
     # the run and the input first, every clip decoded and checked: all problems are named at once
     # (bad lines or files may be skipped) before seconds go into loading the model
-    problems = _run_problem(args.run)
+    run, problems = _resolve_run(args.run)
     paths, refs, labels = [], [], []
     if args.manifest:
         try:
@@ -178,7 +178,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     _refuse(problems)
     waves = [audio.load(p) for p in paths]
     guard = LoopGuard() if args.guard else None
-    model, meta = load_run(args.run, args.device, name="--run")
+    model, meta = load_run(run, args.device, name="--run")
     encoder, mode = run_encoder(meta, model.gpt_device)
     t0 = time.perf_counter()
     hyps = transcribe_waves(model, encoder, waves, mode=mode, guard=guard)
@@ -205,15 +205,15 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_problem(run: str) -> list[str]:
-    """[why `run` is no trained model] or []: checked with the other arguments, before any model loads."""
-    from omni.experiments.trained import run_meta
+def _resolve_run(run: str) -> tuple[str, list[str]]:
+    """(the run's model folder, []) or (run, [why it is no trained model]): checked with the other
+    arguments, before any model loads (an MLflow run's model is fetched once, here)."""
+    from omni.experiments.trained import model_dir
 
     try:
-        run_meta(run, "--run")
+        return str(model_dir(run, "--run")), []
     except (FileNotFoundError, ValueError) as e:
-        return [str(e)]
-    return []
+        return run, [str(e)]
 
 
 def _refuse(problems: list[str]) -> None:
@@ -242,10 +242,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     s = sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
     problems = [f"--port {args.port}: must be in 1..65535"] if not 1 <= args.port <= 65535 else []
-    problems += _run_problem(args.run)  # all of them before seconds go into loading the model
-    problems += [f"{a}: file not found" for a in args.cli or [] if not Path(a).is_file()]
+    run, found = _resolve_run(args.run)  # all of them before seconds go into loading the model
+    problems += found + [f"{a}: file not found" for a in args.cli or [] if not Path(a).is_file()]
     _refuse(problems)
-    session = Session(*load_model(args.run, args.device))
+    session = Session(*load_model(run, args.device))
     if args.cli:
         chat_cli(session, args.cli, args.question, s)
     else:

@@ -138,6 +138,10 @@ def test_every_problem_is_named_at_once(tmp_path, capsys):
     assert main(["chat", "--run", "nosuch", "--port", "0", "--cli", str(missing)]) == 2
     err = capsys.readouterr().err
     assert "3 problems" in err and "--port 0" in err and "--run nosuch" in err and f"{missing}: file not found" in err
+    unknown = "0123456789abcdef0123456789abcdef"  # looks like an MLflow run id; the store has no such run
+    assert main(["transcribe", "--run", unknown, str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"--run {unknown}: an MLflow run id, but its `model` artifact could not be fetched" in err and "x.wav" in err
 
 
 def test_a_run_that_keeps_no_model_is_named_for_what_it_is(tmp_path, capsys):

@@ -38,7 +38,11 @@ def model_dir(run: str | Path, name: str = "run") -> Path:
     if not path.exists() and len(str(run)) == 32 and str(run).isalnum():
         import mlflow
 
-        path = Path(mlflow.artifacts.download_artifacts(run_id=str(run), artifact_path="model"))
+        try:
+            path = Path(mlflow.artifacts.download_artifacts(run_id=str(run), artifact_path="model"))
+        except Exception as e:  # no such run in this store, or a run without a model artifact
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FileNotFoundError(f"{name} {run}: an MLflow run id, but its `model` artifact could not be fetched ({first})") from None
     if (path / "model" / "audio_path.json").exists():
         path = path / "model"
     if not (path / "audio_path.json").exists():
