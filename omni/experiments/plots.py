@@ -78,9 +78,10 @@ def trend(points: Sequence[tuple[int, float]], name: str) -> str:
     sb, vb = min(points, key=lambda p: p[1])
     if len(points) == 1:
         return f"{name}: {v0:.3f} at step {s0} (one evaluation)"
-    went = "rose" if v1 > v0 else "fell" if v1 < v0 else "stayed"
     low = f"; lowest {vb:.3f} at step {sb}" if sb not in (s0, s1) else ""
-    return f"{name} {went} from {v0:.3f} (step {s0}) to {v1:.3f} (step {s1}){low}."
+    if v1 == v0:
+        return f"{name} stayed at {v0:.3f} from step {s0} to step {s1}{low}."
+    return f"{name} {'rose' if v1 > v0 else 'fell'} from {v0:.3f} (step {s0}) to {v1:.3f} (step {s1}){low}."
 
 
 def loss_curves(curves: dict[str, list[float]], title: str = "training loss", ylabel: str = "cross-entropy (nats/token)", hline: float | None = None):
