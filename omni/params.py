@@ -21,6 +21,11 @@ Design choices:
 - A renamed field keeps its old name working for one release: the config lists it in its `ALIASES`
   ClassVar ({old: new}); a value given under the old name (YAML, `-p`, papermill) sets the new field,
   with a note on stderr, and MLflow logs the new name.
+- Notebooks are committed exactly as JupyterLab saves them (the kernelspec and language_info that the
+  kernel reports, no outputs), so opening one changes nothing and leaves `git status` clean. The one
+  field that depends on who opens it, the Python patch version in language_info, is kept as committed
+  by `pre_save_hook`, which `make setup` installs into this environment's Jupyter server
+  (notebooks/jupyter_server_config.json). tests/test_params.py saves each pair the way JupyterLab does.
 """
 
 from __future__ import annotations
@@ -119,6 +124,14 @@ def coerce(cls: type, name: str, value: Any) -> Any:
     raise ParamError(f"parameter `{name}` = {value!r}: expected {want.__name__}")
 
 
+def did_you_mean(name: str, valid: typing.Iterable[str]) -> str:
+    """" (did you mean `steps`?)" for a near-miss of a valid name, else ""."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
 def aliases(cls: type) -> dict[str, str]:
     """{old name: new name} of the fields `cls` renamed (its ALIASES), accepted until the next release."""
     return dict(getattr(cls, "ALIASES", {}))
@@ -161,7 +174,7 @@ def check(cls: type, values: Mapping[str, Any], derived: typing.Iterable[str] = 
     names = {f.name for f in dataclasses.fields(cls)} - set(derived)
     unknown = [k for k in values if k not in names and k not in RESERVED]
     if unknown:
-        raise ParamError(f"unknown parameter {unknown[0]!r}; valid: {', '.join(sorted(names))}")
+        raise ParamError(f"unknown parameter {unknown[0]!r}{did_you_mean(unknown[0], names)}; valid: {', '.join(sorted(names))}")
     return from_params(cls, {k: v for k, v in values.items() if k not in RESERVED})
 
 
@@ -228,6 +241,37 @@ def sync_notebook(path: Path, write: bool) -> bool:
         if path.with_suffix(".py").exists():  # keep the paired percent file (what diffs show) in step
             jupytext.write(nb, path.with_suffix(".py"), fmt="py:percent")
     return stale
+
+
+def kernel_metadata() -> dict[str, Any]:
+    """The notebook metadata JupyterLab writes on opening a notebook with this environment's `python3`
+    kernel: the kernelspec (name, display name, language) and the kernel's language_info."""
+    from ipykernel.ipkernel import IPythonKernel
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    return {"kernelspec": {"display_name": spec.display_name, "language": spec.language, "name": "python3"},
+            "language_info": dict(IPythonKernel.language_info)}
+
+
+def pre_save_hook(model: dict, path: str, contents_manager: Any, **kwargs: Any) -> None:
+    """Jupyter server's ContentsManager.pre_save_hook: a notebook whose language_info differs from the
+    file on disk only in the Python version (3.11.7 committed, 3.12.1 here) keeps the committed version,
+    so a notebook opened with another patch release of Python is not rewritten for that alone."""
+    if model.get("type") != "notebook" or not isinstance(model.get("content"), dict):
+        return
+    info = model["content"].get("metadata", {}).get("language_info")
+    if not isinstance(info, dict) or "version" not in info:
+        return
+    import json
+
+    try:
+        on_disk = json.loads((Path(contents_manager.root_dir) / path).read_text())["metadata"]["language_info"]
+    except (OSError, ValueError, KeyError, TypeError):  # a new notebook, or not one
+        return
+    if isinstance(on_disk, dict) and "version" in on_disk:
+        if {k: v for k, v in info.items() if k != "version"} == {k: v for k, v in on_disk.items() if k != "version"}:
+            info["version"] = on_disk["version"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,14 @@ Design choices:
 - `NullTracker` has the same methods and does nothing: a notebook opened by hand without a run
   logs nowhere, with no `if`s in the code.
 - Default store: `sqlite:///mlflow.db` in the working directory; `MLFLOW_TRACKING_URI` wins.
+- What MLflow's UI reads is set the way it reads it: the run's source (`mlflow.source.name`/`type`:
+  without them the run page says "Source —" and hides the commit it has), and the experiment kind
+  (`mlflow.experimentKind`: model training, not GenAI). MLflow 3.17's UI opens an experiment in its
+  GenAI view unless told otherwise, whatever the tag says, so every link built here asks for the
+  runs table (`?workflowType=machine_learning`).
+- Links point at `ui_url()`: `MLFLOW_UI_URL`, else a tracking server's own address, else what
+  `mlflow ui` serves by default; reports/index.html builds its links when it is written, so
+  `MLFLOW_UI_URL=... omni index` moves them all.
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ from omni.common import file_lock
 
 FLUSH_EVERY = 200  # buffered metric values before a log_batch
 FLUSH_SECONDS = 15.0  # ... or this long since the last flush: a killed run loses at most this much
+KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow's tag for a model-training experiment
+UI_DEFAULT = "http://127.0.0.1:5000"  # where `mlflow ui` serves when given no --host/--port
+MODEL_TRAINING = "workflowType=machine_learning"  # the UI's "Model training" view, asked for in every link
 
 
 def tracking_uri() -> str:
@@ -51,14 +62,16 @@ def artifact_root() -> str | None:
 
 
 def experiment_id(name: str) -> str:
-    """Get or create an experiment. Create it once, before parallel workers (creation races)."""
+    """Get or create a model-training experiment (KIND). Create it once, before parallel workers (creation races)."""
     mlc = client()
     exp = mlc.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get("mlflow.experimentKind") is None:  # made before omni set the kind
+            mlc.set_experiment_tag(exp.experiment_id, *next(iter(KIND.items())))
         return exp.experiment_id
     try:
         root = artifact_root()
-        return mlc.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+        return mlc.create_experiment(name, artifact_location=f"{root}/{name}" if root else None, tags=KIND)
     except Exception:  # another process created it between our two calls
         return mlc.get_experiment_by_name(name).experiment_id
 
@@ -107,10 +120,36 @@ def init_store() -> None:
         client().search_experiments(max_results=1)
 
 
-def run_url(run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
-    """Where `mlflow ui` shows the run."""
-    run = client().get_run(run_id)
-    return f"{ui}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+def ui_url() -> str:
+    """The MLflow UI's address: MLFLOW_UI_URL, else the tracking server's (it serves the UI), else
+    what `mlflow ui` serves by default."""
+    uri = tracking_uri()
+    url = os.environ.get("MLFLOW_UI_URL") or (uri if uri.startswith(("http://", "https://")) else UI_DEFAULT)
+    return url.rstrip("/")
+
+
+def ui_command() -> str:
+    """How to bring up the UI that ui_url() names (empty when a tracking server already serves it)."""
+    from urllib.parse import urlsplit
+
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return ""
+    where = urlsplit(ui_url())
+    host = f" --host {where.hostname}" if where.hostname not in (None, "127.0.0.1", "localhost") else ""
+    port = f" --port {where.port}" if where.port not in (None, 5000) else ""
+    return f"mlflow ui --backend-store-uri {uri}{host}{port}"
+
+
+def run_url(run_id: str, experiment: str | None = None, ui: str | None = None) -> str:
+    """Where the MLflow UI shows the run (its experiment id looked up when not given)."""
+    experiment = experiment or client().get_run(run_id).info.experiment_id
+    return f"{ui or ui_url()}/#/experiments/{experiment}/runs/{run_id}?{MODEL_TRAINING}"
+
+
+def experiment_url(experiment: str, ui: str | None = None) -> str:
+    """The runs table of an experiment (by id) in the MLflow UI."""
+    return f"{ui or ui_url()}/#/experiments/{experiment}/runs?{MODEL_TRAINING}"
 
 
 def run_metrics(run_id: str) -> dict[str, float]:
@@ -235,6 +274,18 @@ def git_state(cwd: str | Path = ".") -> dict[str, str]:
     return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no")))}
 
 
+def source_tags(notebook: str | Path) -> dict[str, str]:
+    """The run's source as MLflow's UI reads it (the run page's "Source": the notebook and the commit)."""
+    return {"mlflow.source.name": str(notebook), "mlflow.source.type": "NOTEBOOK"}
+
+
+def notebook_of(experiment: str) -> str:
+    """The notebook of an experiment, `notebooks/NN_<experiment>.ipynb`, for a run a notebook opened
+    itself (plain papermill: nothing told it its own path); the experiment's name when there is none."""
+    found = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob(f"[0-9][0-9]_{experiment}.ipynb"))
+    return f"notebooks/{found[0].name}" if found else experiment
+
+
 def content_hash(path: str | Path, length: int = 16) -> str:
     """sha256 of a file, or of a folder's files (names and bytes), truncated: names the data a run read."""
     import hashlib
@@ -277,5 +328,8 @@ def open_run(experiment: str, run_id: str, config: Any, extra: dict[str, Any] | 
         if shell is not None:
             shell.events.register("post_run_cell", tracker._cell_ran)
     tracker.log_params(params)
-    tracker.set_tags(git_state(Path(__file__).resolve().parent))
+    tags = git_state(Path(__file__).resolve().parent)
+    if tracker.owned:  # the runner names the notebook of the runs it starts
+        tags |= source_tags(notebook_of(experiment))
+    tracker.set_tags(tags)
     return tracker

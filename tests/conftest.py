@@ -1,4 +1,5 @@
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,6 +12,12 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(_TMP / "numba"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Debian's headless Chromium, driven by Playwright (which never downloads a browser): tests/test_chat.py, test_browser.py
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+NO_CHROMIUM = "no Chromium installed (apt-get install chromium; .ci/run does)"
 
 
 def write_bad_clips(folder: Path) -> dict[str, tuple[Path, str]]:
@@ -32,8 +39,12 @@ def write_bad_clips(folder: Path) -> dict[str, tuple[Path, str]]:
     sf.write(str(folder / "nan.wav"), nan, 16000, subtype="FLOAT")
     sf.write(str(folder / "empty.wav"), np.zeros(0, np.float32), 16000)
     (folder / "junk.wav").write_bytes(b"RIFF\x00\x01garbage, not a wav file" * 10)
+    audio.save(folder / "truncated.wav", 0.1 * rng.standard_normal(8000))
+    whole = (folder / "truncated.wav").read_bytes()
+    (folder / "truncated.wav").write_bytes(whole[: 44 + 8000])  # cut inside its data: 4000 of 8000 frames
     reasons = {"silent": "silent", "dither": "silent", "short": "too short", "long": "longer than",
-               "nan": "NaN/inf", "empty": "empty", "junk": "unreadable", "missing": "not found"}
+               "nan": "NaN/inf", "empty": "empty", "junk": "unreadable", "missing": "not found",
+               "truncated": "truncated: the header promises 8000 frames (0.50 s), the file holds 4000 (0.25 s)"}
     return {name: (folder / f"{name}.wav", reason) for name, reason in reasons.items()}
 
 
@@ -59,6 +70,24 @@ def repo() -> Path:
     return REPO
 
 
+def _footprint() -> dict[str, int]:
+    """What a test must never write: the repository's reports/, mlflow.db and MLflow's artifact folders
+    (every file with its modification time)."""
+    files = [p for d in ("reports", "mlartifacts", "mlruns") for p in (REPO / d).rglob("*") if p.is_file()]
+    return {str(p.relative_to(REPO)): p.stat().st_mtime_ns for p in files + [REPO / "mlflow.db"] if p.exists()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_left_alone():
+    """Tests write into tmp paths only: a report folder left in the repository's reports/ would show up in
+    the user's reports/index.html (and an MLflow run in their mlflow.db)."""
+    before = _footprint()
+    yield
+    after = _footprint()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"the tests wrote into the repository: {changed[:10]} (write under tmp_path)"
+
+
 # --- notebooks under papermill's own CLI (tests/test_notebooks.py, test_params.py, test_ablation.py, ...) ---
 
 
@@ -67,6 +96,7 @@ def papermill(notebook: str, executed: Path, env: dict, **values):
     import subprocess
     import sys
 
+    assert "out_dir" in values, "give out_dir (a tmp path): a notebook's default writes into the repository's reports/"
     args = [a for k, v in values.items() for a in ("-p", k, str(v))]
     return subprocess.run([sys.executable, "-m", "papermill", f"notebooks/{notebook}", str(executed), *args],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=600)

@@ -10,7 +10,6 @@ import dataclasses
 import io
 import json
 import select
-import shutil
 import socket
 import threading
 import time
@@ -23,15 +22,13 @@ import pytest
 import soundfile as sf
 import torch
 
+from conftest import CHROMIUM, CHROMIUM_ARGS, NO_CHROMIUM
 from omni.cli import main
 from omni.data import audio
 from omni.model.encoder import collate_states
 from omni.serve.chat import MAX_UPLOAD_BYTES, Session, create_app, load_model
 from omni.serve.chat_worker import Worker
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +351,7 @@ def test_cli_streams_answers_and_refuses_a_run_that_is_not_a_model(tiny_alignmen
 
 
 # --- one real browser -------------------------------------------------------------------------
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium; .ci/run does)")
+@pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 def test_browser_uploads_a_clip_asks_and_sees_the_answer_stream(session, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 

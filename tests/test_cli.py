@@ -1,10 +1,12 @@
 """The `omni` command: transcription with a saved alignment run (the `tiny_alignment` fixture in
 conftest.py), and bad input ending in exit code 2 with one line that names the culprit."""
 
+import argparse
 import json
 import re
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import mixed_manifest
@@ -124,6 +126,61 @@ def test_transcribe_unknown_run_is_named(tmp_path, capsys):
     wav = str(_tone(tmp_path / "a.wav"))
     assert main(["transcribe", "--run", str(tmp_path / "no-run"), wav]) == 2
     assert f"--run {tmp_path / 'no-run'}" in capsys.readouterr().err
+
+
+def test_every_problem_is_named_at_once(tmp_path, capsys):
+    """An unknown run and a missing file: one error names both (fixing one would only reveal the other)."""
+    missing = tmp_path / "x.wav"
+    assert main(["transcribe", "--run", "nosuch", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("omni: error: 2 problems, nothing done:")
+    assert "--run nosuch: neither a trained run folder" in err and f"{missing}: audio file not found" in err
+    assert main(["chat", "--run", "nosuch", "--port", "0", "--cli", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "3 problems" in err and "--port 0" in err and "--run nosuch" in err and f"{missing}: file not found" in err
+    unknown = "0123456789abcdef0123456789abcdef"  # looks like an MLflow run id; the store has no such run
+    assert main(["transcribe", "--run", unknown, str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"--run {unknown}: an MLflow run id, but its `model` artifact could not be fetched" in err and "x.wav" in err
+
+
+def test_a_run_that_keeps_no_model_is_named_for_what_it_is(tmp_path, capsys):
+    """A smoke run's report folder given to transcribe or chat: the error says it is a smoke run."""
+    smoke = tmp_path / "reports" / "smoke" / "20261205-120000"
+    smoke.mkdir(parents=True)
+    (smoke / "summary.json").write_text(json.dumps({"experiment": "smoke", "status": "FINISHED"}))
+    wav = str(_tone(tmp_path / "a.wav"))
+    for args in (["transcribe", "--run", str(smoke), wav], ["chat", "--run", str(smoke), "--cli", wav]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"--run {smoke}: a smoke run" in err and "give an alignment or instruct run" in err, err
+
+
+def test_every_option_has_a_help_line():
+    from omni.cli import build_parser
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{path} {name}")
+            elif not isinstance(action, argparse._HelpAction):
+                yield f"{path} {'/'.join(action.option_strings) or action.dest}", action.help
+
+    missing = [name for name, help_ in walk(build_parser(), "omni") if not help_]
+    assert not missing, f"options without a help line: {missing}"
+
+
+def test_a_near_miss_parameter_name_gets_a_suggestion(repo, monkeypatch, capsys):
+    monkeypatch.chdir(repo)
+    assert main(["run", "experiments/smoke.yaml", "-p", "stepz=3"]) == 2
+    assert "unknown parameter 'stepz' (did you mean `steps`?)" in capsys.readouterr().err
+    from omni import params
+    from omni.experiments.smoke import SmokeConfig
+
+    with pytest.raises(params.ParamError, match=r"unknown parameter 'seeds' \(did you mean `seed`\?\)"):
+        params.check(SmokeConfig, {"seeds": 1})
+    assert params.did_you_mean("zzz", ["steps"]) == ""
 
 
 def test_features_unknown_encoder_is_named(tmp_path, capsys):

@@ -249,14 +249,14 @@ def test_bad_clips_are_all_named_before_work_or_skipped_and_listed(corpus, tmp_p
     with pytest.raises(ManifestError) as e:
         build_features(man, tmp_path / "cache", progress=False)
     lines = str(e.value).splitlines()[1:]
-    assert len(lines) == 8 and encoded == [] and not (tmp_path / "cache").exists()
+    assert len(lines) == 9 and encoded == [] and not (tmp_path / "cache").exists()
     for (line, reason), text in zip(sorted(expected.items()), lines):
         assert text.strip().startswith(f"{man}:{line}: {tmp_path / 'bad'}") and reason in text, (line, text)
 
-    with pytest.warns(UserWarning, match="skipped 8 bad rows"):
+    with pytest.warns(UserWarning, match="skipped 9 bad rows"):
         path = build_features(man, tmp_path / "cache", skip_bad=True, progress=False)
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"{man}: 12 rows, 4 ok, skipped 8 bad rows"
+    assert out[0] == f"{man}: 13 rows, 4 ok, skipped 9 bad rows"
     assert all(f"{man}:{line}: " in o and reason in o for (line, reason), o in zip(sorted(expected.items()), out[1:9]))
     cache = FeatureCache.open(path)
     good_lines = sorted(set(range(1, 13)) - set(expected))
@@ -264,7 +264,7 @@ def test_bad_clips_are_all_named_before_work_or_skipped_and_listed(corpus, tmp_p
     assert len(cache.load_states()) == 4 and os.listdir(tmp_path / "cache") == [path.name]  # no partial, no lock
 
 
-def test_a_build_failing_midway_leaves_no_half_cache_and_the_rerun_resumes(corpus, tmp_path, monkeypatch):
+def test_a_build_failing_midway_leaves_no_half_cache_nor_its_lock_and_the_rerun_resumes(corpus, tmp_path, monkeypatch):
     man = _write(tmp_path / "m.jsonl", [json.dumps(r) for r in _good_rows(corpus, 6)])  # 3 shards of 2
     monkeypatch.setattr(features, "CLIPS_PER_SHARD", 2)
     real = WhisperEncoder.encode
@@ -282,16 +282,16 @@ def test_a_build_failing_midway_leaves_no_half_cache_and_the_rerun_resumes(corpu
     monkeypatch.setattr(WhisperEncoder, "encode", fail_at(1))  # fails on the first shard: nothing to keep
     with pytest.raises(RuntimeError, match="simulated"):
         build_features(man, out, progress=False)
-    (lock,) = out.iterdir()  # no cache folder, empty or not: only the (hidden, empty) lock file
-    assert lock.name.startswith(".") and lock.name.endswith(".lock") and lock.stat().st_size == 0
-    key = lock.name[1 : -len(".lock")]
+    assert list(out.iterdir()) == []  # no cache folder, empty or not, and no lock file left behind
 
     calls.clear()
     monkeypatch.setattr(WhisperEncoder, "encode", fail_at(2))  # fails on the second shard
     with pytest.raises(RuntimeError, match="simulated"):
         build_features(man, out, progress=False)
-    assert not (out / key).exists()  # no half cache where a cache is looked for
-    assert sorted(p.name for p in (out / f".{key}.partial").iterdir()) == ["shard_00000.safetensors"]
+    (partial,) = out.iterdir()  # only what the rerun resumes from: no half cache where a cache is looked for, no lock
+    key = partial.name[1 : -len(".partial")]
+    assert partial.name == f".{key}.partial" and not (out / key).exists()
+    assert sorted(p.name for p in partial.iterdir()) == ["shard_00000.safetensors"]
 
     calls.clear()
     monkeypatch.setattr(WhisperEncoder, "encode", fail_at(0))  # never fails: the rerun resumes

@@ -128,3 +128,12 @@ def test_readme_opens_with_a_tree_naming_every_module():
             continue
         want = sum(p.name == path.name for p in MODULES.values())
         assert names.count(path.name) >= want, f"the README's tree does not list {path.relative_to(REPO)}"
+
+
+def test_every_progress_bar_goes_through_one_switch():
+    """tqdm is imported by omni.common alone: every bar of omni is common.progress, which TQDM_DISABLE
+    (set by `omni run`) turns off, so no report fills with progress lines (a bar made with tqdm's own
+    `disable=` argument ignores that variable)."""
+    users = [str(p.relative_to(REPO)) for m, p in MODULES.items() if m != "omni.common"
+             and re.search(r"^\s*(from tqdm|import tqdm)", p.read_text(), re.M)]
+    assert not users, f"make these bars with omni.common.progress: {users}"

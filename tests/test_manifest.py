@@ -128,15 +128,15 @@ def test_content_checks_name_every_bad_clip_before_any_work(tmp_path):
     with pytest.raises(ManifestError) as ei:
         read_manifest(path)
     lines = str(ei.value).splitlines()[1:]
-    assert len(lines) == len(expected) == 8  # every bad kind, one line each
+    assert len(lines) == len(expected) == 9  # every bad kind, one line each
     for (line, reason), text in zip(sorted(expected.items()), lines):
         assert text.strip().startswith(f"{path}:{line}: {tmp_path / 'bad'}") and reason in text, (line, text)
 
-    with pytest.warns(UserWarning, match="skipped 8 bad rows"):
+    with pytest.warns(UserWarning, match="skipped 9 bad rows"):
         m = read_manifest(path, skip_bad=True)
-    assert [e.text for e in m] == ["good 0", "good 1", "good 2"] and m.n_bad == 8
+    assert [e.text for e in m] == ["good 0", "good 1", "good 2"] and m.n_bad == 9
     report = m.report().splitlines()
-    assert report[0] == f"{path}: 11 rows, 3 ok, skipped 8 bad rows" and len(report) == 9
+    assert report[0] == f"{path}: 12 rows, 3 ok, skipped 9 bad rows" and len(report) == 10
     assert all(f"{path}:{line}: " in r and reason in r for (line, reason), r in zip(sorted(expected.items()), report[1:]))
     # header-only reading still sees length, format and emptiness, not NaN or silence
     with warnings.catch_warnings():

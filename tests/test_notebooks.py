@@ -8,6 +8,7 @@ that test runs through `omni run`), 06 in test_embedding_map. Every experiment f
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -121,6 +122,13 @@ def test_alignment_notebook(tiny_alignment, tmp_path, env):
     assert run.data.metrics["wer"] < run.data.metrics["control_wer"]
     html = (tmp_path / "out.ipynb").read_text()
     assert "Held-out results" in html and "WER by style and variant" in html
+    # a report for people: no raw nan or 6-decimal counts in its tables, no promise of a skipped baseline
+    nb = jupytext.read(tmp_path / "out.ipynb")
+    tables = "".join(o.get("data", {}).get("text/html", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert tables.count("<table") >= 3 and ">nan<" not in tables and not re.search(r"\d\.000000", tables)
+    assert "Whisper's own decoder was skipped in this run" in html and "ours vs Whisper" not in html
+    assert "above 1" in html and "If it rises while the training loss falls" in html  # WER > 1 and a rising curve explained
+    assert re.search(r"held-out WER \(greedy, 2 clips\)(: [\d.]+ at step 60 \(one evaluation\)| (rose|fell) from| stayed at)", html)  # the curve in words
 
 
 def test_instruct_notebook(tiny_alignment, tmp_path, env):
@@ -151,3 +159,22 @@ def test_instruct_notebook(tiny_alignment, tmp_path, env):
     assert run.data.metrics["texture_mean"] > run.data.metrics["shuffled_texture_mean"]
     html = (tmp_path / "out.ipynb").read_text()
     assert "hears" in html and "transcription through chat" in html
+
+
+def test_tables_and_curves_read_for_people():
+    """plots.table: counts whole, numbers to 3 decimals, a missing value as – with a footnote; plots.trend
+    says where a curve went."""
+    import numpy as np
+    import pandas as pd
+
+    from omni.experiments import plots
+
+    df = pd.DataFrame([("ours", "all", 202.0, 1.2345, 0.5), ("control", "all", 202.0, 1.4, np.nan)],
+                      columns=["system", "group", "n", "WER", "CER"]).set_index(["system", "group", "n"])
+    html = plots.table(df, missing="the control has no CER here").to_html()
+    assert ">202<" in html and "202.0" not in html and ">1.234<" in html and ">nan<" not in html
+    assert f">{plots.MISSING}<" in html and f"{plots.MISSING} : the control has no CER here</caption>" in html
+    assert "<caption" not in plots.table(df.fillna(0.0)).to_html()  # nothing missing, no footnote
+    assert plots.trend([(250, 1.43), (500, 1.40), (1000, 1.65)], "held-out WER") == \
+        "held-out WER rose from 1.430 (step 250) to 1.650 (step 1000); lowest 1.400 at step 500."
+    assert plots.trend([(5, 1.0), (20, 1.0)], "WER") == "WER stayed at 1.000 from step 5 to step 20."

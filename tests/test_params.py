@@ -1,6 +1,7 @@
 """omni.params: configs are the one source of a notebook's parameters; values are typed and checked."""
 
 import dataclasses
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,40 @@ def test_notebooks_are_in_sync_clean_and_paired(nb):
 
     paired = jupytext.read(nb.with_suffix(".py"))
     assert [c.source for c in paired.cells] == [c.source for c in book.cells], f"{nb.name}: run `jupytext --sync {nb}`"
+
+
+def open_and_save_in_jupyterlab(root: Path, path: str, python: str | None = None) -> None:
+    """What JupyterLab does to a notebook it opens and autosaves, touching nothing: its contents manager
+    (jupytext's, as installed) reads the pair, the page sets the kernelspec and the language_info the
+    kernel reports (`python`: as if that Python version ran the kernel), and the manager saves both
+    files, through the pre-save hook `make setup` configures (notebooks/jupyter_server_config.json)."""
+    import json
+
+    from jupyter_server.services.contents.filemanager import FileContentsManager
+    from jupytext.sync_contentsmanager import build_sync_jupytext_contents_manager_class
+
+    config = json.loads((REPO / "notebooks" / "jupyter_server_config.json").read_text())
+    manager = build_sync_jupytext_contents_manager_class(FileContentsManager)(root_dir=str(root), **config["ContentsManager"])
+    model = manager.get(path)
+    kernel = params.kernel_metadata()
+    if python:
+        kernel["language_info"]["version"] = python
+    model["content"]["metadata"].update(kernel)
+    manager.save({"type": "notebook", "content": model["content"]}, path)
+
+
+@pytest.mark.parametrize("python", [None, "3.99.1"], ids=["this python", "another python"])
+def test_opening_a_notebook_in_jupyterlab_changes_nothing(tmp_path, python):
+    """The notebooks are committed as JupyterLab saves them, so opening one (and its autosave) leaves
+    both files of the pair as they were: `git status` stays clean. With another Python patch release
+    the page reports another version; the pre-save hook keeps the committed one."""
+    shutil.copytree(REPO / "notebooks", tmp_path / "notebooks", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "notebooks").iterdir() if p.suffix in (".ipynb", ".py")}
+    for nb in NOTEBOOKS:
+        open_and_save_in_jupyterlab(tmp_path, f"notebooks/{nb.name}", python)
+    after = {p.name: p.read_bytes() for p in (tmp_path / "notebooks").iterdir() if p.suffix in (".ipynb", ".py")}
+    changed = sorted(name for name in before if after[name] != before[name])
+    assert not changed, f"JupyterLab would rewrite {changed}: save them as it does (see open_and_save_in_jupyterlab)"
 
 
 def test_plain_papermill_runs_a_notebook_and_logs_to_mlflow(tmp_path):

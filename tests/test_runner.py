@@ -9,6 +9,7 @@ import pytest
 from omni import track
 from omni.cli import main
 from omni.run.experiment import ExperimentError, grid_points, load_experiment, parse_overrides
+from omni.run.index import write_index
 from omni.run.runner import run_experiment
 
 NOTEBOOK = '''# %% tags=["parameters"]
@@ -18,13 +19,17 @@ mlflow_run_id = ""
 out_dir = ""
 
 # %%
+import pathlib
 from omni import track
+from omni.common import progress
 t = track.attach(mlflow_run_id)
-for step in range(3):
+for step in progress(range(3), desc="steps"):  # omni run turns every bar off: a report is read afterwards
     t.log_metrics({"y": x * 10 + step}, step=step)
 t.log_metrics({"score": x * 2.5})
 t.flush()
 print("x is", x)
+index = pathlib.Path("reports/index.html")
+print("listed while running:", index.exists() and "RUNNING" in index.read_text())
 
 # %%
 assert not fail, "asked to fail"
@@ -41,7 +46,7 @@ def project(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_run_logs_to_mlflow_and_writes_reports(project):
+def test_run_logs_to_mlflow_and_writes_reports(project, capfd):
     (r,) = run_experiment("exp.yaml", {"x": 3})
     assert r.status == "FINISHED", r.error
     assert r.metrics["score"] == 7.5
@@ -49,13 +54,52 @@ def test_run_logs_to_mlflow_and_writes_reports(project):
     run = track.client().get_run(r.run_id)
     assert run.data.params["x"] == "3" and run.info.status == "FINISHED"
     artifacts = {a.path for a in track.client().list_artifacts(r.run_id)}
-    assert {"notebook.ipynb", "report.html"} <= artifacts
+    assert {"notebook.ipynb", "notebook.html", "report.html"} <= artifacts  # the notebook readable in MLflow's UI too
     summary = json.loads((r.report_dir / "summary.json").read_text())
     assert summary["headline"] == {"score": 7.5} and summary["status"] == "FINISHED"
     html = (r.report_dir / "report.html").read_text()
     assert "x is 3" in html and "log_metrics" not in html  # outputs shown, code hidden
+    assert "listed while running: True" in html  # the index listed the run while it ran
+    assert "steps:" not in html and "%|" not in html  # no progress bar
+    assert "log_metrics" in (r.report_dir / "notebook.html").read_text()  # the whole notebook, code included
     index = Path("reports/index.html").read_text()
-    assert "score=7.5" in index and f"{r.report_dir.relative_to(Path('reports')).as_posix()}/report.html" in index
+    assert '<span class="m" title="score">score</span> <b>7.5</b>' in index  # a key without a label shows as itself
+    assert f"{r.report_dir.relative_to(Path('reports')).as_posix()}/report.html" in index
+    assert "without encryption" not in capfd.readouterr().err  # ipykernel had nothing to warn about
+    # what MLflow's UI reads: the run's source (notebook and commit; without them its page says "Source —"), the experiment's kind
+    assert run.data.tags["mlflow.source.name"] == "notebooks/nb.py" and run.data.tags["mlflow.source.type"] == "NOTEBOOK"
+    assert len(run.data.tags["mlflow.source.git.commit"]) == 40
+    assert track.client().get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_mlflow_links_follow_where_the_ui_is(project):
+    """Links to runs and experiments open the runs table, wherever MLFLOW_UI_URL (or a tracking server)
+    says the UI is; the index builds them when it is written, so `omni index` moves them all."""
+    from omni.run.runner import write_summary
+
+    folder = Path("reports/tiny/20261205-120000")
+    folder.mkdir(parents=True)
+    write_summary(folder, {"experiment": "tiny", "run_name": "tiny-1", "status": "FINISHED", "run_id": "abc", "experiment_id": "7"})
+    old = Path("reports/tiny/20261201-120000")  # written before experiment_id was kept: the ids come from its URL
+    old.mkdir()
+    write_summary(old, {"experiment": "tiny", "run_name": "tiny-0", "status": "FINISHED", "run_id": "def",
+                        "mlflow_url": "http://127.0.0.1:5000/#/experiments/7/runs/def"})
+    assert track.run_url("abc", "7") == "http://127.0.0.1:5000/#/experiments/7/runs/abc?workflowType=machine_learning"
+    os.environ["MLFLOW_UI_URL"] = "http://example.org:8123/"
+    try:
+        index = write_index("reports").read_text()
+        for run in ("abc", "def"):
+            assert f'href="http://example.org:8123/#/experiments/7/runs/{run}?workflowType=machine_learning"' in index
+        assert 'href="http://example.org:8123/#/experiments/7/runs?workflowType=machine_learning"' in index  # the experiment
+        assert track.ui_command().endswith(" --host example.org --port 8123")
+    finally:
+        del os.environ["MLFLOW_UI_URL"]
+    assert ":8123" not in write_index("reports").read_text() and track.ui_command() == f"mlflow ui --backend-store-uri {track.tracking_uri()}"
+    os.environ["MLFLOW_TRACKING_URI"] = "http://tracking.example.org:5555"  # a tracking server serves its own UI
+    try:
+        assert track.ui_url() == "http://tracking.example.org:5555" and track.ui_command() == ""
+    finally:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
 
 
 def test_failed_notebook_still_reports_and_is_marked(project, capsys):
@@ -214,11 +258,29 @@ def test_empty_grid_from_the_command_line_is_refused(project, capsys):
 
 
 def test_report_folders_never_collide_and_index_lists_unreadable_ones(project):
-    from omni.run.index import write_index
     from omni.run.runner import new_report_dir
 
     a, b = new_report_dir(Path("reports/e"), "s"), new_report_dir(Path("reports/e"), "s")
     assert a != b and a.is_dir() and b.is_dir()
     (a / "summary.json").write_text("{not json")
+    (Path("reports/smoke/adhoc/ckpt")).mkdir(parents=True)  # what a notebook run by plain papermill leaves: not a report
     page = write_index("reports").read_text()
     assert page.count("UNREADABLE") == 2 and "reports/e/s/summary.json: unreadable" in page and "no summary.json" in page
+    assert "smoke/adhoc" in page.split("</table>")[1] and "smoke/adhoc" not in page.split("</table>")[0]
+
+
+def test_index_labels_every_headline_metric_with_a_unit():
+    """Every `headline:` key of experiments/*.yaml has a short label and a unit in the index; numbers
+    read as numbers (integers whole, thousands separated)."""
+    import yaml
+
+    from omni.run.index import _fmt, _headline, metric_label
+
+    repo = Path(__file__).resolve().parents[1]
+    keys = {k for f in (repo / "experiments").glob("*.yaml") for k in yaml.safe_load(f.read_text()).get("headline", [])}
+    unlabelled = sorted(k for k in keys if not metric_label(k) or not all(metric_label(k)))
+    assert not unlabelled, f"add a (label, unit) to omni.run.index.METRICS for {unlabelled}"
+    assert metric_label("clear_control_wer") == ("shuffled-audio control, WER, clear speech", metric_label("wer")[1])
+    assert _fmt(1563000.0) == "1,563,000" and _fmt(0.029153) == "0.02915" and _fmt(202.0) == "202"
+    assert _headline("train_tokens", 1563000.0) == ('<span class="m" title="train_tokens">training tokens</span> '
+                                                    '<b>1,563,000</b> <span class="u">tokens</span>')

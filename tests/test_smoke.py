@@ -77,5 +77,5 @@ def test_index_lists_both_runs(smoke):
         link = f"{r.report_dir.relative_to(smoke['reports']).as_posix()}/report.html"
         assert link in index and r.name in index
     assert index.count('class="ok">FINISHED') == 1 and index.count('class="fail">FAILED') == 1
-    assert "loss_drop=" in index and "passed=1" in index
+    assert 'title="loss_drop">training loss drop</span>' in index and 'title="passed">verdict</span> <b>1</b>' in index
     assert os.path.isfile(smoke["reports"] / "index.html")

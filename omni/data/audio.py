@@ -20,11 +20,16 @@ Design choices:
   with stride 2) turns into >= 1 encoder frame. In mode var 201 samples encode and 200 fail
   (tests/test_audio.py); pad30 would take 160, but one limit for both keeps a manifest's verdict
   independent of the mode.
+- A WAV cut short inside its data chunk (a copy or download that stopped) decodes without an error
+  in libsndfile, as a shorter clip. Its header still says how many bytes of samples should follow, so
+  `check_header` compares that with what the file holds and calls the clip truncated, with both
+  counts in frames: a half clip never passes as a whole one.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +102,8 @@ def check_header(
     path: str | Path, max_seconds: float | None = MAX_SECONDS, data: bytes | None = None
 ) -> tuple[float | None, str | None]:
     """(seconds, reason or None) from the file's header only (cheap: nothing is decoded): missing,
-    unreadable header, no samples, too short (exact at 16 kHz, else estimated), too long.
+    unreadable header, a WAV cut short (wav_truncation), no samples, too short (exact at 16 kHz, else
+    estimated), too long.
     `data`: the file's bytes when the caller has read them already; `path` then only names it."""
     path = Path(path)
     if data is None and not path.is_file():
@@ -107,9 +113,42 @@ def check_header(
     except Exception as e:  # libsndfile: unknown format, truncated header, ...
         return None, f"unreadable audio ({_sf_error(e)})"
     seconds = info.frames / info.samplerate if info.samplerate > 0 else 0.0
+    if info.format == "WAV":
+        with io.BytesIO(data) if data is not None else open(path, "rb") as f:
+            cut = wav_truncation(f)
+        if cut:
+            return seconds, cut
     if info.frames <= 0:
         return seconds, "empty audio (no samples)"
     return seconds, _length_problem(round(seconds * SAMPLE_RATE), max_seconds)  # samples at 16 kHz
+
+
+def wav_truncation(f) -> str | None:
+    """"truncated: ..." when a RIFF/WAVE file (binary file object) holds fewer bytes of samples than its
+    data chunk declares, else None. Walks the chunk headers only. A data size of 0 or 0xFFFFFFFF
+    (written by a streaming recorder that never knew the length) declares nothing and passes."""
+    f.seek(0, io.SEEK_END)
+    size = f.tell()
+    f.seek(0)
+    head = f.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None  # RIFX, RF64, ...: left to libsndfile
+    block_align = sample_rate = 0
+    pos = 12
+    while pos + 8 <= size:
+        f.seek(pos)
+        chunk, length = struct.unpack("<4sI", f.read(8))
+        if chunk == b"fmt ":
+            _, _, sample_rate, _, block_align = struct.unpack("<HHIIH", f.read(14))
+        elif chunk == b"data":
+            present = size - (pos + 8)
+            if length in (0, 0xFFFFFFFF) or present >= length or block_align <= 0 or sample_rate <= 0:
+                return None
+            promised, held = length // block_align, present // block_align
+            return (f"truncated: the header promises {promised} frames ({promised / sample_rate:.2f} s), "
+                    f"the file holds {held} ({held / sample_rate:.2f} s)")
+        pos += 8 + length + (length & 1)  # chunks are padded to an even size
+    return None
 
 
 def load(path: str | Path, max_seconds: float | None = MAX_SECONDS, data: bytes | None = None) -> torch.Tensor:

@@ -19,7 +19,8 @@ Design choices:
 - A cache is built in the hidden folder `ROOT/.<key>.partial` and renamed to `ROOT/<key>` only
   when its index is written: `ROOT/<key>` is always complete. A failed build removes its partial
   folder unless it holds finished shards; a killed one leaves them there for the next run.
-  Builders of one key take a lock (`ROOT/.<key>.lock`), so concurrent runs encode once.
+  Builders of one key take a lock (`ROOT/.<key>.lock`), so concurrent runs encode once; the lock
+  file goes when the build ends, built or failed.
 - Shards are planned up front from the manifest order and each is written atomically
   (temp file + rename), so an interrupted run re-encodes only the missing shards. A shard on disk
   is reused only if its metadata names exactly the rows planned for it (a shard written under
@@ -246,24 +247,27 @@ def build_features(
     if _complete(path):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(path.parent / f".{key}.lock"):
-        if _complete(path):  # another process finished it while we waited
-            return path
-        partial = path.parent / f".{key}.partial"
-        partial.mkdir(exist_ok=True)
-        if path.exists():  # incomplete (a shard is gone, or built in place by an older version)
-            for f in path.iterdir():
-                if f.name != "index.json" and not (partial / f.name).exists():
-                    os.replace(f, partial / f.name)
-            shutil.rmtree(path)
+    lock = path.parent / f".{key}.lock"
+    with file_lock(lock):
         try:
-            _build(examples, partial, key, m.path, encoder, encoder_source, mode, device, batch_size, progress)
-            os.rename(partial, path)
-        except BaseException:
-            if not any(partial.glob("shard_*.safetensors")):  # nothing worth resuming from
-                shutil.rmtree(partial, ignore_errors=True)
-            raise
-    (path.parent / f".{key}.lock").unlink(missing_ok=True)  # safe: a waiter finds the index and returns
+            if _complete(path):  # another process finished it while we waited
+                return path
+            partial = path.parent / f".{key}.partial"
+            partial.mkdir(exist_ok=True)
+            if path.exists():  # incomplete (a shard is gone, or built in place by an older version)
+                for f in path.iterdir():
+                    if f.name != "index.json" and not (partial / f.name).exists():
+                        os.replace(f, partial / f.name)
+                shutil.rmtree(path)
+            try:
+                _build(examples, partial, key, m.path, encoder, encoder_source, mode, device, batch_size, progress)
+                os.rename(partial, path)
+            except BaseException:
+                if not any(partial.glob("shard_*.safetensors")):  # nothing worth resuming from
+                    shutil.rmtree(partial, ignore_errors=True)
+                raise
+        finally:  # built or failed, no lock file stays behind; a waiter sees it gone and locks afresh (common.file_lock)
+            lock.unlink(missing_ok=True)
     return path
 
 

@@ -60,9 +60,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import soundfile as sf
-from tqdm import tqdm
 
-from omni.common import atomic_save
+from omni.common import atomic_save, progress
 from omni.data import audio, tts
 from omni.data import text as text_source
 from omni.data.manifest import read_manifest, write_manifest
@@ -298,7 +297,7 @@ def build_corpus(cfg: SynthConfig) -> Path:
     todo = [c for c in clips if not (out / c.path).is_file()]
     jobs = [(str(out / c.path), c.text, c.voice, c.rate, c.pitch, c.pitch_range) for c in todo]
     t0 = time.perf_counter()
-    bar = tqdm(total=len(jobs), desc=f"synth {out}", unit="clip", disable=not jobs, file=sys.stderr)
+    bar = progress(total=len(jobs), enabled=bool(jobs), desc=f"synth {out}", unit="clip", file=sys.stderr)
     if jobs and cfg.workers > 1:
         ctx = mp.get_context("spawn")
         with ctx.Pool(cfg.workers, initializer=_worker_init) as pool:
@@ -310,9 +309,9 @@ def build_corpus(cfg: SynthConfig) -> Path:
             bar.update()
     bar.close()
     elapsed = time.perf_counter() - t0
-    if jobs:
+    if jobs:  # on stdout: a line of the report, not a warning
         print(f"synth: rendered {len(jobs)} clips in {elapsed:.1f} s ({len(jobs) / elapsed:.1f} clips/s, "
-              f"{cfg.workers} worker(s)); {len(clips) - len(jobs)} already present", file=sys.stderr)
+              f"{cfg.workers} worker(s)); {len(clips) - len(jobs)} already present")
     planned = {c.clip_id for c in clips}
     orphans = [p for p in (out / "clips").glob("*.wav") if p.stem not in planned]
     if orphans:

@@ -1,5 +1,7 @@
-"""Every matplotlib figure of the notebooks. Each returns a Figure; `show` logs it to the run,
-shows it in the notebook and closes it.
+"""Every matplotlib figure of the notebooks, and their tables. Each figure function returns a Figure;
+`show` logs it to the run, shows it in the notebook and closes it. `table` formats a DataFrame for
+people (a report is read, not computed with): integers as integers, a missing value as "–" with a
+footnote saying what it means, never "nan" or "202.000000". `trend` says in words where a curve went.
 
 Training curves (loss_curves, curve, bars_by); ablation grids from a comparison table
 (omni.eval.compare: probe_accuracy, grid_metrics, weight_histories, final_weights); embedding maps
@@ -27,6 +29,59 @@ def show(tracker: Tracker | NullTracker, fig, name: str) -> None:
     tracker.log_figure(fig, name)
     display(fig)
     plt.close(fig)
+
+
+MISSING = "–"  # a value a table does not have (en dash), explained under the table
+
+
+def _whole(index):
+    """An index (level) of whole floats, such as counts, as integers; anything else unchanged."""
+    values = np.asarray(index)
+    if values.dtype.kind == "f" and len(values) and np.isfinite(values).all() and (values == np.round(values)).all():
+        return index.astype(int)
+    return index
+
+
+def table(df, digits: int = 3, missing: str = "not measured in this run", counts: Sequence[str] = ("n", "clips", "seeds", "n_runs")):
+    """`df` as people read it (a pandas Styler): numbers to `digits` decimals, counts as integers (integer
+    columns, columns named in `counts`, whole-number index levels such as a group's size), a missing
+    value as MISSING with a footnote under the table: "– : {missing}"."""
+    import pandas as pd
+
+    df = df.copy()
+    if isinstance(df.index, pd.MultiIndex):
+        df.index = df.index.set_levels([_whole(level) for level in df.index.levels])
+    else:
+        df.index = _whole(df.index)
+
+    def name(c) -> str:
+        return str(c[-1] if isinstance(c, tuple) else c)
+
+    formats = {}
+    for c in df.columns:
+        if df[c].dtype.kind in "iu" or (name(c) in counts and df[c].dtype.kind == "f"):
+            formats[c] = lambda v: f"{int(v):,}"
+        elif df[c].dtype.kind == "f":
+            formats[c] = f"{{:.{digits}f}}"
+    styler = df.style.format(formats, na_rep=MISSING)
+    if df.isna().to_numpy().any():
+        styler = styler.set_caption(f"{MISSING} : {missing}").set_table_styles(
+            [{"selector": "caption", "props": "caption-side: bottom; font-size: 85%; color: #555; text-align: left"}])
+    return styler
+
+
+def trend(points: Sequence[tuple[int, float]], name: str) -> str:
+    """Where a curve of (step, value) points went, in one sentence: first, last, and its lowest."""
+    if not points:
+        return f"{name}: no intermediate evaluations in this run"
+    (s0, v0), (s1, v1) = points[0], points[-1]
+    sb, vb = min(points, key=lambda p: p[1])
+    if len(points) == 1:
+        return f"{name}: {v0:.3f} at step {s0} (one evaluation)"
+    low = f"; lowest {vb:.3f} at step {sb}" if sb not in (s0, s1) else ""
+    if v1 == v0:
+        return f"{name} stayed at {v0:.3f} from step {s0} to step {s1}{low}."
+    return f"{name} {'rose' if v1 > v0 else 'fell'} from {v0:.3f} (step {s0}) to {v1:.3f} (step {s1}){low}."
 
 
 def loss_curves(curves: dict[str, list[float]], title: str = "training loss", ylabel: str = "cross-entropy (nats/token)", hline: float | None = None):

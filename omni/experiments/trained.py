@@ -38,12 +38,28 @@ def model_dir(run: str | Path, name: str = "run") -> Path:
     if not path.exists() and len(str(run)) == 32 and str(run).isalnum():
         import mlflow
 
-        path = Path(mlflow.artifacts.download_artifacts(run_id=str(run), artifact_path="model"))
+        try:
+            path = Path(mlflow.artifacts.download_artifacts(run_id=str(run), artifact_path="model"))
+        except Exception as e:  # no such run in this store, or a run without a model artifact
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FileNotFoundError(f"{name} {run}: an MLflow run id, but its `model` artifact could not be fetched ({first})") from None
     if (path / "model" / "audio_path.json").exists():
         path = path / "model"
     if not (path / "audio_path.json").exists():
+        kind = report_experiment(path)
+        if kind:  # a report folder of an experiment that keeps no audio path (smoke, pretrain_lm, layer_ablation, ...)
+            raise FileNotFoundError(f"{name} {run}: a {kind} run ({kind}'s report folder), which keeps no trained audio path; "
+                                    "give an alignment or instruct run (reports/alignment/<stamp>, reports/instruct/<stamp>)")
         raise FileNotFoundError(f"{name} {run}: neither a trained run folder (audio_path.json) nor a known MLflow run id")
     return path
+
+
+def report_experiment(folder: Path) -> str:
+    """The experiment whose report folder this is (its summary.json says so), or ""."""
+    try:
+        return str(json.loads((Path(folder) / "summary.json").read_text()).get("experiment", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def run_dirs(run: str) -> list[Path]:

@@ -147,8 +147,9 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
     for where, names in named:
         bad = [n for n in names if n not in defaults or n in RESERVED]
         if bad:
-            valid = ", ".join(k for k in defaults if k not in RESERVED)
-            raise ExperimentError(f"{where}: unknown parameter {bad[0]!r} for {notebook}; valid: {valid}")
+            valid = [k for k in defaults if k not in RESERVED]
+            raise ExperimentError(f"{where}: unknown parameter {bad[0]!r}{params.did_you_mean(bad[0], valid)} for {notebook}; "
+                                  f"valid: {', '.join(valid)}")
     for k, v in (overrides or {}).items():
         # a list override makes (or replaces) a grid axis; a scalar fixes the value
         if isinstance(v, list):

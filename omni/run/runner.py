@@ -13,6 +13,13 @@ Design choices:
   entry marked failed; the other grid points go on; the exit code is non-zero.
 - Grid points run one after another, or in `workers` threads: each point is a separate kernel
   process, so threads only wait; torch threads are split between workers.
+- A report is read after the fact, maybe offline: no progress bars in it (TQDM_DISABLE, which every
+  bar of omni obeys: omni.common.progress), and nothing loaded from a CDN (nbconvert's template asks
+  for require.js, MathJax and mermaid; no notebook here uses them). The executed notebook is logged to
+  MLflow beside the report as HTML too (with its code), since MLflow shows an .ipynb as raw JSON.
+- The kernels talk to papermill over CurveZMQ-encrypted TCP (ipykernel declares it; the kernel warns
+  on every start without it), or over IPC sockets where pyzmq has no Curve.
+- reports/index.html is rebuilt when a run starts and when it ends, so a run in progress is listed.
 """
 
 from __future__ import annotations
@@ -63,23 +70,38 @@ def write_summary(out_dir: Path, summary: dict) -> None:
     atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
 
 
-def execute(notebook: Path, values: dict[str, Any], out_dir: Path, run_id: str, headline: list[str], meta: dict) -> RunResult:
-    """Run one notebook into out_dir; never raises for a notebook failure."""
+def kernel_config():
+    """papermill's kernel manager set up so that the kernel has nothing to warn about: Curve keys
+    provisioned by the manager (ipykernel's kernelspec declares support), or IPC without Curve."""
+    import zmq
+    from traitlets.config import Config
+
+    return Config({"KernelManager": {"transport_encryption": "auto"} if zmq.has("curve") else {"transport": "ipc"}})
+
+
+def execute(notebook: Path, values: dict[str, Any], out_dir: Path, run_id: str, headline: list[str], meta: dict,
+            reports: Path | None = None) -> RunResult:
+    """Run one notebook into out_dir; never raises for a notebook failure. `reports`: the index to
+    rebuild when the run starts and ends."""
     import papermill as pm
 
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / "notebook.ipynb"
+    experiment_id = track.client().get_run(run_id).info.experiment_id if run_id else ""
     summary = {
         **meta,
         "status": "RUNNING",
         "error": "",
         "run_id": run_id,
+        "experiment_id": experiment_id,
         "params": values,
         "pid": os.getpid(),
         "host": socket.gethostname(),
-        "mlflow_url": track.run_url(run_id) if run_id else "",
+        "mlflow_url": track.run_url(run_id, experiment_id) if run_id else "",
     }
     write_summary(out_dir, summary)
+    if reports is not None:
+        index.write_index(reports)
     error = ""
     try:
         pm.execute_notebook(
@@ -90,17 +112,19 @@ def execute(notebook: Path, values: dict[str, Any], out_dir: Path, run_id: str, 
             language="python",
             cwd=os.getcwd(),
             progress_bar=sys.stderr.isatty(),
+            config=kernel_config(),
         )
         status = "FINISHED"
     except Exception as e:  # papermill's execution error, a dead kernel, ...
         status = "FAILED"
         error = _last_line(str(e))
-    report = out_dir / "report.html"
+    report, full = out_dir / "report.html", out_dir / "notebook.html"
     if executed.exists():
         _to_html(executed, report, values, summary["mlflow_url"], meta.get("run_name", ""))
+        _to_html(executed, full, values, summary["mlflow_url"], meta.get("run_name", ""), code=True)
     metrics = {}
     if run_id:
-        for path in (executed, report):
+        for path in (executed, full, report):
             if path.exists():
                 track.Tracker(run_id).log_artifact(path)
         metrics = track.run_metrics(run_id)
@@ -113,6 +137,8 @@ def execute(notebook: Path, values: dict[str, Any], out_dir: Path, run_id: str, 
         "finished": dt.datetime.now().isoformat(timespec="seconds"),
     }
     write_summary(out_dir, summary)
+    if reports is not None:
+        index.write_index(reports)
     return RunResult(meta["run_name"], status, run_id, out_dir, metrics, error)
 
 
@@ -121,15 +147,31 @@ def _last_line(text: str) -> str:
     return lines[-1][:500] if lines else "failed"
 
 
-def _to_html(executed: Path, report: Path, values: dict[str, Any], mlflow_url: str, title: str) -> None:
-    """Code-free HTML, opened by what a reader needs first: the parameters and a link to the MLflow run."""
+# nbconvert's lab template without what it fetches from a CDN (require.js, MathJax, mermaid, the
+# widget manager): a report opens complete offline. No notebook here uses maths, diagrams or widgets.
+OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+"""
+
+
+def _to_html(executed: Path, report: Path, values: dict[str, Any], mlflow_url: str, title: str, code: bool = False) -> None:
+    """Code-free HTML (with `code`: the whole executed notebook), opened by what a reader needs first:
+    the parameters and a link to the MLflow run. Self-contained: styles inline, nothing from a CDN."""
+    import jinja2
     import nbformat
     from nbconvert import HTMLExporter
 
-    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    exporter = HTMLExporter(exclude_input=not code, exclude_input_prompt=not code, exclude_output_prompt=not code,
+                            extra_loaders=[jinja2.DictLoader({"omni_offline.html.j2": OFFLINE_TEMPLATE})],
+                            template_file="omni_offline.html.j2")
     body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
     rows = "".join(f"<tr><td><code>{html.escape(str(k))}</code></td><td>{html.escape(str(v))}</td></tr>" for k, v in values.items())
-    link = f' · <a href="{html.escape(mlflow_url)}">MLflow run</a> (with <code>mlflow ui</code> running)' if mlflow_url else ""
+    ui = track.ui_command()
+    served = f" (while <code>{html.escape(ui)}</code> runs)" if ui else ""
+    link = f' · <a href="{html.escape(mlflow_url)}">MLflow run</a>{served}' if mlflow_url else ""
     header = (
         f'<div style="font-family:system-ui,sans-serif;margin:1em 2em;font-size:90%">'
         f"<details><summary><b>{html.escape(title)}</b>: parameters{link}</summary>"
@@ -166,7 +208,8 @@ def resume_experiment(resume: str, reports: str | Path = "reports", workers: int
         if s.get("run_id"):
             track.reopen_run(s["run_id"])
         meta = {k: s[k] for k in ("experiment", "source", "notebook", "description", "run_name", "parent_run_id", "started", "headline_keys") if k in s}
-        return execute(Path(s["notebook"]), s.get("params", {}), folder, s.get("run_id", ""), s.get("headline_keys", []), meta | {"resumed": True})
+        return execute(Path(s["notebook"]), s.get("params", {}), folder, s.get("run_id", ""), s.get("headline_keys", []),
+                       meta | {"resumed": True}, reports)
 
     results = _map(one, targets, workers)
     if grid is not None:  # the grid is finished once every point is
@@ -211,21 +254,25 @@ def run_experiment(path: str | Path, overrides: dict[str, Any] | None = None, re
     base = {"experiment": exp.name, "source": str(exp.source), "notebook": str(exp.notebook), "description": exp.description,
             "headline_keys": exp.headline}
     keys = varying(exp) if len(points) > 1 else []
+    # what MLflow's run page shows as the run's source: the notebook and the commit (the kernel adds
+    # the commit too, but a notebook that fails before it gets there still has it)
+    tags = track.source_tags(exp.notebook) | track.git_state(Path(track.__file__).resolve().parent)
     parent = ""
     if len(points) > 1:
         grid_desc = {"grid": json.dumps(exp.grid), "points": json.dumps(exp.points)}
-        parent = track.start_run(exp.name, f"{exp.name}-{stamp}", params=exp.parameters | grid_desc)
-        write_summary(top, base | {"run_name": f"{exp.name}-{stamp}", "run_id": parent, "status": "RUNNING", "grid_parent": True,
-                                   "started": stamp, "params": exp.parameters | grid_desc, "pid": os.getpid(),
-                                   "host": socket.gethostname(), "mlflow_url": track.run_url(parent)})
+        parent = track.start_run(exp.name, f"{exp.name}-{stamp}", params=exp.parameters | grid_desc, tags=tags)
+        parent_exp = track.experiment_id(exp.name)
+        write_summary(top, base | {"run_name": f"{exp.name}-{stamp}", "run_id": parent, "experiment_id": parent_exp, "status": "RUNNING",
+                                   "grid_parent": True, "started": stamp, "params": exp.parameters | grid_desc, "pid": os.getpid(),
+                                   "host": socket.gethostname(), "mlflow_url": track.run_url(parent, parent_exp)})
 
     def one(i: int) -> RunResult:
         suffix = slug(points[i], keys) if keys else ""
         run_name = f"{exp.name}-{stamp}" + (f"-{suffix}" if suffix else "")
-        run_id = track.start_run(exp.name, run_name, params=checked[i], parent_run_id=parent or None)
+        run_id = track.start_run(exp.name, run_name, params=checked[i], parent_run_id=parent or None, tags=tags)
         out = top / (suffix or f"point{i}") if parent else top
         meta = base | {"run_name": run_name, "parent_run_id": parent, "started": stamp}
-        return execute(exp.notebook, checked[i], out, run_id, exp.headline, meta)
+        return execute(exp.notebook, checked[i], out, run_id, exp.headline, meta, reports)
 
     results = _map(one, list(range(len(points))), workers)
 
@@ -234,7 +281,7 @@ def run_experiment(path: str | Path, overrides: dict[str, Any] | None = None, re
         if exp.summary is not None:
             # the summary notebook logs into the parent run and reads its children from there
             meta = base | {"run_name": f"{exp.name}-{stamp}", "parent_run_id": "", "started": stamp, "grid_parent": True}
-            summary = execute(exp.summary, {}, top, parent, exp.headline, meta)
+            summary = execute(exp.summary, {}, top, parent, exp.headline, meta, reports)
             results.append(summary)
             status = "FINISHED" if status == "FINISHED" and summary.status == "FINISHED" else "FAILED"
         else:
