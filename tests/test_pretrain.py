@@ -59,8 +59,11 @@ def test_training_and_validation_numbers(tiny):
     assert [s for s, _ in track.metric_history(tiny.run_id, "val_bpb")] == [3, 7, 8]
     assert logged["copy_nats"] == pytest.approx(tiny.copy_nats) and 0 < tiny.copy_nats < 10 and 0 < tiny.first_nats < 10
     h = tiny.history
-    assert len(h.loss) == 8 and h.loss[-1] < h.loss[0] and h.skipped == 0
+    assert len(h.loss) == 8 and h.skipped == 0 and all(map(math.isfinite, h.loss))
     assert [e["step"] for e in h.evals] == [3, 7] and tiny.val_bpb == h.evals[-1]["val_bpb"]
+    # learning shows on the fixed validation text; the training loss of 8 steps mixes prose with copy
+    # windows whose share the curriculum changes per step, so it is not monotone
+    assert h.evals[1]["val_bpb"] < h.evals[0]["val_bpb"]
     assert math.isfinite(tiny.val_bpb) and 0 < tiny.val_bpb < 8.0
     assert all(s.startswith(p) for s, p in zip(tiny.samples, ["Holmes", "It was a dark", "The door opened and", "I have"]))
 

@@ -51,6 +51,7 @@ METRICS = {
     "first_nats": ("validation passages read once", "nats/token"),
     "copy_nats": ("the same passages read again (copying)", "nats/token"),
     "train_tokens": ("training tokens", "tokens"),
+    "random_copy": ("repeated random tokens predicted", "fraction"),
     # 03 alignment (held-out clips: unseen sentences and voices)
     "wer": ("held-out WER", WER),
     "median_wer": ("held-out median WER per clip", WER),
@@ -58,6 +59,7 @@ METRICS = {
     "whisper_wer": ("Whisper's own decoder, WER", WER),
     "whisper_greedy_wer": ("Whisper's own decoder without the loop guard, WER", WER),
     "control_wer": ("shuffled-audio control, WER", WER),
+    "guard_floor": ("loop guard's log-prob floor", "nats/token"),
     "greedy_wer": ("ours without the loop guard, WER", WER),
     "ctc_wer": ("audio tokens read alone (CTC readout), WER", WER),
     "wer_seen_voice": ("WER on new sentences in training voices", WER),
