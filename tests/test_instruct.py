@@ -1,6 +1,8 @@
 """Instruction tuning on a tiny random model: conversations parse with audio where the tag stands,
-the loss covers assistant tokens only, a few steps lower it, and greedy answers through the soft
-prefix match the full forward."""
+answers are tokenised as prose, the loss covers assistant tokens only (a mean per turn, then per
+conversation), batches follow the task mix, a few steps lower the loss, greedy answers in a batch
+match each question asked alone, a Hugging Face backbone goes the same way, and tuning can start from
+an alignment run."""
 
 import json
 from dataclasses import replace
@@ -18,8 +20,7 @@ from omni.data.manifest import write_manifest
 from omni.eval.texture import load_questions
 from omni.experiments.trained import load_run
 from omni.experiments.tuning import (
-    ASSISTANT, TuningConfig, answerer, assemble, build_model, conversation_batch, conversation_loss, encode,
-    read_conversations, tune,
+    TuningConfig, answerer, build_model, conversation_batch, conversation_loss, encode, read_conversations, tune,
 )
 
 TASKS = ("gender", "style", "same_speaker", "last_word")
@@ -54,9 +55,9 @@ def test_multi_turn_audio_in_place_and_assistant_only_loss(setup):
     model = build_model(cfg, cache, torch.device("cpu"))
     tok = model.tokenizer
     states = dict(zip([a, b], cache.load_states([0, 1])))
-    idx, embeds, targets = conversation_batch(model, [parsed], states)
+    idx, embeds, targets, _ = conversation_batch(model, [parsed], states)
     trained = targets[0][targets[0] >= 0].tolist()
-    assert trained == tok.encode("female") + [tok.bos_id] + tok.encode("no") + [tok.bos_id]
+    assert trained == tok.encode(" female") + [tok.eos_id] + tok.encode(" no") + [tok.eos_id]
 
     # the first clip's audio tokens sit right after "...User: Listen:" and before " and say the gender."
     seq, _ = encode(parsed, tok)
@@ -69,11 +70,14 @@ def test_multi_turn_audio_in_place_and_assistant_only_loss(setup):
     assert torch.allclose(embeds[0, p : p + n], tokens[0, :n])
     assert tok.decode(idx[0, p + n : p + n + 21].tolist()) == " and say the gender.\n"
 
-    # the loss is the cross-entropy over exactly those positions
+    # the loss is the cross-entropy over exactly those positions, a mean per turn, then over the turns
     loss, count = conversation_loss(model, [parsed], states)
     logits = model.gpt(idx, embeds=embeds)
-    mask = targets >= 0
-    assert count == len(trained) and torch.allclose(loss, F.cross_entropy(logits[mask], targets[mask]))
+    pos = (targets[0] >= 0).nonzero()[:, 0].tolist()
+    n1 = len(tok.encode(" female")) + 1
+    turns = [pos[:n1], pos[n1:]]
+    want = sum(F.cross_entropy(logits[0, p], targets[0, p]) for p in turns) / 2
+    assert count == len(trained) and torch.allclose(loss, want)
     # and the audio reaches it: another clip in the first tag changes the loss
     other = {**states, a: cache.load_states([5])[0]}
     assert abs(conversation_loss(model, [parsed], other)[0].item() - loss.item()) > 1e-6
@@ -98,8 +102,9 @@ def test_few_steps_lower_the_loss_save_and_bench(setup, capsys):
     printed = capsys.readouterr().out
     assert "texture" in printed and "linear probe" in printed
     scores = json.loads((root / "bench" / "scores.json").read_text())["scores"]
-    assert set(scores) == {"model", "transcript only (reference)", "shuffled audio", "linear probe"}
-    assert scores["model"]["gender"]["n"] == min(3, sum(q["task"] == "gender" for q in qs)) == scores["linear probe"]["gender"]["n"]
+    assert set(scores) == {"model", "train majority", "transcript only (reference)", "shuffled audio", "linear probe"}
+    asked = load_questions(root / "instr" / "test.jsonl", check_audio=False, max_per_task=3)
+    assert scores["model"]["gender"]["n"] == sum(q["task"] == "gender" for q in asked) == scores["linear probe"]["gender"]["n"]
     assert "transcribe" not in scores["linear probe"] and (root / "bench" / "bench.png").stat().st_size > 1000
     assert main(["bench", "--run", str(root)]) == 2  # not a run folder: one line, exit 2 (and `bench`, the old name, still works)
     assert "`bench` is now `texture`" in capsys.readouterr().err
@@ -110,30 +115,16 @@ def test_few_steps_lower_the_loss_save_and_bench(setup, capsys):
 
 
 
-def test_greedy_answers_through_the_soft_prefix_match_the_full_forward(setup):
-    """answerer() feeds the prompt as GPT's left-padded soft prefix (questions of different lengths in
-    one batch); 3 greedy tokens must equal a token-by-token greedy decode with the full forward."""
+def test_greedy_answers_in_a_batch_match_each_question_alone(setup):
+    """answerer() right-pads questions of different lengths in one batch and decodes them together;
+    each answer must be what the question gets when it is asked alone."""
     root, rows, cache, cfg = setup
     model = build_model(cfg, cache, torch.device("cpu"))  # random: its answers differ per question
-    tok = model.tokenizer
     qs = load_questions(root / "instr" / "test.jsonl", check_audio=False)[:6]
-    got = answerer(model, cache, max_new_tokens=3)(qs)
-    row_of = {r["audio"]: i for i, r in enumerate(rows)}  # cache row = corpus row (fake_cache keeps the order)
-    want = []
-    for q in qs:
-        clips = [Path(x) for x in q["audios"]]
-        states = dict(zip(clips, cache.load_states([row_of[x] for x in q["audios"]])))
-        seq = encode([("user", clips + [q["question"]])], tok)[0] + tok.encode(ASSISTANT)
-        new = []
-        for _ in range(3):
-            idx, embeds, _, _ = assemble(model, [seq + new], states)
-            with torch.no_grad():
-                new.append(model.gpt(idx, embeds=embeds)[0, -1].argmax().item())
-            if new[-1] == tok.bos_id:
-                break
-        want.append(tok.decode([t for t in new if t != tok.bos_id]).strip())
-    assert got == want
-    assert len(set(want)) > 1  # not one answer for every question: the check compares something
+    ask = answerer(model, cache, max_new_tokens=10)
+    got = ask(qs)
+    assert got == [ask([q])[0] for q in qs]
+    assert len(set(got)) > 1  # not one answer for every question: the check compares something
 
 
 def test_projector_only_keeps_the_lm_and_bad_input(setup):
