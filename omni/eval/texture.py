@@ -78,21 +78,22 @@ class TaskScore:
 
 
 def load_questions(path: str | Path, check_audio: bool = True, max_per_task: int | None = None, seed: int = 0,
-                   exclude_clips: Sequence[str] = ()) -> list[dict]:
+                   exclude_clips: Sequence[str] = (), tasks: Sequence[str] | None = None) -> list[dict]:
     """Rows of an instruction manifest as question dicts: the manifest's keys plus "question" (the user
     text without tags), "audios" (resolved clip paths, in tag order) and "segments" (the user turn in
     order: text, and an int for audios[i] where that clip stands).
 
     max_per_task: a seeded sample per task, stratified by answer (up to ceil(max_per_task / answers) of
     each answer; tasks without a closed answer set: a plain sample), in manifest order.
-    exclude_clips: clip ids whose questions are left out (the ones watched during training)."""
+    exclude_clips: clip ids whose questions are left out (the ones watched during training).
+    tasks: only these tasks' questions (None: all)."""
     m = read_manifest(path, check_audio=check_audio)
     skip = set(exclude_clips)
     rows = []
     for e in m:
         if e.turns is None or "task" not in e.labels or "answer" not in e.labels:
             raise ValueError(f"{path}:{e.line}: not an instruction row (needs conversations, task, answer)")
-        if skip.intersection(e.labels.get("clip_ids", ())):
+        if skip.intersection(e.labels.get("clip_ids", ())) or (tasks is not None and e.labels["task"] not in tasks):
             continue
         user = [t for t in e.turns if t.role in USER_ROLES][-1]
         audios = [str(p) for p in user.audio]
@@ -191,10 +192,12 @@ def score(questions: Sequence[dict], predictions: Sequence[str | None], seed: in
     return out
 
 
-def ask(questions: Sequence[dict], answer: Answerer, batch_size: int = 64) -> list:
+def ask(questions: Sequence[dict], answer: Answerer, batch_size: int = 64, length: Callable[[dict], float] | None = None) -> list:
     """`answer`'s predictions for every question, in order, asked in batches of one task at a time
-    (an answerer may then size its decoding budget to the task: transcripts are long, labels short)."""
-    order = sorted(range(len(questions)), key=lambda i: (questions[i]["task"], i))
+    (an answerer may then size its decoding budget to the task: transcripts are long, labels short).
+    length: a question's size (e.g. its audio frames); questions of a task are then batched by size,
+    so a batch padded to its longest question wastes little."""
+    order = sorted(range(len(questions)), key=lambda i: (questions[i]["task"], length(questions[i]) if length else 0, i))
     predictions: list = [None] * len(questions)
     start = 0
     while start < len(order):
@@ -212,9 +215,10 @@ def ask(questions: Sequence[dict], answer: Answerer, batch_size: int = 64) -> li
     return predictions
 
 
-def run_benchmark(questions: Sequence[dict], answer: Answerer, batch_size: int = 64, seed: int = 0) -> dict[str, TaskScore]:
-    """Ask `answer` every question (in batches) and score the answers."""
-    return score(questions, ask(questions, answer, batch_size), seed=seed)
+def run_benchmark(questions: Sequence[dict], answer: Answerer, batch_size: int = 64, seed: int = 0,
+                  length: Callable[[dict], float] | None = None) -> dict[str, TaskScore]:
+    """Ask `answer` every question (in batches, by size when `length` is given) and score the answers."""
+    return score(questions, ask(questions, answer, batch_size, length), seed=seed)
 
 
 # --- baselines ----------------------------------------------------------------------------------

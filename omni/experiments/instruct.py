@@ -83,13 +83,16 @@ def benchmark(model: SpeechLM, cache: FeatureCache, questions: list[dict], clips
         text = {c: clips.rows[row_of[c]]["text"] for c in ids}
     corpus_rows = [dict(r["labels"], text=r["text"]) for r in cache.rows]
     ask = answerer(model, clips)
-    predictions = texture.ask(questions, ask)
+    frames = {r["labels"].get("clip_id"): r["frames"] for r in clips.rows}
+    size = lambda q: sum(frames[c] for c in q["clip_ids"]) + len(q["question"]) / 2  # batches of like length: little padding
+    predictions = texture.ask(questions, ask, length=size)
     results = {texture.MODEL: texture.score(questions, predictions, seed=seed)}
     if train_rows:
         results[texture.MAJORITY] = texture.run_benchmark(questions, texture.majority_answerer(train_rows), seed=seed)
+    heard = [q for q in questions if q["task"] in TEXTURE_TASKS]  # shuffled audio only where it is a control: texture
     results |= {
         f"{texture.TEXT} ({transcripts})": texture.run_benchmark(questions, texture.text_probe_answerer(corpus_rows, questions, text, seed), seed=seed),
-        texture.SHUFFLED: texture.run_benchmark(texture.shuffled_questions(questions, seed), ask, seed=seed),
+        texture.SHUFFLED: texture.run_benchmark(texture.shuffled_questions(heard, seed), ask, seed=seed, length=size),
         texture.PROBE: texture.run_benchmark(questions, texture.probe_answerer(cache, questions, seed=seed, clips=clips), seed=seed),
     }
     return BenchmarkResult(results, transcription_wer(questions, predictions, clips), len(questions))
@@ -100,12 +103,14 @@ def watcher(cache: FeatureCache, questions: list[dict], seed: int = 0) -> Watch:
     (clips of held-out voices) with their own audio (watch_<task>) and with shuffled audio
     (watch_shuffled_<task>), and the means over tasks (watch_texture, watch_shuffled_texture)."""
     shuffled = texture.shuffled_questions(questions, seed)
+    frames = {r["labels"].get("clip_id"): r["frames"] for r in cache.rows}
+    size = lambda q: sum(frames[c] for c in q["clip_ids"])
 
     def watch(model: SpeechLM, step: int) -> dict[str, float]:
         ask = answerer(model, cache)
         out = {}
         for name, qs in (("watch", questions), ("watch_shuffled", shuffled)):
-            s = texture.score(qs, texture.ask(qs, ask), seed=seed, n_boot=1)  # no CI wanted here: one resample
+            s = texture.score(qs, texture.ask(qs, ask, length=size), seed=seed, n_boot=1)  # no CI wanted here: one resample
             tasks = [t for t in TEXTURE_TASKS if t in s]
             out |= {f"{name}_{t}": s[t].balanced for t in tasks}
             out[f"{name}_texture"] = float(np.mean([s[t].balanced for t in tasks])) if tasks else float("nan")
@@ -257,17 +262,17 @@ def run(cfg: InstructConfig, tracker: Tracker | NullTracker | None = None) -> In
     hard = prepare_hard(cfg)
     folder = Path(cfg.instructions)
     watched, watched_clips = watch_questions(folder / "test.jsonl", cfg.watch_clips, cfg.seed)
-    watch = watcher(cache, watched, cfg.seed) if watched else None
+    watch = watcher(cache, watched, cfg.seed) if watched else None  # held-out voices, right and shuffled audio, every evaluation
     res = tune(replace(cfg, features=str(cache.path)), cache=cache, tracker=tracker, watch=watch)
     per = cfg.bench_per_task or None
     train_rows = instruction_rows(folder / "train.jsonl")
-    sets = {"test": (folder / "test.jsonl", cache, watched_clips)}
-    if hard is not None:
-        sets["test_hard"] = (folder / "test_hard.jsonl", hard, [])
+    sets = {"test": (folder / "test.jsonl", cache, watched_clips, None)}
+    if hard is not None:  # beside the held-out set: its texture, and transcription's WER
+        sets["test_hard"] = (folder / "test_hard.jsonl", hard, [], TEXTURE_TASKS + ("transcribe",))
     benches, m = {}, {"val_loss": res.val_loss, "train_seconds": res.history.seconds, "watched_clips": float(len(watched_clips))}
-    for name, (path, clips, skip) in sets.items():
+    for name, (path, clips, skip, tasks) in sets.items():
         t0 = time.perf_counter()
-        qs = texture.load_questions(path, check_audio=False, max_per_task=per, seed=cfg.seed, exclude_clips=skip)
+        qs = texture.load_questions(path, check_audio=False, max_per_task=per, seed=cfg.seed, exclude_clips=skip, tasks=tasks)
         b = benchmark(res.model, cache, qs, clips, cfg.transcripts, cfg.encoder, cfg.seed, train_rows)
         benches[name] = b
         prefix = "" if name == "test" else "hard_"

@@ -35,10 +35,11 @@ Design choices:
   bit-identical and only the adapters are saved, beside the audio path), "projector" (frozen LM)
   or "projector+lm" (the whole LM trains and is saved as a copy). `run` starts the audio path (layer
   choice + projector, with their shape) from a trained run, e.g. an alignment run on the same LM.
-- Answers for the benchmark (`answerer`) are greedy and computed exactly as in training: the
-  conversation so far, right-padded, through the same `embeds=` forward, one token per step (no KV
-  cache). Slower than a cache for transcripts, but a soft prefix would drop the token-keyed parts of
-  the LM (nanochat's value embeddings) at the question's text, which training never does.
+- Answers for the benchmark (`answerer`) are greedy, with the LM's KV cache: the conversation so far
+  goes in as a left-padded prefix of embeddings (the LM's one decoding loop, `generate`), together
+  with the token ids of its text (`audio_idx`), so omni's GPT gives that text the value embeddings it
+  had in training; without them a nanochat-style LM would read its question differently than it
+  learned to.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from omni.experiments.trained import model_dir
 from omni.model.encoder import collate_states, require_layer
 from omni.model.lm import LoraSpec, is_hub_id, load_lm, save_lora
 from omni.model.projector import Projector, ProjectorConfig
-from omni.model.speech_lm import TRAINABLE, SpeechLM, SpeechLMConfig, lm_parameters
+from omni.model.speech_lm import TRAINABLE, SpeechLM, SpeechLMConfig, left_pad, lm_parameters
 from omni.params import require, require_choice, require_device
 from omni.track import NullTracker, Tracker
 from omni.train import DTYPES, History, TrainConfig, pick_device, train
@@ -292,8 +293,13 @@ def draw(pools: dict, n: int, texture_share: float, rng: random.Random) -> list[
 # --- training ------------------------------------------------------------------------------------
 
 
-def _states_for(cache: FeatureCache, convs: Sequence[Conversation], where: str) -> dict[Path, torch.Tensor]:
-    by_audio = {Path(r["audio"]).resolve(): i for i, r in enumerate(cache.rows)}
+def clip_rows(cache: FeatureCache) -> dict[Path, int]:
+    """Resolved audio path -> the cache row holding its states."""
+    return {Path(r["audio"]).resolve(): i for i, r in enumerate(cache.rows)}
+
+
+def _states_for(cache: FeatureCache, convs: Sequence[Conversation], where: str, by_audio: dict[Path, int] | None = None) -> dict[Path, torch.Tensor]:
+    by_audio = by_audio if by_audio is not None else clip_rows(cache)
     clips = sorted({s for c in convs for _, segs in c for s in segs if isinstance(s, Path)})
     missing = [c for c in clips if c not in by_audio]
     if missing:
@@ -461,41 +467,55 @@ def question_conversation(q: dict) -> Conversation:
 
 @torch.no_grad()
 def greedy(model: SpeechLM, seqs: Sequence[list[int | Path]], states: dict[Path, torch.Tensor], max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuations of `seqs` until EOS (left out) or max_new_tokens, each step one right-padded
-    forward of the unfinished sequences, exactly as training computes them."""
-    eos, limit = model.tokenizer.eos_id, model.gpt.config.sequence_len
-    new: list[list[int]] = [[] for _ in seqs]
-    live = list(range(len(seqs)))
-    for _ in range(max_new_tokens):
-        idx, embeds, lengths, _ = assemble(model, [seqs[b] + new[b] for b in live], states)
-        if idx.size(1) > limit:  # the LM's context is full: the answers end here
-            break
-        logits = model.gpt(idx, embeds=embeds)
-        nxt = logits[torch.arange(len(live), device=idx.device), lengths - 1].argmax(-1).tolist()
-        for b, t in zip(live, nxt):
-            if t != eos:
-                new[b].append(t)
-        live = [b for b, t in zip(live, nxt) if t != eos]
-        if not live:
-            break
-    return new
+    """Greedy continuations of `seqs` until EOS (left out) or max_new_tokens, with the LM's KV cache:
+    each sequence but its last token goes in as a left-padded prefix of embeddings, carrying the token
+    ids of its text (`audio_idx`, so omni's GPT gives that text its value embeddings, as in training),
+    the last token as idx. The same numbers as training's right-padded forward (up to float rounding)."""
+    eos = model.tokenizer.eos_id
+    idx, embeds, lengths, _ = assemble(model, seqs, states)
+    B, L = idx.shape
+    budget = min(max_new_tokens, model.gpt.config.sequence_len - (L - 1))  # the LM's context bounds the answer
+    if budget < 1:
+        return [[] for _ in seqs]
+    n = lengths - 1  # the prefix: all but the last token
+    prefix, mask = left_pad(embeds[:, : L - 1], n)
+    pos = torch.arange(L - 1, device=idx.device)[None, :]
+    shift = (L - 1 - n)[:, None]
+    ids = idx[:, : L - 1].gather(1, (pos - shift).clamp(min=0))
+    prefix_ids = torch.where(mask, ids, torch.full_like(ids, -1))  # -1: audio and padding have no token
+    last = idx[torch.arange(B, device=idx.device), lengths - 1][:, None]
+    out = model.gpt.generate(last, audio=prefix, audio_mask=mask, audio_idx=prefix_ids, max_new_tokens=budget, stop_token=eos)
+    return [row[: row.index(eos)] if eos in row else row for row in out.tolist()]
 
 
-def answerer(model: SpeechLM, cache: FeatureCache, max_new_tokens: int = 12, transcribe_tokens: int = 80):
+def answer_budget(q: dict, tok, max_new_tokens: int) -> int:
+    """Decoding steps for a closed question: its longest allowed answer (an option with its space, a
+    letter, "B) option") and EOS, capped by max_new_tokens; an open question gets max_new_tokens.
+    A longer answer could not be right, so decoding further only costs time."""
+    if not q.get("options"):
+        return max_new_tokens
+    longest = max(len(tok.encode(f" {chr(65 + len(q['options']) - 1)}) {o}")) for o in q["options"])
+    return min(max_new_tokens, longest + 1)
+
+
+def answerer(model: SpeechLM, cache: FeatureCache, max_new_tokens: int = 12, transcribe_tokens: int = 48):
     """A benchmark answerer (omni.eval.texture): greedy answers to question rows ("question", "audios",
     "segments"), each asked as it was written. A batch holding a transcription question gets
-    `transcribe_tokens` (a sentence, not a label): omni.eval.texture.ask batches one task at a time,
-    so label batches stay short."""
+    `transcribe_tokens` (a sentence of at most 25 words, not a label); a closed question as many
+    tokens as its longest allowed answer and EOS (answer_budget); omni.eval.texture.ask batches one task
+    at a time, so label batches stay short."""
     tok = model.tokenizer
+    by_audio = clip_rows(cache)
 
     def answer(qs: list[dict]) -> list[str]:
         was = model.training
         model.eval()
         convs = [question_conversation(q) for q in qs]
-        states = _states_for(cache, convs, "the benchmark's questions")
-        budget = transcribe_tokens if any(q.get("task") == "transcribe" for q in qs) else max_new_tokens
-        out = greedy(model, [prompt(c, tok) for c in convs], states, budget)
+        states = _states_for(cache, convs, "the benchmark's questions", by_audio)
+        # each question its own budget (the batch decodes to the largest), so an answer never depends on its batch
+        budgets = [transcribe_tokens if q.get("task") == "transcribe" else answer_budget(q, tok, max_new_tokens) for q in qs]
+        out = greedy(model, [prompt(c, tok) for c in convs], states, max(budgets))
         model.train(was)
-        return [tok.decode(row).strip() for row in out]
+        return [tok.decode(row[:n]).strip() for row, n in zip(out, budgets)]
 
     return answer
