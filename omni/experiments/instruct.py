@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from omni.data.synth import HARD, SynthConfig, build_corpus
 from omni.eval import metrics, texture
 from omni.eval.yardstick import whisper_hyps
 from omni.experiments.trained import load_run, run_cache, run_meta
-from omni.experiments.tuning import TuningConfig, TuningResult, Watch, answerer, tune
+from omni.experiments.tuning import TuningConfig, TuningResult, Watch, answerer, require_lm, tune
 from omni.model.speech_lm import SpeechLM
 from omni.params import require, require_choice
 from omni.track import NullTracker, Tracker
@@ -122,7 +123,9 @@ def watcher(cache: FeatureCache, questions: list[dict], seed: int = 0) -> Watch:
 def watch_questions(path: str | Path, n_clips: int, seed: int = 0) -> tuple[list[dict], list[str]]:
     """(the texture questions of `n_clips` seeded clips of a test manifest, those clip ids); never more
     than a quarter of its clips, so the benchmark keeps most of them."""
-    rows = texture.load_questions(path, check_audio=False) if n_clips else []
+    with warnings.catch_warnings():  # the whole test set, of which a few clips are kept: its size is not the point here
+        warnings.simplefilter("ignore")
+        rows = texture.load_questions(path, check_audio=False) if n_clips else []
     clips = sorted({q["clip_ids"][0] for q in rows if q["task"] in TEXTURE_TASKS})
     chosen = sorted(random.Random(f"{seed}:watch").sample(clips, min(n_clips, len(clips) // 4)))
     keep = set(chosen)
@@ -259,6 +262,7 @@ def run(cfg: InstructConfig, tracker: Tracker | NullTracker | None = None) -> In
     """Data (built when missing) -> tune, watching held-out voices -> the benchmark on the held-out test
     set and on the hard set, with the baselines; headline metrics (test_*, hard_*) logged to `tracker`."""
     tracker = tracker or NullTracker()
+    require_lm(cfg.lm)  # before minutes of data: a missing LM is said now
     cache = prepare_data(cfg)
     hard = prepare_hard(cfg)
     folder = Path(cfg.instructions)
