@@ -167,9 +167,10 @@ def tiny_alignment(tmp_path_factory):
 # --- tiny backbones of every kind omni.model.lm loads (tests/test_lm.py, test_lora.py, benchmarks) --------
 
 
-def tiny_hf_lm(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2, arch: str = "qwen3") -> Path:
+def tiny_hf_lm(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2, arch: str = "qwen3", bos: bool = False) -> Path:
     """A random Qwen3 or Llama (transformers' own classes, tiny config) + a byte-level BPE tokenizer with
-    a chat template, saved with save_pretrained: what a local Hugging Face model folder looks like."""
+    a chat template, saved with save_pretrained: what a local Hugging Face model folder looks like.
+    bos: the tokenizer has a bos token of its own (<|endoftext|>), so BOS != EOS (<|im_end|>)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
@@ -183,7 +184,8 @@ def tiny_hf_lm(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2, arc
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=template)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=template,
+                                   **({"bos_token": "<|endoftext|>"} if bos else {}))
     torch.manual_seed(seed)
     Config, Model = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
     cfg = Config(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,

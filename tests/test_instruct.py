@@ -1,8 +1,12 @@
 """Instruction tuning on a tiny random model: conversations parse with audio where the tag stands,
-the loss covers assistant tokens only, a few steps lower it, and greedy answers through the soft
-prefix match the full forward."""
+answers are tokenised as prose, the loss covers assistant tokens only (a mean per turn, then per
+conversation), batches follow the task mix, a few steps lower the loss, greedy answers in a batch
+match each question asked alone, a Hugging Face backbone goes the same way, and tuning can start from
+an alignment run."""
 
+import collections
 import json
+import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,13 +17,13 @@ import pytest
 
 from conftest import tiny_lm
 from test_bench import fake_cache, fake_rows
-from omni.data.instructions import InstructionConfig, build_instructions
+from omni.data.instructions import TEXTURE_TASKS, InstructionConfig, answer_value, build_instructions
 from omni.data.manifest import write_manifest
-from omni.eval.texture import load_questions
+from omni.eval.texture import load_questions, shuffled_questions
 from omni.experiments.trained import load_run
 from omni.experiments.tuning import (
-    ASSISTANT, TuningConfig, answerer, assemble, build_model, conversation_batch, conversation_loss, encode,
-    read_conversations, tune,
+    TuningConfig, answerer, assemble, build_model, conversation_batch, conversation_loss, draw, encode, mix_pools, prompt,
+    question_conversation, read_conversations, tune,
 )
 
 TASKS = ("gender", "style", "same_speaker", "last_word")
@@ -54,9 +58,9 @@ def test_multi_turn_audio_in_place_and_assistant_only_loss(setup):
     model = build_model(cfg, cache, torch.device("cpu"))
     tok = model.tokenizer
     states = dict(zip([a, b], cache.load_states([0, 1])))
-    idx, embeds, targets = conversation_batch(model, [parsed], states)
+    idx, embeds, targets, _ = conversation_batch(model, [parsed], states)
     trained = targets[0][targets[0] >= 0].tolist()
-    assert trained == tok.encode("female") + [tok.bos_id] + tok.encode("no") + [tok.bos_id]
+    assert trained == tok.encode(" female") + [tok.eos_id] + tok.encode(" no") + [tok.eos_id]
 
     # the first clip's audio tokens sit right after "...User: Listen:" and before " and say the gender."
     seq, _ = encode(parsed, tok)
@@ -69,11 +73,14 @@ def test_multi_turn_audio_in_place_and_assistant_only_loss(setup):
     assert torch.allclose(embeds[0, p : p + n], tokens[0, :n])
     assert tok.decode(idx[0, p + n : p + n + 21].tolist()) == " and say the gender.\n"
 
-    # the loss is the cross-entropy over exactly those positions
+    # the loss is the cross-entropy over exactly those positions, a mean per turn, then over the turns
     loss, count = conversation_loss(model, [parsed], states)
     logits = model.gpt(idx, embeds=embeds)
-    mask = targets >= 0
-    assert count == len(trained) and torch.allclose(loss, F.cross_entropy(logits[mask], targets[mask]))
+    pos = (targets[0] >= 0).nonzero()[:, 0].tolist()
+    n1 = len(tok.encode(" female")) + 1
+    turns = [pos[:n1], pos[n1:]]
+    want = sum(F.cross_entropy(logits[0, p], targets[0, p]) for p in turns) / 2
+    assert count == len(trained) and torch.allclose(loss, want)
     # and the audio reaches it: another clip in the first tag changes the loss
     other = {**states, a: cache.load_states([5])[0]}
     assert abs(conversation_loss(model, [parsed], other)[0].item() - loss.item()) > 1e-6
@@ -98,8 +105,9 @@ def test_few_steps_lower_the_loss_save_and_bench(setup, capsys):
     printed = capsys.readouterr().out
     assert "texture" in printed and "linear probe" in printed
     scores = json.loads((root / "bench" / "scores.json").read_text())["scores"]
-    assert set(scores) == {"model", "transcript only (reference)", "shuffled audio", "linear probe"}
-    assert scores["model"]["gender"]["n"] == min(3, sum(q["task"] == "gender" for q in qs)) == scores["linear probe"]["gender"]["n"]
+    assert set(scores) == {"model", "train majority", "transcript only (reference)", "shuffled audio", "linear probe"}
+    asked = load_questions(root / "instr" / "test.jsonl", check_audio=False, max_per_task=3)
+    assert scores["model"]["gender"]["n"] == sum(q["task"] == "gender" for q in asked) == scores["linear probe"]["gender"]["n"]
     assert "transcribe" not in scores["linear probe"] and (root / "bench" / "bench.png").stat().st_size > 1000
     assert main(["bench", "--run", str(root)]) == 2  # not a run folder: one line, exit 2 (and `bench`, the old name, still works)
     assert "`bench` is now `texture`" in capsys.readouterr().err
@@ -110,30 +118,16 @@ def test_few_steps_lower_the_loss_save_and_bench(setup, capsys):
 
 
 
-def test_greedy_answers_through_the_soft_prefix_match_the_full_forward(setup):
-    """answerer() feeds the prompt as GPT's left-padded soft prefix (questions of different lengths in
-    one batch); 3 greedy tokens must equal a token-by-token greedy decode with the full forward."""
+def test_greedy_answers_in_a_batch_match_each_question_alone(setup):
+    """answerer() right-pads questions of different lengths in one batch and decodes them together;
+    each answer must be what the question gets when it is asked alone."""
     root, rows, cache, cfg = setup
     model = build_model(cfg, cache, torch.device("cpu"))  # random: its answers differ per question
-    tok = model.tokenizer
     qs = load_questions(root / "instr" / "test.jsonl", check_audio=False)[:6]
-    got = answerer(model, cache, max_new_tokens=3)(qs)
-    row_of = {r["audio"]: i for i, r in enumerate(rows)}  # cache row = corpus row (fake_cache keeps the order)
-    want = []
-    for q in qs:
-        clips = [Path(x) for x in q["audios"]]
-        states = dict(zip(clips, cache.load_states([row_of[x] for x in q["audios"]])))
-        seq = encode([("user", clips + [q["question"]])], tok)[0] + tok.encode(ASSISTANT)
-        new = []
-        for _ in range(3):
-            idx, embeds, _, _ = assemble(model, [seq + new], states)
-            with torch.no_grad():
-                new.append(model.gpt(idx, embeds=embeds)[0, -1].argmax().item())
-            if new[-1] == tok.bos_id:
-                break
-        want.append(tok.decode([t for t in new if t != tok.bos_id]).strip())
-    assert got == want
-    assert len(set(want)) > 1  # not one answer for every question: the check compares something
+    ask = answerer(model, cache, max_new_tokens=10)
+    got = ask(qs)
+    assert got == [ask([q])[0] for q in qs]
+    assert len(set(got)) > 1  # not one answer for every question: the check compares something
 
 
 def test_projector_only_keeps_the_lm_and_bad_input(setup):
@@ -212,3 +206,224 @@ def test_config_refuses_bad_values_naming_the_parameter(field, value, message):
 
     with pytest.raises((ParamError, ValueError), match=message):
         TuningConfig(**{field: value})
+
+
+# --- issue 20: format, loss, mix, backbones, layout, watching, the start and the budget -----------
+
+
+PROSE = ["The voice was higher than usual, and then lower again.", "She spoke faster, then slower, then fast and slow.",
+         "A high voice and a low voice: the female voice and the male voice.", "Is it higher or lower? It is higher.",
+         "He ran fast; she walked slow; the high notes and the low notes."] * 20
+
+
+def test_answers_are_tokenised_as_prose():
+    """Unnatural tokenisation: the prompt ends with "Assistant:" (no lone space token) and the answer is
+    " " + answer, so a BPE trained on prose reads it as the whole word it learned ("higher" with its
+    space, not h|ig|her) and the first tokens of high/higher and low/lower differ."""
+    from omni.model.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train(PROSE, vocab_size=320)
+
+    def answer_ids(word: str) -> tuple[list[int | Path], list[int], int]:
+        items, turn = encode([("user", [Path("/a.wav"), "Is the voice higher or lower than usual?"]), ("assistant", [word])], tok)
+        return items, [t for t, k in zip(items, turn) if k == 0], turn.index(0)
+
+    items, trained, start = answer_ids("higher")
+    assert trained == tok.encode(" higher") + [tok.eos_id] and len(trained) == 2  # one whole-word token, then EOS
+    assert tok.decode(items[items.index(Path("/a.wav")) + 1 : start]) == " Is the voice higher or lower than usual?\nAssistant:"
+    for a, b in (("higher", "high"), ("lower", "low")):  # whole words of this prose; without the space: hi|g|her and hi|g|h, low|er and low
+        assert answer_ids(a)[1][0] != answer_ids(b)[1][0], (a, b)
+
+
+def test_loss_weighs_each_turn_then_each_conversation_equally(setup):
+    """Loss weighting: a 12-word transcript and a one-word answer weigh the same in a batch (the mean of
+    per-conversation means), not by their token counts."""
+    root, rows, cache, cfg = setup
+    model = build_model(cfg, cache, torch.device("cpu"))
+    a, b = Path(rows[0]["audio"]).resolve(), Path(rows[1]["audio"]).resolve()
+    states = dict(zip([a, b], cache.load_states([0, 1])))
+    convs = [[("user", [a, "Transcribe the audio."]), ("assistant", ["the cat sat on a mat while dogs ran far away from home"])],
+             [("user", [b, "Is the voice male or female?"]), ("assistant", ["female"])]]
+    loss, n = conversation_loss(model, convs, states)
+    idx, embeds, targets, _ = conversation_batch(model, convs, states)
+    with torch.no_grad():
+        logits = model.gpt(idx, embeds=embeds)
+    per = [F.cross_entropy(logits[i][targets[i] >= 0], targets[i][targets[i] >= 0]) for i in range(2)]
+    assert torch.allclose(loss, (per[0] + per[1]) / 2)
+    token_mean = F.cross_entropy(logits[targets >= 0], targets[targets >= 0])
+    assert not torch.allclose(loss, token_mean, atol=1e-3) and n == int((targets >= 0).sum())
+
+
+def test_batches_follow_the_task_mix_and_balance_answers():
+    """Format collapse and the training prior: batches draw texture_share of their rows from the texture
+    tasks, each task equally often, and within a task each answer equally often (the rows as written
+    are 3:2 male and mostly yes/no or letters elsewhere); what tune draws."""
+    rows = fake_rows({"train": 240})
+    labels = build_instructions(rows, InstructionConfig(seed=0))["train"]
+    written = collections.Counter(answer_value(r) for r in labels if r["task"] == "gender")
+    assert written["male"] > 1.3 * written["female"]
+    drawn = [labels[i] for i in draw(mix_pools(labels), 8000, 0.85, random.Random(0))]
+    texture = [r for r in drawn if r["task"] in TEXTURE_TASKS]
+    assert abs(len(texture) / len(drawn) - 0.85) < 0.02
+    per_task = collections.Counter(r["task"] for r in texture)
+    assert set(per_task) == set(TEXTURE_TASKS) and max(per_task.values()) < 1.2 * min(per_task.values())
+    for task in TEXTURE_TASKS:
+        answers = collections.Counter(answer_value(r) for r in texture if r["task"] == task)
+        assert len(answers) >= 2 and max(answers.values()) < 1.3 * min(answers.values()), (task, answers)
+    other = collections.Counter(r["task"] for r in drawn if r["task"] not in TEXTURE_TASKS)
+    assert set(other) == {"transcribe", "last_word", "mention", "multi_turn"}
+    plain = collections.Counter(answer_value(labels[i]) for i in draw(mix_pools(labels, balance_answers=False), 4000, 1.0, random.Random(0))
+                                if labels[i]["task"] == "gender")
+    assert plain["male"] > 1.2 * plain["female"]  # without balancing the written prior comes back
+
+
+def test_a_hugging_face_backbone_trains_and_answers_through_the_same_path(setup, tmp_path):
+    """Hugging Face backbones: HFLM.forward takes embeds=, so a tiny HF model (its BOS != EOS) tunes with
+    LoRA and answers through the same code; answers end at the tokenizer's EOS, not at BOS."""
+    from conftest import tiny_hf_lm
+
+    root, rows, cache, cfg = setup
+    hf = replace(cfg, lm=str(tiny_hf_lm(tmp_path / "hf", bos=True)), steps=3, lora_rank=4, out=str(tmp_path / "run"))
+    res = tune(hf, cache=cache)
+    model, tok = res.model, res.model.tokenizer
+    assert tok.eos_id != tok.bos_id and res.val_loss == res.val_loss
+    convs = read_conversations(root / "instr" / "train.jsonl")[:2]
+    clips = [s for c in convs for _, segs in c for s in segs if isinstance(s, Path)]
+    row_of = {Path(r["audio"]).resolve(): i for i, r in enumerate(rows)}
+    states = dict(zip(clips, cache.load_states([row_of[c] for c in clips])))
+    idx, embeds, targets, _ = conversation_batch(model, convs, states)
+    for b in range(2):
+        assert targets[b][targets[b] >= 0][-1].item() == tok.eos_id
+    with torch.no_grad():  # embeds= is the same forward as idx= where the embeddings are the token's own
+        ids = idx.clamp(min=0)
+        torch.testing.assert_close(model.gpt(ids, embeds=model.gpt.embed(ids)), model.gpt(ids))
+    stops = []
+    generate = model.gpt.generate
+    model.gpt.generate = lambda *a, **kw: stops.append(kw["stop_token"]) or generate(*a, **kw)
+    qs = load_questions(root / "instr" / "test.jsonl", check_audio=False)[:4]
+    got = answerer(model, cache, max_new_tokens=4)(qs)
+    assert len(got) == 4 and all(isinstance(a, str) for a in got) and set(stops) == {tok.eos_id}
+    loaded, _ = load_run(tmp_path / "run")
+    assert answerer(loaded, cache, max_new_tokens=4)(qs) == got
+
+
+def test_cached_answers_equal_the_training_forward_on_a_nanochat_style_lm(setup, tmp_path):
+    """Answers go through the LM's KV cache with the question as a left-padded prefix; the prefix carries
+    its token ids (audio_idx), so a GPT with value embeddings computes exactly what training's forward
+    does (greedy, token by token); without them it would read the question differently."""
+    from omni.model.gpt import GPT, GPTConfig
+
+    root, rows, cache, cfg = setup
+    torch.manual_seed(1)
+    gpt = GPT(GPTConfig(sequence_len=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, value_embeds=True, ve_gate_channels=8,
+                        lambdas=True, smear=True, smear_channels=8, smear_keys=True))
+    with torch.no_grad():
+        for name, p in gpt.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.3)
+    gpt.save(tmp_path / "nano")
+    model = build_model(replace(cfg, lm=str(tmp_path / "nano")), cache, torch.device("cpu"))
+    qs = load_questions(root / "instr" / "test.jsonl", check_audio=False)[:6]
+    got = answerer(model, cache, max_new_tokens=4)(qs)
+    row_of = {Path(r["audio"]).resolve(): i for i, r in enumerate(rows)}
+    want = []
+    for q in qs:
+        conv = question_conversation(q)
+        clips = [s for s in conv[0][1] if isinstance(s, Path)]
+        states = dict(zip(clips, cache.load_states([row_of[c] for c in clips])))
+        seq, new = prompt(conv, model.tokenizer), []
+        for _ in range(4):
+            idx, embeds, _, _ = assemble(model, [seq + new], states)
+            with torch.no_grad():
+                new.append(model.gpt(idx, embeds=embeds)[0, -1].argmax().item())
+            if new[-1] == model.tokenizer.eos_id:
+                new.pop()
+                break
+        want.append(model.tokenizer.decode(new).strip())
+    assert got == want and len(set(got)) > 1
+    generate = model.gpt.generate
+    model.gpt.generate = lambda *a, audio_idx=None, **kw: generate(*a, **kw)  # the prefix's text as soft tokens only
+    assert answerer(model, cache, max_new_tokens=4)(qs) != want
+
+
+def test_a_question_written_audio_last_is_asked_audio_last(setup):
+    """Layout drift: load_questions keeps the user turn's order ("segments"), the answerer asks it so,
+    and shuffled audio swaps the clip in place."""
+    root, rows, cache, cfg = setup
+    qs = load_questions(root / "instr" / "test.jsonl", check_audio=False)
+    last = [q for q in qs if isinstance(q["segments"][0], str)]
+    first = [q for q in qs if isinstance(q["segments"][0], int)]
+    assert last and first
+    raw = {json.loads(line)["conversations"][0]["value"] for line in (root / "instr" / "test.jsonl").read_text().splitlines()}
+    tok = build_model(cfg, cache, torch.device("cpu")).tokenizer
+    for q in last[:3]:
+        assert any(v.startswith(q["segments"][0]) and v.endswith("</audio>") for v in raw)
+        conv = question_conversation(q)
+        assert [type(s) for s in conv[0][1]] == [str] + [type(Path())] * len(q["audios"])
+        seq = prompt(conv, tok)  # the clips come after the question's words, right before "\nAssistant:"
+        p = next(i for i, t in enumerate(seq) if isinstance(t, Path))
+        assert p > 5 and tok.decode([t for t in seq[p:] if isinstance(t, int)]) == "\nAssistant:"
+        moved = question_conversation(shuffled_questions([q] + first[:5], seed=0)[0])
+        assert isinstance(moved[0][1][0], str) and moved[0][1][-1] != conv[0][1][-1]
+
+
+def test_tuning_watches_held_out_voices_at_every_evaluation(setup):
+    """Validation: every evaluation logs the val loss (per conversation), the val loss of the texture
+    questions alone and what the watcher measures: per task, accuracy with the right and with shuffled
+    audio on held-out voices."""
+    from omni.experiments.instruct import watcher
+
+    root, rows, cache, cfg = setup
+
+    class Recorder:
+        def __init__(self):
+            self.logged = []
+
+        def log_metrics(self, m, step=None):
+            self.logged.append((step, dict(m)))
+
+        def flush(self):
+            pass
+
+    qs = [q for q in load_questions(root / "instr" / "test.jsonl", check_audio=False) if q["task"] in ("gender", "style")][:8]
+    rec = Recorder()
+    res = tune(replace(cfg, steps=4, eval_every=2), cache=cache, tracker=rec, watch=watcher(cache, qs, seed=0))
+    assert [e["step"] for e in res.history.evals] == [1, 3]
+    keys = {"val_loss", "val_texture_loss", "watch_texture", "watch_shuffled_texture", "watch_gender", "watch_shuffled_gender"}
+    assert all(keys <= set(e) for e in res.history.evals)
+    assert [s for s, m in rec.logged if "watch_gender" in m] == [1, 3]
+
+
+def test_tuning_starts_from_an_alignment_run(tiny_alignment, tmp_path, capsys):
+    """The projector's starting point: `run` names an alignment run; its audio path (weights, layer
+    choice, k, projector kind) is where tuning starts, whatever the config's own shape says."""
+    from safetensors.torch import load_file
+
+    from omni.data.instructions import write_instructions
+
+    write_instructions(InstructionConfig(corpus=str(tiny_alignment.corpus), out=str(tmp_path / "instr"), tasks=("gender",), chains=0))
+    cfg = TuningConfig(instructions=str(tmp_path / "instr"), lm=str(tiny_alignment.lm), run=str(tiny_alignment.run),
+                       layer="last", k=2, device="cpu")
+    model = build_model(cfg, tiny_alignment.cache, torch.device("cpu"))
+    aligned = tiny_alignment.result.model.config
+    assert (model.config.layer, model.config.k, model.config.projector) == (aligned.layer, aligned.k, aligned.projector)
+    assert "the audio path starts from it" in capsys.readouterr().out
+    saved = load_file(tiny_alignment.run / "model" / "audio_path.safetensors")
+    now = {f"projector.{k}": v for k, v in model.projector.state_dict().items()} | {f"select.{k}": v for k, v in model.select.state_dict().items()}
+    assert set(saved) == set(now) and all(torch.equal(saved[k], now[k]) for k in saved)
+
+
+def test_defaults_are_a_budget_that_can_listen(tmp_path, monkeypatch):
+    """Budget: the default run draws about 500 conversations per texture task (150 x 8 with every task
+    alike drew about 100), evaluates while it trains, benchmarks 150 questions per task and watches
+    held-out clips; the LM is the committed models/lm, and a missing one is an error saying how to make one."""
+    from omni.experiments.instruct import InstructConfig
+    from omni.experiments.tuning import require_lm
+
+    cfg = InstructConfig()
+    per_task = cfg.steps * cfg.batch_size * cfg.texture_share / len(TEXTURE_TASKS)
+    assert per_task >= 500 and cfg.eval_every and cfg.steps // cfg.eval_every >= 4
+    assert cfg.bench_per_task >= 150 and cfg.watch_clips > 0 and cfg.balance_answers and cfg.lm == "models/lm"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"parameter `lm` = 'models/lm': no LM there.*pretrain_lm.yaml"):
+        require_lm("models/lm")

@@ -186,6 +186,14 @@ def label_answer(task: str, value: str) -> str | None:
     raise KeyError(f"task {task!r} is not answered by one clip label")
 
 
+def answer_value(row: dict) -> str:
+    """The answer in words: a multiple-choice row's option text behind its letter, else the answer.
+    What balancing and stratifying by answer count (the letter's position is already shuffled)."""
+    if row.get("format") == "mc":
+        return row["options"][LETTERS.index(row["answer"])]
+    return row["answer"]
+
+
 def _tag(r: dict) -> str:
     return f"<audio>{r['audio']}</audio>"
 

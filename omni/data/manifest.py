@@ -49,6 +49,7 @@ class Turn:
     role: str  # as written in the file ("user", "human", "assistant", "gpt", "system")
     text: str  # the value with <audio> tags removed, whitespace normalised
     audio: tuple[Path, ...] = ()  # resolved paths of the clips tagged in this turn
+    segments: tuple[str | Path, ...] = ()  # text and clips (resolved paths) in the order written: where each clip stands
 
 
 @dataclass
@@ -185,7 +186,8 @@ def _parse_conversation(row: dict, base: Path) -> tuple[dict, list[str]]:
         text = " ".join(AUDIO_TAG.sub(" ", t["value"]).split())
         if "<audio>" in text or "</audio>" in text:
             errs.append(f"turn {i}: unbalanced <audio> tag")
-        turns.append(Turn(role=role, text=text, audio=tuple(_resolve(base, p) for p in paths if p)))
+        turns.append(Turn(role=role, text=text, audio=tuple(_resolve(base, p) for p in paths if p),
+                          segments=segments(t["value"], base)))
     if errs:
         return {}, errs
     audios = tuple(p for t in turns for p in t.audio)
@@ -203,6 +205,19 @@ def _parse_conversation(row: dict, base: Path) -> tuple[dict, list[str]]:
     prompt = (before[-1].text or None) if before else None
     labels = {k: v for k, v in row.items() if k != "conversations"}
     return dict(audios=audios, text=turns[-1].text, prompt=prompt, labels=labels, turns=turns), []
+
+
+def segments(value: str, base: Path) -> tuple[str | Path, ...]:
+    """A turn's value as text and clip paths in the order written ("Listen: <audio>a.wav</audio> and
+    say" -> ("Listen:", base/a.wav, "and say")): a question written audio-last stays audio-last."""
+    parts = AUDIO_TAG.split(value)  # text, path, text, path, ..., text
+    out: list[str | Path] = []
+    for i, part in enumerate(parts):
+        if i % 2:
+            out.append(_resolve(base, part.strip()))
+        elif part.split():
+            out.append(" ".join(part.split()))
+    return tuple(out)
 
 
 def read_manifest(

@@ -1,15 +1,22 @@
-"""The instruct experiment (issue 12, notebook 07): instruction tuning on texture, then the texture
-benchmark on two test sets.
+"""The instruct experiment (issues 12 and 20, notebook 07): instruction tuning on texture, then the
+texture benchmark on two test sets.
 
-`benchmark` asks an instruction-tuned model (omni.experiments.tuning) the benchmark's questions, beside the
-three baselines on the very same questions (omni.eval.texture: transcript-only, shuffled audio, the linear
-probe), and scores transcription through the chat format. `run` is notebook 07's one call: instruction
-data and the hard test set when missing, instruction tuning, both test sets benchmarked.
-`benchmark_run` is `omni texture`: the benchmark of a run trained earlier.
+`benchmark` asks an instruction-tuned model (omni.experiments.tuning) the benchmark's questions, beside
+the baselines on the very same questions (omni.eval.texture: train majority, transcript only, shuffled
+audio, the linear probe), and scores transcription through the chat format. `run` is notebook 07's
+one call: instruction data and the hard test set when missing, instruction tuning while watching
+held-out voices, both test sets benchmarked. `benchmark_run` is `omni texture`: the benchmark of a
+run trained earlier.
 
 Design choices:
+- Listening is watched while training: at every evaluation, `watch_clips` clips of the held-out
+  voices (split test) are asked all their texture questions with their own audio and with shuffled
+  audio; per-task balanced accuracy of both goes to MLflow (watch_<task>, watch_shuffled_<task>)
+  and the report. Those clips' questions are left out of the benchmark, and nothing is selected by
+  them (the model scored is the last step's).
+- The benchmark samples `bench_per_task` questions per task, stratified by answer (omni.eval.texture).
 - The hard set (split `test_hard`, omni.data.synth) lives in a corpus and feature cache of its own;
-  the probe still fits on the training corpus's cache and reads the hard clips from theirs.
+  the probes still fit on the training corpus's cache and read the hard clips from theirs.
 - Transcription through chat is scored with the alignment yardstick's normalisation and clear-speech
   split, so it compares with the alignment recipe's WER.
 """
@@ -17,20 +24,24 @@ Design choices:
 from __future__ import annotations
 
 import json
+import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 
 from omni.common import atomic_write
 from omni.data.features import FeatureCache, build_features
-from omni.data.instructions import InstructionConfig, load_corpus_rows, write_instructions
+from omni.data.instructions import TEXTURE_TASKS, InstructionConfig, load_corpus_rows, write_instructions
+from omni.data.manifest import read_manifest
 from omni.data.synth import HARD, SynthConfig, build_corpus
 from omni.eval import metrics, texture
 from omni.eval.yardstick import whisper_hyps
 from omni.experiments.trained import load_run, run_cache, run_meta
-from omni.experiments.tuning import TuningConfig, TuningResult, answerer, tune
+from omni.experiments.tuning import TuningConfig, TuningResult, Watch, answerer, require_lm, tune
 from omni.model.speech_lm import SpeechLM
 from omni.params import require, require_choice
 from omni.track import NullTracker, Tracker
@@ -45,13 +56,21 @@ class BenchmarkResult:
     n_questions: int
 
 
-def benchmark(model: SpeechLM, cache: FeatureCache, questions: list[dict], clips: FeatureCache | None = None,
-              transcripts: str = "reference", encoder: str = "tiny.en", seed: int = 0) -> BenchmarkResult:
-    """The model and the three baselines on `questions`; the linear probe fits on `cache`'s train split,
-    the questions' clips come from `clips` (default `cache`; another cache for a separate test corpus).
+def instruction_rows(path: str | Path) -> list[dict]:
+    """The label dicts (task, format, options, answer, ...) of an instruction manifest: what the
+    train-majority baseline counts."""
+    return [e.labels for e in read_manifest(path, check_audio=False)] if Path(path).is_file() else []
 
-    transcripts: "reference" (the corpus text: a perfect transcriber, the strictest text-only
-    baseline) or "whisper" (Whisper's own greedy transcripts; slow on CPU)."""
+
+def benchmark(model: SpeechLM, cache: FeatureCache, questions: list[dict], clips: FeatureCache | None = None,
+              transcripts: str = "reference", encoder: str = "tiny.en", seed: int = 0, train_rows: list[dict] | None = None) -> BenchmarkResult:
+    """The model and the baselines on `questions`; the probes fit on `cache`'s train split, the
+    questions' clips come from `clips` (default `cache`; another cache for a separate test corpus);
+    train_rows: the training instructions' rows, for the train-majority baseline (none: left out).
+
+    transcripts: what the transcript-only probe reads for the questions' clips: "reference" (the
+    corpus text: a perfect transcriber, the strictest text-only baseline) or "whisper" (Whisper's
+    own greedy transcripts; slow on CPU)."""
     require_choice("transcripts", transcripts, TRANSCRIPTS)
     clips = clips or cache
     row_of = {r["labels"].get("clip_id"): i for i, r in enumerate(clips.rows)}
@@ -63,15 +82,54 @@ def benchmark(model: SpeechLM, cache: FeatureCache, questions: list[dict], clips
         text = dict(zip(ids, whisper_hyps(clips, [row_of[c] for c in ids], encoder)))
     else:
         text = {c: clips.rows[row_of[c]]["text"] for c in ids}
+    corpus_rows = [dict(r["labels"], text=r["text"]) for r in cache.rows]
     ask = answerer(model, clips)
-    predictions = texture.ask(questions, ask)
-    results = {
-        texture.MODEL: texture.score(questions, predictions, seed=seed),
-        f"{texture.TEXT} ({transcripts})": texture.run_benchmark(texture.transcript_questions(questions, text), ask, seed=seed),
-        texture.SHUFFLED: texture.run_benchmark(texture.shuffled_questions(questions, seed), ask, seed=seed),
+    frames = {r["labels"].get("clip_id"): r["frames"] for r in clips.rows}
+    size = lambda q: sum(frames[c] for c in q["clip_ids"]) + len(q["question"]) / 2  # batches of like length: little padding
+    predictions = texture.ask(questions, ask, length=size)
+    results = {texture.MODEL: texture.score(questions, predictions, seed=seed)}
+    if train_rows:
+        results[texture.MAJORITY] = texture.run_benchmark(questions, texture.majority_answerer(train_rows), seed=seed)
+    heard = [q for q in questions if q["task"] in TEXTURE_TASKS]  # shuffled audio only where it is a control: texture
+    results |= {
+        f"{texture.TEXT} ({transcripts})": texture.run_benchmark(questions, texture.text_probe_answerer(corpus_rows, questions, text, seed), seed=seed),
+        texture.SHUFFLED: texture.run_benchmark(texture.shuffled_questions(heard, seed), ask, seed=seed, length=size),
         texture.PROBE: texture.run_benchmark(questions, texture.probe_answerer(cache, questions, seed=seed, clips=clips), seed=seed),
     }
     return BenchmarkResult(results, transcription_wer(questions, predictions, clips), len(questions))
+
+
+def watcher(cache: FeatureCache, questions: list[dict], seed: int = 0) -> Watch:
+    """What `run` watches at every evaluation: per texture task, the balanced accuracy on `questions`
+    (clips of held-out voices) with their own audio (watch_<task>) and with shuffled audio
+    (watch_shuffled_<task>), and the means over tasks (watch_texture, watch_shuffled_texture)."""
+    shuffled = texture.shuffled_questions(questions, seed)
+    frames = {r["labels"].get("clip_id"): r["frames"] for r in cache.rows}
+    size = lambda q: sum(frames[c] for c in q["clip_ids"])
+
+    def watch(model: SpeechLM, step: int) -> dict[str, float]:
+        ask = answerer(model, cache)
+        out = {}
+        for name, qs in (("watch", questions), ("watch_shuffled", shuffled)):
+            s = texture.score(qs, texture.ask(qs, ask, length=size), seed=seed, n_boot=1)  # no CI wanted here: one resample
+            tasks = [t for t in TEXTURE_TASKS if t in s]
+            out |= {f"{name}_{t}": s[t].balanced for t in tasks}
+            out[f"{name}_texture"] = float(np.mean([s[t].balanced for t in tasks])) if tasks else float("nan")
+        return out
+
+    return watch
+
+
+def watch_questions(path: str | Path, n_clips: int, seed: int = 0) -> tuple[list[dict], list[str]]:
+    """(the texture questions of `n_clips` seeded clips of a test manifest, those clip ids); never more
+    than a quarter of its clips, so the benchmark keeps most of them."""
+    with warnings.catch_warnings():  # the whole test set, of which a few clips are kept: its size is not the point here
+        warnings.simplefilter("ignore")
+        rows = texture.load_questions(path, check_audio=False) if n_clips else []
+    clips = sorted({q["clip_ids"][0] for q in rows if q["task"] in TEXTURE_TASKS})
+    chosen = sorted(random.Random(f"{seed}:watch").sample(clips, min(n_clips, len(clips) // 4)))
+    keep = set(chosen)
+    return [q for q in rows if q["task"] in TEXTURE_TASKS and keep.issuperset(q["clip_ids"][:1])], chosen
 
 
 def transcription_wer(questions: list[dict], predictions: list, cache: FeatureCache) -> dict[str, float]:
@@ -103,13 +161,13 @@ def save_benchmark(res: BenchmarkResult, out: str | Path, title: str = ""):
 
 def benchmark_run(run: str | Path, out: str | Path, questions: str | Path = "", transcripts: str = "reference",
                   device: str = "cpu", bench_per_task: int = 0, seed: int = 0, features: str | Path = "") -> dict:
-    """The benchmark on an instruction-tuned run: the model, and on the same questions the transcript-only
-    LM (the same model, no audio), shuffled audio and the linear-probe ceiling. Writes OUT/scores.json
-    and OUT/bench.png; returns {answerer: {task: TaskScore}}.
+    """The benchmark on an instruction-tuned run: the model, and on the same questions train majority,
+    transcript only (a probe on the transcript), shuffled audio and the linear-probe ceiling. Writes
+    OUT/scores.json and OUT/bench.png; returns {answerer: {task: TaskScore}}.
 
     features: the feature cache holding the questions' clips when it is not the run's own (a
-    separate test corpus such as test_hard); the probe still fits on the run's cache.
-    bench_per_task: questions per task (a seeded subsample); 0 = all.
+    separate test corpus such as test_hard); the probes still fit on the run's cache.
+    bench_per_task: questions per task (a seeded sample stratified by answer); 0 = all.
     """
     require_choice("transcripts", transcripts, TRANSCRIPTS)
     _, meta = run_meta(run, "--run")
@@ -120,7 +178,8 @@ def benchmark_run(run: str | Path, out: str | Path, questions: str | Path = "", 
     clips = FeatureCache.open(features) if features else cache
     qs = texture.load_questions(questions or Path(meta["instructions"]) / "test.jsonl", check_audio=False,
                                 max_per_task=bench_per_task or None, seed=seed)
-    res = benchmark(model, cache, qs, clips, transcripts, meta.get("encoder", "tiny.en"), seed)
+    res = benchmark(model, cache, qs, clips, transcripts, meta.get("encoder", "tiny.en"), seed,
+                    instruction_rows(Path(meta["instructions"]) / "train.jsonl"))
     fig = save_benchmark(res, out, title=f"texture benchmark: {len(qs)} questions, {Path(run).name}")
     plt.close(fig)
     return res.results
@@ -136,12 +195,13 @@ class InstructConfig(TuningConfig):
     hard_clips: int = 300  # clips of the hard corpus when it is built; 0 = no hard set
     hard_features: str = "cache/features"  # feature cache root for the hard corpus
     encoder: str = "tiny.en"  # Whisper source of the features (the hard corpus's are built with it)
-    bench_per_task: int = 40  # questions per task in each benchmark (a seeded subsample); 0 = all
-    transcripts: str = "reference"  # transcript-only baseline's text: reference (a perfect transcriber) | whisper
+    bench_per_task: int = 150  # questions per task in each benchmark (a seeded sample, stratified by answer); 0 = all
+    watch_clips: int = 24  # held-out clips (split test) whose texture questions are asked at every evaluation, with their own and shuffled audio; left out of the benchmark; 0 = none
+    transcripts: str = "reference"  # what the transcript-only probe reads: reference (a perfect transcriber) | whisper
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("hard_clips", "bench_per_task"):
+        for name in ("hard_clips", "bench_per_task", "watch_clips"):
             require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
         require_choice("transcripts", self.transcripts, TRANSCRIPTS)
 
@@ -199,22 +259,26 @@ def prepare_data(cfg: InstructConfig) -> FeatureCache:
 
 
 def run(cfg: InstructConfig, tracker: Tracker | NullTracker | None = None) -> InstructResult:
-    """Data (built when missing) -> tune -> the benchmark on the held-out test set and on the hard
-    set, with the three baselines; headline metrics (test_*, hard_*) logged to `tracker`."""
+    """Data (built when missing) -> tune, watching held-out voices -> the benchmark on the held-out test
+    set and on the hard set, with the baselines; headline metrics (test_*, hard_*) logged to `tracker`."""
     tracker = tracker or NullTracker()
+    require_lm(cfg.lm)  # before minutes of data: a missing LM is said now
     cache = prepare_data(cfg)
     hard = prepare_hard(cfg)
-    res = tune(replace(cfg, features=str(cache.path)), cache=cache, tracker=tracker)
-    per = cfg.bench_per_task or None
     folder = Path(cfg.instructions)
-    sets = {"test": (folder / "test.jsonl", cache)}
-    if hard is not None:
-        sets["test_hard"] = (folder / "test_hard.jsonl", hard)
-    benches, m = {}, {"val_loss": res.val_loss, "train_seconds": res.history.seconds}
-    for name, (path, clips) in sets.items():
+    watched, watched_clips = watch_questions(folder / "test.jsonl", cfg.watch_clips, cfg.seed)
+    watch = watcher(cache, watched, cfg.seed) if watched else None  # held-out voices, right and shuffled audio, every evaluation
+    res = tune(replace(cfg, features=str(cache.path)), cache=cache, tracker=tracker, watch=watch)
+    per = cfg.bench_per_task or None
+    train_rows = instruction_rows(folder / "train.jsonl")
+    sets = {"test": (folder / "test.jsonl", cache, watched_clips, None)}
+    if hard is not None:  # beside the held-out set: its texture, and transcription's WER
+        sets["test_hard"] = (folder / "test_hard.jsonl", hard, [], TEXTURE_TASKS + ("transcribe",))
+    benches, m = {}, {"val_loss": res.val_loss, "train_seconds": res.history.seconds, "watched_clips": float(len(watched_clips))}
+    for name, (path, clips, skip, tasks) in sets.items():
         t0 = time.perf_counter()
-        qs = texture.load_questions(path, check_audio=False, max_per_task=per, seed=cfg.seed)
-        b = benchmark(res.model, cache, qs, clips, cfg.transcripts, cfg.encoder, cfg.seed)
+        qs = texture.load_questions(path, check_audio=False, max_per_task=per, seed=cfg.seed, exclude_clips=skip, tasks=tasks)
+        b = benchmark(res.model, cache, qs, clips, cfg.transcripts, cfg.encoder, cfg.seed, train_rows)
         benches[name] = b
         prefix = "" if name == "test" else "hard_"
         m |= texture.headline(b.results, prefix) | {f"{prefix}bench_seconds": time.perf_counter() - t0, f"{prefix}n_questions": float(len(qs))}

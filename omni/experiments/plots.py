@@ -3,7 +3,7 @@
 people (a report is read, not computed with): integers as integers, a missing value as "–" with a
 footnote saying what it means, never "nan" or "202.000000". `trend` says in words where a curve went.
 
-Training curves (loss_curves, curve, bars_by); ablation grids from a comparison table
+Training curves (loss_curves, curve, copy_curves, listening_curves, bars_by); ablation grids from a comparison table
 (omni.eval.compare: probe_accuracy, grid_metrics, weight_histories, final_weights); embedding maps
 (omni.experiments.embedding_viz: embedding_map, embedding_labels, alignment_bars). Points, not bars, where a
 difference of a few percent matters: a bar drawn from zero hides it.
@@ -126,6 +126,26 @@ def copy_curves(evals: list[dict]):
     b.plot(steps, [e["random_copy"] for e in evals], marker="o", color="C2")
     b.set_ylim(0, 1.02), b.set_xlabel("step"), b.set_ylabel("share of repeated tokens predicted")
     b.set_title("random token spans, read again"), b.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def listening_curves(evals: list[dict], tasks: Sequence[str]):
+    """Listening while training (omni.experiments.instruct's watch): per texture task, balanced accuracy
+    on held-out voices with their own audio (solid) and with shuffled audio (dashed) against steps;
+    the mean over tasks in black. A model that listens pulls the solid line away from the dashed one."""
+    evals = [e for e in evals if "watch_texture" in e]
+    steps = [e["step"] + 1 for e in evals]
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    for i, t in enumerate(t for t in tasks if f"watch_{t}" in (evals[0] if evals else {})):
+        ax.plot(steps, [e[f"watch_{t}"] for e in evals], marker="o", ms=3, color=f"C{i}", label=t)
+        ax.plot(steps, [e[f"watch_shuffled_{t}"] for e in evals], ls="--", lw=1, color=f"C{i}")
+    ax.plot(steps, [e["watch_texture"] for e in evals], color="black", lw=2.5, label="mean")
+    ax.plot(steps, [e["watch_shuffled_texture"] for e in evals], color="black", lw=1.5, ls="--", label="mean, shuffled audio")
+    ax.set_ylim(0, 1.02), ax.set_xlabel("step"), ax.set_ylabel("balanced accuracy (held-out voices)")
+    ax.set_title("listening while training: own audio (solid) vs shuffled audio (dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 

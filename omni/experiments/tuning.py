@@ -2,17 +2,28 @@
 what the instruct experiment (omni.experiments.instruct) trains before it asks the benchmark.
 
 A conversation (omni.data.manifest's format, e.g. from omni.data.instructions) becomes one token
-sequence, the audio spliced in where its tag stands:
+sequence, the audio spliced in where its tag stands, laid out as prose would be:
 
-    [BOS] User: <audio tokens of clip 1> <audio tokens of clip 2> Same speaker?\\n Assistant: no[BOS] User: ...
+    [BOS]User:<audio tokens of clip 1><audio tokens of clip 2> Same speaker?\\nAssistant: no[EOS]User: ...
 
 Design choices:
-- The loss is on assistant turns only: each answer's tokens and the BOS that closes it (BOS doubles
-  as end-of-text, as in omni.model.speech_lm, so generation stops on it). User text, audio, the role
-  words and system text are context with target -1.
+- Answers are tokenised as the LM met words in pretraining: the role word ends with its colon
+  ("Assistant:") and the answer follows with its leading space (" female", " higher"), so a label is
+  one or two whole-word tokens whose first token names it, not a lone space then h|ig|her. User text
+  after a role word or a clip starts with its space likewise. The answer ends with the tokenizer's
+  EOS (omni's and nanochat's: the BOS token; Hugging Face: its eos), where generation stops.
+- The loss is on assistant turns only (each answer's tokens and the EOS that closes it) and is
+  averaged per turn, then per conversation, then over the batch: a one-word answer weighs as much
+  as a 25-word transcript, and a three-turn conversation as much as a one-turn question.
+- Batches follow a task mix (`texture_share`): that share of each batch is texture questions
+  (omni.data.instructions.TEXTURE_TASKS, equally per task), the rest the other tasks (transcription,
+  content checks, multi-turn chains), equally per task; within a task each answer is drawn equally
+  often (`balance_answers`), so a task's training prior is flat and only the audio separates its
+  answers (the held-out voices' label mix differs from training's: two of three held-out variants
+  are female, and two of three training voices male).
 - Audio sits where its tag stands, not only as a prefix: the sequence is assembled as embeddings
-  (text through the GPT's own `embed`, each clip through SpeechLM's `audio_tokens`) and run through
-  the GPT with `embeds=` (a small keyword of GPT.forward), so any turn may carry audio anywhere.
+  (text through the LM's own `embed`, each clip through SpeechLM's `audio_tokens`) and run with
+  `embeds=` (omni's GPT and Hugging Face LMs alike), so any turn may carry audio anywhere.
 - Sequences are right-padded with target -1: the attention is causal, so padding after a
   sequence cannot change it, and the fast is_causal path stays on.
 - Clips come from the Whisper feature cache (omni.data.features), looked up by absolute audio path:
@@ -22,60 +33,69 @@ Design choices:
   run draws the same batches. `trainable` is "projector+lora" (default: peft adapters on the LM's
   attention and MLP projections through omni.model.lm, exactly as omni.experiments.alignment; the base weights stay
   bit-identical and only the adapters are saved, beside the audio path), "projector" (frozen LM)
-  or "projector+lm" (the whole LM trains and is saved as a copy).
-- Answers for the benchmark (`answerer`) are greedy: the prompt up to "Assistant: " minus its last
-  token goes in as GPT's left-padded soft prefix, its last token as idx, so the one decoding loop
-  (GPT.stream) is used as it is.
+  or "projector+lm" (the whole LM trains and is saved as a copy). `run` starts the audio path (layer
+  choice + projector, with their shape) from a trained run, e.g. an alignment run on the same LM.
+- Answers for the benchmark (`answerer`) are greedy, with the LM's KV cache: the conversation so far
+  goes in as a left-padded prefix of embeddings (the LM's one decoding loop, `generate`), together
+  with the token ids of its text (`audio_idx`), so omni's GPT gives that text the value embeddings it
+  had in training; without them a nanochat-style LM would read its question differently than it
+  learned to.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from omni.data.features import FeatureCache
-from omni.data.manifest import ASSISTANT_ROLES, AUDIO_TAG, USER_ROLES, read_manifest
+from omni.data.instructions import TEXTURE_TASKS, answer_value
+from omni.data.manifest import ASSISTANT_ROLES, USER_ROLES, read_manifest
 from omni.experiments.trained import model_dir
 from omni.model.encoder import collate_states, require_layer
-from omni.model.lm import LoraSpec, load_lm, save_lora
+from omni.model.lm import LoraSpec, is_hub_id, load_lm, save_lora
 from omni.model.projector import Projector, ProjectorConfig
 from omni.model.speech_lm import TRAINABLE, SpeechLM, SpeechLMConfig, left_pad, lm_parameters
 from omni.params import require, require_choice, require_device
 from omni.track import NullTracker, Tracker
 from omni.train import DTYPES, History, TrainConfig, pick_device, train
 
-USER, ASSISTANT = "User: ", "Assistant: "
+USER, ASSISTANT = "User:", "Assistant:"  # role words; what follows each starts with its own space
 
 Segment = str | Path  # text, or the resolved path of a clip
 Conversation = list[tuple[str, list[Segment]]]  # (role, segments in order)
+Watch = Callable[[SpeechLM, int], dict[str, float]]  # metrics of the model at a step (held-out accuracy, ...)
 
 
 @dataclass
 class TuningConfig:
     instructions: str = "data/instructions"  # folder with train.jsonl and val.jsonl (omni data instructions)
     features: str = ""  # feature cache folder (FeatureCache) holding every clip the conversations name
-    lm: str = "runs/lm"  # pretrained LM folder (GPT.save + tokenizer.json, or bytes)
-    run: str = ""  # a trained run to start the audio path (layer choice + projector) from: folder, report folder or MLflow run id; "" = fresh
-    layer: str = "weighted"  # Whisper state(s) for the projector (as omni.model.speech_lm)
-    k: int = 4  # frames per audio token
-    projector: str = "stack"  # stack | conv | avg
+    lm: str = "models/lm"  # the LM: an omni LM folder (the committed copying LM by default), a nanochat checkpoint or a Hugging Face model
+    run: str = ""  # a trained run (e.g. alignment on the same LM) whose audio path (layer choice + projector, and their shape) tuning starts from: folder, report folder or MLflow run id; "" = fresh
+    layer: str = "weighted"  # Whisper state(s) for the projector (as omni.model.speech_lm); taken from `run` when given
+    k: int = 4  # frames per audio token; taken from `run` when given
+    projector: str = "stack"  # stack | conv | avg; taken from `run` when given
     trainable: str = "projector+lora"  # projector+lora (peft adapters) | projector (frozen LM) | projector+lm (whole LM)
     lora_rank: int = 16  # LoRA rank r (trainable=projector+lora)
     lora_alpha: float = 32.0  # LoRA scale alpha / r
     lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_targets: str = ""  # comma-separated module names; "" = attention + MLP projections of the backbone
-    steps: int = 150  # optimiser steps (about 2.5 s each on 2 shared CPU cores at batch 8)
-    batch_size: int = 8  # conversations per step
+    texture_share: float = 0.85  # share of each batch drawn from the texture tasks (equally per task); the rest from transcription, content and multi-turn rows
+    balance_answers: bool = True  # within a task, draw each answer equally often: a flat prior per task, so only the audio separates the answers
+    steps: int = 300  # optimiser steps; the budget is steps x batch_size conversations (a step of 16 with the 7M LM: ~3 s on 2 quiet CPU cores, 8-14 s on the shared box)
+    batch_size: int = 16  # conversations per step
     lr: float = 2e-3  # AdamW peak learning rate
-    warmup: int = 10  # linear warm-up steps
-    eval_every: int = 0  # steps between val-loss evaluations; 0 = only at the end
-    val_rows: int = 128  # val conversations in each val-loss evaluation (a seeded subsample: the full split costs minutes on CPU); 0 = all
+    warmup: int = 20  # linear warm-up steps
+    eval_every: int = 60  # steps between evaluations (val loss, and the held-out accuracy the experiment watches); 0 = only at the end
+    val_rows: int = 64  # val conversations in each val-loss evaluation (a seeded subsample: the full split costs minutes on CPU); 0 = all
     seed: int = 0  # batches, init
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs float32
@@ -93,6 +113,7 @@ class TuningConfig:
         require(self.lr > 0, "lr", self.lr, "> 0")
         require(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "> 0")
         require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
+        require(0 <= self.texture_share <= 1, "texture_share", self.texture_share, "in [0, 1]")
         require_choice("dtype", self.dtype, DTYPES)
         require_layer(self.layer, "")  # by name here; an index is checked against the cache when it is opened
         require_device(self.device)
@@ -105,58 +126,61 @@ class TuningConfig:
 @dataclass
 class TuningResult:
     config: TuningConfig
-    history: History
+    history: History  # history.evals: val losses and whatever `watch` measured, per evaluation
     model: SpeechLM
     val_loss: float
 
 
-def read_conversations(path: str | Path) -> list[Conversation]:
-    """Conversations of a manifest (validated by read_manifest, audio not opened: the cache has it),
-    each turn split into text and audio segments in the order they are written."""
+def read_examples(path: str | Path) -> tuple[list[Conversation], list[dict]]:
+    """(conversations, their rows' labels) of a manifest (validated by read_manifest, audio not opened:
+    the cache has it), each turn split into text and audio segments in the order they are written."""
     path = Path(path)
-    examples = read_manifest(path, check_audio=False).examples
-    lines = path.read_text(encoding="utf-8").splitlines()
-    out = []
-    for e in examples:
+    convs, labels = [], []
+    for e in read_manifest(path, check_audio=False).examples:
         if e.turns is None:
             raise ValueError(f"{path}:{e.line}: a flat row; instruction tuning needs conversation rows")
-        conv: Conversation = []
-        for t in json.loads(lines[e.line - 1])["conversations"]:
-            parts = AUDIO_TAG.split(t["value"])  # text, path, text, path, ..., text
-            segs: list[Segment] = []
-            for i, part in enumerate(parts):
-                if i % 2:
-                    p = Path(part.strip()).expanduser()
-                    segs.append(Path((p if p.is_absolute() else path.parent / p).resolve()))
-                elif part.strip():
-                    segs.append(" ".join(part.split()))
-            conv.append((t["from"].strip().lower(), segs))
-        out.append(conv)
-    return out
+        convs.append([(t.role, [s.resolve() if isinstance(s, Path) else s for s in t.segments]) for t in e.turns])
+        labels.append(e.labels)
+    return convs, labels
 
 
-def encode(conv: Conversation, tok) -> tuple[list[int | Path], list[bool]]:
-    """Token ids (a Path where a clip goes) and, per position, whether it is an assistant token to
-    predict (answer tokens and their closing BOS)."""
+def read_conversations(path: str | Path) -> list[Conversation]:
+    """The conversations of a manifest (read_examples without the labels)."""
+    return read_examples(path)[0]
+
+
+def encode(conv: Conversation, tok) -> tuple[list[int | Path], list[int]]:
+    """Token ids (a Path where a clip goes) and, per item, the index of the assistant turn it is a
+    trained token of (the answer's tokens and its closing EOS), -1 for context (user and system text,
+    audio, role words)."""
     items: list[int | Path] = [tok.bos_id]
-    train_mask = [False]
+    turn = [-1]
+    n_answers = 0
     for role, segs in conv:
         if role in ASSISTANT_ROLES:
-            head, body = tok.encode(ASSISTANT), tok.encode(" ".join(s for s in segs if isinstance(s, str))) + [tok.bos_id]
+            head = tok.encode(ASSISTANT)
+            body = tok.encode(" " + " ".join(s for s in segs if isinstance(s, str))) + [tok.eos_id]
             items += head + body
-            train_mask += [False] * len(head) + [True] * len(body)
+            turn += [-1] * len(head) + [n_answers] * len(body)
+            n_answers += 1
             continue
-        head = tok.encode(USER if role in USER_ROLES else "")
+        head = tok.encode(USER) if role in USER_ROLES else []
         items += head
-        train_mask += [False] * len(head)
-        for j, s in enumerate(segs):
-            ids = [s] if isinstance(s, Path) else tok.encode((" " if j else "") + s)
+        turn += [-1] * len(head)
+        for s in segs:
+            # text after a role word or a clip starts with its space, as in prose; a system text opens the line
+            ids = [s] if isinstance(s, Path) else tok.encode(s if not head and len(items) == 1 else " " + s)
             items += ids
-            train_mask += [False] * len(ids)
+            turn += [-1] * len(ids)
         nl = tok.encode("\n")
         items += nl
-        train_mask += [False] * len(nl)
-    return items, train_mask
+        turn += [-1] * len(nl)
+    return items, turn
+
+
+def prompt(conv: Conversation, tok) -> list[int | Path]:
+    """The sequence a model answers from: the conversation so far, then the assistant's role word."""
+    return encode(conv, tok)[0] + tok.encode(ASSISTANT)
 
 
 def assemble(model: SpeechLM, seqs: Sequence[list[int | Path]], states: dict[Path, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[Path, int]]:
@@ -194,35 +218,88 @@ def assemble(model: SpeechLM, seqs: Sequence[list[int | Path]], states: dict[Pat
     return idx, embeds, torch.tensor([len(r) for r in rows], device=device), n_tok
 
 
-def expand_mask(seq: list[int | Path], mask: list[bool], n_tok: dict[Path, int]) -> list[bool]:
-    """A per-item mask stretched over each clip's audio tokens (audio is never a target)."""
-    out: list[bool] = []
-    for s, m in zip(seq, mask):
-        out += [False] * n_tok[s] if isinstance(s, Path) else [m]
+def expand(seq: list[int | Path], per_item: list, n_tok: dict[Path, int], fill) -> list:
+    """A per-item list stretched over each clip's audio tokens (`fill` there: audio is never a target)."""
+    out: list = []
+    for s, m in zip(seq, per_item):
+        out += [fill] * n_tok[s] if isinstance(s, Path) else [m]
     return out
 
 
-def conversation_batch(model: SpeechLM, convs: Sequence[Conversation], states: dict[Path, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(idx, embeds, targets) of a batch: targets[b, p] is the token at p + 1 where that token is an
-    assistant token to predict, else -1 (user text, audio, role words, padding)."""
+def conversation_batch(model: SpeechLM, convs: Sequence[Conversation], states: dict[Path, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(idx, embeds, targets, weights) of a batch: targets[b, p] is the token at p + 1 where that token
+    is an assistant token to predict, else -1 (user text, audio, role words, padding); weights[b, p]
+    is 1 / (tokens of its turn x assistant turns of its conversation), so each conversation's
+    weights sum to 1 (the per-turn, then per-conversation mean)."""
     encoded = [encode(c, model.tokenizer) for c in convs]
     idx, embeds, _, n_tok = assemble(model, [s for s, _ in encoded], states)
     targets = torch.full_like(idx, -1)
-    for b, (seq, mask) in enumerate(encoded):
-        m = expand_mask(seq, mask, n_tok)
-        train_pos = torch.tensor(m[1:], device=idx.device)
-        targets[b, : len(m) - 1] = torch.where(train_pos, idx[b, 1 : len(m)], -1)
-    return idx, embeds, targets
+    weights = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)
+    for b, (seq, turn) in enumerate(encoded):
+        t = expand(seq, turn, n_tok, -1)[1:]  # the turn of the token each position predicts
+        size = collections.Counter(x for x in t if x >= 0)
+        w = [1.0 / (size[x] * len(size)) if x >= 0 else 0.0 for x in t]
+        targets[b, : len(t)] = torch.where(torch.tensor(t, device=idx.device) >= 0, idx[b, 1 : len(t) + 1], -1)
+        weights[b, : len(t)] = torch.tensor(w, device=idx.device)
+    return idx, embeds, targets, weights
+
+
+def conversation_losses(model: SpeechLM, convs: Sequence[Conversation], states: dict[Path, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Each conversation's loss (B,): cross-entropy over its assistant tokens, averaged per turn, then
+    over its turns; and the count of assistant tokens."""
+    idx, embeds, targets, weights = conversation_batch(model, convs, states)
+    logits = model.gpt(idx, embeds=embeds)
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().clamp(min=0), reduction="none").view_as(targets)
+    return (ce * weights).sum(dim=1), int((targets >= 0).sum())
 
 
 def conversation_loss(model: SpeechLM, convs: Sequence[Conversation], states: dict[Path, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the assistant tokens of a batch of conversations, and their count."""
-    idx, embeds, targets = conversation_batch(model, convs, states)
-    return model.gpt(idx, targets=targets, embeds=embeds), int((targets >= 0).sum())
+    """The batch's loss (the mean of conversation_losses) and its count of assistant tokens."""
+    losses, n = conversation_losses(model, convs, states)
+    return losses.mean(), n
 
 
-def _states_for(cache: FeatureCache, convs: Sequence[Conversation], where: str) -> dict[Path, torch.Tensor]:
-    by_audio = {Path(r["audio"]).resolve(): i for i, r in enumerate(cache.rows)}
+# --- the task mix --------------------------------------------------------------------------------
+
+
+def mix_pools(labels: Sequence[dict], balance_answers: bool = True) -> dict[str, dict[str, dict[str, list[int]]]]:
+    """{"texture" | "other": {task: {answer: [row indices]}}}: what `draw` samples from. Answers are
+    in words (a multiple-choice row's option text); rows of open tasks and multi-turn chains, and every
+    row without balance_answers, share the answer key ""."""
+    pools: dict[str, dict[str, dict[str, list[int]]]] = {"texture": {}, "other": {}}
+    for i, r in enumerate(labels):
+        task = r.get("task", "")
+        key = answer_value(r) if balance_answers and r.get("options") and task != "multi_turn" else ""
+        group = "texture" if task in TEXTURE_TASKS else "other"
+        pools[group].setdefault(task, {}).setdefault(key, []).append(i)
+    return pools
+
+
+def draw(pools: dict, n: int, texture_share: float, rng: random.Random) -> list[int]:
+    """n row indices: each from the texture group with probability texture_share (else the other
+    group; an empty group gives way to the other), then a task, then an answer, then a row, each
+    uniformly."""
+    out = []
+    for _ in range(n):
+        group = "texture" if rng.random() < texture_share else "other"
+        if not pools[group]:
+            group = "other" if group == "texture" else "texture"
+        tasks = pools[group]
+        by_answer = tasks[rng.choice(sorted(tasks))]
+        out.append(rng.choice(by_answer[rng.choice(sorted(by_answer))]))
+    return out
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def clip_rows(cache: FeatureCache) -> dict[Path, int]:
+    """Resolved audio path -> the cache row holding its states."""
+    return {Path(r["audio"]).resolve(): i for i, r in enumerate(cache.rows)}
+
+
+def _states_for(cache: FeatureCache, convs: Sequence[Conversation], where: str, by_audio: dict[Path, int] | None = None) -> dict[Path, torch.Tensor]:
+    by_audio = by_audio if by_audio is not None else clip_rows(cache)
     clips = sorted({s for c in convs for _, segs in c for s in segs if isinstance(s, Path)})
     missing = [c for c in clips if c not in by_audio]
     if missing:
@@ -243,25 +320,63 @@ def check_lengths(model: SpeechLM, convs: Sequence[Conversation], states: dict[P
     return longest
 
 
+def require_lm(lm: str) -> None:
+    """A missing local LM folder is an error naming the parameter and how to make one (never a hub
+    download of a local name, nor a 20-minute pretraining the user did not ask for)."""
+    if Path(lm).exists() or is_hub_id(lm):
+        return
+    raise FileNotFoundError(f"parameter `lm` = {lm!r}: no LM there. Pass -p lm=FOLDER (an omni LM folder, a nanochat "
+                            f"checkpoint or a Hugging Face model), or pretrain one: omni run experiments/pretrain_lm.yaml -p out={lm}")
+
+
+def start_config(cfg: TuningConfig) -> tuple[SpeechLMConfig, Path | None]:
+    """The audio path's shape (layer choice, k, projector) and the run folder it starts from: the
+    config's own, or a trained run's (`run`), whose shape wins (said once when it differs)."""
+    shape = SpeechLMConfig(cfg.layer, cfg.k, cfg.projector)
+    if not cfg.run:
+        return shape, None
+    path = model_dir(cfg.run, "run")
+    meta = json.loads((path / "audio_path.json").read_text())
+    saved = meta["speech_lm"]
+    mine = SpeechLMConfig(saved["layer"], saved["k"], saved["projector"])
+    if (mine.layer, mine.k, mine.projector) != (shape.layer, shape.k, shape.projector):
+        print(f"run {cfg.run}: the audio path starts from it, so layer={mine.layer}, k={mine.k}, projector={mine.projector} "
+              f"(not {shape.layer}, {shape.k}, {shape.projector})")
+    if meta.get("lm") and Path(cfg.lm).exists() and Path(meta["lm"]).resolve() != Path(cfg.lm).resolve():
+        print(f"run {cfg.run}: trained against the LM {meta['lm']}, tuning uses {cfg.lm}: its projector maps into another embedding space")
+    return mine, path
+
+
 def build_model(cfg: TuningConfig, cache: FeatureCache, device: torch.device) -> SpeechLM:
+    require_lm(cfg.lm)
+    shape, start = start_config(cfg)
     gpt, tok = load_lm(cfg.lm, device)
     torch.manual_seed(cfg.seed)
-    model = SpeechLM(gpt, tok, cache.n_states, cache.d_model, SpeechLMConfig(cfg.layer, cfg.k, cfg.projector)).to(device)
-    if cfg.run:
-        model.load_audio_path(model_dir(cfg.run, "run"))
+    model = SpeechLM(gpt, tok, cache.n_states, cache.d_model, shape).to(device)
+    if start is not None:
+        meta = json.loads((start / "audio_path.json").read_text())
+        if (meta["n_states"], meta["d_whisper"]) != (cache.n_states, cache.d_model):
+            raise ValueError(f"run {cfg.run}: its audio path reads {meta['n_states']} x {meta['d_whisper']} Whisper states, "
+                             f"the feature cache {cache.path} holds {cache.n_states} x {cache.d_model}: another encoder")
+        try:
+            model.load_audio_path(start)
+        except RuntimeError as e:  # a projector of another width: another LM
+            raise ValueError(f"run {cfg.run}: its projector does not fit the LM {cfg.lm} ({str(e).splitlines()[-1].strip()})") from None
     return model
 
 
 def tune(cfg: TuningConfig, cache: FeatureCache | None = None, model: SpeechLM | None = None,
-         tracker: Tracker | NullTracker | None = None) -> TuningResult:
+         tracker: Tracker | NullTracker | None = None, watch: Watch | None = None) -> TuningResult:
     """Train on OUT/train.jsonl's conversations, report the loss on val.jsonl; save to cfg.out.
-    Per-step metrics (loss, lr, val_loss) go to `tracker`."""
+    Per-step metrics (loss, lr) go to `tracker`; at every evaluation val_loss (the per-conversation
+    mean), val_texture_loss (texture questions only) and whatever `watch(model, step)` returns."""
     require_choice("trainable", cfg.trainable, TRAINABLE)  # a config changed after construction, too
     folder = Path(cfg.instructions)
-    train_convs = read_conversations(folder / "train.jsonl")
-    val_convs = read_conversations(folder / "val.jsonl") if (folder / "val.jsonl").is_file() else []
+    train_convs, train_labels = read_examples(folder / "train.jsonl")
+    val_convs, val_labels = read_examples(folder / "val.jsonl") if (folder / "val.jsonl").is_file() else ([], [])
     if cfg.val_rows and len(val_convs) > cfg.val_rows:
-        val_convs = random.Random(f"{cfg.seed}:val").sample(val_convs, cfg.val_rows)
+        keep = sorted(random.Random(f"{cfg.seed}:val").sample(range(len(val_convs)), cfg.val_rows))
+        val_convs, val_labels = [val_convs[i] for i in keep], [val_labels[i] for i in keep]
     cache = cache or FeatureCache.open(cfg.features)
     train_states = _states_for(cache, train_convs, str(folder / "train.jsonl"))
     val_states = _states_for(cache, val_convs, str(folder / "val.jsonl")) if val_convs else {}
@@ -276,22 +391,34 @@ def tune(cfg: TuningConfig, cache: FeatureCache | None = None, model: SpeechLM |
     lm_params = {f"gpt.{n}": p for n, p in lm_parameters(model.gpt, cfg.trainable, cfg.lora()).items()}
     model.train()
     model.gpt.train(bool(lm_params))
+    pools = mix_pools(train_labels, cfg.balance_answers)
 
     def loss_fn(step: int):
         rng = random.Random(f"{cfg.seed}:batch:{step}")
-        batch = rng.sample(train_convs, min(cfg.batch_size, len(train_convs)))
-        return conversation_loss(model, batch, train_states)
+        return conversation_loss(model, [train_convs[i] for i in draw(pools, cfg.batch_size, cfg.texture_share, rng)], train_states)
 
     params = {f"select.{n}": p for n, p in model.select.named_parameters()}
     params |= {f"projector.{n}": p for n, p in model.projector.named_parameters()}
     params |= lm_params
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, dtype=cfg.dtype, progress=False, eval_every=cfg.eval_every,
                        ckpt_every=max(1, cfg.steps // 4) if cfg.out else 0, ckpt_dir=str(Path(cfg.out) / "resume") if cfg.out else "")
+    val_texture = [i for i, r in enumerate(val_labels) if r.get("task") in TEXTURE_TASKS]
 
-    def eval_fn(step: int) -> dict[str, float]:  # the val-loss curve; train() calls it at the end too
-        return {"val_loss": evaluate_loss(model, val_convs, val_states, cfg.batch_size)}
+    def eval_fn(step: int) -> dict[str, float]:  # train() calls it every eval_every steps and at the end
+        out: dict[str, float] = {}
+        if val_convs:
+            losses = evaluate_losses(model, val_convs, val_states, cfg.batch_size)
+            out["val_loss"] = float(losses.mean())
+            if val_texture:
+                out["val_texture_loss"] = float(losses[val_texture].mean())
+        if watch is not None:
+            was = model.training
+            out |= watch(model, step)
+            model.train(was)
+            model.gpt.train(was and bool(lm_params))
+        return out
 
-    hist = train(params, loss_fn, tcfg, tracker, eval_fn=eval_fn if val_convs else None)
+    hist = train(params, loss_fn, tcfg, tracker, eval_fn=eval_fn if (val_convs or watch) else None)
     val_loss = hist.evals[-1]["val_loss"] if val_convs else float("nan")
     if cfg.out:
         model.save_audio_path(cfg.out)
@@ -304,46 +431,91 @@ def tune(cfg: TuningConfig, cache: FeatureCache | None = None, model: SpeechLM |
                 shutil.copy(Path(cfg.lm) / "tokenizer.json", lm_dir / "tokenizer.json")
         if cfg.trainable == "projector+lora":  # adapters only, beside the audio path; the base LM stays cfg.lm
             save_lora(model.gpt, cfg.lora(), cfg.out)
-        meta |= {"lm": str(lm_dir.resolve()), "features": str(Path(cache.path).resolve()),
+        meta |= {"lm": str(lm_dir.resolve()) if lm_dir.exists() else str(lm_dir), "features": str(Path(cache.path).resolve()),
                  "instructions": str(folder.resolve()), "instruct": asdict(cfg), "val_loss": val_loss}
         (Path(cfg.out) / "audio_path.json").write_text(json.dumps(meta, indent=2))
     return TuningResult(cfg, hist, model, val_loss)
 
 
 @torch.no_grad()
-def evaluate_loss(model: SpeechLM, convs: Sequence[Conversation], states: dict[Path, torch.Tensor], batch_size: int) -> float:
-    """Token-weighted mean loss over the assistant tokens of `convs`."""
+def evaluate_losses(model: SpeechLM, convs: Sequence[Conversation], states: dict[Path, torch.Tensor], batch_size: int) -> torch.Tensor:
+    """Each conversation's loss (the per-turn, then per-conversation mean of training), in order."""
     was = model.training
     model.eval()
-    total, n = 0.0, 0
-    for i in range(0, len(convs), batch_size):
-        loss, k = conversation_loss(model, convs[i : i + batch_size], states)
-        total, n = total + loss.item() * k, n + k
+    out = [conversation_losses(model, convs[i : i + batch_size], states)[0].cpu() for i in range(0, len(convs), batch_size)]
     model.train(was)
-    return total / max(1, n)
+    return torch.cat(out)
 
 
-def answerer(model: SpeechLM, cache: FeatureCache, max_new_tokens: int = 24, transcribe_tokens: int = 80):
-    """A benchmark answerer (omni.eval.texture): greedy answers to question rows ("question", "audios").
-    A batch holding a transcription question gets `transcribe_tokens` (a sentence, not a label):
-    omni.eval.texture.ask batches one task at a time, so label batches stay short."""
+def evaluate_loss(model: SpeechLM, convs: Sequence[Conversation], states: dict[Path, torch.Tensor], batch_size: int) -> float:
+    """The mean conversation loss over `convs`."""
+    return float(evaluate_losses(model, convs, states, batch_size).mean())
+
+
+# --- answering -----------------------------------------------------------------------------------
+
+
+def question_conversation(q: dict) -> Conversation:
+    """A benchmark question row (omni.eval.texture.load_questions) as a one-turn conversation, its clips
+    where the question has them ("segments"; rows without: the clips first)."""
+    audios = [Path(a).resolve() for a in q["audios"]]
+    segs = q.get("segments")
+    if segs is None:
+        return [("user", [*audios, q["question"]])]
+    return [("user", [audios[s] if isinstance(s, int) else s for s in segs])]
+
+
+@torch.no_grad()
+def greedy(model: SpeechLM, seqs: Sequence[list[int | Path]], states: dict[Path, torch.Tensor], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of `seqs` until EOS (left out) or max_new_tokens, with the LM's KV cache:
+    each sequence but its last token goes in as a left-padded prefix of embeddings, carrying the token
+    ids of its text (`audio_idx`, so omni's GPT gives that text its value embeddings, as in training),
+    the last token as idx. The same numbers as training's right-padded forward (up to float rounding)."""
+    eos = model.tokenizer.eos_id
+    idx, embeds, lengths, _ = assemble(model, seqs, states)
+    B, L = idx.shape
+    budget = min(max_new_tokens, model.gpt.config.sequence_len - (L - 1))  # the LM's context bounds the answer
+    if budget < 1:
+        return [[] for _ in seqs]
+    n = lengths - 1  # the prefix: all but the last token
+    prefix, mask = left_pad(embeds[:, : L - 1], n)
+    pos = torch.arange(L - 1, device=idx.device)[None, :]
+    shift = (L - 1 - n)[:, None]
+    ids = idx[:, : L - 1].gather(1, (pos - shift).clamp(min=0))
+    prefix_ids = torch.where(mask, ids, torch.full_like(ids, -1))  # -1: audio and padding have no token
+    last = idx[torch.arange(B, device=idx.device), lengths - 1][:, None]
+    out = model.gpt.generate(last, audio=prefix, audio_mask=mask, audio_idx=prefix_ids, max_new_tokens=budget, stop_token=eos)
+    return [row[: row.index(eos)] if eos in row else row for row in out.tolist()]
+
+
+def answer_budget(q: dict, tok, max_new_tokens: int) -> int:
+    """Decoding steps for a closed question: its longest allowed answer (an option with its space, a
+    letter, "B) option") and EOS, capped by max_new_tokens; an open question gets max_new_tokens.
+    A longer answer could not be right, so decoding further only costs time."""
+    if not q.get("options"):
+        return max_new_tokens
+    longest = max(len(tok.encode(f" {chr(65 + len(q['options']) - 1)}) {o}")) for o in q["options"])
+    return min(max_new_tokens, longest + 1)
+
+
+def answerer(model: SpeechLM, cache: FeatureCache, max_new_tokens: int = 12, transcribe_tokens: int = 48):
+    """A benchmark answerer (omni.eval.texture): greedy answers to question rows ("question", "audios",
+    "segments"), each asked as it was written. A batch holding a transcription question gets
+    `transcribe_tokens` (a sentence of at most 25 words, not a label); a closed question as many
+    tokens as its longest allowed answer and EOS (answer_budget); omni.eval.texture.ask batches one task
+    at a time, so label batches stay short."""
     tok = model.tokenizer
+    by_audio = clip_rows(cache)
 
-    @torch.no_grad()
     def answer(qs: list[dict]) -> list[str]:
+        was = model.training
         model.eval()
-        convs = [[("user", [Path(a).resolve() for a in q["audios"]] + [q["question"]])] for q in qs]
-        states = _states_for(cache, convs, "the benchmark's questions")
-        seqs = [encode(c, tok)[0] + tok.encode(ASSISTANT) for c in convs]
-        idx, embeds, lengths, _ = assemble(model, seqs, states)
-        last = idx[torch.arange(len(seqs)), lengths - 1][:, None]
-        prefix, mask = left_pad(embeds, lengths - 1)  # everything but the last token, padded on the left
-        budget = transcribe_tokens if any(q.get("task") == "transcribe" for q in qs) else max_new_tokens
-        out = model.gpt.generate(last, audio=prefix, audio_mask=mask, max_new_tokens=budget, stop_token=tok.bos_id)
-        texts = []
-        for row in out.tolist():
-            row = row[: row.index(tok.bos_id)] if tok.bos_id in row else row
-            texts.append(tok.decode(row).strip())
-        return texts
+        convs = [question_conversation(q) for q in qs]
+        states = _states_for(cache, convs, "the benchmark's questions", by_audio)
+        # each question its own budget (the batch decodes to the largest), so an answer never depends on its batch
+        budgets = [transcribe_tokens if q.get("task") == "transcribe" else answer_budget(q, tok, max_new_tokens) for q in qs]
+        out = greedy(model, [prompt(c, tok) for c in convs], states, max(budgets))
+        model.train(was)
+        return [tok.decode(row[:n]).strip() for row, n in zip(out, budgets)]
 
     return answer

@@ -327,6 +327,7 @@ class GPT(nn.Module):
         audio_mask: Tensor | None = None,
         kv_cache: KVCache | None = None,
         embeds: Tensor | None = None,
+        audio_idx: Tensor | None = None,
     ) -> Tensor:
         """Logits (B, T, V) float32 for the text positions, or the mean text loss if targets are given.
 
@@ -335,6 +336,8 @@ class GPT(nn.Module):
         embeds (B, T, D): the inputs at idx's positions instead of embed(idx), for audio spliced into
         the middle of a text (omni.experiments.tuning); there idx is -1 where a position is not a token (no
         value embedding); logits and loss are computed at every position.
+        audio_idx (B, A): token ids at the prefix's positions where the prefix holds text (its value
+        embeddings, as the same text in idx would get), -1 where it holds soft tokens; None = all soft.
         With kv_cache, the call appends to the cache (an audio prefix only on the first call).
         """
         c = self.config
@@ -391,7 +394,7 @@ class GPT(nn.Module):
         x = self._smear(x, kv_cache)
 
         # value embeddings: token ids only at text positions (audio and spliced positions have none)
-        ve_idx = torch.cat([torch.full((B, A), -1, dtype=idx.dtype, device=idx.device), idx], dim=1) if A else idx
+        ve_idx = torch.cat([torch.full((B, A), -1, dtype=idx.dtype, device=idx.device) if audio_idx is None else audio_idx, idx], dim=1) if A else idx
         ve_real = (ve_idx >= 0).unsqueeze(-1)
         ve_idx = ve_idx.clamp(min=0)
         x0, kept = x, None
@@ -485,6 +488,7 @@ class GPT(nn.Module):
         stop_token: int | None = None,
         seed: int | None = None,
         use_cache: bool = True,
+        audio_idx: Tensor | None = None,
     ) -> Iterator[Tensor]:
         """Yields the next token of every sample, (B,) long, one decoding step at a time.
 
@@ -511,10 +515,10 @@ class GPT(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         cache = KVCache(B, A + T + max_new_tokens) if use_cache else None
         if use_cache:
-            logits = self.forward(idx, audio=audio, audio_mask=audio_mask, kv_cache=cache)[:, -1]
+            logits = self.forward(idx, audio=audio, audio_mask=audio_mask, kv_cache=cache, audio_idx=audio_idx)[:, -1]
         for step in range(max_new_tokens):
             if not use_cache:
-                logits = self.forward(torch.cat([idx, out], dim=1), audio=audio, audio_mask=audio_mask)[:, -1]
+                logits = self.forward(torch.cat([idx, out], dim=1), audio=audio, audio_mask=audio_mask, audio_idx=audio_idx)[:, -1]
             nxt, done = next_tokens(logits, done, stop_token, temperature, top_k, top_p, gen)
             yield nxt
             if bool(done.all()) or step == max_new_tokens - 1:

@@ -9,7 +9,10 @@ Design choices:
 - Generation is our own small loop over HF's KV cache (`past_key_values`), so every backbone shares
   one greedy/sampling rule (omni.model.sampling.next_tokens) and one `stream` signature.
 - The tokenizer is the model's own (`AutoTokenizer`), with its chat template; BOS is the model's
-  bos token, or its eos token where it has none (Qwen), and end of text is the eos token.
+  bos token, or its eos token where it has none (Qwen), and end of text is the eos token: answers
+  end there (eos_id), never at bos_id.
+- `forward(..., embeds=)` takes the inputs at the text positions as embeddings (audio spliced
+  mid-text by instruction tuning), as omni's GPT does.
 - k-bit loading (`load_in` "8bit" | "4bit") goes through bitsandbytes and needs CUDA: asked for
   without CUDA it is refused before anything is read.
 """
@@ -83,16 +86,23 @@ class HFLM(nn.Module):
     def _run(self, x: Tensor, mask: Tensor, pos: Tensor, past=None):
         return self.model(inputs_embeds=x, attention_mask=mask.long(), position_ids=pos, use_cache=past is not None, **{self._cache_kw: past})
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, audio: Tensor | None = None, audio_mask: Tensor | None = None) -> Tensor:
-        """Logits (B, T, V) float32 for the text positions, or the mean text loss if targets are given."""
-        x, mask, A = self._inputs(idx, audio, audio_mask)
+    def forward(self, idx: Tensor, targets: Tensor | None = None, audio: Tensor | None = None, audio_mask: Tensor | None = None,
+                embeds: Tensor | None = None, audio_idx: Tensor | None = None) -> Tensor:
+        """Logits (B, T, V) float32 for the text positions, or the mean text loss if targets are given.
+        embeds (B, T, n_embd): the inputs at idx's positions instead of embed(idx), for audio spliced into
+        the middle of a text (omni.experiments.tuning; idx is -1 there and not read), as omni's GPT.
+        audio_idx: omni's GPT reads the token ids of a prefix's text for its value embeddings; an HF
+        model has nothing keyed by token ids beyond its embeddings, so it is accepted and not needed."""
+        if embeds is not None and embeds.shape != (*idx.shape, self.config.n_embd):
+            raise ValueError(f"embeds must be (B, T, n_embd)={(*idx.shape, self.config.n_embd)}, got {tuple(embeds.shape)}")
+        x, mask, A = self._inputs(idx, audio, audio_mask, embeds)
         logits = self._run(x, mask, positions(mask)).logits[:, A:].float()
         if targets is None:
             return logits
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
-    def _inputs(self, idx: Tensor, audio: Tensor | None, audio_mask: Tensor | None) -> tuple[Tensor, Tensor, int]:
-        x = self.embed(idx)
+    def _inputs(self, idx: Tensor, audio: Tensor | None, audio_mask: Tensor | None, embeds: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+        x = self.embed(idx) if embeds is None else embeds.to(self.model.get_input_embeddings().weight.dtype)
         B, T = idx.shape
         text_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
         if audio is None:
@@ -109,7 +119,7 @@ class HFLM(nn.Module):
     @torch.no_grad()
     def generate(self, idx: Tensor, audio: Tensor | None = None, audio_mask: Tensor | None = None, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, stop_token: int | None = None,
-                 seed: int | None = None, use_cache: bool = True) -> Tensor:
+                 seed: int | None = None, use_cache: bool = True, audio_idx: Tensor | None = None) -> Tensor:
         """New tokens (B, n_new): all of `stream`'s steps, stacked."""
         steps = list(self.stream(idx, audio, audio_mask, max_new_tokens, temperature, top_k, top_p, stop_token, seed, use_cache))
         return torch.stack(steps, dim=1) if steps else torch.empty(idx.size(0), 0, dtype=torch.long, device=idx.device)
@@ -117,8 +127,9 @@ class HFLM(nn.Module):
     @torch.no_grad()
     def stream(self, idx: Tensor, audio: Tensor | None = None, audio_mask: Tensor | None = None, max_new_tokens: int = 64,
                temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, stop_token: int | None = None,
-               seed: int | None = None, use_cache: bool = True) -> Iterator[Tensor]:
-        """Yields the next token of every sample, (B,) long, one step at a time (as omni.model.gpt.GPT.stream)."""
+               seed: int | None = None, use_cache: bool = True, audio_idx: Tensor | None = None) -> Iterator[Tensor]:
+        """Yields the next token of every sample, (B,) long, one step at a time (as omni.model.gpt.GPT.stream;
+        audio_idx as in forward: not needed here)."""
         from transformers import DynamicCache
 
         if idx.size(1) == 0:

@@ -3,13 +3,16 @@
 Every backbone is an nn.Module with
     config.n_embd, config.vocab_size           width of the soft prefix; vocabulary
     embed(idx) -> (B, T, n_embd)               token embeddings exactly as the model sees them
-    forward(idx, targets=None, audio=None, audio_mask=None)
+    forward(idx, targets=None, audio=None, audio_mask=None, embeds=None)
                                                [audio (B, A, n_embd), left-padded: audio_mask True = real][idx];
-                                               logits of the text positions, or the text loss (targets -1 = ignore)
+                                               logits of the text positions, or the text loss (targets -1 = ignore);
+                                               embeds (B, T, n_embd): the inputs at idx's positions (audio spliced
+                                               mid-text, idx -1 there), instead of embed(idx)
     stream(idx, audio, audio_mask, max_new_tokens, temperature, top_k, top_p, stop_token, seed, use_cache)
                                                yields (B,) next tokens, KV cache unless use_cache=False
     generate(...same...) -> (B, n_new)         stream's steps stacked
-and comes with a tokenizer: vocab_size, bos_id (starts a text), eos_id (ends it), encode, decode.
+and comes with a tokenizer: vocab_size, bos_id (starts a text), eos_id (ends it; omni's and nanochat's
+tokenizers: the same token as bos_id, Hugging Face ones: the tokenizer's eos), encode, decode.
 
 omni.model.gpt.GPT meets it as is; a nanochat checkpoint IS an omni GPT once read (omni.model.nanochat);
 a Hugging Face causal LM is wrapped by omni.model.hf_lm.HFLM.
@@ -79,7 +82,8 @@ def load_lm(path_or_id: str | Path, device: torch.device | str = "cpu", load_in:
 
 def is_hub_id(path_or_id: str | Path) -> bool:
     """"owner/name" that is not on disk. Not one: anything under `runs/` (omni's own output folder, where a
-    missing LM is pretrained, even in a fresh checkout without runs/), or whose owner is a local folder."""
+    missing LM is pretrained, even in a fresh checkout without runs/) or `models/` (the repository's
+    committed LMs), or whose owner is a local folder."""
     p = Path(path_or_id)
     return (not p.exists() and len(p.parts) == 2 and not p.is_absolute() and p.parts[0] not in ("runs", "models", ".", "..")
             and not Path(p.parts[0]).exists())
