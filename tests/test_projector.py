@@ -79,3 +79,45 @@ def test_lego_tokens_are_posterior_mixes_of_the_lm_embeddings():
     tokens, _ = model.audio_tokens(hidden, lengths)
     torch.testing.assert_close(tokens[0, 0], gpt.embed(torch.tensor([[ord("a")]]))[0, 0])
     assert torch.isfinite(ctc_embedding_loss(model, hidden, lengths, ["ab", "c"]))
+
+
+def test_ctc_collapse_keeps_one_mean_token_per_segment_and_drops_blanks():
+    from omni.model.speech_lm import ctc_collapse
+
+    blank = 0
+    x = torch.arange(2 * 6 * 2, dtype=torch.float32).view(2, 6, 2)
+    ids = torch.tensor([[0, 5, 5, 0, 7, 5], [0, 0, 3, 9, 9, 9]])  # row 1 is 4 long: the 9s past its end are padding
+    out, n = ctc_collapse(x, ids, torch.tensor([6, 4]), blank)
+    assert n.tolist() == [3, 2] and out.shape == (2, 3, 2)
+    torch.testing.assert_close(out[0], torch.stack([x[0, 1:3].mean(0), x[0, 4], x[0, 5]]))  # 5 5 | 7 | 5: a repeat after a change is a new segment
+    torch.testing.assert_close(out[1, :2], torch.stack([x[1, 2], x[1, 3]]))
+    # a clip that is all blank keeps one token (the mean), so the LM still gets a prefix
+    out, n = ctc_collapse(x[:1, :3], torch.zeros(1, 3, dtype=torch.long), torch.tensor([3]), blank)
+    assert n.tolist() == [1]
+    torch.testing.assert_close(out[0, 0], x[0, :3].mean(0))
+    # gradients reach every frame of a kept segment and none of a dropped blank
+    g = x.clone().requires_grad_()
+    ctc_collapse(g, ids, torch.tensor([6, 4]), blank)[0].sum().backward()
+    assert g.grad[0, 0].abs().sum() == 0 and (g.grad[0, 1:3] == 0.5).all() and (g.grad[0, 4] == 1).all()
+
+
+def test_collapsed_lego_prefix_is_bos_then_the_words_embeddings():
+    """With collapse and audio_bos, a lego projector that spells 'ab' (each letter over two frames,
+    blanks around) gives the LM exactly [BOS 'a' 'b'] as embeddings: the copy test's layout."""
+    from omni.model.gpt import GPT, GPTConfig
+    from omni.model.speech_lm import SpeechLM, SpeechLMConfig
+    from omni.model.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    tok = ByteTokenizer()
+    gpt = GPT(GPTConfig(sequence_len=64, vocab_size=257, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    cfg = SpeechLMConfig(layer="last", k=1, projector="lego", collapse=True, audio_bos=True)
+    model = SpeechLM(gpt, tok, n_states=1, d_whisper=8, config=cfg)
+    spelled = torch.tensor([tok.bos_id, ord("a"), ord("a"), tok.bos_id, ord("b"), ord("b"), tok.bos_id])
+    # a projector sure of each frame: its logits one-hot on the spelled ids
+    model.projector.forward = lambda x, n: (torch.nn.functional.one_hot(spelled, 257)[None].float() * 1e4, n)
+    hidden = torch.randn(1, 1, len(spelled), 8)
+    prefix, mask = model.prefix(hidden, torch.tensor([len(spelled)]))
+    want = gpt.embed(torch.tensor([[tok.bos_id, ord("a"), ord("b")]]))
+    assert mask.tolist() == [[True] * 3]
+    torch.testing.assert_close(prefix, want, atol=1e-3, rtol=0)

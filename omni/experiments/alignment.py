@@ -66,6 +66,8 @@ class AlignConfig:
     projector: str = "stack"  # stack | conv | avg | lego (posteriors over the LM vocabulary mixing its token embeddings, LegoSLM)
     prompt: str = ""  # e.g. "Transcribe:"
     prompt_position: str = "after"  # before | after the audio
+    collapse: bool = False  # one audio token per CTC segment of the projector's tokens read as LM tokens (blanks dropped): the text-like layout a frozen LM copies from; needs ctc_weight > 0 to mean anything
+    audio_bos: bool = False  # BOS's embedding before the audio tokens, as every pretraining document starts
     trainable: str = "projector"  # projector (frozen LM: the research setting) | projector+lora (peft adapters) | projector+lm (diagnostic: is the frozen LM the limit?)
     lora_rank: int = 16  # LoRA rank r (trainable=projector+lora)
     lora_alpha: float = 32.0  # LoRA scale alpha / r
@@ -225,7 +227,7 @@ def build_model(cfg: AlignConfig, cache: FeatureCache, device: torch.device) -> 
     gpt, tok = ensure_lm(cfg, device)
     torch.manual_seed(cfg.seed)
     lm_params = lm_parameters(gpt, cfg.trainable, lora_spec(cfg))
-    model = SpeechLM(gpt, tok, cache.n_states, cache.d_model, SpeechLMConfig(cfg.layer, cfg.k, cfg.projector, cfg.prompt, cfg.prompt_position))
+    model = SpeechLM(gpt, tok, cache.n_states, cache.d_model, SpeechLMConfig(cfg.layer, cfg.k, cfg.projector, cfg.prompt, cfg.prompt_position, cfg.collapse, cfg.audio_bos))
     model.select.to(device)
     model.projector.to(device)
     model.gpt.train(bool(lm_params))

@@ -338,7 +338,7 @@ def start_config(cfg: TuningConfig) -> tuple[SpeechLMConfig, Path | None]:
     path = model_dir(cfg.run, "run")
     meta = json.loads((path / "audio_path.json").read_text())
     saved = meta["speech_lm"]
-    mine = SpeechLMConfig(saved["layer"], saved["k"], saved["projector"])
+    mine = SpeechLMConfig(saved["layer"], saved["k"], saved["projector"], collapse=saved.get("collapse", False))  # a collapsing projector stays one
     if (mine.layer, mine.k, mine.projector) != (shape.layer, shape.k, shape.projector):
         print(f"run {cfg.run}: the audio path starts from it, so layer={mine.layer}, k={mine.k}, projector={mine.projector} "
               f"(not {shape.layer}, {shape.k}, {shape.projector})")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from omni.model.encoder import collate_states
-from omni.model.speech_lm import SpeechLM, left_pad
+from omni.model.speech_lm import SpeechLM
 
 
 def ctc_embedding_loss(model: SpeechLM, hidden: torch.Tensor, frame_lengths: torch.Tensor, texts: list[str]) -> torch.Tensor:
@@ -34,7 +34,8 @@ def ctc_embedding_loss(model: SpeechLM, hidden: torch.Tensor, frame_lengths: tor
 
 def distill_loss(model: SpeechLM, hidden: torch.Tensor, frame_lengths: torch.Tensor, texts: list[str]) -> torch.Tensor:
     """KL(teacher || student) on the text's next-token distributions. The teacher is the same frozen
-    LM with the transcript's own token embeddings standing where the audio tokens stand; the student
+    LM with the transcript's own token embeddings standing where the audio tokens stand (the same
+    layout: SpeechLM.wrap); the student
     sees the audio tokens. Ultravox distils its projector from the LM reading the transcript; here
     the teacher's distributions say how the LM would continue had the audio been the words, soft
     targets where cross-entropy has one hard token."""
@@ -47,7 +48,7 @@ def distill_loss(model: SpeechLM, hidden: torch.Tensor, frame_lengths: torch.Ten
         padded = torch.full((len(ids), max(map(len, ids))), model.tokenizer.bos_id, dtype=torch.long, device=device)
         for i, row in enumerate(ids):
             padded[i, : len(row)] = torch.tensor(row)
-        words, words_mask = left_pad(model.gpt.embed(padded), torch.tensor([len(r) for r in ids], device=device))
+        words, words_mask = model.wrap(model.gpt.embed(padded), torch.tensor([len(r) for r in ids], device=device))
         teacher = model.gpt(idx, audio=words.to(prefix.dtype), audio_mask=words_mask).float().log_softmax(-1)
     kl = (teacher.exp() * (teacher - student)).sum(-1)
     return kl[targets >= 0].mean()

@@ -64,6 +64,8 @@ class SpeechLMConfig:
     projector: str = "stack"  # stack | conv | avg
     prompt: str = ""  # optional text prompt, e.g. "Transcribe:"
     prompt_position: str = "after"  # before | after the audio
+    collapse: bool = False  # one audio token per CTC segment (runs of the same most likely LM token, blanks dropped): the layout the frozen LM copies from
+    audio_bos: bool = False  # BOS's embedding before the audio tokens, as a document starts in pretraining
 
 
 def compression_ratio(text: str) -> float:
@@ -117,6 +119,34 @@ def left_pad(x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torc
     return out, mask
 
 
+def ctc_collapse(tokens: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor, blank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per CTC segment: the mean of each run of consecutive tokens whose most likely LM token
+    (`ids`, B x A) is the same, runs of the blank dropped; right-padded (B, A', n_embd) and the new
+    lengths (a clip with no segment keeps the mean of all its tokens, so it still has one).
+
+    Why: the frozen LM copies a passage from its context laid out as text (0.61 nats/token for the
+    committed LM), but not the same passage spelled as CTC frames, each token repeated 1-3 times with
+    up to 2 blanks between (4.19 nats/token, no better than not seeing it). The segment mean keeps the
+    gradient to every frame of the segment; the segmentation itself is the CTC argmax, not trained."""
+    rows = []
+    for b in range(tokens.size(0)):
+        n = int(lengths[b])
+        x, r = tokens[b, :n], ids[b, :n]
+        if n == 0:
+            rows.append(tokens[b, :1] * 0)
+            continue
+        start = torch.ones(n, dtype=torch.bool, device=r.device)
+        start[1:] = r[1:] != r[:-1]
+        seg = start.cumsum(0) - 1  # segment index of every token
+        n_seg = int(seg[-1]) + 1
+        sums = torch.zeros(n_seg, x.size(1), dtype=x.dtype, device=x.device).index_add(0, seg, x)
+        counts = torch.zeros(n_seg, dtype=x.dtype, device=x.device).index_add(0, seg, torch.ones_like(seg, dtype=x.dtype))
+        keep = r[start] != blank
+        rows.append((sums / counts[:, None])[keep] if keep.any() else x.mean(0, keepdim=True))
+    new = torch.tensor([len(r) for r in rows], dtype=lengths.dtype, device=lengths.device)
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), new
+
+
 class SpeechLM(nn.Module):
     def __init__(self, gpt: nn.Module, tokenizer, n_states: int, d_whisper: int, config: SpeechLMConfig):
         super().__init__()
@@ -153,35 +183,45 @@ class SpeechLM(nn.Module):
         """The LM's input embeddings of its whole vocabulary, as it sees them: (vocab, n_embd) fp32."""
         return self.gpt.embed(torch.arange(self.gpt.config.vocab_size, device=self.gpt_device)[None])[0].float()
 
-    def audio_tokens(self, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded audio tokens (B, A, n_embd) and their lengths, before any prompt or padding.
-        A `lego` projector's tokens are its posteriors over the vocabulary times the LM's embeddings."""
+    def frames(self, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The projector's output before any collapse: right-padded tokens (B, A, n_embd), their logits
+        over the LM vocabulary (B, A, vocab) and the lengths. A `lego` projector's tokens are its
+        posteriors times the LM's embeddings and its logits its own; any other projector's logits are
+        each token's dot product with the LM's (normed) input embedding of every vocabulary entry /
+        sqrt(n_embd): a token equal to a word's embedding scores sqrt(n_embd), an unrelated one about 0."""
+        table = self.embedding_table()
         with torch.autocast(hidden.device.type, enabled=False):  # the audio path stays fp32 under bf16 autocast
             out, lengths = self.projector(self.select(hidden.float()), frame_lengths)
             if self.config.projector == "lego":
-                out = out.softmax(-1) @ self.embedding_table()
-            return out, lengths
+                return out.softmax(-1) @ table, out, lengths
+            return out, out @ table.T / table.size(1) ** 0.5, lengths
 
     def audio_logits(self, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each audio token read as LM tokens: logits (B, A, vocab) and the lengths. A `lego` projector's
-        own logits; otherwise each token's dot product with the LM's (normed) input embedding of every
-        vocabulary entry / sqrt(n_embd): a token equal to a word's embedding scores sqrt(n_embd), an
-        unrelated one about 0."""
-        if self.config.projector == "lego":
-            with torch.autocast(hidden.device.type, enabled=False):
-                return self.projector(self.select(hidden.float()), frame_lengths)
-        tokens, lengths = self.audio_tokens(hidden, frame_lengths)
-        table = self.embedding_table()
-        return tokens.float() @ table.T / table.size(1) ** 0.5, lengths
+        """Each audio token (before any collapse) read as LM tokens: logits (B, A, vocab) and the lengths."""
+        _, logits, lengths = self.frames(hidden, frame_lengths)
+        return logits, lengths
+
+    def audio_tokens(self, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded audio tokens (B, A, n_embd) and their lengths, before any prompt or padding:
+        the projector's, or with `collapse` one per CTC segment (`ctc_collapse`)."""
+        tokens, logits, lengths = self.frames(hidden, frame_lengths)
+        if self.config.collapse:
+            tokens, lengths = ctc_collapse(tokens, logits.argmax(-1), lengths, self.tokenizer.bos_id)
+        return tokens, lengths
 
     def prefix(self, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The soft prefix the GPT sees before the text: left-padded (B, P, n_embd) and its mask."""
-        tokens, lengths = self.audio_tokens(hidden, frame_lengths)
-        prompt = self._prompt_ids()
-        if prompt and self.config.prompt_position == "before":
+        return self.wrap(*self.audio_tokens(hidden, frame_lengths))
+
+    def wrap(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded tokens (audio tokens, or a transcript's embeddings standing in for them) laid
+        out as the prefix: [BOS if audio_bos][prompt if before][tokens], left-padded, and its mask."""
+        prompt = self._prompt_ids() if self.config.prompt_position == "before" else []
+        prompt = ([self.tokenizer.bos_id] if self.config.audio_bos else []) + prompt
+        if prompt:
             ids = torch.tensor([prompt], device=tokens.device)
             emb = self.gpt.embed(ids).to(tokens.dtype).expand(tokens.size(0), -1, -1)
-            # prompt first, then the real audio tokens, then the right padding; left_pad moves the padding
+            # [BOS] and prompt first, then the real tokens, then the right padding; left_pad moves the padding
             tokens = torch.cat([emb, tokens], dim=1)
             lengths = lengths + len(prompt)
         return left_pad(tokens, lengths)
