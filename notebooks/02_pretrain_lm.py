@@ -51,6 +51,7 @@ induction: float = 0.5  # share of synthetic induction windows (random tokens, s
 induction_floor: float = 0.05  # share kept after the anneal, so the skill is never unlearned
 induction_steps: int = 300  # steps over which the share goes linearly from `induction` to `induction_floor`
 repeat_fraction: float = 0.5  # share of prose windows whose passages repeat verbatim at varied distances
+repeat_noise: float = 0.0  # share of a repeated span's source tokens (first occurrence) replaced by random ids: copying that survives a misspelt source, as an audio readout is
 induction_head: bool = True  # start layer 0, head 0 as an induction head (plant_induction_head; needs smeared keys, which it turns on)
 seed: int = 0  # fixes init, batches and samples
 device: str = 'auto'  # auto | cpu | cuda

@@ -365,7 +365,8 @@ def test_ctc_lever_pulls_audio_tokens_onto_the_words_embeddings(tmp_path):
     for t in texts:
         ids = [x for c in tok.encode(t) for x in (c, bos)]
         exact.append(torch.cat([emb(ids), emb([bos] * (A - len(ids)))]))
-    model.audio_tokens = lambda h, n: (torch.stack(exact) * 4, model.projector.token_lengths(n))
+    # (the projector's output, from which SpeechLM.frames reads both the tokens and their logits)
+    model.projector.forward = lambda x, n: (torch.stack(exact) * 4, model.projector.token_lengths(n))
     assert ctc_embedding_loss(model, hidden, lengths, texts).item() < 0.5 * loss.item()
 
 
@@ -380,11 +381,11 @@ def test_ctc_readout_spells_audio_tokens_that_are_word_embeddings(tmp_path):
     rows = []
     for ids in ([tok.encode("a")[0], bos, tok.encode("b")[0], tok.encode("b")[0]], tok.encode("c") * 2 + [bos]):  # repeats collapse
         rows.append(torch.cat([emb(ids), emb([bos] * (A - len(ids)))]))
-    model.audio_tokens = lambda h, n: (torch.stack(rows[: h.size(0)]) * 4, model.projector.token_lengths(n))
+    model.projector.forward = lambda x, n: (torch.stack(rows[: x.size(0)]) * 4, model.projector.token_lengths(n))
     states = [hidden[i, :, : int(lengths[i])] for i in range(2)]
     assert ctc_readout(model, states, batch_size=2) == texts
     # random audio tokens spell something else
-    del model.audio_tokens
+    del model.projector.forward
     assert ctc_readout(model, states, batch_size=2) != texts
 
 

@@ -260,3 +260,22 @@ def test_copy_test_scores_the_second_reading_apart_from_the_first():
     Copier.parameters = lambda self: iter([torch.zeros(1)])
     first, second = copy_test(Copier(), tok, ["hello there", "a b"])
     assert first == pytest.approx(math.log(V), rel=1e-4) and second < 1e-3
+
+
+def test_repeat_noise_misspells_the_source_only_and_costs_no_draws_when_off():
+    from omni.experiments.pretrain_lm import repeat_spans
+
+    w = torch.arange(1000, 1256)  # distinct ids: where a repeat sits, its values say where its source was
+    clean = repeat_spans(w.clone(), torch.Generator().manual_seed(3))
+    assert torch.equal(repeat_spans(w.clone(), torch.Generator().manual_seed(3), noise=0.0, vocab_size=5000, bos_id=7), clean)
+    first = int((clean != w).nonzero()[0])  # where the first repeat starts
+    at = int(clean[first]) - 1000  # where its source starts
+    L = 1
+    while first + L < 256 and clean[first + L] == clean[first] + L:
+        L += 1
+    assert L >= SPAN_MIN
+    noisy = repeat_spans(w.clone(), torch.Generator().manual_seed(3), noise=0.5, vocab_size=5000, bos_id=7)
+    assert torch.equal(noisy[first : first + L], w[at : at + L])  # the repeat is the clean text
+    hit = noisy[at : at + L] != w[at : at + L]  # its source is misspelt, about half of it, never with BOS
+    assert 0 < int(hit.sum()) < L and not (noisy[at : at + L] == 7).any()
+    assert torch.equal(noisy[:at], w[:at])  # nothing before the source changed

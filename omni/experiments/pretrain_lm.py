@@ -78,6 +78,7 @@ class PretrainConfig:
     induction_floor: float = 0.05  # share kept after the anneal, so the skill is never unlearned
     induction_steps: int = 300  # steps over which the share goes linearly from `induction` to `induction_floor`
     repeat_fraction: float = 0.5  # share of prose windows whose passages repeat verbatim at varied distances
+    repeat_noise: float = 0.0  # share of a repeated span's source tokens (first occurrence) replaced by random ids: copying that survives a misspelt source, as an audio readout is
     induction_head: bool = True  # start layer 0, head 0 as an induction head (plant_induction_head; needs smeared keys, which it turns on)
     seed: int = 0  # fixes init, batches and samples
     device: str = "auto"  # auto | cpu | cuda
@@ -93,6 +94,7 @@ class PretrainConfig:
         require(self.muon_lr > 0, "muon_lr", self.muon_lr, "> 0")
         for name in ("induction", "induction_floor", "repeat_fraction"):
             require(0 <= getattr(self, name) <= 1, name, getattr(self, name), "in [0, 1]")
+        require(0 <= self.repeat_noise < 1, "repeat_noise", self.repeat_noise, "in [0, 1)")
         require(self.induction_steps >= 0, "induction_steps", self.induction_steps, ">= 0")
         require((64 * self.depth) % self.head_dim == 0 and self.head_dim % 2 == 0, "head_dim", self.head_dim,
                 f"even and dividing the width 64 * depth = {64 * self.depth}")
@@ -196,25 +198,36 @@ def _randint(lo: int, hi: int, gen: torch.Generator) -> int:
     return int(torch.randint(lo, hi, (1,), generator=gen))
 
 
-def repeat_spans(w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def random_ids(n: int, vocab_size: int, bos_id: int, gen: torch.Generator) -> torch.Tensor:
+    """n token ids drawn uniformly from the vocabulary without BOS."""
+    r = torch.randint(0, vocab_size - 1, (n,), generator=gen)
+    return r + (r >= bos_id).long()
+
+
+def repeat_spans(w: torch.Tensor, gen: torch.Generator, noise: float = 0.0, vocab_size: int = 0, bos_id: int = 0) -> torch.Tensor:
     """`w` with spans of SPAN_MIN..SPAN_MAX tokens copied verbatim further on, each at a distance
     drawn from [0, GAP_MAX) after its end, no separator; in place. The first span starts anywhere in
-    the first GAP_MAX tokens, so neither where a repeat begins nor how far back it reaches is fixed."""
+    the first GAP_MAX tokens, so neither where a repeat begins nor how far back it reaches is fixed.
+    noise > 0: then that share of each source span's tokens is replaced by random ids (random_ids),
+    so the repeat is the clean text of a misspelt source (no extra draws at 0)."""
     at = _randint(0, GAP_MAX, gen)
     while True:
         L, gap = _randint(SPAN_MIN, SPAN_MAX + 1, gen), _randint(0, GAP_MAX, gen)
         if at + 2 * L + gap > w.numel():
             return w
         w[at + L + gap : at + 2 * L + gap] = w[at : at + L]
+        if noise > 0:
+            hit = torch.rand(L, generator=gen) < noise
+            w[at : at + L][hit] = random_ids(int(hit.sum()), vocab_size, bos_id, gen)
         at += 2 * L + gap + _randint(0, SPAN_MAX, gen)
 
 
 def draw_windows(ids: torch.Tensor, n: int, T: int, bos_id: int, vocab_size: int, gen: torch.Generator,
-                 induction: float = 0.0, repeat: float = 0.0) -> torch.Tensor:
+                 induction: float = 0.0, repeat: float = 0.0, noise: float = 0.0) -> torch.Tensor:
     """n training windows of T + 1 tokens drawn from `gen`: random windows of the stream `ids`; a share
     `induction` of them replaced by synthetic ones (random token ids, never BOS, with repeat_spans),
-    and a share `repeat` of the others given repeat_spans of their own prose. With both shares 0,
-    exactly the plain windows of the stream."""
+    and a share `repeat` of the others given repeat_spans of their own prose (`noise`: its source
+    spans misspelt, ids above BOS). With both shares 0, exactly the plain windows of the stream."""
     starts = torch.randint(0, len(ids) - T - 1, (n,), generator=gen)
     out = torch.stack([ids[s : s + T + 1] for s in starts])
     if induction == 0 and repeat == 0:
@@ -225,7 +238,7 @@ def draw_windows(ids: torch.Tensor, n: int, T: int, bos_id: int, vocab_size: int
             w = torch.randint(0, vocab_size - 1, (T + 1,), generator=gen)
             out[b] = repeat_spans(w + (w >= bos_id).long(), gen)  # every id but BOS
         elif kind[b] < induction + (1 - induction) * repeat:
-            repeat_spans(out[b], gen)
+            repeat_spans(out[b], gen, noise, vocab_size, bos_id)
     return out
 
 
@@ -248,6 +261,29 @@ def copy_test(gpt: GPT, tok, sentences: list[str]) -> tuple[float, float]:
         n += len(t)
     gpt.train()
     return first / max(n, 1), second / max(n, 1)
+
+
+@torch.no_grad()
+def noisy_copy_test(gpt: GPT, tok, sentences: list[str], noise: float = 0.2, seed: int = 0) -> float:
+    """Nats per token on a sentence read right after a misspelt copy of it (a share `noise` of its
+    tokens replaced by random ids, seeded): copying from a source as noisy as an audio readout."""
+    gpt.eval()
+    device = next(gpt.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    total, n = 0.0, 0
+    for text in sentences:
+        t = torch.tensor(tok.encode(text))
+        src = t.clone()
+        hit = torch.rand(len(t), generator=gen) < noise
+        src[hit] = random_ids(int(hit.sum()), tok.vocab_size, tok.bos_id, gen)
+        bos = torch.tensor([tok.bos_id])
+        x = torch.cat([bos, src, bos, t])[None].to(device)
+        logp = gpt(x[:, :-1]).float().log_softmax(-1)[0]
+        nll = -logp.gather(1, x[0, 1:, None])[:, 0]
+        total += nll[len(t) + 1 :].sum().item()
+        n += len(t)
+    gpt.train()
+    return total / max(n, 1)
 
 
 @torch.no_grad()
@@ -331,7 +367,7 @@ def run(cfg: PretrainConfig, tracker: Tracker | NullTracker | None = None) -> Pr
         # the batch is a function of (seed, rank, step) alone, so a resumed run draws the same batches
         gen = torch.Generator().manual_seed((cfg.seed * 1000 + rank) * 1_000_003 + step)
         windows = draw_windows(train_ids, cfg.batch_size, T, tok.bos_id, tok.vocab_size, gen,
-                               induction_share(cfg, step), cfg.repeat_fraction).to(device)
+                               induction_share(cfg, step), cfg.repeat_fraction, cfg.repeat_noise).to(device)
         return gpt(windows[:, :-1], windows[:, 1:]), cfg.batch_size * T
 
     # copying, measured on validation passages cut to a spoken sentence's length
@@ -340,7 +376,7 @@ def run(cfg: PretrainConfig, tracker: Tracker | NullTracker | None = None) -> Pr
     def eval_fn(step: int) -> dict[str, float]:
         first, again = copy_test(gpt, tok, passages)
         return {"val_bpb": bits_per_byte(gpt, val_ids, n_val_bytes, T, cfg.batch_size, cfg.eval_tokens), "first_nats": first, "copy_nats": again,
-                "random_copy": random_copy(gpt, tok.bos_id, tok.vocab_size)}
+                "noisy_copy_nats": noisy_copy_test(gpt, tok, passages), "random_copy": random_copy(gpt, tok.bos_id, tok.vocab_size)}
 
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, eval_every=cfg.eval_every, dtype=cfg.dtype,
                        weight_decay=0.0, ckpt_every=cfg.ckpt_every if cfg.ckpt_dir else 0, ckpt_dir=cfg.ckpt_dir,

@@ -52,6 +52,7 @@ METRICS = {
     "copy_nats": ("the same passages read again (copying)", "nats/token"),
     "train_tokens": ("training tokens", "tokens"),
     "random_copy": ("repeated random tokens predicted", "fraction"),
+    "noisy_copy_nats": ("passages read again after a copy with 20 % of tokens misspelt", "nats/token"),
     # 03 alignment (held-out clips: unseen sentences and voices)
     "wer": ("held-out WER", WER),
     "median_wer": ("held-out median WER per clip", WER),
