@@ -279,3 +279,15 @@ def test_repeat_noise_misspells_the_source_only_and_costs_no_draws_when_off():
     hit = noisy[at : at + L] != w[at : at + L]  # its source is misspelt, about half of it, never with BOS
     assert 0 < int(hit.sum()) < L and not (noisy[at : at + L] == 7).any()
     assert torch.equal(noisy[:at], w[:at])  # nothing before the source changed
+
+
+def test_copy_test_with_noise_misspells_only_the_first_reading(tiny):
+    """noise=0 is the plain copy test (no draws); noise > 0 reads the sentence after a misspelt copy,
+    seeded: the same figure twice, a different one from the clean test."""
+    gpt, tok = tiny.model, load_lm(Path(tiny.config.out), torch.device("cpu"))[1]
+    sents = ["It was a dark night, said Holmes.", "The door opened and I have seen it."]
+    clean = copy_test(gpt, tok, sents)
+    assert copy_test(gpt, tok, sents, noise=0.0, seed=5) == clean
+    noisy = copy_test(gpt, tok, sents, noise=0.5, seed=1)
+    assert noisy == copy_test(gpt, tok, sents, noise=0.5, seed=1) and noisy[1] != clean[1]
+    assert all(map(math.isfinite, noisy))

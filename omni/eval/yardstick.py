@@ -59,9 +59,14 @@ def audio_sha1(path: str | Path) -> str:
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
 
+def hyps_name(encoder: str, guard: LoopGuard | None) -> str:
+    """The file name of Whisper's transcripts for an encoder and decoding settings (cached and shipped)."""
+    return f"whisper_hyps.{encoder.replace('/', '_')}.{decoding_key(guard)}.json"
+
+
 def shipped_hyps(encoder: str, guard: LoopGuard | None) -> dict[str, str]:
     """{SHA-1 of a clip's bytes: Whisper's transcript} shipped for these settings ({} if none)."""
-    f = BASELINES / f"whisper_hyps.{encoder.replace('/', '_')}.{decoding_key(guard)}.json"
+    f = BASELINES / hyps_name(encoder, guard)
     return json.loads(f.read_text()) if f.exists() else {}
 
 
@@ -70,7 +75,7 @@ def whisper_hyps(cache: FeatureCache, rows: list[int], encoder: str, guard: Loop
     decoding settings, keyed by the clip's audio path (not its row number: a view of the cache,
     e.g. omni.experiments.layer_ablation.subset, numbers its rows differently but shares the folder).
     A clip whose bytes match one of the shipped transcripts (shipped_hyps) is not decoded again."""
-    f = cache.path / f"whisper_hyps.{encoder.replace('/', '_')}.{decoding_key(guard)}.json"
+    f = cache.path / hyps_name(encoder, guard)
     have = json.loads(f.read_text()) if f.exists() else {}
     todo = [r for r in rows if cache.rows[r]["audio"] not in have]
     shipped = shipped_hyps(encoder, guard) if todo else {}
@@ -95,7 +100,7 @@ def whisper_hyps(cache: FeatureCache, rows: list[int], encoder: str, guard: Loop
 def ship_hyps(cache: FeatureCache, rows: list[int], encoder: str, guard: LoopGuard | None = None) -> Path:
     """Write Whisper's transcripts of `rows` (whisper_hyps) into BASELINES, keyed by each clip's SHA-1,
     beside any already shipped for these settings; the file's path."""
-    f = BASELINES / f"whisper_hyps.{encoder.replace('/', '_')}.{decoding_key(guard)}.json"
+    f = BASELINES / hyps_name(encoder, guard)
     shipped = shipped_hyps(encoder, guard)
     hyps = whisper_hyps(cache, rows, encoder, guard)
     shipped |= {audio_sha1(cache.rows[r]["audio"]): h for r, h in zip(rows, hyps)}

@@ -198,9 +198,9 @@ def _randint(lo: int, hi: int, gen: torch.Generator) -> int:
     return int(torch.randint(lo, hi, (1,), generator=gen))
 
 
-def random_ids(n: int, vocab_size: int, bos_id: int, gen: torch.Generator) -> torch.Tensor:
-    """n token ids drawn uniformly from the vocabulary without BOS."""
-    r = torch.randint(0, vocab_size - 1, (n,), generator=gen)
+def random_ids(shape: int | tuple[int, ...], vocab_size: int, bos_id: int, gen: torch.Generator) -> torch.Tensor:
+    """Token ids drawn uniformly from the vocabulary without BOS."""
+    r = torch.randint(0, vocab_size - 1, (shape,) if isinstance(shape, int) else shape, generator=gen)
     return r + (r >= bos_id).long()
 
 
@@ -235,25 +235,31 @@ def draw_windows(ids: torch.Tensor, n: int, T: int, bos_id: int, vocab_size: int
     kind = torch.rand(n, generator=gen)
     for b in range(n):
         if kind[b] < induction:
-            w = torch.randint(0, vocab_size - 1, (T + 1,), generator=gen)
-            out[b] = repeat_spans(w + (w >= bos_id).long(), gen)  # every id but BOS
+            out[b] = repeat_spans(random_ids(T + 1, vocab_size, bos_id, gen), gen)
         elif kind[b] < induction + (1 - induction) * repeat:
             repeat_spans(out[b], gen, noise, vocab_size, bos_id)
     return out
 
 
 @torch.no_grad()
-def copy_test(gpt: GPT, tok, sentences: list[str]) -> tuple[float, float]:
+def copy_test(gpt: GPT, tok, sentences: list[str], noise: float = 0.0, seed: int = 0) -> tuple[float, float]:
     """(nats per token on a sentence, nats per token on the same sentence right after it, BOS
     between): how well the LM copies from its context. A frozen LM that cannot copy cannot read
-    soft tokens as words either."""
+    soft tokens as words either. noise > 0: that share of the first reading's tokens is replaced by
+    random ids (seeded), so the second figure is copying from a source as misspelt as an audio readout."""
     gpt.eval()
     device = next(gpt.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
     first = second = 0.0
     n = 0
     for text in sentences:
-        t = tok.encode(text)
-        x = torch.tensor([[tok.bos_id] + t + [tok.bos_id] + t], device=device)
+        t = torch.tensor(tok.encode(text), dtype=torch.long)
+        src = t.clone()
+        if noise > 0:
+            hit = torch.rand(len(t), generator=gen) < noise
+            src[hit] = random_ids(int(hit.sum()), tok.vocab_size, tok.bos_id, gen)
+        bos = torch.tensor([tok.bos_id])
+        x = torch.cat([bos, src, bos, t])[None].to(device)
         logp = gpt(x[:, :-1]).float().log_softmax(-1)[0]
         nll = -logp.gather(1, x[0, 1:, None])[:, 0]
         first += nll[: len(t)].sum().item()
@@ -264,36 +270,12 @@ def copy_test(gpt: GPT, tok, sentences: list[str]) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def noisy_copy_test(gpt: GPT, tok, sentences: list[str], noise: float = 0.2, seed: int = 0) -> float:
-    """Nats per token on a sentence read right after a misspelt copy of it (a share `noise` of its
-    tokens replaced by random ids, seeded): copying from a source as noisy as an audio readout."""
-    gpt.eval()
-    device = next(gpt.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    total, n = 0.0, 0
-    for text in sentences:
-        t = torch.tensor(tok.encode(text))
-        src = t.clone()
-        hit = torch.rand(len(t), generator=gen) < noise
-        src[hit] = random_ids(int(hit.sum()), tok.vocab_size, tok.bos_id, gen)
-        bos = torch.tensor([tok.bos_id])
-        x = torch.cat([bos, src, bos, t])[None].to(device)
-        logp = gpt(x[:, :-1]).float().log_softmax(-1)[0]
-        nll = -logp.gather(1, x[0, 1:, None])[:, 0]
-        total += nll[len(t) + 1 :].sum().item()
-        n += len(t)
-    gpt.train()
-    return total / max(n, 1)
-
-
-@torch.no_grad()
 def random_copy(gpt: GPT, bos_id: int, vocab_size: int, n: int = 32, length: int = 30, seed: int = 0) -> float:
     """The share of repeated tokens the LM predicts (greedy) in BOS, r, BOS, r for random spans r of
     `length` token ids: copying with nothing to go on but the context."""
     gpt.eval()
     device = next(gpt.parameters()).device
-    r = torch.randint(0, vocab_size - 1, (n, length), generator=torch.Generator().manual_seed(seed))
-    r = r + (r >= bos_id).long()
+    r = random_ids((n, length), vocab_size, bos_id, torch.Generator().manual_seed(seed))
     bos = torch.full((n, 1), bos_id)
     x = torch.cat([bos, r, bos, r], dim=1).to(device)
     pred = gpt(x[:, :-1]).argmax(-1)
@@ -376,7 +358,7 @@ def run(cfg: PretrainConfig, tracker: Tracker | NullTracker | None = None) -> Pr
     def eval_fn(step: int) -> dict[str, float]:
         first, again = copy_test(gpt, tok, passages)
         return {"val_bpb": bits_per_byte(gpt, val_ids, n_val_bytes, T, cfg.batch_size, cfg.eval_tokens), "first_nats": first, "copy_nats": again,
-                "noisy_copy_nats": noisy_copy_test(gpt, tok, passages), "random_copy": random_copy(gpt, tok.bos_id, tok.vocab_size)}
+                "noisy_copy_nats": copy_test(gpt, tok, passages, noise=0.2)[1], "random_copy": random_copy(gpt, tok.bos_id, tok.vocab_size)}
 
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, eval_every=cfg.eval_every, dtype=cfg.dtype,
                        weight_decay=0.0, ckpt_every=cfg.ckpt_every if cfg.ckpt_dir else 0, ckpt_dir=cfg.ckpt_dir,

@@ -34,9 +34,8 @@ def ctc_embedding_loss(model: SpeechLM, hidden: torch.Tensor, frame_lengths: tor
 
 def distill_loss(model: SpeechLM, hidden: torch.Tensor, frame_lengths: torch.Tensor, texts: list[str]) -> torch.Tensor:
     """KL(teacher || student) on the text's next-token distributions. The teacher is the same frozen
-    LM with the transcript's own token embeddings standing where the audio tokens stand (the same
-    layout: SpeechLM.wrap); the student
-    sees the audio tokens. Ultravox distils its projector from the LM reading the transcript; here
+    LM with the transcript's own token embeddings standing where the audio tokens stand (in the same
+    layout: SpeechLM.wrap); the student sees the audio tokens. Ultravox distils its projector from the LM reading the transcript; here
     the teacher's distributions say how the LM would continue had the audio been the words, soft
     targets where cross-entropy has one hard token."""
     device = hidden.device

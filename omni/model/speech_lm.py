@@ -183,31 +183,36 @@ class SpeechLM(nn.Module):
         """The LM's input embeddings of its whole vocabulary, as it sees them: (vocab, n_embd) fp32."""
         return self.gpt.embed(torch.arange(self.gpt.config.vocab_size, device=self.gpt_device)[None])[0].float()
 
-    def frames(self, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The projector's output before any collapse: right-padded tokens (B, A, n_embd), their logits
-        over the LM vocabulary (B, A, vocab) and the lengths. A `lego` projector's tokens are its
-        posteriors times the LM's embeddings and its logits its own; any other projector's logits are
-        each token's dot product with the LM's (normed) input embedding of every vocabulary entry /
-        sqrt(n_embd): a token equal to a word's embedding scores sqrt(n_embd), an unrelated one about 0."""
+    def _project(self, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projector's raw output (right-padded (B, A, n_embd), or a `lego` projector's logits over
+        the LM vocabulary) and its lengths. Callers keep autocast off: the audio path stays fp32."""
+        return self.projector(self.select(hidden.float()), frame_lengths)
+
+    def _logits(self, out: torch.Tensor) -> torch.Tensor:
+        """The projector's output read as LM tokens (B, A, vocab): a `lego` projector's own logits;
+        otherwise each token's dot product with the LM's (normed) input embedding of every vocabulary
+        entry / sqrt(n_embd): a token equal to a word's embedding scores sqrt(n_embd), an unrelated one about 0."""
+        if self.config.projector == "lego":
+            return out
         table = self.embedding_table()
-        with torch.autocast(hidden.device.type, enabled=False):  # the audio path stays fp32 under bf16 autocast
-            out, lengths = self.projector(self.select(hidden.float()), frame_lengths)
-            if self.config.projector == "lego":
-                return out.softmax(-1) @ table, out, lengths
-            return out, out @ table.T / table.size(1) ** 0.5, lengths
+        return out @ table.T / table.size(1) ** 0.5
 
     def audio_logits(self, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each audio token (before any collapse) read as LM tokens: logits (B, A, vocab) and the lengths."""
-        _, logits, lengths = self.frames(hidden, frame_lengths)
-        return logits, lengths
+        with torch.autocast(hidden.device.type, enabled=False):
+            out, lengths = self._project(hidden, frame_lengths)
+            return self._logits(out), lengths
 
     def audio_tokens(self, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded audio tokens (B, A, n_embd) and their lengths, before any prompt or padding:
-        the projector's, or with `collapse` one per CTC segment (`ctc_collapse`)."""
-        tokens, logits, lengths = self.frames(hidden, frame_lengths)
-        if self.config.collapse:
-            tokens, lengths = ctc_collapse(tokens, logits.argmax(-1), lengths, self.tokenizer.bos_id)
-        return tokens, lengths
+        the projector's (a `lego` projector's posteriors times the LM's embeddings), or with `collapse`
+        one per CTC segment (`ctc_collapse`). Logits over the vocabulary are computed only for the collapse."""
+        with torch.autocast(hidden.device.type, enabled=False):  # the audio path stays fp32 under bf16 autocast
+            out, lengths = self._project(hidden, frame_lengths)
+            tokens = out.softmax(-1) @ self.embedding_table() if self.config.projector == "lego" else out
+            if self.config.collapse:
+                tokens, lengths = ctc_collapse(tokens, self._logits(out).argmax(-1), lengths, self.tokenizer.bos_id)
+            return tokens, lengths
 
     def prefix(self, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The soft prefix the GPT sees before the text: left-padded (B, P, n_embd) and its mask."""
