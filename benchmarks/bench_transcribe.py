@@ -3,7 +3,7 @@ greedy decoding tokens/s with vs without the KV cache.
 
     python benchmarks/bench_transcribe.py [--run RUN_DIR] [--repeats 20] [--new 64]
 
-With --run, the model is an alignment run's (omni.experiments.trained.load_run: its LM, audio path, encoder
+With --run, the model is an alignment run's (omni.experiments.audio_run.load_run: its LM, audio path, encoder
 and encoder mode). Without, a SpeechLM with a random projector on a random GPT of omni.experiments.pretrain_lm's
 default size (depth and BPE vocabulary from PretrainConfig; sequence_len as pretrain builds it) and
 the embedded tiny.en encoder: latency does not depend on the weights' values.
@@ -83,7 +83,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     if args.run:
-        from omni.experiments.trained import load_run, run_encoder
+        from omni.experiments.audio_run import load_run, run_encoder
 
         model, meta = load_run(args.run, args.device)
         encoder, mode = run_encoder(meta, model.gpt_device)
@@ -141,7 +141,7 @@ def main() -> None:
         t["audio tokens"] = prefix.size(1)
         return t
 
-    from omni.experiments.trained import transcribe_waves
+    from omni.experiments.audio_run import transcribe_waves
 
     def library() -> float:
         t0 = time.perf_counter()

@@ -37,7 +37,7 @@ def main() -> None:
     cache = prepare_cache(cfg)
     test = cache.select(split="test")
     test = test[: args.clips] if args.clips else test
-    systems = {"whisper": LoopGuard(seed=cfg.seed), "whisper_greedy": None}
+    systems = {"whisper": LoopGuard(seed=cfg.seed), "whisper_unguarded": None}
     seconds = dict.fromkeys(systems, 0.0)
     for end in range(16, len(test) + 16, 16):
         rows = test[:end]
@@ -56,8 +56,8 @@ def main() -> None:
         for r in score_table(refs, hyps, labels, by=("style", "variant")):
             if r["by"] != "all":
                 print(f"  {r['by']}={r['group']:9s} n={r['n']:3.0f} {r['system']:15s} WER {r['wer']:.3f} (median {r['median_wer']:.3f})")
-    if seconds["whisper_greedy"] > 0:
-        print(f"guard / greedy decoding time: {seconds['whisper'] / seconds['whisper_greedy']:.1f}x")
+    if seconds["whisper_unguarded"] > 0:
+        print(f"guard / greedy decoding time: {seconds['whisper'] / seconds['whisper_unguarded']:.1f}x")
     if args.ship:
         for name, guard in systems.items():
             print("shipped:", ship_hyps(cache, test, cfg.encoder, guard))

@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 
 # old names, kept until the next release: {command: {old: new}}; a command renamed is under "" (issue 21)
+HEAR = str(Path(__file__).resolve().parents[1] / "models" / "hear")  # the committed hearing model: what transcribe and chat use without --run
+
 RENAMED = {
     "": {"bench": "texture"},
     "features": {"--out": "--features", "--mode": "--encoder-mode"},
@@ -145,7 +147,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     from omni.data.manifest import read_manifest
     from omni.eval import metrics
     from omni.eval.yardstick import whisper_decode
-    from omni.experiments.trained import load_run, run_encoder, transcribe_waves
+    from omni.experiments.audio_run import load_run, run_decoding, run_encoder, transcribe_waves
     from omni.model.speech_lm import LoopGuard
 
     if bool(args.manifest) == bool(args.audio):
@@ -179,9 +181,10 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     waves = [audio.load(p) for p in paths]
     guard = LoopGuard() if args.guard else None
     model, meta = load_run(run, args.device, name="--run")
+    decoding = run_decoding(meta, args.decode, args.beam, args.ctc_decode_weight)
     encoder, mode = run_encoder(meta, model.gpt_device)
     t0 = time.perf_counter()
-    hyps = transcribe_waves(model, encoder, waves, mode=mode, guard=guard)
+    hyps = transcribe_waves(model, encoder, waves, mode=mode, guard=guard, decoding=decoding)
     dt = time.perf_counter() - t0
     systems = {"aligned": hyps}
     if args.whisper_baseline:
@@ -191,8 +194,9 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     for i, p in enumerate(paths):  # one line per clip: whitespace inside a hypothesis (tabs, newlines) printed as single spaces
         print("\t".join([str(p), *(" ".join(h[i].split()) for h in systems.values())]) + (f"\t(ref: {refs[i]})" if refs else ""))
     if refs:
-        decoding = "greedy" if guard is None else "loop guard"
-        print(f"{len(refs)} clips, {dt:.1f} s, {decoding}")
+        how = f"joint CTC/LM beam search (beam {decoding.beam}, CTC weight {decoding.ctc_decode_weight})" if decoding.decode == "joint" \
+            else "greedy" if guard is None else "greedy, loop guard"
+        print(f"{len(refs)} clips, {dt:.1f} s, {how}")
         for name, h in systems.items():
             print(f"{name}: WER {metrics.wer(refs, h):.3f}  CER {metrics.cer(refs, h):.3f}  median WER {metrics.median_wer(refs, h):.3f}")
         for label in breakdown_labels(labels):
@@ -208,7 +212,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 def _resolve_run(run: str) -> tuple[str, list[str]]:
     """(the run's model folder, []) or (run, [why it is no trained model]): checked with the other
     arguments, before any model loads (an MLflow run's model is fetched once, here)."""
-    from omni.experiments.trained import model_dir
+    from omni.experiments.audio_run import model_dir
 
     try:
         return str(model_dir(run, "--run")), []
@@ -245,7 +249,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     run, found = _resolve_run(args.run)  # all of them before seconds go into loading the model
     problems += found + [f"{a}: file not found" for a in args.cli or [] if not Path(a).is_file()]
     _refuse(problems)
-    session = Session(*load_model(run, args.device))
+    session = Session(*load_model(run, args.device, args.decode, args.beam, args.ctc_decode_weight))
     if args.cli:
         chat_cli(session, args.cli, args.question, s)
     else:
@@ -316,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(fn=cmd_features)
 
     t = sub.add_parser("transcribe", help="transcribe audio with an aligned model; WER/CER when the manifest has text")
-    t.add_argument("--run", required=True, help="alignment run folder (reports/alignment/<stamp>) or MLflow run id")
+    t.add_argument("--run", default=HEAR, help=f"trained run: its folder, report folder (reports/alignment/<stamp>) or MLflow run id (default: {HEAR}, the committed hearing model)")
     t.add_argument("--manifest", help="flat or conversation JSONL manifest")
     t.add_argument("audio", nargs="*", help="audio files (instead of --manifest)")
     t.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
@@ -324,11 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--whisper-baseline", "--whisper", action="store_true",
                    help="also transcribe with Whisper's own decoder (the run's encoder), scored on the same clips (--whisper: the old name)")
     t.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
-                   help="decode under the loop guard's temperature fallback; --no-guard: plain greedy decoding")
+                   help="greedy decoding under the loop guard's temperature fallback; --no-guard: plain greedy decoding")
+    add_decoding(t)
     t.set_defaults(fn=cmd_transcribe)
 
     c = sub.add_parser("chat", help="chat demo: a local web page (or --cli, the terminal) that streams a trained model's answers to audio")
-    c.add_argument("--run", required=True, help="trained run folder (reports/alignment/<stamp>) or MLflow run id")
+    c.add_argument("--run", default=HEAR, help=f"trained run: its folder, report folder or MLflow run id (default: {HEAR}, the committed hearing model)")
     c.add_argument("--host", default="127.0.0.1", help="address to bind; anything but localhost exposes the model to the network")
     c.add_argument("--port", type=int, default=8000, help="port of the page (1..65535)")
     c.add_argument("--cli", nargs="+", metavar="AUDIO", help="answer these audio files in the terminal instead of serving the page")
@@ -339,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", "--max-tokens", type=int, default=120, help="decoding budget per answer (--max-tokens: the old name)")
     c.add_argument("--seed", type=int, default=None, help="fixes sampling when temperature > 0 (default: not fixed)")
     c.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
+    add_decoding(c)
     c.set_defaults(fn=cmd_chat)
 
     b = sub.add_parser("texture", aliases=["bench"], help="texture benchmark of an instruction-tuned run, with its baselines (bench: the old name)")
@@ -352,6 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
     b.set_defaults(fn=cmd_texture)
     return p
+
+
+def add_decoding(p: argparse.ArgumentParser) -> None:
+    """The decoding options of every command that transcribes (each defaults to the run's own)."""
+    p.add_argument("--decode", choices=("greedy", "joint"), default="", help="greedy (the LM alone) | joint (CTC/LM beam search; "
+                   "runs with a CTC head); default: the run's own")
+    p.add_argument("--beam", type=int, default=0, help="joint decoding: hypotheses kept per clip (default: the run's own)")
+    p.add_argument("--ctc-decode-weight", type=float, default=-1.0, help="joint decoding: weight of the CTC term in [0, 1] (default: the run's own)")
 
 
 def main(argv: list[str] | None = None) -> int:

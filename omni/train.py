@@ -45,6 +45,7 @@ from omni.track import NullTracker, Tracker
 
 DTYPES = ("bfloat16", "float16", "float32")  # a config's `dtype`: autocast on CUDA; the CPU runs float32
 PROJECTOR = "projector."  # name prefix of the projector's parameters (what freeze_projector_steps holds still)
+LM = "gpt."  # name prefix of the LM's parameters (what lm_lr sets the learning rate of)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class TrainConfig:
     min_lr_frac: float = 0.1  # cosine decay ends at lr * min_lr_frac; 1.0 keeps lr constant
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     lora_grad_clip: float = 0.0  # > 0: LoRA params ("lora_" in the name) are clipped to this norm on their own; 0 = with the rest
+    lm_lr: float = 0.0  # > 0: parameters named "gpt.*" (the LM's adapters or weights) at this peak lr instead of `lr`, same schedule
     max_bad_steps: int = 10  # stop with an error after this many non-finite steps in a row; 0 = never stop
     early_lr_factor: float = 1.0  # the lr is multiplied by this for the first `early_steps` steps
     early_steps: int = 0  # steps that run at early_lr_factor * lr
@@ -135,10 +137,14 @@ def train(
         raise ValueError(f"optimizer {cfg.optimizer!r} is not adamw or muon (parameter `optimizer`)")
     muon = [p for n, p in zip(names, plist) if cfg.optimizer == "muon" and p.ndim == 2 and cfg.muon_match in n]
     adam = [p for p in plist if not any(p is q for q in muon)]
-    # no weight decay on vectors and scalars (norm gains, biases, layer weights), as usual
+    # no weight decay on vectors and scalars (norm gains, biases, layer weights), as usual; the LM's
+    # share ("gpt.*") at lm_lr when set: a pretrained LM moves less than a fresh projector should
+    lm_scale = cfg.lm_lr / cfg.lr if cfg.lm_lr > 0 else 1.0
+    scale = {id(p): lm_scale if n.startswith(LM) else 1.0 for n, p in zip(names, plist)}
     groups = [
-        {"params": [p for p in adam if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-        {"params": [p for p in adam if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0},
+        {"params": [p for p in adam if (p.ndim >= 2) == matrix and scale[id(p)] == sc], "weight_decay": cfg.weight_decay if matrix else 0.0,
+         "lr_scale": sc}
+        for matrix in (True, False) for sc in sorted({1.0, lm_scale})
     ]
     opts = [torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")]
     if muon:

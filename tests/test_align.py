@@ -16,7 +16,7 @@ from omni.eval import metrics
 from omni.eval.yardstick import whisper_hyps
 from omni.experiments import alignment
 from omni.experiments.alignment import AlignConfig, decode
-from omni.experiments.trained import load_run, run_encoder, transcribe_waves
+from omni.experiments.audio_run import load_run, run_encoder, transcribe_waves
 from omni.model.encoder import collate_states
 
 
@@ -39,7 +39,7 @@ def test_run_reports_scores_curves_and_layer_weights(tiny_alignment):
     assert res.test.refs == refs and len(res.test.hyps) == len(res.test.control_hyps) == 4
     assert s["wer"] == metrics.wer(refs, res.test.hyps) and s["control_wer"] == metrics.wer(refs, res.test.control_hyps)
     # the yardstick: guarded by default, the greedy pass kept, medians, clear speech apart, a table per label
-    assert s["greedy_wer"] == metrics.wer(refs, res.test.greedy_hyps) and s["median_wer"] == metrics.median_wer(refs, res.test.hyps)
+    assert s["unguarded_wer"] == metrics.wer(refs, res.test.systems["unguarded"]) and s["median_wer"] == metrics.median_wer(refs, res.test.hyps)
     assert 0 <= s["fallback_fraction"] <= 1 and s["control_median_wer"] == metrics.median_wer(refs, res.test.control_hyps)
     labels = [r["labels"] for r in res.test.rows]
     clear = [i for i, r in enumerate(labels) if r["style"] == "normal"]
@@ -47,7 +47,7 @@ def test_run_reports_scores_curves_and_layer_weights(tiny_alignment):
     if clear:
         assert s["clear_wer"] == metrics.wer([refs[i] for i in clear], [res.test.hyps[i] for i in clear])
     table = {(r["by"], r["group"], r["system"]): r for r in res.test.table}
-    assert table[("all", "all", "aligned")]["wer"] == s["wer"] and table[("all", "all", "control")]["n"] == 4
+    assert table[("all", "all", "ours")]["wer"] == s["wer"] and table[("all", "all", "control")]["n"] == 4
     assert {r["by"] for r in res.test.table} >= {"style", "variant", "rate_bucket", "pitch_bucket"}
     # the WER-vs-steps curve and the learned layer mix, at each evaluation (every 5 steps)
     assert [step for step, _ in res.wer_curve] == [5, 10] and all(w >= 0 for _, w in res.wer_curve)
@@ -61,7 +61,7 @@ def test_run_reports_scores_curves_and_layer_weights(tiny_alignment):
     model_dir = tiny_alignment.run / "model"
     meta = json.loads((model_dir / "audio_path.json").read_text())
     assert meta["speech_lm"]["layer"] == "weighted" and meta["n_states"] == cache.n_states
-    assert meta["encoder"] == "tiny.en" and meta["encoder_mode"] == "var" and meta["align"]["steps"] == cfg.steps
+    assert meta["encoder"] == "tiny.en" and meta["encoder_mode"] == "var" and meta["config"]["steps"] == cfg.steps and meta["recipe"] == "alignment"
     assert (model_dir / "audio_path.safetensors").is_file() and (model_dir / "resume" / "train_state.json").is_file()
 
 
@@ -91,8 +91,8 @@ def test_saved_run_transcribes_raw_audio_like_the_run_decoded_its_cache(tiny_ali
     between_clips = (logits_cached - logits_cached.roll(1, dims=0)).abs().max().item()
     print(f"logits: float16 cache vs float32 encoder differ by {rounding:.2e}, two clips by {between_clips:.2e}")
     assert rounding < 1e-2 and between_clips > 100 * rounding, (rounding, between_clips)
-    same = sum(a == b for a, b in zip(hyps, res.test.greedy_hyps))  # transcribe_waves decodes greedily by default
-    assert same >= len(hyps) - 1, list(zip(hyps, res.test.greedy_hyps))
+    same = sum(a == b for a, b in zip(hyps, res.test.systems["unguarded"]))  # transcribe_waves decodes greedily by default
+    assert same >= len(hyps) - 1, list(zip(hyps, res.test.systems["unguarded"]))
 
 
 def test_shuffled_control_gives_every_clip_another_clips_audio():
@@ -102,7 +102,7 @@ def test_shuffled_control_gives_every_clip_another_clips_audio():
         def eval(self):
             return self
 
-        def hypotheses(self, hidden, lengths, max_new_tokens, guard):
+        def hypotheses(self, hidden, lengths, max_new_tokens, guard, decoding):
             return [str(int(h[0, 0, 0])) for h in hidden]
 
     states = [torch.full((1, 2 + i % 3, 1), float(i)) for i in range(7)]
@@ -136,16 +136,16 @@ def test_prompt_before_or_after_the_audio(tiny_alignment, tmp_path, position):
         assert (targets[0, :n_prompt] == -1).all()
     waves = [audio.load(cache.rows[r]["audio"]) for r in rows]
     hyps = transcribe_waves(model, encoder, waves, mode=mode, max_new_tokens=6)
-    assert sum(a == b for a, b in zip(hyps, res.test.greedy_hyps[:2])) >= 1
+    assert sum(a == b for a, b in zip(hyps, res.test.systems["unguarded"][:2])) >= 1
 
 
 def test_bad_parameters_fail_before_any_work(tiny_alignment, tmp_path, monkeypatch):
-    import omni.experiments.alignment
+    import omni.experiments.audio_run
 
-    def no_pretraining(*a, **k):
-        raise AssertionError("a bad parameter must be reported before an LM is pretrained")
+    def no_lm(*a, **k):
+        raise AssertionError("a bad parameter must be reported before an LM is loaded")
 
-    monkeypatch.setattr(omni.experiments.alignment.pretrain_lm, "run", no_pretraining)
+    monkeypatch.setattr(omni.experiments.audio_run, "load_lm", no_lm)
     missing = dict(corpus=str(tmp_path / "no-corpus"), lm=str(tmp_path / "no-lm"), device="cpu")
     with pytest.raises(ValueError, match="parameter `layer` = 'lats'"):  # when the config is built, before any work
         alignment.run(AlignConfig(layer="lats", **missing))
@@ -172,7 +172,7 @@ def test_projector_plus_lm_trains_the_lm_and_the_run_carries_it(tiny_alignment, 
     changed = [n for n, p in res.model.gpt.named_parameters() if not torch.equal(p.detach(), original.state_dict()[n])]
     assert changed, "the LM did not train"
     meta = json.loads((tmp_path / "model" / "audio_path.json").read_text())
-    assert meta["lm"] == str((tmp_path / "model" / "lm").resolve())  # its own copy, not the frozen original
+    assert meta["lm"] == "lm" and meta["saved"] == ["audio_path", "lm"]  # its own copy (relative to the run), not the frozen original
     model, _, _ = load_with_encoder(tmp_path / "model")
     for n, p in model.gpt.named_parameters():
         assert torch.equal(p, res.model.gpt.state_dict()[n])
@@ -204,10 +204,11 @@ def test_whisper_baseline_is_cached_next_to_the_features(tiny_alignment, tmp_pat
 
     # the alignment's (unguarded) baseline decodes only the clip not cached yet ...
     res = alignment.run(replace(tiny_alignment.cfg, whisper_baseline=True, guard=False, steps=1, eval_clips=1, out=""), cache=cache)
-    assert calls == [(3, False), (1, False)] and res.test.whisper_hyps[:3] == first
-    assert res.scores["whisper_wer"] == metrics.wer(refs, res.test.whisper_hyps)
-    assert res.scores["whisper_cer"] == metrics.cer(refs, res.test.whisper_hyps)
-    assert res.scores["whisper_median_wer"] == metrics.median_wer(refs, res.test.whisper_hyps)
+    whisper = res.test.systems["whisper"]
+    assert calls == [(3, False), (1, False)] and whisper[:3] == first
+    assert res.scores["whisper_wer"] == metrics.wer(refs, whisper)
+    assert res.scores["whisper_cer"] == metrics.cer(refs, whisper)
+    assert res.scores["whisper_median_wer"] == metrics.median_wer(refs, whisper)
 
     # ... other decoding settings are another cache file: the guard decodes again, with the fallback
     guarded = whisper_hyps(cache, rows[:2], "tiny.en", LoopGuard())
@@ -216,9 +217,9 @@ def test_whisper_baseline_is_cached_next_to_the_features(tiny_alignment, tmp_pat
 
     # ... and a later call runs no Whisper at all, even through a view that numbers the rows differently
     monkeypatch.setattr(omni.eval.yardstick, "load_whisper_model", lambda *a: pytest.fail("Whisper loaded again"))
-    assert whisper_hyps(cache, rows, "tiny.en") == res.test.whisper_hyps and len(calls) == 3
+    assert whisper_hyps(cache, rows, "tiny.en") == whisper and len(calls) == 3
     view = FeatureCache(cache.path, dict(cache.index, rows=[cache.rows[r] for r in reversed(rows)]))
-    assert whisper_hyps(view, [0, 1, 2, 3], "tiny.en") == res.test.whisper_hyps[::-1]
+    assert whisper_hyps(view, [0, 1, 2, 3], "tiny.en") == whisper[::-1]
     assert whisper_hyps(view, [3, 2], "tiny.en", LoopGuard()) == guarded
 
 
@@ -438,14 +439,16 @@ def test_shipped_whisper_transcripts_spare_the_decode(tiny_alignment, tmp_path, 
 
 
 def test_headline_table_leads_with_ours_the_control_and_whisper_on_the_same_clips(tiny_alignment):
-    res = tiny_alignment.result  # whisper_baseline=False
+    res = tiny_alignment.result  # whisper_baseline=False, no CTC head: greedy only
     rows = alignment.headline(res)
     s = res.scores
-    assert [r["system"].split(":")[0] for r in rows] == ["ours", "control", f"Whisper {res.config.encoder}'s own decoder", "what the audio adds (control minus ours)"]
-    assert rows[0]["WER"] == s["clear_wer"] and rows[1]["median WER"] == s["clear_control_median_wer"]
+    assert [r["system"].split(",")[0].split(":")[0] for r in rows] == ["ours", "ours", f"Whisper {res.config.encoder}'s own decoder",
+                                                                     "what the audio adds to ours (greedy"]
+    assert rows[0]["WER"] == s["clear_wer"] == s["clear_greedy_wer"] and rows[1]["median WER"] == s["clear_control_median_wer"]
+    assert rows[0]["CER"] == s["clear_greedy_cer"] and "shuffled" in rows[1]["system"]
     assert "not run" in rows[2]["system"] and math.isnan(rows[2]["WER"])  # skipped, and said so
     assert rows[3]["WER"] == pytest.approx(s["clear_control_wer"] - s["clear_wer"])
     # with Whisper's figures present, its row carries them
-    with_whisper = replace(res, scores=s | {"clear_whisper_wer": 0.4, "clear_whisper_median_wer": 0.3, "whisper_wer": 0.5})
-    assert alignment.headline(with_whisper)[2] == {"system": f"Whisper {res.config.encoder}'s own decoder", "WER": 0.4, "median WER": 0.3,
-                                                   "WER, all styles": 0.5}
+    with_whisper = replace(res, scores=s | {"clear_whisper_wer": 0.4, "clear_whisper_median_wer": 0.3, "whisper_wer": 0.5, "clear_whisper_cer": 0.2})
+    assert alignment.headline(with_whisper)[2] == {"system": f"Whisper {res.config.encoder}'s own decoder (loop guard)", "WER": 0.4,
+                                                   "CER": 0.2, "median WER": 0.3, "WER, all styles": 0.5}

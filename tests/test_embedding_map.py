@@ -18,7 +18,7 @@ from omni.data import tts
 from omni.eval import embedding_stats as stats
 from omni.experiments import embedding_page
 from omni.experiments import embedding_viz
-from omni.experiments import trained
+from omni.experiments import audio_run
 
 # Runs the interactive page's script under node against a minimal DOM stub, hovers the first audio
 # token that has a word, pins its clip, cycles the colourings and searches that word; prints what it saw.
@@ -161,11 +161,11 @@ def test_umap_is_deterministic_given_a_seed():
 
 def test_no_run_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="-p run="):
-        trained.run_dirs("")
+        audio_run.run_dirs("")
     with pytest.raises(FileNotFoundError, match="nope"):
-        trained.run_dirs("nope")
+        audio_run.run_dirs("nope")
     with pytest.raises(FileNotFoundError, match="working directory"):  # a relative corpus seen from elsewhere
-        trained.run_cache({"align": {"corpus": str(tmp_path / "data" / "synth")}})
+        audio_run.run_cache({"config": {"corpus": str(tmp_path / "data" / "synth")}})
 
 
 # --- end to end --------------------------------------------------------------------------------
@@ -194,19 +194,19 @@ def runs(tmp_path_factory):
 
 
 def test_before_is_the_runs_own_initialisation(runs):
-    after, meta = trained.load_run(runs / "frozen")  # a report folder holding model/
-    before = trained.initial_model(after, meta)
-    assert meta["align"]["seed"] == 3
+    after, meta = audio_run.load_run(runs / "frozen")  # a report folder holding model/
+    before = audio_run.initial_model(after, meta)
+    assert meta["config"]["seed"] == 3
     for (n, a), (_, b) in zip(after.projector.state_dict().items(), before.projector.state_dict().items()):
         assert torch.equal(a, b), n  # frozen: the trained weights never moved from the init we rebuild
-    after, meta = trained.load_run(runs / "weighted" / "model")
-    before = trained.initial_model(after, meta)
+    after, meta = audio_run.load_run(runs / "weighted" / "model")
+    before = audio_run.initial_model(after, meta)
     assert not torch.equal(after.projector.fc1.weight, before.projector.fc1.weight)
 
 
 def test_a_grid_folder_means_all_its_runs(runs):
-    assert trained.run_dirs(str(runs)) == [runs / "frozen" / "model", runs / "weighted" / "model"]
-    assert trained.run_dirs(f"{runs / 'weighted'}, {runs / 'frozen' / 'model'}") == [runs / "weighted" / "model", runs / "frozen" / "model"]
+    assert audio_run.run_dirs(str(runs)) == [runs / "frozen" / "model", runs / "weighted" / "model"]
+    assert audio_run.run_dirs(f"{runs / 'weighted'}, {runs / 'frozen' / 'model'}") == [runs / "weighted" / "model", runs / "frozen" / "model"]
 
 
 def test_run_is_deterministic_given_a_seed(runs):

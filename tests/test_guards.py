@@ -147,7 +147,7 @@ def test_freeze_projector_steps_reaches_the_loop_from_align_config(tiny_alignmen
     gpt, tok = load_lm(cfg.lm)
     torch.manual_seed(cfg.seed)  # alignment.run's own seeding, before it builds the audio path
     init = SpeechLM(gpt, tok, tiny_alignment.cache.n_states, tiny_alignment.cache.d_model,
-                    SpeechLMConfig(cfg.layer, cfg.k, cfg.projector, cfg.prompt, cfg.prompt_position))
+                    SpeechLMConfig(cfg.layer, cfg.k, cfg.projector, prompt=cfg.prompt, prompt_position=cfg.prompt_position))
     for n, p in init.projector.state_dict().items():
         assert torch.equal(p, res.model.projector.state_dict()[n]), n
     assert not torch.equal(init.select.state_dict()["weights"], res.model.select.state_dict()["weights"])

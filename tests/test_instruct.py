@@ -20,7 +20,7 @@ from test_bench import fake_cache, fake_rows
 from omni.data.instructions import TEXTURE_TASKS, InstructionConfig, answer_value, build_instructions
 from omni.data.manifest import write_manifest
 from omni.eval.texture import load_questions, shuffled_questions
-from omni.experiments.trained import load_run
+from omni.experiments.audio_run import load_run
 from omni.experiments.tuning import (
     TuningConfig, answerer, assemble, build_model, conversation_batch, conversation_loss, draw, encode, mix_pools, prompt,
     question_conversation, read_conversations, tune,
@@ -37,7 +37,7 @@ def setup(tmp_path_factory):
     for split in ("train", "val", "test"):
         write_manifest(root / "instr" / f"{split}.jsonl", sets[split])
     cache = fake_cache(root / "cache", rows, informative=True)
-    cfg = TuningConfig(instructions=str(root / "instr"), lm=str(tiny_lm(root / "lm")), layer="weighted",
+    cfg = TuningConfig(instructions=str(root / "instr"), lm=str(tiny_lm(root / "lm")), layer="weighted", trainable="projector+lora",
                          steps=12, batch_size=8, lr=3e-3, warmup=0, device="cpu")
     return root, rows, cache, cfg
 
@@ -55,7 +55,7 @@ def test_multi_turn_audio_in_place_and_assistant_only_loss(setup):
     [parsed] = read_conversations(path)
     assert parsed[1] == ("user", ["Listen:", a, "and say the gender."]) and parsed[3] == ("human", [b, "Same speaker?"])
 
-    model = build_model(cfg, cache, torch.device("cpu"))
+    model = build_model(cfg, cache.n_states, cache.d_model, torch.device("cpu")).model
     tok = model.tokenizer
     states = dict(zip([a, b], cache.load_states([0, 1])))
     idx, embeds, targets, _ = conversation_batch(model, [parsed], states)
@@ -70,7 +70,7 @@ def test_multi_turn_audio_in_place_and_assistant_only_loss(setup):
         hidden, frames = cache.load_states([0])[0].float()[None], torch.tensor([5])
         tokens, n = model.audio_tokens(hidden, frames)
     n = int(n[0])
-    assert torch.allclose(embeds[0, p : p + n], tokens[0, :n])
+    assert torch.allclose(embeds[0, p : p + n], tokens[0, :n], atol=1e-5)
     assert tok.decode(idx[0, p + n : p + n + 21].tolist()) == " and say the gender.\n"
 
     # the loss is the cross-entropy over exactly those positions, a mean per turn, then over the turns
@@ -122,7 +122,7 @@ def test_greedy_answers_in_a_batch_match_each_question_alone(setup):
     """answerer() right-pads questions of different lengths in one batch and decodes them together;
     each answer must be what the question gets when it is asked alone."""
     root, rows, cache, cfg = setup
-    model = build_model(cfg, cache, torch.device("cpu"))  # random: its answers differ per question
+    model = build_model(cfg, cache.n_states, cache.d_model, torch.device("cpu")).model  # random: its answers differ per question
     qs = load_questions(root / "instr" / "test.jsonl", check_audio=False)[:6]
     ask = answerer(model, cache, max_new_tokens=10)
     got = ask(qs)
@@ -132,10 +132,12 @@ def test_greedy_answers_in_a_batch_match_each_question_alone(setup):
 
 def test_projector_only_keeps_the_lm_and_bad_input(setup):
     root, rows, cache, cfg = setup
-    model = build_model(cfg, cache, torch.device("cpu"))
+    frozen = replace(cfg, trainable="projector", steps=3, out="")
+    built = build_model(frozen, cache.n_states, cache.d_model, torch.device("cpu"))
+    model = built.model
     before = {k: v.clone() for k, v in model.gpt.state_dict().items()}
     proj = model.projector.fc2.weight.detach().clone()
-    tune(replace(cfg, trainable="projector", steps=3, out=""), cache=cache, model=model)
+    tune(frozen, cache=cache, built=built)
     assert all(torch.equal(before[k], v) for k, v in model.gpt.state_dict().items())
     assert not torch.equal(proj, model.projector.fc2.weight)
     with pytest.raises(ValueError, match="trainable"):
@@ -146,20 +148,20 @@ def test_projector_only_keeps_the_lm_and_bad_input(setup):
         tune(bad, cache=cache)
     with pytest.raises(ValueError, match=r"train.jsonl: row 1 is \d+ tokens with its audio, over the LM's sequence_len=16"):
         model.gpt.config.sequence_len = 16
-        tune(cfg, cache=cache, model=model)
+        tune(frozen, cache=cache, built=built)
     small = fake_cache(root / "small_cache", rows[:4], informative=False)
     with pytest.raises(ValueError, match="not in the feature cache"):
         tune(cfg, cache=small)
 
 
 def test_lora_adapters_train_the_base_stays_bit_identical_and_round_trip(setup):
-    """The default, projector+lora: peft adapters on attention + MLP train, every base weight of the LM
+    """projector+lora (instruct.yaml's recipe): peft adapters on attention + MLP train, every base weight of the LM
     stays bit-identical, only the adapters are saved, and the reloaded run answers exactly as the trained one."""
     from omni.model.gpt import GPT
     from omni.model.lm import GPT_TARGETS, lora_parameters
 
     root, rows, cache, cfg = setup
-    assert TuningConfig().trainable == "projector+lora" and cfg.trainable == "projector+lora"
+    assert cfg.trainable == "projector+lora"
     base = GPT.load(cfg.lm).state_dict()
     res = tune(replace(cfg, out=str(root / "lora_run"), steps=8), cache=cache)
     lora = lora_parameters(res.model.gpt)
@@ -176,7 +178,7 @@ def test_lora_adapters_train_the_base_stays_bit_identical_and_round_trip(setup):
     assert json.loads((out / "audio_path.json").read_text())["lm"] == str(Path(cfg.lm).resolve())
 
     loaded, meta = load_run(out)
-    assert meta["instruct"]["lora_rank"] == 16 and set(lora_parameters(loaded.gpt)) == set(lora)
+    assert meta["config"]["lora_rank"] == 16 and set(lora_parameters(loaded.gpt)) == set(lora)
     qs = load_questions(root / "instr" / "test.jsonl", check_audio=False)[:8]
     got = answerer(res.model, cache, max_new_tokens=6)(qs)
     assert answerer(loaded, cache, max_new_tokens=6)(qs) == got
@@ -239,7 +241,7 @@ def test_loss_weighs_each_turn_then_each_conversation_equally(setup):
     """Loss weighting: a 12-word transcript and a one-word answer weigh the same in a batch (the mean of
     per-conversation means), not by their token counts."""
     root, rows, cache, cfg = setup
-    model = build_model(cfg, cache, torch.device("cpu"))
+    model = build_model(cfg, cache.n_states, cache.d_model, torch.device("cpu")).model
     a, b = Path(rows[0]["audio"]).resolve(), Path(rows[1]["audio"]).resolve()
     states = dict(zip([a, b], cache.load_states([0, 1])))
     convs = [[("user", [a, "Transcribe the audio."]), ("assistant", ["the cat sat on a mat while dogs ran far away from home"])],
@@ -322,7 +324,7 @@ def test_cached_answers_equal_the_training_forward_on_a_nanochat_style_lm(setup,
             if p.ndim == 2:
                 p.normal_(0.0, 0.3)
     gpt.save(tmp_path / "nano")
-    model = build_model(replace(cfg, lm=str(tmp_path / "nano")), cache, torch.device("cpu"))
+    model = build_model(replace(cfg, lm=str(tmp_path / "nano")), cache.n_states, cache.d_model, torch.device("cpu")).model
     qs = load_questions(root / "instr" / "test.jsonl", check_audio=False)[:6]
     got = answerer(model, cache, max_new_tokens=4)(qs)
     row_of = {Path(r["audio"]).resolve(): i for i, r in enumerate(rows)}
@@ -355,7 +357,7 @@ def test_a_question_written_audio_last_is_asked_audio_last(setup):
     first = [q for q in qs if isinstance(q["segments"][0], int)]
     assert last and first
     raw = {json.loads(line)["conversations"][0]["value"] for line in (root / "instr" / "test.jsonl").read_text().splitlines()}
-    tok = build_model(cfg, cache, torch.device("cpu")).tokenizer
+    tok = build_model(cfg, cache.n_states, cache.d_model, torch.device("cpu")).model.tokenizer
     for q in last[:3]:
         assert any(v.startswith(q["segments"][0]) and v.endswith("</audio>") for v in raw)
         conv = question_conversation(q)
@@ -404,7 +406,7 @@ def test_tuning_starts_from_an_alignment_run(tiny_alignment, tmp_path, capsys):
     write_instructions(InstructionConfig(corpus=str(tiny_alignment.corpus), out=str(tmp_path / "instr"), tasks=("gender",), chains=0))
     cfg = TuningConfig(instructions=str(tmp_path / "instr"), lm=str(tiny_alignment.lm), run=str(tiny_alignment.run),
                        layer="last", k=2, device="cpu")
-    model = build_model(cfg, tiny_alignment.cache, torch.device("cpu"))
+    model = build_model(cfg, tiny_alignment.cache.n_states, tiny_alignment.cache.d_model, torch.device("cpu")).model
     aligned = tiny_alignment.result.model.config
     assert (model.config.layer, model.config.k, model.config.projector) == (aligned.layer, aligned.k, aligned.projector)
     assert "the audio path starts from it" in capsys.readouterr().out
@@ -418,7 +420,7 @@ def test_defaults_are_a_budget_that_can_listen(tmp_path, monkeypatch):
     alike drew about 100), evaluates while it trains, benchmarks 150 questions per task and watches
     held-out clips; the LM is the committed models/lm, and a missing one is an error saying how to make one."""
     from omni.experiments.instruct import InstructConfig
-    from omni.experiments.tuning import require_lm
+    from omni.experiments.audio_run import require_lm
 
     cfg = InstructConfig()
     per_task = cfg.steps * cfg.batch_size * cfg.texture_share / len(TEXTURE_TASKS)

@@ -65,7 +65,7 @@ def test_lora_targets_that_name_nothing_are_refused(lms):
 
 def test_alignment_with_lora_trains_adapters_not_the_base(tiny_alignment, lms, tmp_path):
     from omni.experiments import alignment
-    from omni.experiments.trained import load_run
+    from omni.experiments.audio_run import load_run
 
     cfg = replace(tiny_alignment.cfg, lm=str(lms["hf"]), trainable="projector+lora", lora_rank=4, steps=3,
                   eval_every=3, eval_clips=2, max_new_tokens=4, out=str(tmp_path / "run"))

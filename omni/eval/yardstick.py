@@ -133,7 +133,7 @@ def clear_rows(labels: list[dict]) -> list[int]:
 
 def content_scores(refs: list[str], systems: dict[str, list[str]], labels: list[dict]) -> dict[str, float]:
     """Flat headline scores: for each system NAME ("" for ours), NAMEwer / NAMEmedian_wer / NAMEcer
-    on all clips and clear_NAMEwer / clear_NAMEmedian_wer on the clear-speech clips."""
+    on all clips and clear_NAMEwer / clear_NAMEmedian_wer / clear_NAMEcer on the clear-speech clips."""
     clear = clear_rows(labels)
     out: dict[str, float] = {"n_clear": float(len(clear))}
     for name, hyps in systems.items():
@@ -141,5 +141,6 @@ def content_scores(refs: list[str], systems: dict[str, list[str]], labels: list[
         out |= {f"{p}wer": metrics.wer(refs, hyps), f"{p}median_wer": metrics.median_wer(refs, hyps), f"{p}cer": metrics.cer(refs, hyps)}
         if clear:
             c_refs, c_hyps = [refs[i] for i in clear], [hyps[i] for i in clear]
-            out |= {f"clear_{p}wer": metrics.wer(c_refs, c_hyps), f"clear_{p}median_wer": metrics.median_wer(c_refs, c_hyps)}
+            out |= {f"clear_{p}wer": metrics.wer(c_refs, c_hyps), f"clear_{p}median_wer": metrics.median_wer(c_refs, c_hyps),
+                    f"clear_{p}cer": metrics.cer(c_refs, c_hyps)}
     return out

@@ -27,10 +27,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
@@ -39,80 +38,47 @@ from omni.data.features import FeatureCache, build_features
 from omni.data.synth import SynthConfig, build_corpus
 from omni.eval import metrics
 from omni.eval.yardstick import clear_rows, content_scores, score_table, whisper_hyps
-from omni.experiments import pretrain_lm
-from omni.experiments.pretrain_lm import PretrainConfig
-from omni.model.encoder import MODES, LayerSelect, collate_states, require_layer
-from omni.model.hf_lm import check_load_in
-from omni.model.lm import LoraSpec, is_hub_id, load_lm, save_lm, save_lora
+from omni.experiments.audio_run import AudioRunConfig, Built, build_model, check_layer, run_meta, save_run, trainable_parameters
+from omni.model.encoder import collate_states
 from omni.model.losses import ctc_embedding_loss, ctc_readout, distill_loss
-from omni.model.projector import Projector, ProjectorConfig
-from omni.model.speech_lm import PROMPT_POSITIONS, TRAINABLE, Hypothesis, LoopGuard, SpeechLM, SpeechLMConfig, lm_parameters
-from omni.params import require, require_choice, require_device
+from omni.model.speech_lm import DECODES, PROMPT_POSITIONS, Decoding, Hypothesis, LoopGuard, SpeechLM
+from omni.params import ParamError, require, require_choice
 from omni.track import NullTracker, Tracker
-from omni.train import DTYPES, History, TrainConfig, init_ddp, pick_device, train
+from omni.train import History, TrainConfig, init_ddp, pick_device, train
 
 
 @dataclass
-class AlignConfig:
-    corpus: str = "data/synth"  # synthesized corpus folder (built if missing)
+class AlignConfig(AudioRunConfig):
     sentences: int = 3000  # corpus size when it has to be built
-    features: str = "cache/features"  # feature cache root
-    encoder: str = "tiny.en"  # Whisper source
-    encoder_mode: str = "var"  # var | pad30
-    lm: str = "models/lm"  # the LM: an omni LM folder (models/lm: the committed copying LM; a missing folder is pretrained with omni.experiments.pretrain_lm's defaults) | a nanochat checkpoint folder | an HF model folder or hub id
-    load_in: str = ""  # "" | 8bit | 4bit: k-bit weights for a Hugging Face LM (bitsandbytes, CUDA only)
-    layer: str = "last"  # last | middle | <index> | weighted | weighted_ln
-    k: int = 4  # frames per audio token
-    projector: str = "stack"  # stack | conv | avg | lego (posteriors over the LM vocabulary mixing its token embeddings, LegoSLM)
     prompt: str = ""  # e.g. "Transcribe:"
     prompt_position: str = "after"  # before | after the audio
     collapse: bool = False  # one audio token per CTC segment of the projector's tokens read as LM tokens (blanks dropped): the text-like layout a frozen LM copies from; needs ctc_weight > 0 to mean anything
     audio_bos: bool = False  # BOS's embedding before the audio tokens, as every pretraining document starts
-    trainable: str = "projector"  # projector (frozen LM: the research setting) | projector+lora (peft adapters) | projector+lm (diagnostic: is the frozen LM the limit?)
-    lora_rank: int = 16  # LoRA rank r (trainable=projector+lora)
-    lora_alpha: float = 32.0  # LoRA scale alpha / r
-    lora_dropout: float = 0.0  # dropout on the adapters' input
-    lora_targets: str = ""  # comma-separated module names; "" = attention + MLP projections of the backbone
-    lora_grad_clip: float = 0.0  # > 0: LoRA gradients clipped to this norm on their own (0 = with the rest)
-    max_bad_steps: int = 10  # stop with an error after this many non-finite steps in a row (0 = never)
-    early_lr_factor: float = 1.0  # lr multiplier for the first early_steps steps
-    early_steps: int = 0  # steps at early_lr_factor * lr (on top of the warmup)
-    freeze_projector_steps: int = 0  # the projector stays still for this many steps (the layer mix, LoRA or LM adapt first)
-    steps: int = 1000  # optimiser steps
-    batch_size: int = 32  # clips per step
-    lr: float = 2e-3  # AdamW peak learning rate
-    warmup: int = 50  # linear warm-up steps
-    eval_every: int = 250  # steps between held-out evaluations (the WER-vs-steps curve)
+    ctc_weight: float = 0.0  # + this x CTC of the audio tokens read as LM tokens (ctc_embedding_loss): a CTC head over the LM vocabulary, which joint decoding reads; 0 means plain cross-entropy
+    kl_weight: float = 0.0  # + this x KL from the same LM reading the transcript where the audio stands (distill_loss); 0 means off
+    decode: str = "greedy"  # how ours is decoded in the final evaluation and by default afterwards: greedy (the LM alone, under the loop guard) | joint (CTC/LM beam search; needs a CTC head). A run with a CTC head is scored both ways
+    beam: int = 8  # joint decoding: hypotheses kept per clip
+    ctc_decode_weight: float = 0.3  # joint decoding: weight of the CTC prefix log-probability (the LM's: 1 minus it)
     eval_clips: int = 100  # held-out clips decoded at each intermediate evaluation
     max_new_tokens: int = 80  # decoding budget per clip, in LM tokens
-    seed: int = 0  # fixes the projector's init, the batch order and the control's shuffle
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs float32
-    whisper_baseline: bool = True  # also decode the held-out clips with Whisper's own decoder
-    kl_weight: float = 0.0  # lever (issue 10): + this x KL from the same frozen LM reading the transcript where the audio stands (distill_loss); 0 means off
-    ctc_weight: float = 0.0  # lever (issue 10): + this x CTC of the audio tokens read as LM tokens (ctc_embedding_loss); 0 means plain cross-entropy
-    guard: bool = True  # final held-out decodes (ours, control, Whisper) under the loop guard (LoopGuard); greedy figures kept as *_greedy
+    whisper_baseline: bool = True  # also decode the held-out clips with Whisper's own decoder (shipped transcripts are used where the clips match)
+    guard: bool = True  # greedy decodes (ours, control, Whisper) under the loop guard (LoopGuard); the unguarded figures kept as *unguarded*
     guard_logprob: float = 0.0  # our decoder's guard: re-decode below this mean token log-prob; 0 takes minus the LM's own validation nats per token (pretrain.json's first_nats: a transcript the LM is less sure of than of prose it reads unaided has failed), or the compression ratio alone where the LM has no such figure. Whisper keeps openai-whisper's -1
-    out: str = ""  # folder the trained audio path is saved in (resume checkpoints under out/resume); "" = not saved
-
-    MIN_STEPS: ClassVar[int] = 1  # a subclass may allow 0 (no training)
 
     def __post_init__(self) -> None:
-        """Types and ranges, refused in one line naming the parameter before any corpus, cache or LM
-        is touched (`omni run` builds the config before a kernel starts)."""
-        require(self.steps >= self.MIN_STEPS, "steps", self.steps, f">= {self.MIN_STEPS}")
-        for name in ("sentences", "k", "batch_size", "eval_clips", "max_new_tokens"):
+        super().__post_init__()
+        for name in ("sentences", "eval_clips", "max_new_tokens", "beam"):
             require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
-        for name in ("warmup", "eval_every", "early_steps", "freeze_projector_steps", "max_bad_steps"):
-            require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
-        require(self.lr > 0, "lr", self.lr, "> 0")
-        require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
-        require(self.early_lr_factor > 0, "early_lr_factor", self.early_lr_factor, "> 0")
-        require_choice("encoder_mode", self.encoder_mode, MODES)
-        require_choice("dtype", self.dtype, DTYPES)
-        require_layer(self.layer, self.encoder)
-        require_device(self.device)
-        check_config(self)
+        require_choice("prompt_position", self.prompt_position, PROMPT_POSITIONS)
+        require_choice("decode", self.decode, DECODES)
+        require(0 <= self.ctc_decode_weight <= 1, "ctc_decode_weight", self.ctc_decode_weight, "in [0, 1]")
+        require(self.ctc_weight >= 0, "ctc_weight", self.ctc_weight, ">= 0")
+        require(self.kl_weight >= 0, "kl_weight", self.kl_weight, ">= 0")
+        if self.decode == "joint" and not self.ctc_weight and self.projector != "lego" and not self.run:
+            raise ParamError("parameter `decode` = 'joint': needs a CTC head (ctc_weight > 0 or projector=lego) for its CTC term")
+
+    def decoding(self) -> Decoding:
+        return Decoding(self.decode, self.beam, self.ctc_decode_weight)
 
 
 @dataclass
@@ -126,9 +92,7 @@ class HeldOut:
     rows: list[dict]  # the clips' cache rows (text, labels: voice, style, rate, ...)
     table: list[dict]  # WER by label group for every system (omni.eval.yardstick.score_table)
     clear_variants: list[str]  # the voice variants counted as clear speech
-    greedy_hyps: list[str] | None = None  # ours without the guard (when `guard`)
-    whisper_hyps: list[str] | None = None  # Whisper's own decoder (when `whisper_baseline`)
-    whisper_greedy_hyps: list[str] | None = None  # ... without the guard (when both)
+    systems: dict[str, list[str]] = field(default_factory=dict)  # every system's transcripts by name: greedy, joint, their *_control, unguarded, ctc, whisper, ...
 
 
 @dataclass
@@ -149,6 +113,8 @@ def prepare_cache(cfg: AlignConfig, progress: bool = True) -> FeatureCache:
     """The synthesized corpus and its feature cache, built on first use (both idempotent; an existing
     corpus is used as it is). Safe from parallel grid workers: the first holds a lock while it
     builds, the others wait and then find everything in place."""
+    if (Path(cfg.features) / "index.json").is_file():  # a cache folder itself
+        return FeatureCache.open(cfg.features)
     corpus = Path(cfg.corpus)
     with file_lock(corpus.parent / f".{corpus.name}.prepare.lock"):
         if not (corpus / "manifest.jsonl").exists():
@@ -156,22 +122,9 @@ def prepare_cache(cfg: AlignConfig, progress: bool = True) -> FeatureCache:
         return FeatureCache.open(build_features(corpus / "manifest.jsonl", cfg.features, cfg.encoder, mode=cfg.encoder_mode, progress=progress))
 
 
-def ensure_lm(cfg: AlignConfig, device: torch.device):
-    """(lm, tokenizer) from `cfg.lm` (omni.model.lm.load_lm); a missing omni LM folder is pretrained first."""
-    path = Path(cfg.lm)
-    if not path.exists() and not is_hub_id(cfg.lm):
-        print(f"no LM at {cfg.lm}: pretraining one with the defaults of omni.experiments.pretrain_lm")
-        pretrain_lm.run(PretrainConfig(out=cfg.lm, device=str(device)))
-    return load_lm(cfg.lm, device, load_in=cfg.load_in)
-
-
-def lora_spec(cfg: AlignConfig) -> LoraSpec:
-    return LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)
-
-
 def decode(model: SpeechLM, cache: FeatureCache, rows: list[int], states: list[torch.Tensor], batch_size: int, max_new_tokens: int,
-           shuffle_seed: int | None = None, guard: LoopGuard | None = None) -> list[Hypothesis]:
-    """Hypotheses for `rows`, in order: greedy, or under `guard` (SpeechLM.hypotheses).
+           shuffle_seed: int | None = None, guard: LoopGuard | None = None, decoding: Decoding | None = None) -> list[Hypothesis]:
+    """Hypotheses for `rows`, in order: greedy (under `guard` if given) or as `decoding` says (SpeechLM.hypotheses).
     shuffle_seed: give each clip another clip's audio (a seeded derangement: with two or more
     clips, no clip keeps its own)."""
     device = model.gpt_device
@@ -181,7 +134,7 @@ def decode(model: SpeechLM, cache: FeatureCache, rows: list[int], states: list[t
     for i in range(0, len(rows), batch_size):
         chunk = order[i : i + batch_size]
         hidden, lengths = collate_states([states[j].float() for j in chunk])
-        hyps += model.hypotheses(hidden.to(device), lengths.to(device), max_new_tokens=max_new_tokens, guard=guard)
+        hyps += model.hypotheses(hidden.to(device), lengths.to(device), max_new_tokens, guard, decoding)
     return hyps
 
 
@@ -201,37 +154,7 @@ def held_out_loss(model: SpeechLM, cache: FeatureCache, rows: list[int], states:
     return total / max(n, 1)
 
 
-def check_config(cfg: AlignConfig, n_states: int | None = None) -> None:
-    """The audio path's parameters, checked before minutes go into a corpus, a cache or an LM.
-    Without n_states the layer is checked by name only (its range needs the encoder)."""
-    if cfg.trainable not in TRAINABLE:
-        raise ValueError(f"trainable {cfg.trainable!r} is not one of {TRAINABLE} (parameter `trainable`)")
-    if cfg.prompt_position not in PROMPT_POSITIONS:
-        raise ValueError(f"prompt_position {cfg.prompt_position!r} is not one of {PROMPT_POSITIONS} (parameter `prompt_position`)")
-    check_load_in(cfg.load_in)  # k-bit without CUDA: refused before a corpus, a cache or an LM is touched
-    if cfg.load_in and cfg.trainable == "projector+lm":
-        raise ValueError(f"trainable=projector+lm cannot train k-bit weights (load_in={cfg.load_in!r}): use projector+lora (parameter `trainable`)")
-    if cfg.trainable == "projector+lora" and cfg.lora_rank < 1:
-        raise ValueError(f"lora_rank={cfg.lora_rank} must be >= 1 (parameter `lora_rank`)")
-    Projector(ProjectorConfig(d_in=1, d_out=1, k=cfg.k, kind=cfg.projector, vocab=2))  # raises naming `projector` or `k`
-    LayerSelect(cfg.layer, n_states if n_states is not None else 1 << 16)  # raises naming `layer`
-
-
 # --- the steps of `run` -------------------------------------------------------------------------
-
-
-def build_model(cfg: AlignConfig, cache: FeatureCache, device: torch.device) -> tuple[SpeechLM, dict[str, torch.nn.Parameter]]:
-    """(the SpeechLM, the LM parameters that train): the LM from `cfg.lm`, frozen but for what
-    `trainable` names; the audio path built on the CPU in fp32 and moved, so a k-bit LM is never
-    moved or cast. Seeded: the adapters' and the audio path's init are part of the run."""
-    gpt, tok = ensure_lm(cfg, device)
-    torch.manual_seed(cfg.seed)
-    lm_params = lm_parameters(gpt, cfg.trainable, lora_spec(cfg))
-    model = SpeechLM(gpt, tok, cache.n_states, cache.d_model, SpeechLMConfig(cfg.layer, cfg.k, cfg.projector, cfg.prompt, cfg.prompt_position, cfg.collapse, cfg.audio_bos))
-    model.select.to(device)
-    model.projector.to(device)
-    model.gpt.train(bool(lm_params))
-    return model, lm_params
 
 
 @dataclass
@@ -331,62 +254,76 @@ def train_config(cfg: AlignConfig, rank: int) -> TrainConfig:
     return TrainConfig(
         steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, dtype=cfg.dtype, eval_every=cfg.eval_every,
         ckpt_every=cfg.eval_every if cfg.out and rank == 0 else 0, ckpt_dir=str(Path(cfg.out) / "resume") if cfg.out else "",
-        lora_grad_clip=cfg.lora_grad_clip, max_bad_steps=cfg.max_bad_steps, early_lr_factor=cfg.early_lr_factor,
+        lora_grad_clip=cfg.lora_grad_clip, lm_lr=cfg.lm_lr, max_bad_steps=cfg.max_bad_steps, early_lr_factor=cfg.early_lr_factor,
         early_steps=cfg.early_steps, freeze_projector_steps=cfg.freeze_projector_steps,
     )
 
 
-def trainable_parameters(model: SpeechLM, lm_params: dict[str, torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
-    params = {f"select.{n}": p for n, p in model.select.named_parameters()}
-    params |= {f"projector.{n}": p for n, p in model.projector.named_parameters()}
-    return params | {f"gpt.{n}": p for n, p in lm_params.items()}
-
-
-def guard_floor(cfg: AlignConfig) -> float:
+def guard_floor(cfg: AlignConfig, lm: str) -> float:
     """Our decoder's log-prob floor: `guard_logprob`, or with 0 minus the LM's validation nats per token
     (its pretrain.json), or -inf (the compression ratio alone) for an LM without one."""
     if cfg.guard_logprob != 0:
         return cfg.guard_logprob
-    meta = Path(cfg.lm) / "pretrain.json"
+    meta = Path(lm) / "pretrain.json"
     if meta.exists() and "first_nats" in (m := json.loads(meta.read_text())):
         return -float(m["first_nats"])
     return float("-inf")
 
 
-def evaluate(cfg: AlignConfig, model: SpeechLM, cache: FeatureCache, data: Splits, hist: History) -> tuple[HeldOut, dict[str, float]]:
-    """The final figures: the whole held-out split decoded by ours, the shuffled-audio control and
-    Whisper's own decoder, all under one loop guard (greedy beside), what the audio tokens spell alone
-    when the CTC lever is on, the held-out loss, costs, and the WER of seen voices on new sentences."""
-    floor = guard_floor(cfg)
+def has_ctc_head(cfg: AlignConfig, built: Built) -> bool:
+    """The audio tokens were trained to spell the LM vocabulary (here, or in the run it started from)."""
+    started = bool(built.start and run_meta(built.start)[1].get("ctc_head"))
+    return bool(cfg.ctc_weight > 0 or cfg.projector == "lego" or started)
+
+
+def evaluate(cfg: AlignConfig, built: Built, cache: FeatureCache, data: Splits, hist: History) -> tuple[HeldOut, dict[str, float]]:
+    """The final figures on the whole held-out split: ours decoded greedy (the LM alone, under the loop
+    guard; unguarded beside) and, with a CTC head, joint (CTC/LM beam search), each beside its
+    shuffled-audio control; what the audio tokens spell alone (CTC readout); Whisper's own decoder;
+    the held-out loss, costs, and the WER of seen voices on new sentences. "" and "control" are the
+    decoding `decode` names."""
+    model = built.model
+    floor = guard_floor(cfg, cfg.lm)
     guard = LoopGuard(seed=cfg.seed, logprob_threshold=floor) if cfg.guard else None
     whisper_guard = LoopGuard(seed=cfg.seed) if cfg.guard else None  # Whisper's own calibration
     rows, states = data.test, data.test_states
     refs = [cache.rows[r]["text"] for r in rows]
     meta = [cache.rows[r] for r in rows]
     labels = [m["labels"] for m in meta]
-    t0 = time.perf_counter()
-    decoded = decode(model, cache, rows, states, cfg.batch_size, cfg.max_new_tokens, guard=guard)
-    decode_seconds = time.perf_counter() - t0
-    control = hyp_texts(decode(model, cache, rows, states, cfg.batch_size, cfg.max_new_tokens, shuffle_seed=cfg.seed + 7, guard=guard))
-    systems = {"": hyp_texts(decoded), "control": control}
+    ctc_head = has_ctc_head(cfg, built)
+    decodings = {"greedy": Decoding("greedy")} | ({"joint": cfg.decoding() if cfg.decode == "joint" else replace(cfg.decoding(), decode="joint")}
+                                                   if ctc_head else {})
+    systems: dict[str, list[str]] = {}
+    seconds: dict[str, float] = {}
+    decoded: dict[str, list[Hypothesis]] = {}
+    for name, d in decodings.items():
+        t0 = time.perf_counter()
+        decoded[name] = decode(model, cache, rows, states, cfg.batch_size, cfg.max_new_tokens, guard=guard, decoding=d)
+        seconds[name] = time.perf_counter() - t0
+        systems[name] = hyp_texts(decoded[name])
+        systems[f"{name}_control"] = hyp_texts(decode(model, cache, rows, states, cfg.batch_size, cfg.max_new_tokens,
+                                                      shuffle_seed=cfg.seed + 7, guard=guard, decoding=d))
+    systems[""], systems["control"] = systems[cfg.decode], systems[f"{cfg.decode}_control"]
     if guard is not None:
-        systems["greedy"] = [h.greedy for h in decoded]
+        systems["unguarded"] = [h.greedy for h in decoded["greedy"]]
     # what the audio tokens spell by themselves, no LM: the LM-independent content measure (meaningful
-    # when the tokens were pulled onto word embeddings: ctc_weight > 0 or a lego projector)
+    # when the tokens were pulled onto word embeddings: a CTC head)
     systems["ctc"] = ctc_readout(model, states, cfg.batch_size)
     if cfg.whisper_baseline:
         systems["whisper"] = whisper_hyps(cache, rows, cfg.encoder, whisper_guard)
         if guard is not None:
-            systems["whisper_greedy"] = whisper_hyps(cache, rows, cfg.encoder, None)
+            systems["whisper_unguarded"] = whisper_hyps(cache, rows, cfg.encoder, None)
+    ours = decoded[cfg.decode]
     scores = {
         "test_loss": held_out_loss(model, cache, rows, states, cfg.batch_size),
         **content_scores(refs, systems, labels),
-        "fallback_fraction": sum(h.attempts > 1 for h in decoded) / len(decoded),
+        "fallback_fraction": sum(h.attempts > 1 for h in decoded["greedy"]) / len(rows),
         **({"guard_floor": floor} if math.isfinite(floor) else {}),  # no floor: the compression ratio alone
-        "median_logprob": float(torch.tensor([h.avg_logprob for h in decoded]).median()),
+        "median_logprob": float(torch.tensor([h.avg_logprob for h in ours]).median()),
         "train_seconds": hist.seconds,
         "load_seconds": data.load_seconds,
-        "decode_seconds_per_clip": decode_seconds / len(rows),
+        "decode_seconds_per_clip": seconds[cfg.decode] / len(rows),
+        **{f"{name}_seconds_per_clip": sec / len(rows) for name, sec in seconds.items()},
         "tokens_per_s": sum(hist.tokens_per_s[1:]) / max(1, len(hist.tokens_per_s) - 1),
         "step_seconds": hist.seconds / max(1, len(hist.loss)),
         "skipped_steps": hist.skipped,
@@ -397,76 +334,69 @@ def evaluate(cfg: AlignConfig, model: SpeechLM, cache: FeatureCache, data: Split
     if best:
         scores["best_eval_step"] = best["step"] + 1
         scores["seconds_to_best"] = hist.seconds * (best["step"] + 1) / max(1, cfg.steps)
-    named = {"aligned" if k == "" else k: v for k, v in systems.items()}
-    test = HeldOut(refs=refs, hyps=systems[""], control_hyps=control, rows=meta, table=score_table(refs, named, labels),
-                   clear_variants=sorted({str(labels[i].get("variant")) for i in clear_rows(labels)}),
-                   greedy_hyps=systems.get("greedy"), whisper_hyps=systems.get("whisper"), whisper_greedy_hyps=systems.get("whisper_greedy"))
+    # the table names ours and its control once: the decoding `decode` chose is not repeated under its own name
+    named = {"ours" if k == "" else k: v for k, v in systems.items() if k not in (cfg.decode, f"{cfg.decode}_control")}
+    test = HeldOut(refs=refs, hyps=systems[""], control_hyps=systems["control"], rows=meta, table=score_table(refs, named, labels),
+                   clear_variants=sorted({str(labels[i].get("variant")) for i in clear_rows(labels)}), systems=systems)
     if data.seen:
-        seen_hyps = hyp_texts(decode(model, cache, data.seen, cache.load_states(data.seen), cfg.batch_size, cfg.max_new_tokens, guard=guard))
+        seen_hyps = hyp_texts(decode(model, cache, data.seen, cache.load_states(data.seen), cfg.batch_size, cfg.max_new_tokens,
+                                     guard=guard, decoding=decodings[cfg.decode]))
         scores["wer_seen_voice"] = metrics.wer([cache.rows[r]["text"] for r in data.seen], seen_hyps)
     return test, scores
 
 
+SYSTEM_NAMES = {  # the systems of a held-out evaluation as a report names them
+    "greedy": "ours, greedy (the LM alone, loop guard)", "greedy_control": "ours, greedy, shuffled audio",
+    "joint": "ours, joint CTC/LM beam search", "joint_control": "ours, joint, shuffled audio",
+    "ctc": "the audio tokens alone (CTC readout, no LM)", "whisper": "Whisper's own decoder (loop guard)",
+}
+
+
 def headline(res: AlignResult) -> list[dict]:
-    """The report's first table: on the clear held-out speech (unseen voices and sentences), our WER,
-    the shuffled-audio control's and Whisper's own decoder's on the same clips (each a row: system,
-    WER, median per-clip WER, and the WER on every held-out clip), then what the audio adds: the
-    control's WER minus ours. Whisper's row says so when it was skipped."""
+    """The report's first table, on the clear held-out speech (unseen voices and sentences): every
+    decoding of ours beside its shuffled-audio control, the CTC readout, Whisper's own decoder on the
+    same clips (a row each: system, WER, CER, median per-clip WER, WER on every held-out clip), then
+    what the audio adds to ours (the control's WER minus ours). Whisper's row says so when it was skipped."""
     s, enc = res.scores, res.config.encoder
-    rows = [("ours: frozen LM, projector only", ""), ("control: ours with shuffled audio", "control_")]
-    out = [{"system": name, "WER": s[f"clear_{p}wer"], "median WER": s[f"clear_{p}median_wer"], "WER, all styles": s[f"{p}wer"]}
-           for name, p in rows]
-    if "clear_whisper_wer" in s:
-        out.append({"system": f"Whisper {enc}'s own decoder", "WER": s["clear_whisper_wer"], "median WER": s["clear_whisper_median_wer"],
-                    "WER, all styles": s["whisper_wer"]})
-    else:
-        out.append({"system": f"Whisper {enc}'s own decoder: not run (whisper_baseline=false)", "WER": float("nan"),
+    out = []
+    for key, name in SYSTEM_NAMES.items():
+        if f"clear_{key}_wer" not in s or (key == "ctc" and not (res.config.ctc_weight or res.config.projector == "lego")):
+            continue
+        out.append({"system": name.replace("Whisper's", f"Whisper {enc}'s"), "WER": s[f"clear_{key}_wer"], "CER": s[f"clear_{key}_cer"],
+                    "median WER": s[f"clear_{key}_median_wer"], "WER, all styles": s[f"{key}_wer"]})
+    if "clear_whisper_wer" not in s:
+        out.append({"system": f"Whisper {enc}'s own decoder: not run (whisper_baseline=false)", "WER": float("nan"), "CER": float("nan"),
                     "median WER": float("nan"), "WER, all styles": float("nan")})
-    out.append({"system": "what the audio adds (control minus ours)", "WER": s["clear_control_wer"] - s["clear_wer"],
-                "median WER": s["clear_control_median_wer"] - s["clear_median_wer"], "WER, all styles": s["control_wer"] - s["wer"]})
+    out.append({"system": f"what the audio adds to ours ({res.config.decode}: control minus ours)", "WER": s["clear_control_wer"] - s["clear_wer"],
+                "CER": s["clear_control_cer"] - s["clear_cer"], "median WER": s["clear_control_median_wer"] - s["clear_median_wer"],
+                "WER, all styles": s["control_wer"] - s["wer"]})
     return out
 
 
-def save(res: AlignResult, tracker: Tracker | NullTracker) -> None:
-    """The trained audio path in cfg.out (plus the LoRA adapters, or a copy of the LM when it trained),
-    and in audio_path.json what omni.experiments.trained needs to load it: the LM, the encoder and the config."""
-    cfg, model = res.config, res.model
-    model.save_audio_path(cfg.out)
-    meta = json.loads((Path(cfg.out) / "audio_path.json").read_text())
-    lm_dir = Path(cfg.lm)
-    if cfg.trainable == "projector+lm":  # the LM changed too: the run carries its own copy, so `omni transcribe` uses it
-        lm_dir = save_lm(model.gpt, model.tokenizer, Path(cfg.out) / "lm")
-    if cfg.trainable == "projector+lora":  # adapters only, beside the audio path; the base LM is cfg.lm
-        save_lora(model.gpt, lora_spec(cfg), cfg.out)
-    lm_ref = str(lm_dir.resolve()) if lm_dir.exists() else cfg.lm  # a hub id stays a hub id
-    meta |= {"lm": lm_ref, "load_in": cfg.load_in, "encoder": cfg.encoder, "encoder_mode": cfg.encoder_mode, "align": asdict(cfg)}
-    (Path(cfg.out) / "audio_path.json").write_text(json.dumps(meta, indent=2))
-    tracker.log_artifact(cfg.out, artifact_path="model")
-
-
 def run(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None, cache: FeatureCache | None = None) -> AlignResult:
-    """Notebook 03's one call: train the audio path on the cache's train split, score the held-out
-    split, save to cfg.out. Under torchrun every rank draws the same global batch and trains on its
-    share of it (DDP); rank 0 logs and saves."""
+    """Notebook 03's one call: train the audio path (and the LM's share, by `trainable`) on the cache's
+    train split, score the held-out split, save to cfg.out. Under torchrun every rank draws the same
+    global batch and trains on its share of it (DDP); rank 0 logs and saves."""
     tracker = tracker or NullTracker()
-    check_config(cfg)
     rank, world, device_name = init_ddp(cfg.device)
     device = pick_device(device_name)
     if rank != 0:
         tracker = NullTracker()
     cache = cache or prepare_cache(cfg)
-    check_config(cfg, cache.n_states)
-    model, lm_params = build_model(cfg, cache, device)
+    check_layer(cfg, cache.n_states)
+    built = build_model(cfg, cache.n_states, cache.d_model, device)
+    model = built.model
     data = load_splits(cache)
     batches = StepBatches(cache, data.train, data.train_states, cfg.batch_size, cfg.seed)
     curves = Curves()
-    hist = train(trainable_parameters(model, lm_params), partial(step_loss, model=model, cfg=cfg, device=device, batches=batches, rank=rank, world=world),
+    hist = train(trainable_parameters(built), partial(step_loss, model=model, cfg=cfg, device=device, batches=batches, rank=rank, world=world),
                  train_config(cfg, rank), tracker, eval_fn=partial(eval_step, model=model, cfg=cfg, cache=cache, data=data, curves=curves))
-    test, scores = evaluate(cfg, model, cache, data, hist)
+    test, scores = evaluate(cfg, built, cache, data, hist)
     tracker.log_metrics(scores, step=cfg.steps)
     res = AlignResult(cfg, hist, model, test, scores, curves.layer_weights, curves.wer)
     if rank == 0:
         tracker.flush()  # the tracker buffers: unflushed, the final scores never reach MLflow
         if cfg.out:
-            save(res, tracker)
+            save_run(built, cfg, cache, "alignment", {"scores": scores}, ctc_head=has_ctc_head(cfg, built), decoding=cfg.decoding())
+            tracker.log_artifact(cfg.out, artifact_path="model")
     return res

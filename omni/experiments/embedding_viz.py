@@ -1,7 +1,7 @@
 """Seeing the alignment: audio soft tokens and the LM's token embeddings in one picture.
 
-For one or more alignment runs (omni.experiments.trained), the audio tokens of held-out clips are computed twice:
-with the projector at its initialisation (omni.experiments.trained.initial_model: the run's seed and config,
+For one or more alignment runs (omni.experiments.audio_run), the audio tokens of held-out clips are computed twice:
+with the projector at its initialisation (omni.experiments.audio_run.initial_model: the run's seed and config,
 untrained) and with the run's trained audio path. Both sit beside the LM's token embeddings
 (`GPT.embed`: normed, exactly what the transformer sees) in a shared 2-D map, in statistics
 (omni.eval.embedding_stats) and in a nearest-token readout (omni.experiments.embedding_page). `run` is the
@@ -37,7 +37,7 @@ import torch
 
 from omni.data.tts import chars_word_times, split_words, token_words, word_timing_agreement, word_times
 from omni.eval.embedding_stats import Clip, alignment_stats, readout, token_strings, token_table, word_token_ids
-from omni.experiments.trained import initial_model, load_run, run_cache, run_dirs
+from omni.experiments.audio_run import initial_model, load_run, run_cache, run_dirs
 from omni.model.encoder import collate_states
 from omni.track import NullTracker, Tracker
 

@@ -40,8 +40,8 @@ from omni.data.manifest import read_manifest
 from omni.data.synth import HARD, SynthConfig, build_corpus
 from omni.eval import metrics, texture
 from omni.eval.yardstick import whisper_hyps
-from omni.experiments.trained import load_run, run_cache, run_meta
-from omni.experiments.tuning import TuningConfig, TuningResult, Watch, answerer, require_lm, tune
+from omni.experiments.audio_run import load_run, require_lm, run_cache, run_meta
+from omni.experiments.tuning import TuningConfig, TuningResult, Watch, answerer, tune
 from omni.model.speech_lm import SpeechLM
 from omni.params import require, require_choice
 from omni.track import NullTracker, Tracker
@@ -171,7 +171,7 @@ def benchmark_run(run: str | Path, out: str | Path, questions: str | Path = "", 
     """
     require_choice("transcripts", transcripts, TRANSCRIPTS)
     _, meta = run_meta(run, "--run")
-    if "instruct" not in meta:
+    if meta.get("recipe") != "tuning":
         raise FileNotFoundError(f"--run {run}: not an instruction-tuned run (its audio_path.json was not written by omni.experiments.tuning)")
     model, meta = load_run(run, device, "--run")
     cache = run_cache(meta)
@@ -190,11 +190,9 @@ def benchmark_run(run: str | Path, out: str | Path, questions: str | Path = "", 
 
 @dataclass
 class InstructConfig(TuningConfig):
-    corpus: str = "data/synth"  # synth corpus the instructions are built from when `instructions` lacks train.jsonl
     hard_corpus: str = "data/synth_hard"  # the hard test corpus (split test_hard), rendered from `corpus`'s config if missing
     hard_clips: int = 300  # clips of the hard corpus when it is built; 0 = no hard set
     hard_features: str = "cache/features"  # feature cache root for the hard corpus
-    encoder: str = "tiny.en"  # Whisper source of the features (the hard corpus's are built with it)
     bench_per_task: int = 150  # questions per task in each benchmark (a seeded sample, stratified by answer); 0 = all
     watch_clips: int = 24  # held-out clips (split test) whose texture questions are asked at every evaluation, with their own and shuffled audio; left out of the benchmark; 0 = none
     transcripts: str = "reference"  # what the transcript-only probe reads: reference (a perfect transcriber) | whisper
@@ -262,7 +260,8 @@ def run(cfg: InstructConfig, tracker: Tracker | NullTracker | None = None) -> In
     """Data (built when missing) -> tune, watching held-out voices -> the benchmark on the held-out test
     set and on the hard set, with the baselines; headline metrics (test_*, hard_*) logged to `tracker`."""
     tracker = tracker or NullTracker()
-    require_lm(cfg.lm)  # before minutes of data: a missing LM is said now
+    if not cfg.run:
+        require_lm(cfg.lm)  # before minutes of data: a missing LM is said now
     cache = prepare_data(cfg)
     hard = prepare_hard(cfg)
     folder = Path(cfg.instructions)

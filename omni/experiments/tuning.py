@@ -45,10 +45,8 @@ Design choices:
 from __future__ import annotations
 
 import collections
-import json
 import random
-import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Sequence
 
@@ -58,14 +56,12 @@ import torch.nn.functional as F
 from omni.data.features import FeatureCache
 from omni.data.instructions import TEXTURE_TASKS, answer_value
 from omni.data.manifest import ASSISTANT_ROLES, USER_ROLES, read_manifest
-from omni.experiments.trained import model_dir
-from omni.model.encoder import collate_states, require_layer
-from omni.model.lm import LoraSpec, is_hub_id, load_lm, save_lora
-from omni.model.projector import Projector, ProjectorConfig
-from omni.model.speech_lm import TRAINABLE, SpeechLM, SpeechLMConfig, left_pad, lm_parameters
-from omni.params import require, require_choice, require_device
+from omni.experiments.audio_run import AudioRunConfig, Built, build_model, check_layer, run_meta, save_run, trainable_parameters
+from omni.model.encoder import collate_states
+from omni.model.speech_lm import SpeechLM, left_pad
+from omni.params import require
 from omni.track import NullTracker, Tracker
-from omni.train import DTYPES, History, TrainConfig, pick_device, train
+from omni.train import History, TrainConfig, pick_device, train
 
 USER, ASSISTANT = "User:", "Assistant:"  # role words; what follows each starts with its own space
 
@@ -75,52 +71,19 @@ Watch = Callable[[SpeechLM, int], dict[str, float]]  # metrics of the model at a
 
 
 @dataclass
-class TuningConfig:
+class TuningConfig(AudioRunConfig):
     instructions: str = "data/instructions"  # folder with train.jsonl and val.jsonl (omni data instructions)
-    features: str = ""  # feature cache folder (FeatureCache) holding every clip the conversations name
-    lm: str = "models/lm"  # the LM: an omni LM folder (the committed copying LM by default), a nanochat checkpoint or a Hugging Face model
-    run: str = ""  # a trained run (e.g. alignment on the same LM) whose audio path (layer choice + projector, and their shape) tuning starts from: folder, report folder or MLflow run id; "" = fresh
-    layer: str = "weighted"  # Whisper state(s) for the projector (as omni.model.speech_lm); taken from `run` when given
-    k: int = 4  # frames per audio token; taken from `run` when given
-    projector: str = "stack"  # stack | conv | avg; taken from `run` when given
-    trainable: str = "projector+lora"  # projector+lora (peft adapters) | projector (frozen LM) | projector+lm (whole LM)
-    lora_rank: int = 16  # LoRA rank r (trainable=projector+lora)
-    lora_alpha: float = 32.0  # LoRA scale alpha / r
-    lora_dropout: float = 0.0  # dropout on the adapters' input
-    lora_targets: str = ""  # comma-separated module names; "" = attention + MLP projections of the backbone
     texture_share: float = 0.85  # share of each batch drawn from the texture tasks (equally per task); the rest from transcription, content and multi-turn rows
     balance_answers: bool = True  # within a task, draw each answer equally often: a flat prior per task, so only the audio separates the answers
-    steps: int = 300  # optimiser steps; the budget is steps x batch_size conversations (a step of 16 with the 7M LM: ~3 s on 2 quiet CPU cores, 8-14 s on the shared box)
-    batch_size: int = 16  # conversations per step
-    lr: float = 2e-3  # AdamW peak learning rate
-    warmup: int = 20  # linear warm-up steps
-    eval_every: int = 60  # steps between evaluations (val loss, and the held-out accuracy the experiment watches); 0 = only at the end
     val_rows: int = 64  # val conversations in each val-loss evaluation (a seeded subsample: the full split costs minutes on CPU); 0 = all
-    seed: int = 0  # batches, init
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs float32
-    out: str = ""  # folder for the trained audio path (and adapters or LM); "" = not saved
 
-    ALIASES: ClassVar[dict[str, str]] = {"audio_path": "run"}  # old parameter names (issue 21), accepted until the next release
+    ALIASES: ClassVar[dict[str, str]] = {"audio_path": "run"}  # old parameter names, accepted until the next release
 
     def __post_init__(self) -> None:
         """Types and ranges, refused in one line naming the parameter before any data or LM is read."""
-        require_choice("trainable", self.trainable, TRAINABLE)
-        for name in ("steps", "k", "batch_size", "lora_rank"):
-            require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
-        for name in ("warmup", "eval_every", "val_rows", "seed"):
-            require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
-        require(self.lr > 0, "lr", self.lr, "> 0")
-        require(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "> 0")
-        require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
+        super().__post_init__()
+        require(self.val_rows >= 0, "val_rows", self.val_rows, ">= 0")
         require(0 <= self.texture_share <= 1, "texture_share", self.texture_share, "in [0, 1]")
-        require_choice("dtype", self.dtype, DTYPES)
-        require_layer(self.layer, "")  # by name here; an index is checked against the cache when it is opened
-        require_device(self.device)
-        Projector(ProjectorConfig(d_in=1, d_out=1, k=self.k, kind=self.projector))  # raises naming `projector` or `k`
-
-    def lora(self) -> LoraSpec:
-        return LoraSpec(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=self.lora_targets)
 
 
 @dataclass
@@ -320,57 +283,11 @@ def check_lengths(model: SpeechLM, convs: Sequence[Conversation], states: dict[P
     return longest
 
 
-def require_lm(lm: str) -> None:
-    """A missing local LM folder is an error naming the parameter and how to make one (never a hub
-    download of a local name, nor a 20-minute pretraining the user did not ask for)."""
-    if Path(lm).exists() or is_hub_id(lm):
-        return
-    raise FileNotFoundError(f"parameter `lm` = {lm!r}: no LM there. Pass -p lm=FOLDER (an omni LM folder, a nanochat "
-                            f"checkpoint or a Hugging Face model), or pretrain one: omni run experiments/pretrain_lm.yaml -p out={lm}")
-
-
-def start_config(cfg: TuningConfig) -> tuple[SpeechLMConfig, Path | None]:
-    """The audio path's shape (layer choice, k, projector) and the run folder it starts from: the
-    config's own, or a trained run's (`run`), whose shape wins (said once when it differs)."""
-    shape = SpeechLMConfig(cfg.layer, cfg.k, cfg.projector)
-    if not cfg.run:
-        return shape, None
-    path = model_dir(cfg.run, "run")
-    meta = json.loads((path / "audio_path.json").read_text())
-    saved = meta["speech_lm"]
-    mine = SpeechLMConfig(saved["layer"], saved["k"], saved["projector"], collapse=saved.get("collapse", False))  # a collapsing projector stays one
-    if (mine.layer, mine.k, mine.projector) != (shape.layer, shape.k, shape.projector):
-        print(f"run {cfg.run}: the audio path starts from it, so layer={mine.layer}, k={mine.k}, projector={mine.projector} "
-              f"(not {shape.layer}, {shape.k}, {shape.projector})")
-    if meta.get("lm") and Path(cfg.lm).exists() and Path(meta["lm"]).resolve() != Path(cfg.lm).resolve():
-        print(f"run {cfg.run}: trained against the LM {meta['lm']}, tuning uses {cfg.lm}: its projector maps into another embedding space")
-    return mine, path
-
-
-def build_model(cfg: TuningConfig, cache: FeatureCache, device: torch.device) -> SpeechLM:
-    require_lm(cfg.lm)
-    shape, start = start_config(cfg)
-    gpt, tok = load_lm(cfg.lm, device)
-    torch.manual_seed(cfg.seed)
-    model = SpeechLM(gpt, tok, cache.n_states, cache.d_model, shape).to(device)
-    if start is not None:
-        meta = json.loads((start / "audio_path.json").read_text())
-        if (meta["n_states"], meta["d_whisper"]) != (cache.n_states, cache.d_model):
-            raise ValueError(f"run {cfg.run}: its audio path reads {meta['n_states']} x {meta['d_whisper']} Whisper states, "
-                             f"the feature cache {cache.path} holds {cache.n_states} x {cache.d_model}: another encoder")
-        try:
-            model.load_audio_path(start)
-        except RuntimeError as e:  # a projector of another width: another LM
-            raise ValueError(f"run {cfg.run}: its projector does not fit the LM {cfg.lm} ({str(e).splitlines()[-1].strip()})") from None
-    return model
-
-
-def tune(cfg: TuningConfig, cache: FeatureCache | None = None, model: SpeechLM | None = None,
+def tune(cfg: TuningConfig, cache: FeatureCache | None = None, built: Built | None = None,
          tracker: Tracker | NullTracker | None = None, watch: Watch | None = None) -> TuningResult:
     """Train on OUT/train.jsonl's conversations, report the loss on val.jsonl; save to cfg.out.
     Per-step metrics (loss, lr) go to `tracker`; at every evaluation val_loss (the per-conversation
     mean), val_texture_loss (texture questions only) and whatever `watch(model, step)` returns."""
-    require_choice("trainable", cfg.trainable, TRAINABLE)  # a config changed after construction, too
     folder = Path(cfg.instructions)
     train_convs, train_labels = read_examples(folder / "train.jsonl")
     val_convs, val_labels = read_examples(folder / "val.jsonl") if (folder / "val.jsonl").is_file() else ([], [])
@@ -381,26 +298,22 @@ def tune(cfg: TuningConfig, cache: FeatureCache | None = None, model: SpeechLM |
     train_states = _states_for(cache, train_convs, str(folder / "train.jsonl"))
     val_states = _states_for(cache, val_convs, str(folder / "val.jsonl")) if val_convs else {}
     device = pick_device(cfg.device)
-    model = model or build_model(cfg, cache, device)
+    check_layer(cfg, cache.n_states)
+    built = built or build_model(cfg, cache.n_states, cache.d_model, device)
+    model = built.model
     check_lengths(model, train_convs, train_states, str(folder / "train.jsonl"))
     check_lengths(model, val_convs, val_states, str(folder / "val.jsonl"))
-    train_lm = cfg.trainable == "projector+lm"
-    if cfg.trainable == "projector+lora":
-        torch.manual_seed(cfg.seed)  # the adapters' init is part of the run
-    # the base weights stay frozen unless the whole LM trains
-    lm_params = {f"gpt.{n}": p for n, p in lm_parameters(model.gpt, cfg.trainable, cfg.lora()).items()}
     model.train()
-    model.gpt.train(bool(lm_params))
+    model.gpt.train(bool(built.lm_params))
     pools = mix_pools(train_labels, cfg.balance_answers)
 
     def loss_fn(step: int):
         rng = random.Random(f"{cfg.seed}:batch:{step}")
         return conversation_loss(model, [train_convs[i] for i in draw(pools, cfg.batch_size, cfg.texture_share, rng)], train_states)
 
-    params = {f"select.{n}": p for n, p in model.select.named_parameters()}
-    params |= {f"projector.{n}": p for n, p in model.projector.named_parameters()}
-    params |= lm_params
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, dtype=cfg.dtype, progress=False, eval_every=cfg.eval_every,
+                       lora_grad_clip=cfg.lora_grad_clip, lm_lr=cfg.lm_lr, max_bad_steps=cfg.max_bad_steps, early_lr_factor=cfg.early_lr_factor,
+                       early_steps=cfg.early_steps, freeze_projector_steps=cfg.freeze_projector_steps,
                        ckpt_every=max(1, cfg.steps // 4) if cfg.out else 0, ckpt_dir=str(Path(cfg.out) / "resume") if cfg.out else "")
     val_texture = [i for i, r in enumerate(val_labels) if r.get("task") in TEXTURE_TASKS]
 
@@ -415,25 +328,14 @@ def tune(cfg: TuningConfig, cache: FeatureCache | None = None, model: SpeechLM |
             was = model.training
             out |= watch(model, step)
             model.train(was)
-            model.gpt.train(was and bool(lm_params))
+            model.gpt.train(was and bool(built.lm_params))
         return out
 
-    hist = train(params, loss_fn, tcfg, tracker, eval_fn=eval_fn if (val_convs or watch) else None)
+    hist = train(trainable_parameters(built), loss_fn, tcfg, tracker, eval_fn=eval_fn if (val_convs or watch) else None)
     val_loss = hist.evals[-1]["val_loss"] if val_convs else float("nan")
     if cfg.out:
-        model.save_audio_path(cfg.out)
-        meta = json.loads((Path(cfg.out) / "audio_path.json").read_text())
-        lm_dir = Path(cfg.lm)
-        if train_lm:
-            lm_dir = Path(cfg.out) / "lm"
-            model.gpt.save(lm_dir)
-            if (Path(cfg.lm) / "tokenizer.json").exists():
-                shutil.copy(Path(cfg.lm) / "tokenizer.json", lm_dir / "tokenizer.json")
-        if cfg.trainable == "projector+lora":  # adapters only, beside the audio path; the base LM stays cfg.lm
-            save_lora(model.gpt, cfg.lora(), cfg.out)
-        meta |= {"lm": str(lm_dir.resolve()) if lm_dir.exists() else str(lm_dir), "features": str(Path(cache.path).resolve()),
-                 "instructions": str(folder.resolve()), "instruct": asdict(cfg), "val_loss": val_loss}
-        (Path(cfg.out) / "audio_path.json").write_text(json.dumps(meta, indent=2))
+        save_run(built, cfg, cache, "tuning", {"instructions": str(folder.resolve()), "val_loss": val_loss},
+                 ctc_head=bool(built.start and run_meta(built.start)[1].get("ctc_head")))
     return TuningResult(cfg, hist, model, val_loss)
 
 

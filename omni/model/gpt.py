@@ -138,6 +138,18 @@ class KVCache:
         self.prev_embedding: Tensor | None = None  # (B, 1, D) the last position's embedding before smear (GPTConfig.smear)
         self.prev_keys: dict[int, Tensor] = {}  # layer -> (B, 1, n_kv_head, hd) the last position's key before smearing (GPTConfig.smear_keys)
 
+    def select(self, index: Tensor) -> None:
+        """Keep the samples `index` (B',) long, in that order, repeats allowed: a beam search's
+        surviving hypotheses, each continuing from its parent's cache."""
+        if self.k is not None:
+            self.k, self.v = self.k[:, index], self.v[:, index]
+        if self.key_mask is not None:
+            self.key_mask, self.pad = self.key_mask[index], self.pad[index]
+        if self.prev_embedding is not None:
+            self.prev_embedding = self.prev_embedding[index]
+        self.prev_keys = {i: k[index] for i, k in self.prev_keys.items()}
+        self.batch_size = int(index.numel())
+
     def update(self, layer: int, k: Tensor, v: Tensor, n_layer: int) -> tuple[Tensor, Tensor]:
         # k, v (B, n_kv_head, T, hd) for the new tokens; returns all keys/values up to pos + T
         if self.k is None:
@@ -513,9 +525,8 @@ class GPT(nn.Module):
 
         out = torch.empty(B, 0, dtype=torch.long, device=idx.device)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        cache = KVCache(B, A + T + max_new_tokens) if use_cache else None
         if use_cache:
-            logits = self.forward(idx, audio=audio, audio_mask=audio_mask, kv_cache=cache, audio_idx=audio_idx)[:, -1]
+            logits, cache = self.prefill(idx, audio, audio_mask, max_new_tokens, audio_idx)
         for step in range(max_new_tokens):
             if not use_cache:
                 logits = self.forward(torch.cat([idx, out], dim=1), audio=audio, audio_mask=audio_mask, audio_idx=audio_idx)[:, -1]
@@ -524,9 +535,24 @@ class GPT(nn.Module):
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             if use_cache:
-                logits = self.forward(nxt.unsqueeze(1), kv_cache=cache)[:, -1]
+                logits = self.step(nxt, cache)
             else:
                 out = torch.cat([out, nxt.unsqueeze(1)], dim=1)
+
+    @torch.no_grad()
+    def prefill(self, idx: Tensor, audio: Tensor | None = None, audio_mask: Tensor | None = None, max_new_tokens: int = 64,
+                audio_idx: Tensor | None = None) -> tuple[Tensor, KVCache]:
+        """[audio][idx] into a fresh KV cache with room for max_new_tokens more: (the last position's
+        logits (B, V), the cache). With `step`, the decoding primitive every search shares (stream's
+        greedy and sampled steps, omni.model.beam's beam search)."""
+        A = 0 if audio is None else audio.size(1)
+        cache = KVCache(idx.size(0), A + idx.size(1) + max_new_tokens)
+        return self.forward(idx, audio=audio, audio_mask=audio_mask, kv_cache=cache, audio_idx=audio_idx)[:, -1], cache
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        """The next position's logits (B, V) after appending `tokens` (B,) to the cache."""
+        return self.forward(tokens.unsqueeze(1), kv_cache=cache)[:, -1]
 
     def save(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
         """Weights as model.safetensors plus config.json (never pickle); dtype (e.g. torch.float16)

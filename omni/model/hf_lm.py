@@ -130,32 +130,61 @@ class HFLM(nn.Module):
                seed: int | None = None, use_cache: bool = True, audio_idx: Tensor | None = None) -> Iterator[Tensor]:
         """Yields the next token of every sample, (B,) long, one step at a time (as omni.model.gpt.GPT.stream;
         audio_idx as in forward: not needed here)."""
-        from transformers import DynamicCache
-
         if idx.size(1) == 0:
             raise ValueError("generate needs at least one text token in idx (e.g. BOS) to predict from")
         gen = torch.Generator(device=idx.device).manual_seed(seed) if seed is not None else None
-        x, mask, _ = self._inputs(idx, audio, audio_mask)
-        pos = positions(mask)
-        past = DynamicCache() if use_cache else None
-        logits = self._run(x, mask, pos, past).logits[:, -1].float()
+        if use_cache:
+            logits, cache = self.prefill(idx, audio, audio_mask, max_new_tokens)
+        else:
+            x, mask, _ = self._inputs(idx, audio, audio_mask)
+            logits = self._run(x, mask, positions(mask)).logits[:, -1].float()
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for step in range(max_new_tokens):
             nxt, done = next_tokens(logits, done, stop_token, temperature, top_k, top_p, gen)
             yield nxt
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
-            new_x = self.embed(nxt.unsqueeze(1))
-            mask = torch.cat([mask, torch.ones_like(nxt, dtype=torch.bool).unsqueeze(1)], dim=1)
-            pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)
             if use_cache:
-                logits = self._run(new_x, mask, pos[:, -1:], past).logits[:, -1].float()
+                logits = self.step(nxt, cache)
             else:  # the reference for the cache: the whole sequence again
-                x = torch.cat([x, new_x], dim=1)
-                logits = self._run(x, mask, pos).logits[:, -1].float()
+                x = torch.cat([x, self.embed(nxt.unsqueeze(1))], dim=1)
+                mask = torch.cat([mask, torch.ones_like(nxt, dtype=torch.bool).unsqueeze(1)], dim=1)
+                logits = self._run(x, mask, positions(mask)).logits[:, -1].float()
+
+    @torch.no_grad()
+    def prefill(self, idx: Tensor, audio: Tensor | None = None, audio_mask: Tensor | None = None, max_new_tokens: int = 64,
+                audio_idx: Tensor | None = None) -> tuple[Tensor, "HFCache"]:
+        """As omni.model.gpt.GPT.prefill: (the last position's logits (B, V), the cache for `step`).
+        max_new_tokens: HF's cache grows as it goes, so it is not needed here."""
+        from transformers import DynamicCache
+
+        x, mask, _ = self._inputs(idx, audio, audio_mask)
+        cache = HFCache(DynamicCache(), mask, positions(mask))
+        return self._run(x, mask, cache.pos, cache.past).logits[:, -1].float(), cache
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor, cache: "HFCache") -> Tensor:
+        """The next position's logits (B, V) after appending `tokens` (B,) to the cache."""
+        cache.mask = torch.cat([cache.mask, torch.ones_like(tokens, dtype=torch.bool).unsqueeze(1)], dim=1)
+        cache.pos = torch.cat([cache.pos, cache.pos[:, -1:] + 1], dim=1)
+        return self._run(self.embed(tokens.unsqueeze(1)), cache.mask, cache.pos[:, -1:], cache.past).logits[:, -1].float()
 
     def save(self, directory: str | Path) -> None:
         self.model.save_pretrained(str(directory))
+
+
+@dataclass
+class HFCache:
+    """An HF model's KV cache with the attention mask and positions that go with it (omni's KVCache keeps both inside)."""
+
+    past: object  # transformers' DynamicCache
+    mask: Tensor  # (B, S) bool, False = left padding
+    pos: Tensor  # (B, S) position ids
+
+    def select(self, index: Tensor) -> None:
+        """Keep the samples `index`, in that order, repeats allowed (omni.model.gpt.KVCache.select)."""
+        self.past.reorder_cache(index)
+        self.mask, self.pos = self.mask[index], self.pos[index]
 
 
 def positions(mask: Tensor) -> Tensor:

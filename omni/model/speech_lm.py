@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from omni.model.beam import joint_beam_search
 from omni.model.encoder import LayerSelect
 from omni.model.lm import LoraSpec, add_lora
 from omni.model.projector import Projector, ProjectorConfig
@@ -57,11 +58,25 @@ def lm_parameters(lm: nn.Module, trainable: str, lora: LoraSpec) -> dict[str, nn
 
 
 
+DECODES = ("greedy", "joint")  # the LM alone (greedy, under the loop guard where one is given) | joint CTC/LM beam search (omni.model.beam)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How audio tokens become a transcript."""
+
+    decode: str = "greedy"  # greedy | joint (needs a CTC head: audio tokens trained to spell the LM vocabulary)
+    beam: int = 8  # joint: hypotheses kept per clip
+    ctc_decode_weight: float = 0.3  # joint: weight of the CTC prefix log-probability; the LM's is 1 minus it
+    candidates: int = 128  # joint: tokens scored per step, those the clip's CTC posteriors rank highest at their best frame (0 = all)
+
+
 @dataclass
 class SpeechLMConfig:
     layer: str = "last"  # Whisper state(s) fed to the projector: last | middle | <index> | weighted | weighted_ln
     k: int = 4  # frames stacked per audio token
-    projector: str = "stack"  # stack | conv | avg
+    projector: str = "stack"  # stack | conv | avg | lego
+    projector_hidden: int = 0  # the projector MLP's hidden width; 0 = the LM's width
     prompt: str = ""  # optional text prompt, e.g. "Transcribe:"
     prompt_position: str = "after"  # before | after the audio
     collapse: bool = False  # one audio token per CTC segment (runs of the same most likely LM token, blanks dropped): the layout the frozen LM copies from
@@ -160,7 +175,7 @@ class SpeechLM(nn.Module):
         self.select = LayerSelect(config.layer, n_states)
         self.projector = Projector(
             ProjectorConfig(d_in=d_whisper, d_out=gpt.config.n_embd, k=config.k, kind=config.projector,
-                            hidden=gpt.config.n_embd, vocab=gpt.config.vocab_size if config.projector == "lego" else 0)
+                            hidden=config.projector_hidden or gpt.config.n_embd, vocab=gpt.config.vocab_size if config.projector == "lego" else 0)
         )
         self.match_text_scale()
 
@@ -250,12 +265,40 @@ class SpeechLM(nn.Module):
         return self.gpt(idx, targets=targets, audio=prefix, audio_mask=mask)
 
     @torch.no_grad()
-    def transcribe(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, max_new_tokens: int = 200, guard: LoopGuard | None = None) -> list[str]:
-        """Transcripts of a batch: greedy, or greedy with the loop guard's fallback (`hypotheses`)."""
-        return [h.text for h in self.hypotheses(hidden, frame_lengths, max_new_tokens, guard)]
+    def transcribe(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, max_new_tokens: int = 200, guard: LoopGuard | None = None,
+                   decoding: Decoding | None = None) -> list[str]:
+        """Transcripts of a batch (`hypotheses`)."""
+        return [h.text for h in self.hypotheses(hidden, frame_lengths, max_new_tokens, guard, decoding)]
 
     @torch.no_grad()
-    def hypotheses(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, max_new_tokens: int = 200, guard: LoopGuard | None = None) -> list[Hypothesis]:
+    def hypotheses(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, max_new_tokens: int = 200, guard: LoopGuard | None = None,
+                   decoding: Decoding | None = None) -> list[Hypothesis]:
+        """Transcripts of a batch with their scores: `decoding` joint (joint_hypotheses; the guard is not
+        needed there: the CTC term ends every hypothesis where the audio ends), else greedy (under `guard`)."""
+        if decoding is not None and decoding.decode == "joint":
+            return self.joint_hypotheses(hidden, frame_lengths, max_new_tokens, decoding)
+        return self.greedy_hypotheses(hidden, frame_lengths, max_new_tokens, guard)
+
+    @torch.no_grad()
+    def joint_hypotheses(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, max_new_tokens: int, decoding: Decoding) -> list[Hypothesis]:
+        """Joint CTC/LM beam search (omni.model.beam): the LM reads the audio tokens as in greedy
+        decoding, the CTC posteriors of the same tokens (audio_logits, blank = BOS) keep it on the audio."""
+        prefix, mask = self.prefix(hidden, frame_lengths)
+        logits, lengths = self.audio_logits(hidden, frame_lengths)
+        bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
+        after = self._prompt_ids() if self.config.prompt_position == "after" else []
+        idx = torch.tensor([after + [bos]] * prefix.size(0), device=prefix.device)
+        budget = min(max_new_tokens, self.gpt.config.sequence_len - prefix.size(1) - idx.size(1))
+        res = joint_beam_search(self.gpt, idx, prefix, mask, logits.log_softmax(-1), lengths, blank=bos, eos=eos, beam=decoding.beam,
+                                ctc_weight=decoding.ctc_decode_weight, max_new_tokens=max(budget, 1), candidates=decoding.candidates)
+        out = []
+        for ids, lm_lp in zip(res.tokens, res.lm_logprob):
+            text = self.tokenizer.decode(ids)
+            out.append(Hypothesis(text, 0.0, compression_ratio(text), lm_lp / (len(ids) + 1), len(ids) + 1, text, 1))
+        return out
+
+    @torch.no_grad()
+    def greedy_hypotheses(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, max_new_tokens: int = 200, guard: LoopGuard | None = None) -> list[Hypothesis]:
         """Decode each clip at guard.temperatures[0]; a clip whose hypothesis fails the guard
         (`LoopGuard.fails`) is decoded again, alone with the other failures, by seeded sampling at
         the next temperature, until it passes or the temperatures run out. Kept per clip: the

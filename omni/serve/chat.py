@@ -20,7 +20,7 @@ Design choices:
 - Audio is decoded by soundfile from memory (WAV, FLAC, OGG Vorbis/Opus, MP3). Chromium records WebM,
   which libsndfile cannot read: the page decodes its own recordings and uploads them as WAV.
 - Every refusal is a 4xx JSON {"error": "..."} naming the parameter or file; the server keeps serving.
-- The model is loaded through `load_model` (omni.experiments.trained.load_run underneath), which turns a half-built run into one line.
+- The model is loaded through `load_model` (omni.experiments.audio_run.load_run underneath), which turns a half-built run into one line.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import AliasChoices, BaseModel, Field, ValidationError
 
 from omni.data import audio
-from omni.experiments.trained import load_run, run_encoder
+from omni.experiments.audio_run import load_run, run_decoding, run_encoder
+from omni.model.beam import joint_beam_search
+from omni.model.speech_lm import Decoding
 from omni.model import mel
 from omni.serve.chat_worker import Worker
 
@@ -84,11 +86,13 @@ def one_line(errors: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def load_model(run: str, device: str = "cpu"):
-    """(SpeechLM, WhisperEncoder, encoder_mode) of a trained run (omni.experiments.trained), or one ValueError line."""
+def load_model(run: str, device: str = "cpu", decode: str = "", beam: int = 0, ctc_decode_weight: float = -1.0):
+    """(SpeechLM, WhisperEncoder, encoder_mode, Decoding) of a trained run (omni.experiments.audio_run), its
+    own decoding unless told otherwise, or one ValueError line."""
     try:
         model, meta = load_run(run, device, name="--run")
-        return (model, *run_encoder(meta, model.gpt_device))
+        decoding = run_decoding(meta, decode, beam, ctc_decode_weight)
+        return (model, *run_encoder(meta, model.gpt_device), decoding)
     except FileNotFoundError:  # already names the run and what is missing
         raise
     except Exception as e:  # half a run: bad JSON, missing keys, tensors that do not fit
@@ -132,6 +136,7 @@ class Clip:
     seconds: float
     prefix: torch.Tensor  # (1, P, n_embd): what the GPT sees before the text
     encode_ms: float
+    ctc_logp: torch.Tensor | None = None  # (1, T, vocab): the audio tokens' CTC log-posteriors, for joint decoding
 
 
 @dataclass
@@ -144,8 +149,9 @@ class Conversation:
 class Session:
     """A loaded model and everything that talks to it: encoding clips and streaming answers."""
 
-    def __init__(self, model, encoder, mode: str = "var"):
+    def __init__(self, model, encoder, mode: str = "var", decoding: Decoding | None = None):
         self.model, self.encoder, self.mode = model, encoder, mode
+        self.decoding = decoding or Decoding()
         self.tokenizer = model.tokenizer
         self.bos = model.tokenizer.bos_id
         self.eos = model.tokenizer.eos_id  # what ends an answer: BOS for omni/nanochat LMs, the HF tokenizer's EOS
@@ -166,8 +172,10 @@ class Session:
         with torch.no_grad():
             states = self.encoder.encode([wave.to(device)], mode=self.mode, batch_size=1)
             hidden = states[0][None].to(device)
-            prefix, _ = self.model.prefix(hidden, torch.tensor([hidden.size(2)], device=device))
-        yield Clip(name, wave.numel() / audio.SAMPLE_RATE, prefix, (time.perf_counter() - t0) * 1000)
+            frames = torch.tensor([hidden.size(2)], device=device)
+            prefix, _ = self.model.prefix(hidden, frames)
+            ctc = self.model.audio_logits(hidden, frames)[0].log_softmax(-1) if self.decoding.decode == "joint" else None
+        yield Clip(name, wave.numel() / audio.SAMPLE_RATE, prefix, (time.perf_counter() - t0) * 1000, ctc)
 
     def prompt(self, text: str, clip: Clip | None) -> list[int]:
         if clip is None:
@@ -194,10 +202,13 @@ class Session:
         the steps after the first."""
         device = self.model.gpt_device
         idx = torch.tensor([ids], device=device)
-        steps = self.model.gpt.stream(
-            idx, audio=clip.prefix if clip else None, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-            top_k=s.top_k or None, top_p=s.top_p, stop_token=self.eos, seed=s.seed,
-        )
+        if clip is not None and clip.ctc_logp is not None and s.temperature == 0:  # joint decoding: the whole beam, then its tokens
+            steps = self.joint(idx, clip, s.max_new_tokens)
+        else:
+            steps = self.model.gpt.stream(
+                idx, audio=clip.prefix if clip else None, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                top_k=s.top_k or None, top_p=s.top_p, stop_token=self.eos, seed=s.seed,
+            )
         out: list[int] = []
         sent, t_first, n = "", 0.0, 0
         for nxt in steps:
@@ -224,6 +235,19 @@ class Session:
             "first_token_ms": round((t_first - t_request) * 1000, 1),
             "tokens_per_s": round((n - 1) / (t_end - t_first), 1) if n > 1 and t_end > t_first else None,
         }
+
+
+    def joint(self, idx: torch.Tensor, clip: Clip, max_new_tokens: int) -> Iterator[torch.Tensor]:
+        """The joint CTC/LM beam search's transcript (omni.model.beam), one token at a time once it is
+        found (a beam changes its mind until the end, so nothing streams before), then EOS."""
+        d = self.decoding
+        T = clip.ctc_logp.size(1)
+        with torch.no_grad():
+            res = joint_beam_search(self.model.gpt, idx, clip.prefix, None, clip.ctc_logp, torch.tensor([T], device=idx.device),
+                                    blank=self.bos, eos=self.eos, beam=d.beam, ctc_weight=d.ctc_decode_weight,
+                                    max_new_tokens=max_new_tokens, candidates=d.candidates)
+        for tok in res.tokens[0] + [self.eos]:
+            yield torch.tensor([tok])
 
 
 def describe(model, encoder) -> str:
