@@ -1,4 +1,4 @@
-"""Chat demo latency through the HTTP API (issue 13): time to the first token and tokens/s for a 5 s
+"""Chat demo latency through the HTTP API: time to the first token and tokens/s for a 5 s
 clip, 1 conversation vs 4 at once, measured side by side (alternating) in one run.
 
     python benchmarks/bench_chat.py [--run RUN] [--repeats 5] [--new 64] [--work /tmp/omni-bench-chat]

@@ -1,4 +1,4 @@
-"""What the bad-clip checks cost next to encoding (issue 14), side by side in one process.
+"""What the bad-clip checks cost next to encoding, side by side in one process.
 
     python benchmarks/bench_checks.py [--out data/synth] [--sentences 3000] [--encode 0]
     python benchmarks/bench_checks.py --manifest OTHER/data/synth/manifest.jsonl   (an existing corpus, read only)

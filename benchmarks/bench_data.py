@@ -1,4 +1,4 @@
-"""Data path costs (issue 3), measured side by side in one process on one small synthesized corpus.
+"""Data path costs, measured side by side in one process on one small synthesized corpus.
 
     python benchmarks/bench_data.py [--sentences 55] [--big 220] [--batch-size 8] [--epochs 3]
 

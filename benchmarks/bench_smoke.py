@@ -1,4 +1,4 @@
-"""Wall time of the smoke experiment (issue 2) on this machine, broken down by stage.
+"""Wall time of the smoke experiment on this machine, broken down by stage.
 
     python benchmarks/bench_smoke.py [--steps 50] [--control shuffle] [--device cpu]
 

@@ -1,4 +1,4 @@
-"""Transcription latency (issue 4): time to the first token for one 5 s clip, warm, by stage; and
+"""Transcription latency: time to the first token for one 5 s clip, warm, by stage; and
 greedy decoding tokens/s with vs without the KV cache.
 
     python benchmarks/bench_transcribe.py [--run RUN_DIR] [--repeats 20] [--new 64]

@@ -1,4 +1,4 @@
-"""Can omni's GPT learn to copy from its context, and how fast (issue 10)?
+"""Can omni's GPT learn to copy from its context, and how fast?
 
     python experiments/copy_random_tokens.py [--steps 400] [--depth 2]
 

@@ -1,4 +1,4 @@
-"""The yardstick (issue 10): Whisper's own WER on the held-out split, greedy vs under the loop guard.
+"""The yardstick: Whisper's own WER on the held-out split, greedy vs under the loop guard.
 
     python experiments/whisper_yardstick.py [--clips N] [--corpus data/synth] [--features cache/features] [--ship]
 

@@ -19,12 +19,15 @@
 # ---
 
 # %% [markdown]
-# # 03 · Alignment: a frozen LM hears through a projector alone
-# Whisper and the pretrained LM are **frozen**; only the layer choice and the projector train, on
-# cached Whisper states of the synthesized corpus. The held-out split has sentences *and* voices
-# never seen in training. Whisper's own decoder on the same clips is the yardstick (when
-# `whisper_baseline` is on; a run without it says so below); the control decodes each clip with
-# another clip's audio.
+# # 03 · Alignment: the LM hears through a projector (and what else must move)
+# Whisper is **frozen**; the layer choice and the projector train on cached Whisper states of the
+# synthesized corpus, and, as `trainable` says, nothing of the LM (the research setting), LoRA
+# adapters on it, or all of it. With `steps=0` and `run=...` a trained run (the committed hearing
+# model `models/hear`) is evaluated as it is. The held-out split has sentences *and* voices never seen
+# in training. Whisper's own decoder on the same clips is the yardstick (when `whisper_baseline` is
+# on); the control decodes each clip with another clip's audio. A run whose audio tokens were trained
+# to spell the LM vocabulary (a CTC head) is decoded twice: greedy (the LM alone) and joint (a CTC/LM
+# beam search that keeps the LM on the audio).
 
 # %% tags=["parameters"]
 # generated from omni.experiments.alignment.AlignConfig by `python -m omni.params`: edit the dataclass, not this cell
@@ -93,17 +96,18 @@ res = alignment.run(cfg, tracker)
 s = res.scores
 
 # %% [markdown]
-# ## The answer: how well does a projector alone make the frozen LM transcribe unseen voices?
+# ## The answer: how well does this model transcribe unseen voices?
 # Clear held-out speech (style "normal": voices and sentences never seen in training), every system on
-# the same clips and under the same loop guard. WER counts substituted, deleted and *inserted* words
-# per reference word, so a transcript that runs on past the sentence can score above 1. The control
-# is our model given another clip's audio: what it gets right comes from the LM's prior, not from
-# listening; the last row is what listening adds.
+# the same clips. WER counts substituted, deleted and *inserted* words per reference word, so a
+# transcript that runs on past the sentence can score above 1. The control is our model given another
+# clip's audio: what it gets right comes from the LM's prior, not from listening; the last row is what
+# listening adds.
 
 # %%
 print(f"{s['n_clear']:.0f} clear held-out clips (variants {', '.join(res.test.clear_variants)}) of {s['n_test']:.0f}; "
       f"this report took {(time.perf_counter() - t_start) / 60:.1f} min (corpus and cache when missing, training, decoding)")
 plots.table(pd.DataFrame(alignment.headline(res)).set_index("system"))
+print(alignment.verdict(res))
 
 # %% [markdown]
 # ## Held-out results, every style
@@ -113,7 +117,7 @@ plots.table(pd.DataFrame(alignment.headline(res)).set_index("system"))
 if not cfg.whisper_baseline:
     display(Markdown(f"**Whisper's own decoder was skipped in this run** (`whisper_baseline=False`): the tables below "
                      f"hold ours and the control only. Whisper {encoder}'s figures on the default corpus are in RESULTS.md."))
-rows = [("aligned (projector only)", s["wer"], s["cer"])]
+rows = [("ours", s["wer"], s["cer"])]
 if "whisper_wer" in s:
     rows.append((f"Whisper {encoder} decoder", s["whisper_wer"], s["whisper_cer"]))
 rows.append(("control: shuffled audio", s["control_wer"], s["control_cer"]))
@@ -125,14 +129,16 @@ plots.table(table)
 # %% [markdown]
 # ## Content on clear speech: every system on the same clips
 # Clear speech is the held-out clips of style "normal" (not whispered, creaky, klatt or elderly).
-# Every system is decoded under the same loop guard (Whisper's temperature fallback when a hypothesis
-# compresses too well or is unlikely); the unguarded greedy figures stay beside them, and the median
-# per-clip WER beside the corpus WER, since a few runaway loops can decide a corpus WER alone.
+# Greedy decodes (ours and Whisper's) run under the same loop guard (Whisper's temperature fallback
+# when a hypothesis compresses too well or is unlikely); the unguarded figures stay beside them, and
+# the median per-clip WER beside the corpus WER, since a few runaway loops can decide a corpus WER alone.
+# Joint decoding needs no guard: its CTC term ends every hypothesis where the audio ends.
 
 # %%
-systems = [("aligned (projector only)", ""), ("control: shuffled audio", "control_"), (f"Whisper {encoder} decoder", "whisper_"),
-           ("audio tokens read as their nearest LM tokens, no LM (ctc_weight > 0)", "ctc_"),
-           ("aligned, greedy (no guard)", "greedy_"), (f"Whisper {encoder}, greedy (no guard)", "whisper_greedy_")]
+systems = [("ours, greedy", "greedy_"), ("ours, greedy, shuffled audio", "greedy_control_"), ("ours, joint CTC/LM", "joint_"),
+           ("ours, joint, shuffled audio", "joint_control_"), (f"Whisper {encoder} decoder", "whisper_"),
+           ("audio tokens read as their nearest LM tokens, no LM (CTC readout)", "ctc_"),
+           ("ours, greedy (no guard)", "unguarded_"), (f"Whisper {encoder} (no guard)", "whisper_unguarded_")]
 clear_table = pd.DataFrame(
     [(name, s.get(f"clear_{p}wer", float("nan")), s.get(f"clear_{p}median_wer", float("nan")), s[f"{p}wer"], s[f"{p}median_wer"])
      for name, p in systems if f"{p}wer" in s],
@@ -160,15 +166,19 @@ plots.table(by_label)
 # are under the loop guard; this curve is not).
 
 # %%
-fig = plots.loss_curves({"train loss": res.history.loss}, title=f"alignment: layer {layer}, k={k}, {projector}")
-plots.show(tracker, fig, "loss.png")
+if res.history.loss:
+    fig = plots.loss_curves({"train loss": res.history.loss}, title=f"alignment: layer {layer}, k={k}, {projector}, {trainable}")
+    plots.show(tracker, fig, "loss.png")
+else:
+    print(f"no training in this run (steps=0): {run} evaluated as it is")
 
 # %%
-fig = plots.curve([st for st, _ in res.wer_curve], [w for _, w in res.wer_curve], xlabel="step", ylabel="held-out WER",
-                  title=f"WER on {eval_clips} held-out clips vs training steps",
-                  hline=s.get("whisper_wer"), hline_label=f"Whisper {encoder}")
-plots.show(tracker, fig, "wer_curve.png")
-print(plots.trend(res.wer_curve, f"held-out WER (greedy, {min(eval_clips, s['n_test']):.0f} clips)"))
+if res.wer_curve:
+    fig = plots.curve([st for st, _ in res.wer_curve], [w for _, w in res.wer_curve], xlabel="step", ylabel="held-out WER",
+                      title=f"WER on {eval_clips} held-out clips vs training steps",
+                      hline=s.get("whisper_wer"), hline_label=f"Whisper {encoder}")
+    plots.show(tracker, fig, "wer_curve.png")
+    print(plots.trend(res.wer_curve, f"held-out WER (greedy, {min(eval_clips, s['n_test']):.0f} clips)"))
 
 # %% [markdown]
 # ## Where it fails: WER by voice, rate and pitch
@@ -184,14 +194,16 @@ plots.show(tracker, fig, "wer_by_label.png")
 # ## Examples
 
 # %%
+shown = {"ours": res.test.hyps} | {name: res.test.systems[key] for name, key in
+                                  (("greedy", "greedy"), ("ctc", "ctc"), ("whisper", "whisper")) if key in res.test.systems and key != decode}
 for i in range(min(8, len(res.test.refs))):
-    print(f"ref:     {res.test.refs[i]}\nours:    {res.test.hyps[i]}")
-    if res.test.whisper_hyps is not None:
-        print(f"whisper: {res.test.whisper_hyps[i]}")
+    print(f"ref:     {res.test.refs[i]}")
+    for name, hyps in shown.items():
+        print(f"{name + ':':9s}{hyps[i]}")
     print(f"control: {res.test.control_hyps[i]}\n")
 
 # %%
 print(f"train {s['train_seconds']:.0f} s ({s['step_seconds']:.3f} s/step, {s['tokens_per_s']:.0f} tokens/s), "
-      f"decode {1000 * s['decode_seconds_per_clip']:.0f} ms/clip, skipped steps {s['skipped_steps']:.0f}")
-assert s["control_wer"] > s["wer"], "the aligned model does no better with the right audio than with shuffled audio"
+      f"decode ({decode}) {1000 * s['decode_seconds_per_clip']:.0f} ms/clip, skipped steps {s['skipped_steps']:.0f}")
+assert s["control_wer"] > s["wer"], "the model does no better with the right audio than with shuffled audio"
 tracker.finish()

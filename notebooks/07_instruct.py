@@ -128,7 +128,7 @@ for name, b in res.benches.items():
 # ## What the model hears, and what it does not
 # "Hears" means the CI lies above the floor (the larger of chance and train majority) and above both the
 # transcript-only and the shuffled-audio answers; "partly hears" that the accuracy (not the CI) is above
-# them. The bar is issue 20's: each of gender, accent, rate, pitch and style 10 points above shuffled audio
+# them. The bar: each of gender, accent, rate, pitch and style 10 points above shuffled audio
 # and above train majority and transcript-only, and the texture mean 25 points above the floor.
 
 # %%

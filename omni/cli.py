@@ -21,10 +21,11 @@ in RENAMED still work until the next release, with a note.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
-# old names, kept until the next release: {command: {old: new}}; a command renamed is under "" (issue 21)
+# old names, kept until the next release: {command: {old: new}}; a command renamed is under ""
 HEAR = str(Path(__file__).resolve().parents[1] / "models" / "hear")  # the committed hearing model: what transcribe and chat use without --run
 
 RENAMED = {
@@ -246,6 +247,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     s = sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
     problems = [f"--port {args.port}: must be in 1..65535"] if not 1 <= args.port <= 65535 else []
+    if not problems and not args.cli:
+        problems += port_problem(args.host, args.port)
     run, found = _resolve_run(args.run)  # all of them before seconds go into loading the model
     problems += found + [f"{a}: file not found" for a in args.cli or [] if not Path(a).is_file()]
     _refuse(problems)
@@ -255,6 +258,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
     else:
         serve(session, args.host, args.port)
     return 0
+
+
+def port_problem(host: str, port: int) -> list[str]:
+    """[why the page cannot listen on host:port] or []: checked with the other arguments, before the model loads."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+            s.bind((host, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return [f"--port {port}: already in use on {host} (another omni chat?); choose another with --port"]
+        return [f"--host {host} --port {port}: cannot listen there ({e.strerror or e})"]
+    return []
 
 
 def note_renamed(argv: list[str], cmd: str) -> None:

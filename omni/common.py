@@ -12,6 +12,7 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import tempfile
@@ -44,6 +45,15 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
         else:
             tmp.write_bytes(data)
     return Path(path)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no room left: the disk, a file-size limit, a quota
+
+
+def disk_full(e: OSError, what: str, after: str) -> OSError:
+    """A clear error for a write that found no room (e.errno in DISK_FULL): what could not be written,
+    why, and what is still good (`after`)."""
+    return OSError(e.errno, f"{what} could not be written: {e.strerror} ({e.filename or 'disk'}). {after}")
 
 
 def atomic_save(path: str | Path, save: Callable[[Path], None]) -> Path:

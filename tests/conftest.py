@@ -88,7 +88,7 @@ def repository_left_alone():
     assert not changed, f"the tests wrote into the repository: {changed[:10]} (write under tmp_path)"
 
 
-# --- notebooks under papermill's own CLI (tests/test_notebooks.py, test_params.py, test_ablation.py, ...) ---
+# --- notebooks under papermill's own CLI (tests/test_notebooks.py, test_params.py, test_layer_ablation.py, ...) ---
 
 
 def papermill(notebook: str, executed: Path, env: dict, **values):
@@ -120,7 +120,7 @@ def only_run(db: Path, experiment: str):
         os.environ["MLFLOW_TRACKING_URI"] = old
 
 
-# --- a tiny alignment run, shared by tests/test_align.py and tests/test_cli.py -------------------
+# --- a tiny alignment run, shared by tests/test_alignment.py and tests/test_cli.py -------------------
 # 16 sentences -> 11 train, 1 val, 4 test + 4 test_seen_voice clips; the cache of their Whisper
 # tiny.en states; a 1-layer random LM (bytes); a 10-step alignment with the learned layer mix.
 

@@ -27,7 +27,7 @@ from omni.cli import main
 from omni.data import audio
 from omni.model.encoder import collate_states
 from omni.serve.chat import MAX_UPLOAD_BYTES, Session, create_app, load_model
-from omni.serve.chat_worker import Worker
+from omni.serve.chat_worker import Step, Worker
 
 
 
@@ -316,6 +316,33 @@ def test_worker_interleaves_jobs_one_step_at_a_time():
     assert order[-1] == "a"
 
 
+def test_worker_batches_the_steps_of_concurrent_answers():
+    """Jobs asking for decoding steps at the same time get them in one step_many call; each job gets its
+    own row of logits back (the row encodes the job and its step, so a mix-up would show)."""
+    calls = []
+
+    def step_many(tokens, caches):
+        calls.append(len(caches))
+        return torch.stack([torch.tensor([float(c), float(t)]) for c, t in zip(caches, tokens)])
+
+    worker = Worker(step_many)
+
+    def job(name: int, n: int):
+        for i in range(n):
+            logits = yield Step(torch.tensor([i]), name)
+            assert logits.tolist() == [[float(name), float(i)]], (name, i, logits)
+            yield {"event": "token", "text": f"{name}:{i}"}
+
+    async def all_three():
+        async def collect(name, n):
+            return [e["text"] async for e in worker.run(job(name, n))]
+        return await asyncio.gather(collect(1, 6), collect(2, 6), collect(3, 3))
+
+    out = asyncio.run(all_three())
+    assert out == [[f"{k}:{i}" for i in range(n)] for k, n in ((1, 6), (2, 6), (3, 3))]
+    assert sum(calls) == 15 and max(calls) == 3 and len(calls) <= 8  # batched: far fewer calls than 15 steps
+
+
 def test_worker_reports_a_failing_job_and_keeps_going():
     worker = Worker()
 
@@ -348,6 +375,19 @@ def test_cli_streams_answers_and_refuses_a_run_that_is_not_a_model(tiny_alignmen
     out, err = capsys.readouterr()
     assert out == f"{path}: {expected(session, audio.load(path))}\n"
     assert "first token" in err and "tokens/s" in err
+
+
+def test_a_port_in_use_is_one_clear_line_before_the_model_loads(tiny_alignment, capsys, monkeypatch):
+    import omni.serve.chat
+
+    monkeypatch.setattr(omni.serve.chat, "load_model", lambda *a, **k: pytest.fail("the model loaded before the port was checked"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["chat", "--run", str(tiny_alignment.run), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"omni: error: --port {port}: already in use on 127.0.0.1 (another omni chat?); choose another with --port"
 
 
 # --- one real browser -------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omni.data import audio, tts
+from omni.data import tts
 from omni.model import ct2, encoder, whisper_weights
 from omni.model.mel import log_mel
 
@@ -199,3 +199,17 @@ def test_read_ct2_rejects_other_files(tmp_path):
     bad.write_bytes(b"\x01\x02")
     with pytest.raises(ct2.CT2FormatError, match="model.bin"):
         ct2.read_ct2(bad)
+
+
+def test_mask_frames_hides_spans_inside_each_clip_and_is_seeded():
+    hidden = torch.ones(3, 2, 60, 4)
+    lengths = torch.tensor([60, 30, 4])
+    masked = encoder.mask_frames(hidden, lengths, share=0.2, span=5, gen=torch.Generator().manual_seed(0))
+    hit = masked[:, 0, :, 0] == 0
+    assert torch.equal(hit, masked[:, 1, :, 0] == 0) and torch.equal(hit[..., None].expand(-1, -1, 4), masked[:, 0] == 0)  # every state, every dim
+    assert hit[0].sum() <= 12 and hit[0].sum() >= 5 and hit[1].sum() >= 5  # about a fifth, in whole spans
+    assert not hit[2].any()  # a clip shorter than a few spans keeps everything
+    assert not hit[1, 30:].any()  # never past a clip's end
+    again = encoder.mask_frames(hidden, lengths, share=0.2, span=5, gen=torch.Generator().manual_seed(0))
+    assert torch.equal(masked, again) and torch.equal(hidden, torch.ones(3, 2, 60, 4))  # seeded; the input untouched
+    assert encoder.mask_frames(hidden, lengths, 0.0, 5, torch.Generator()) is hidden

@@ -117,6 +117,33 @@ def test_interrupted_build_reencodes_only_the_missing_shard(built, corpus, tmp_p
         torch.testing.assert_close(s.float(), t.float(), rtol=1e-3, atol=1e-3)
 
 
+def test_a_damaged_shard_is_named_never_read_and_the_same_build_mends_only_it(built, corpus, tmp_path, monkeypatch):
+    copy = tmp_path / built.name
+    shutil.copytree(built, copy)
+    shard = copy / "shard_00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0x40  # one flipped bit inside the tensor data: safetensors alone would load it silently
+    shard.write_bytes(bytes(data))
+    cache = FeatureCache.open(copy)  # sizes agree: opening is cheap and fine
+    first = cache.load_states(list(range(SHARD)))  # shard 0 reads (and is checked)
+    with pytest.raises(features.CorruptShard, match=r"shard_00001.safetensors: damaged feature shard .*omni features --manifest"):
+        cache.load_states([SHARD])
+    assert cache.verified == {0}
+    # re-running the build re-encodes exactly that shard, and the cache reads again
+    encoded = []
+    real = WhisperEncoder.encode
+    monkeypatch.setattr(WhisperEncoder, "encode", lambda self, waves, **k: encoded.append(len(waves)) or real(self, waves, **k))
+    monkeypatch.setattr(features, "CLIPS_PER_SHARD", SHARD)
+    assert build_features(corpus / "manifest.jsonl", tmp_path, progress=False) == copy
+    assert encoded == [SHARD]
+    states = FeatureCache.open(copy).load_states()
+    assert all(torch.equal(a, b) for a, b in zip(states[:SHARD], first)) and len(states) == 22
+    # a truncated shard is refused when the cache is opened, naming it and the size
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(features.CorruptShard, match=r"shard_00001.safetensors: feature shard 1000 bytes, the index recorded"):
+        FeatureCache.open(copy)
+
+
 def test_key_follows_rows_audio_encoder_and_mode(corpus, enc, tmp_path):
     m = read_manifest(corpus / "manifest.jsonl")
     ex = m.examples[:4]
@@ -329,9 +356,11 @@ def test_a_killed_build_leaves_no_half_cache(corpus, tmp_path, monkeypatch):
     visible = [p for p in out.iterdir() if not p.name.startswith(".")]
     (partial,) = out.glob(".*.partial")
     assert visible == [] and sorted(p.name for p in partial.iterdir()) == ["shard_00000.safetensors"]
+    assert len(list(out.glob(".*.lock"))) == 1  # kill -9 left its lock file behind: stale, held by no one
     monkeypatch.setattr(features, "CLIPS_PER_SHARD", 2)
-    path = build_features(man, out, progress=False)
+    path = build_features(man, out, progress=False)  # the stale lock does not block the rerun, which resumes
     assert path.name == partial.name[1 : -len(".partial")] and len(FeatureCache.open(path).load_states()) == 4
+    assert not list(out.glob(".*.lock")) and not list(out.glob(".*.partial"))
 
 
 def test_concurrent_builders_of_one_key_encode_once(corpus, tmp_path, monkeypatch):

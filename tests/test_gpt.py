@@ -241,3 +241,32 @@ def test_half_precision_save_loads_as_float32(tmp_path):
         assert torch.equal(full(idx), model(idx))  # float32 round trip: exact
         diff = (half(idx) - model(idx)).abs().max().item()
     assert 0 < diff < 0.05  # rounded to fp16, not bit-equal, but close
+
+
+@pytest.mark.parametrize("later", [False, True])
+def test_step_many_equals_stepping_each_cache_alone(later: bool):
+    """Three sequences started apart (different prompts, prefixes and lengths), stepped as one batch:
+    the same logits as each stepped alone, and each cache left as its own steps would leave it.
+    later: nanochat's later parts (smear, smeared keys, value embeddings, sliding windows) on."""
+    extra = dict(smear=True, smear_channels=8, smear_keys=True, value_embeds=True, ve_gate_channels=8, lambdas=True,
+                 window_pattern="SL", short_window=3) if later else {}
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=50, n_layer=2, n_head=2, n_kv_head=2, n_embd=16, **extra)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    starts = [(torch.randint(0, 50, (1, n)), torch.randn(1, a, 16) if a else None) for n, a in ((3, 4), (7, 0), (1, 9))]
+
+    def fresh():
+        return [model.prefill(idx, audio, None, 8) for idx, audio in starts]
+
+    alone, together = fresh(), fresh()
+    tokens = torch.stack([logits.argmax(-1) for logits, _ in alone]).flatten()
+    for _ in range(4):
+        want = torch.cat([model.step(tokens[i : i + 1], cache) for i, (_, cache) in enumerate(alone)])
+        got = model.step_many(tokens, [cache for _, cache in together])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        tokens = want.argmax(-1)
+    for (_, a), (_, b) in zip(alone, together):
+        assert a.pos == b.pos
+        torch.testing.assert_close(a.k[:, :, :, : a.pos], b.k[:, :, :, : b.pos])

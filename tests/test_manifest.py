@@ -171,3 +171,19 @@ def test_write_then_read_round_trip(tmp_path, monkeypatch):
     assert not (tmp_path / "corpus" / "manifest.jsonl.tmp").exists()
     with pytest.raises(ValueError, match="row 0 has neither"):
         write_manifest(tmp_path / "x.jsonl", [{"text": "no audio"}])
+
+
+def test_a_manifest_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
+    """Windows editors save UTF-8 with a BOM (encoding='utf-8-sig'); the rows are the same, and a BOM
+    anywhere but the start is still an error on its line."""
+    _wav(tmp_path / "a.wav")
+    rows = [{"audio": "a.wav", "text": "héllo"}, {"audio": "a.wav", "text": "two"}]
+    plain = _write(tmp_path / "plain.jsonl", rows)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_text(plain.read_text(encoding="utf-8"), encoding="utf-8-sig")
+    assert bom.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert [(e.text, e.line) for e in read_manifest(bom)] == [(e.text, e.line) for e in read_manifest(plain)] == [("héllo", 1), ("two", 2)]
+    inner = tmp_path / "inner.jsonl"
+    inner.write_bytes(plain.read_bytes() + b"\xef\xbb\xbf" + json.dumps(rows[0]).encode() + b"\n")
+    with pytest.raises(ManifestError, match=r"inner.jsonl:3: invalid JSON"):
+        read_manifest(inner)

@@ -3,7 +3,7 @@ runner) on tiny settings: every cell runs, and the MLflow run it logs into ends 
 `tracker.finish()` as its last line, a notebook's own run would be ended FAILED at exit
 (Tracker._at_exit: the process ended before the notebook did), however well it went.
 
-Where each runs: 01 in test_params, 02, 03 and 07 here, 04 and 05 in test_ablation (05 on the grid
+Where each runs: 01 in test_params, 02, 03 and 07 here, 04 and 05 in test_layer_ablation (05 on the grid
 that test runs through `omni run`), 06 in test_embedding_map. Every experiment file loads and checks."""
 
 import dataclasses

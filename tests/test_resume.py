@@ -1,4 +1,4 @@
-"""Runs that survive (issue 14), through `omni run` with real kernels on a tiny training notebook:
+"""Runs that survive, through `omni run` with real kernels on a tiny training notebook:
 kill -9 of the runner mid-training leaves a RUNNING report that the next `omni index` marks KILLED
 with its last step, `omni run --resume` finishes it in place, bit-identical to an uninterrupted run;
 several runs started at once on a fresh database and reports folder all land."""
@@ -130,3 +130,38 @@ def test_resumed_grid_reruns_only_unfinished_points(project):
     assert json.loads((cut / "summary.json").read_text())["status"] == "FINISHED" and (cut / "final.safetensors").exists()
     parent = json.loads((grid / "summary.json").read_text())
     assert parent["status"] == "FINISHED" and track.client().get_run(parent["run_id"]).info.status == "FINISHED"
+
+
+def test_a_second_resume_of_a_running_run_is_refused_naming_the_first(project, capsys):
+    import socket
+
+    folder = Path("reports/tiny/20261206-101500")
+    folder.mkdir(parents=True)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        summary = {"experiment": "tiny", "notebook": "notebooks/train.py", "status": "RUNNING", "pid": alive.pid,
+                   "host": socket.gethostname(), "started": "20261206-101500", "params": {}}
+        (folder / "summary.json").write_text(json.dumps(summary))
+        # the run itself still going: refused, the folder untouched
+        assert main(["run", "--resume", str(folder)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # (a fresh store logs its migrations first)
+        assert err.startswith("omni: error: ") and f"still running (pid {alive.pid} on {socket.gethostname()}" in err
+        assert json.loads((folder / "summary.json").read_text())["status"] == "RUNNING"
+        # another resume holding the folder (a process of its own): refused, naming it
+        holder = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, os, sys, time
+f = open({str(folder / '.resume.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.seek(0); f.truncate(); f.write(str(os.getpid())); f.flush()
+print('held', flush=True); time.sleep(60)"""], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            assert main(["run", "--resume", str(folder)]) == 2
+            assert f"another `omni run --resume` is resuming it (pid {holder.pid}" in capsys.readouterr().err
+        finally:
+            holder.kill()
+            holder.wait()
+    finally:
+        alive.kill()
+        alive.wait()
+    # both gone: the run is marked KILLED and the lock left by the killed holder is no obstacle
+    assert main(["index"]) == 0
+    assert json.loads((folder / "summary.json").read_text())["status"] == "KILLED"

@@ -143,3 +143,4 @@ def test_hard_split_voices_made_differently_from_training(tmp_path):
 def test_hard_config_is_checked(change, message):
     with pytest.raises(ValueError, match=message):
         synth.plan(dataclasses.replace(synth.SynthConfig(hard_clips=10), **change))
+

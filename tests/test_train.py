@@ -1,5 +1,7 @@
 import math
 
+import pytest
+
 import torch
 
 from omni.train import TrainConfig, lr_at, train
@@ -81,3 +83,14 @@ def test_a_checkpoint_torn_between_its_two_files_is_refused(tmp_path):
     (tmp_path / "train_state.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="weights of step 4 but history of step 2"):
         train({"w": w}, lambda step: ((w * step).sum() ** 2, 1), cfg)
+
+
+def test_dtype_offers_only_what_the_loop_runs():
+    """float16 autocast needs a loss scaler the loop does not have: it is not offered, and refused naming the parameter."""
+    from omni.experiments.alignment import AlignConfig
+    from omni.params import ParamError
+    from omni.train import DTYPES
+
+    assert DTYPES == ("bfloat16", "float32")
+    with pytest.raises(ParamError, match="parameter `dtype` = 'float16'"):
+        AlignConfig(dtype="float16")

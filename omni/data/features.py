@@ -32,6 +32,11 @@ Design choices:
   what comes out equals a direct encoder call to float16 precision).
 - Loading is memory-mapped per shard (safetensors); `load_states` keeps only the layers asked for,
   so a single-layer experiment holds 1/n_states of the cache in memory.
+- The index holds each shard's size and CRC-32 (`shards`): opening a cache checks every size, and the
+  first read of a shard in a process checks its CRC (zlib, about 1 GB/s), so a truncated or damaged
+  shard is named (`CorruptShard`, with the command that mends it) and never read as features;
+  `build_features` re-encodes exactly the shards that fail, so running it again mends the cache.
+  safetensors has no checksum of its own: a flipped bit in a tensor would load without a word.
 """
 
 from __future__ import annotations
@@ -41,15 +46,16 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from omni.common import atomic_save, atomic_write, file_lock
+from omni.common import DISK_FULL, atomic_save, atomic_write, disk_full, file_lock
 from omni.common import progress as progress_bar  # the parameters here are called `progress`
 from omni.data import audio
 from omni.data.manifest import Example, Problem, read_manifest
@@ -134,10 +140,33 @@ def _shard_frames(f: Path, rows_hash: str, n: int) -> list[int] | None:
     return frames if meta.get("rows") == rows_hash and len(frames) == n else None
 
 
+class CorruptShard(ValueError):
+    """A shard whose size or CRC-32 is not what the index recorded: damaged on disk, never read."""
+
+
+def shard_info(f: Path) -> dict:
+    """{"bytes", "crc32"} of a shard file, as the index records it."""
+    crc = 0
+    with open(f, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return {"bytes": f.stat().st_size, "crc32": crc}
+
+
+def _mend(path: Path) -> str:
+    """The command that re-encodes a cache's damaged shards (build_features on its own manifest)."""
+    try:
+        index = json.loads((path / "index.json").read_text())
+        return f"omni features --manifest {index['manifest']} --features {path.parent} --encoder {index['encoder']} --encoder-mode {index['mode']}"
+    except (OSError, ValueError, KeyError):
+        return "omni features with the manifest it was built from"
+
+
 @dataclass
 class FeatureCache:
     path: Path
     index: dict
+    verified: set[int] = field(default_factory=set)  # shards whose CRC-32 this process has checked
 
     @classmethod
     def open(cls, path: str | Path) -> "FeatureCache":
@@ -148,7 +177,28 @@ class FeatureCache:
         index = json.loads(f.read_text())
         if index.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path}: feature cache format {index.get('format')}, this code reads {FORMAT_VERSION}: rebuild it")
-        return cls(path, index)
+        cache = cls(path, index)
+        for shard, info in enumerate(index.get("shards", [])):  # sizes: one stat each, every open
+            shard_path = cache.shard_path(shard)
+            size = shard_path.stat().st_size if shard_path.exists() else -1
+            if size != info["bytes"]:
+                what = "missing" if size < 0 else f"{size} bytes, the index recorded {info['bytes']}"
+                raise CorruptShard(f"{shard_path}: feature shard {what}; re-encode it with `{_mend(path)}`")
+        return cache
+
+    def shard_path(self, shard: int) -> Path:
+        return self.path / f"shard_{shard:05d}.safetensors"
+
+    def check_shard(self, shard: int) -> None:
+        """The shard's CRC-32 against the index (once per process and shard); CorruptShard if they differ."""
+        infos = self.index.get("shards")
+        if shard in self.verified or not infos:  # a cache written before checksums: nothing to compare
+            return
+        got = shard_info(self.shard_path(shard))
+        if got != infos[shard]:
+            raise CorruptShard(f"{self.shard_path(shard)}: damaged feature shard (CRC-32 {got['crc32']:08x}, the index recorded "
+                               f"{infos[shard]['crc32']:08x}); re-encode it with `{_mend(self.path)}`")
+        self.verified.add(shard)
 
     @property
     def rows(self) -> list[dict]:
@@ -177,7 +227,8 @@ class FeatureCache:
             by_shard.setdefault(self.rows[i]["shard"], []).append(i)
         out: dict[int, torch.Tensor] = {}
         for shard, idx in by_shard.items():
-            with safe_open(self.path / f"shard_{shard:05d}.safetensors", framework="pt") as f:
+            self.check_shard(shard)
+            with safe_open(self.shard_path(shard), framework="pt") as f:
                 sl = f.get_slice("states")
                 for i in idx:
                     r = self.rows[i]
@@ -211,11 +262,24 @@ class FeatureCache:
 
 
 def _complete(path: Path) -> bool:
-    """An index whose shards are all there."""
+    """An index whose shards are all there (and, where it records them, of the recorded size)."""
     if not (path / "index.json").exists():
         return False
-    shards = {r["shard"] for r in json.loads((path / "index.json").read_text())["rows"]}
-    return all((path / f"shard_{s:05d}.safetensors").exists() for s in shards)
+    index = json.loads((path / "index.json").read_text())
+    shards = {r["shard"] for r in index["rows"]}
+    if not all((path / f"shard_{s:05d}.safetensors").exists() for s in shards):
+        return False
+    return all((path / f"shard_{s:05d}.safetensors").stat().st_size == info["bytes"] for s, info in enumerate(index.get("shards", [])))
+
+
+def _damaged(path: Path) -> list[Path]:
+    """The shards of a cache folder whose size or CRC-32 differ from its index's record."""
+    try:
+        infos = json.loads((path / "index.json").read_text()).get("shards", [])
+    except (OSError, ValueError):
+        return []
+    files = [path / f"shard_{s:05d}.safetensors" for s in range(len(infos))]
+    return [f for f, info in zip(files, infos) if f.exists() and shard_info(f) != info]
 
 
 def build_features(
@@ -244,17 +308,21 @@ def build_features(
     if not examples:
         raise ValueError(f"{manifest}: no usable rows")
     path = Path(out) / key
-    if _complete(path):
+    if _complete(path) and not _damaged(path):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.parent / f".{key}.lock"
     with file_lock(lock):
         try:
-            if _complete(path):  # another process finished it while we waited
+            damaged = _damaged(path) if path.exists() else []
+            if _complete(path) and not damaged:  # another process finished it while we waited
                 return path
             partial = path.parent / f".{key}.partial"
             partial.mkdir(exist_ok=True)
-            if path.exists():  # incomplete (a shard is gone, or built in place by an older version)
+            if path.exists():  # incomplete (a shard is gone or damaged, or built in place by an older version)
+                for f in damaged:
+                    print(f"features: {f} is damaged (size or CRC-32 differs from the index): re-encoding it")
+                    f.unlink()
                 for f in path.iterdir():
                     if f.name != "index.json" and not (partial / f.name).exists():
                         os.replace(f, partial / f.name)
@@ -275,7 +343,7 @@ def _build(examples: list[Example], path: Path, key: str, manifest: Path, encode
            mode: str, device: str, batch_size: int, progress: bool) -> None:
     """Encode the shards missing from `path` and write its index (last)."""
     n_shards = math.ceil(len(examples) / CLIPS_PER_SHARD)
-    rows = []
+    rows, infos = [], []
     bar = progress_bar(total=len(examples), enabled=progress, desc="features", unit="clip")
     for shard in range(n_shards):
         part = examples[shard * CLIPS_PER_SHARD : (shard + 1) * CLIPS_PER_SHARD]
@@ -291,8 +359,15 @@ def _build(examples: list[Example], path: Path, key: str, manifest: Path, encode
             if not torch.isfinite(tensor).all():
                 bad = [ex for ex, s in zip(part, states) if not torch.isfinite(s.to(torch.float16)).all()]
                 raise ValueError(f"hidden states overflow float16 for {len(bad)} clip(s), e.g. {bad[0].source}:{bad[0].line}")
-            # a unique temporary name: concurrent builders never share one
-            atomic_save(f, lambda tmp: save_file({"states": tensor}, tmp, metadata={"frames": json.dumps(frames), "rows": part_hash}))
+            try:  # a unique temporary name: concurrent builders never share one
+                blob = save({"states": tensor}, metadata={"frames": json.dumps(frames), "rows": part_hash})
+                atomic_save(f, lambda tmp: tmp.write_bytes(blob))  # Python's write: a full disk is an OSError, with its errno
+            except OSError as e:
+                if e.errno not in DISK_FULL:
+                    raise
+                raise disk_full(e, f"feature shard {f}", f"The {shard} shards before it are kept: free space, then run the same "
+                                "command again, which encodes only what is missing") from e
+        infos.append(shard_info(f))
         offset = 0
         for ex, n in zip(part, frames):
             rows.append(_row(ex) | {"shard": shard, "offset": offset, "frames": n, "line": ex.line})
@@ -309,5 +384,6 @@ def _build(examples: list[Example], path: Path, key: str, manifest: Path, encode
         "d_model": encoder.d_model,
         "frames_per_second": mel.SAMPLE_RATE / mel.HOP_LENGTH / 2,
         "rows": rows,
+        "shards": infos,  # per shard {"bytes", "crc32"}: FeatureCache checks them before reading
     }
     atomic_write(path / "index.json", json.dumps(index))  # last: its presence means the cache is complete

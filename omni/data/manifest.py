@@ -255,7 +255,7 @@ def read_manifest(
             info_cache[p] = (dur, f"{p}: {err}" if err else None)
         return info_cache[p]
 
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue

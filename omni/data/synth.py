@@ -45,7 +45,6 @@ Other design choices:
 
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
 import hashlib
@@ -420,19 +419,3 @@ Speech: espeak-ng (PyPI <code>espeakng-loader</code>), 16 kHz mono 16-bit PCM. T
     path = report_dir / "synth_datasheet.html"
     path.write_text(page, encoding="utf-8")
     return path
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Build the synthesized speech corpus and its datasheet.")
-    p.add_argument("--out", default=SynthConfig.out)
-    p.add_argument("--n-sentences", type=int, default=SynthConfig.sentences)
-    p.add_argument("--seed", type=int, default=SynthConfig.seed)
-    p.add_argument("--workers", type=int, default=SynthConfig.workers)
-    p.add_argument("--report-dir", default="reports")
-    a = p.parse_args(argv)
-    out = build_corpus(SynthConfig(out=a.out, sentences=a.sentences, seed=a.seed, workers=a.workers))
-    print(datasheet(out, a.report_dir))
-
-
-if __name__ == "__main__":
-    main()

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -39,7 +40,7 @@ from omni.data.synth import SynthConfig, build_corpus
 from omni.eval import metrics
 from omni.eval.yardstick import clear_rows, content_scores, score_table, whisper_hyps
 from omni.experiments.audio_run import AudioRunConfig, Built, build_model, check_layer, run_meta, save_run, trainable_parameters
-from omni.model.encoder import collate_states
+from omni.model.encoder import collate_states, mask_frames
 from omni.model.losses import ctc_embedding_loss, ctc_readout, distill_loss
 from omni.model.speech_lm import DECODES, PROMPT_POSITIONS, Decoding, Hypothesis, LoopGuard, SpeechLM
 from omni.params import ParamError, require, require_choice
@@ -50,10 +51,13 @@ from omni.train import History, TrainConfig, init_ddp, pick_device, train
 @dataclass
 class AlignConfig(AudioRunConfig):
     sentences: int = 3000  # corpus size when it has to be built
+    clips_per_sentence: int = 1  # train/val renditions of each sentence by distinct seen voices when the corpus is built (the held-out clips are the same for any value)
     prompt: str = ""  # e.g. "Transcribe:"
     prompt_position: str = "after"  # before | after the audio
     collapse: bool = False  # one audio token per CTC segment of the projector's tokens read as LM tokens (blanks dropped): the text-like layout a frozen LM copies from; needs ctc_weight > 0 to mean anything
     audio_bos: bool = False  # BOS's embedding before the audio tokens, as every pretraining document starts
+    time_mask: float = 0.0  # share of each training clip's Whisper frames hidden (zeroed) in spans of `mask_span` frames (SpecAugment's time masking); 0 = off
+    mask_span: int = 10  # frames per hidden span (time_mask)
     ctc_weight: float = 0.0  # + this x CTC of the audio tokens read as LM tokens (ctc_embedding_loss): a CTC head over the LM vocabulary, which joint decoding reads; 0 means plain cross-entropy
     kl_weight: float = 0.0  # + this x KL from the same LM reading the transcript where the audio stands (distill_loss); 0 means off
     decode: str = "greedy"  # how ours is decoded in the final evaluation and by default afterwards: greedy (the LM alone, under the loop guard) | joint (CTC/LM beam search; needs a CTC head). A run with a CTC head is scored both ways
@@ -65,14 +69,19 @@ class AlignConfig(AudioRunConfig):
     guard: bool = True  # greedy decodes (ours, control, Whisper) under the loop guard (LoopGuard); the unguarded figures kept as *unguarded*
     guard_logprob: float = 0.0  # our decoder's guard: re-decode below this mean token log-prob; 0 takes minus the LM's own validation nats per token (pretrain.json's first_nats: a transcript the LM is less sure of than of prose it reads unaided has failed), or the compression ratio alone where the LM has no such figure. Whisper keeps openai-whisper's -1
 
+    MIN_STEPS: ClassVar[int] = 0  # 0: no training, the started run (`run`) evaluated as it is
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("sentences", "eval_clips", "max_new_tokens", "beam"):
+        if self.steps == 0 and not self.run:
+            raise ParamError("parameter `steps` = 0: evaluates a trained run as it is, so it needs `run` (e.g. -p run=models/hear)")
+        for name in ("sentences", "clips_per_sentence", "eval_clips", "max_new_tokens", "beam", "mask_span"):
             require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
         require_choice("prompt_position", self.prompt_position, PROMPT_POSITIONS)
         require_choice("decode", self.decode, DECODES)
         require(0 <= self.ctc_decode_weight <= 1, "ctc_decode_weight", self.ctc_decode_weight, "in [0, 1]")
         require(self.ctc_weight >= 0, "ctc_weight", self.ctc_weight, ">= 0")
+        require(0 <= self.time_mask < 1, "time_mask", self.time_mask, "in [0, 1)")
         require(self.kl_weight >= 0, "kl_weight", self.kl_weight, ">= 0")
         if self.decode == "joint" and not self.ctc_weight and self.projector != "lego" and not self.run:
             raise ParamError("parameter `decode` = 'joint': needs a CTC head (ctc_weight > 0 or projector=lego) for its CTC term")
@@ -118,7 +127,7 @@ def prepare_cache(cfg: AlignConfig, progress: bool = True) -> FeatureCache:
     corpus = Path(cfg.corpus)
     with file_lock(corpus.parent / f".{corpus.name}.prepare.lock"):
         if not (corpus / "manifest.jsonl").exists():
-            build_corpus(SynthConfig(out=str(corpus), sentences=cfg.sentences, seed=0))
+            build_corpus(SynthConfig(out=str(corpus), sentences=cfg.sentences, clips_per_sentence=cfg.clips_per_sentence, seed=0))
         return FeatureCache.open(build_features(corpus / "manifest.jsonl", cfg.features, cfg.encoder, mode=cfg.encoder_mode, progress=progress))
 
 
@@ -214,6 +223,8 @@ def objective(model: SpeechLM, cfg: AlignConfig, device: torch.device, hidden: t
 def step_loss(step: int, model: SpeechLM, cfg: AlignConfig, device: torch.device, batches: StepBatches, rank: int, world: int) -> tuple[torch.Tensor, int]:
     """The training loop's loss_fn: (loss of this rank's share of the step's batch, its target tokens)."""
     hidden, lengths, rows = batches(step)
+    if cfg.time_mask:  # drawn from (seed, step): a resumed run masks what the uninterrupted one did
+        hidden = mask_frames(hidden, lengths, cfg.time_mask, cfg.mask_span, torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
     texts = [r["text"] for r in rows]
     counts = [len(model.tokenizer.encode(t)) + 1 for t in texts]  # supervised targets: text + end of text
     if world == 1:
@@ -373,6 +384,22 @@ def headline(res: AlignResult) -> list[dict]:
     return out
 
 
+def verdict(res: AlignResult) -> str:
+    """One sentence from the scores: does ours listen (its shuffled-audio control far worse), and how far
+    is it from Whisper's own decoder on the same clear clips."""
+    s = res.scores
+    gap = s["clear_control_wer"] - s["clear_wer"]
+    listens = "listens" if gap >= 0.3 else "barely listens" if gap > 0.05 else "does not listen"
+    out = (f"Ours ({res.config.decode}) {listens}: clear WER {s['clear_wer']:.3f} against {s['clear_control_wer']:.3f} with shuffled audio")
+    if "clear_whisper_wer" in s:
+        d = s["clear_wer"] - s["clear_whisper_wer"]
+        out += f", {abs(d):.3f} {'below' if d < 0 else 'above'} Whisper {res.config.encoder}'s own decoder ({s['clear_whisper_wer']:.3f})"
+    if "clear_ctc_wer" in s and (res.config.ctc_weight or res.config.projector == "lego" or res.config.run):
+        d = s["clear_wer"] - s["clear_ctc_wer"]
+        out += f"; the LM {'improves on' if d < 0 else 'does not improve on'} what the audio tokens spell alone ({s['clear_ctc_wer']:.3f})"
+    return out + "."
+
+
 def run(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None, cache: FeatureCache | None = None) -> AlignResult:
     """Notebook 03's one call: train the audio path (and the LM's share, by `trainable`) on the cache's
     train split, score the held-out split, save to cfg.out. Under torchrun every rank draws the same
@@ -389,8 +416,11 @@ def run(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None, cache: F
     data = load_splits(cache)
     batches = StepBatches(cache, data.train, data.train_states, cfg.batch_size, cfg.seed)
     curves = Curves()
-    hist = train(trainable_parameters(built), partial(step_loss, model=model, cfg=cfg, device=device, batches=batches, rank=rank, world=world),
-                 train_config(cfg, rank), tracker, eval_fn=partial(eval_step, model=model, cfg=cfg, cache=cache, data=data, curves=curves))
+    if cfg.steps:
+        hist = train(trainable_parameters(built), partial(step_loss, model=model, cfg=cfg, device=device, batches=batches, rank=rank, world=world),
+                     train_config(cfg, rank), tracker, eval_fn=partial(eval_step, model=model, cfg=cfg, cache=cache, data=data, curves=curves))
+    else:  # an evaluation of the started run as it is
+        hist = History()
     test, scores = evaluate(cfg, built, cache, data, hist)
     tracker.log_metrics(scores, step=cfg.steps)
     res = AlignResult(cfg, hist, model, test, scores, curves.layer_weights, curves.wer)

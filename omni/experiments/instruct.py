@@ -1,4 +1,4 @@
-"""The instruct experiment (issues 12 and 20, notebook 07): instruction tuning on texture, then the
+"""The instruct experiment (notebook 07): instruction tuning on texture, then the
 texture benchmark on two test sets.
 
 `benchmark` asks an instruction-tuned model (omni.experiments.tuning) the benchmark's questions, beside
@@ -38,8 +38,9 @@ from omni.data.features import FeatureCache, build_features
 from omni.data.instructions import TEXTURE_TASKS, InstructionConfig, load_corpus_rows, write_instructions
 from omni.data.manifest import read_manifest
 from omni.data.synth import HARD, SynthConfig, build_corpus
-from omni.eval import metrics, texture
+from omni.eval import metrics, texture, texture_baselines
 from omni.eval.yardstick import whisper_hyps
+from omni.experiments import plots
 from omni.experiments.audio_run import load_run, require_lm, run_cache, run_meta
 from omni.experiments.tuning import TuningConfig, TuningResult, Watch, answerer, tune
 from omni.model.speech_lm import SpeechLM
@@ -89,12 +90,12 @@ def benchmark(model: SpeechLM, cache: FeatureCache, questions: list[dict], clips
     predictions = texture.ask(questions, ask, length=size)
     results = {texture.MODEL: texture.score(questions, predictions, seed=seed)}
     if train_rows:
-        results[texture.MAJORITY] = texture.run_benchmark(questions, texture.majority_answerer(train_rows), seed=seed)
+        results[texture.MAJORITY] = texture.run_benchmark(questions, texture_baselines.majority_answerer(train_rows), seed=seed)
     heard = [q for q in questions if q["task"] in TEXTURE_TASKS]  # shuffled audio only where it is a control: texture
     results |= {
-        f"{texture.TEXT} ({transcripts})": texture.run_benchmark(questions, texture.text_probe_answerer(corpus_rows, questions, text, seed), seed=seed),
-        texture.SHUFFLED: texture.run_benchmark(texture.shuffled_questions(heard, seed), ask, seed=seed, length=size),
-        texture.PROBE: texture.run_benchmark(questions, texture.probe_answerer(cache, questions, seed=seed, clips=clips), seed=seed),
+        f"{texture.TEXT} ({transcripts})": texture.run_benchmark(questions, texture_baselines.text_probe_answerer(corpus_rows, questions, text, seed), seed=seed),
+        texture.SHUFFLED: texture.run_benchmark(texture_baselines.shuffled_questions(heard, seed), ask, seed=seed, length=size),
+        texture.PROBE: texture.run_benchmark(questions, texture_baselines.probe_answerer(cache, questions, seed=seed, clips=clips), seed=seed),
     }
     return BenchmarkResult(results, transcription_wer(questions, predictions, clips), len(questions))
 
@@ -103,7 +104,7 @@ def watcher(cache: FeatureCache, questions: list[dict], seed: int = 0) -> Watch:
     """What `run` watches at every evaluation: per texture task, the balanced accuracy on `questions`
     (clips of held-out voices) with their own audio (watch_<task>) and with shuffled audio
     (watch_shuffled_<task>), and the means over tasks (watch_texture, watch_shuffled_texture)."""
-    shuffled = texture.shuffled_questions(questions, seed)
+    shuffled = texture_baselines.shuffled_questions(questions, seed)
     frames = {r["labels"].get("clip_id"): r["frames"] for r in cache.rows}
     size = lambda q: sum(frames[c] for c in q["clip_ids"])
 
@@ -154,7 +155,7 @@ def save_benchmark(res: BenchmarkResult, out: str | Path, title: str = ""):
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "scores.json", json.dumps({"scores": {k: {t: asdict(v) for t, v in r.items()} for k, r in res.results.items()},
                                                   "transcribe": res.transcribe, "n_questions": res.n_questions}, indent=1))
-    fig = texture.plot_scores(res.results, title=title or f"texture benchmark: {res.n_questions} questions")
+    fig = plots.texture_scores(res.results, title=title or f"texture benchmark: {res.n_questions} questions")
     fig.savefig(out / "bench.png", dpi=110)
     return fig
 

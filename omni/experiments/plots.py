@@ -12,13 +12,14 @@ difference of a few percent matters: a bar drawn from zero hides it.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt  # headless: Agg by default; in a kernel: inline
 import numpy as np
 from IPython.display import display
 
 from omni.eval.layer_probes import ATTRIBUTES, EVAL_SPLITS, PROBES
+from omni.eval.texture import TaskScore
 from omni.experiments.embedding_viz import KIND_NAMES, STAGES, RunViz, point_label
 from omni.track import NullTracker, Tracker
 
@@ -160,6 +161,52 @@ def bars_by(df, columns: list[str], value: str, title: str):
         ax.set_title(col)
         ax.set_xlabel(value)
     fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def texture_scores(results: Mapping[str, Mapping[str, TaskScore]], title: str = ""):
+    """Grouped bars per task (one colour per answerer) with 95% CI whiskers and each task's chance as
+    a black tick; returns the matplotlib Figure."""
+    tasks = sorted({t for r in results.values() for t in r}, key=lambda t: (t == "texture", t))
+    names = list(results)
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(max(6.0, len(tasks) * (0.4 + 0.2 * len(names))), 3.6))
+    x = np.arange(len(tasks))
+    for j, name in enumerate(names):
+        s = [results[name].get(t) for t in tasks]
+        acc = np.array([v.accuracy if v else np.nan for v in s])
+        err = np.array([[v.accuracy - v.lo, v.hi - v.accuracy] if v else [np.nan, np.nan] for v in s]).T
+        ax.bar(x - 0.4 + width * (j + 0.5), acc, width, yerr=err, capsize=2, label=name)
+    chance = [next((r[t].chance for r in results.values() if t in r), np.nan) for t in tasks]
+    ax.hlines(chance, x - 0.45, x + 0.45, colors="black", linewidth=1.5, label="chance")
+    ax.set_xticks(x, tasks, rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars reach 1.0
+    fig.tight_layout()
+    return fig
+
+
+def grouped_bars(table, columns: Sequence[str], hline: float | None = None, hline_label: str = "", ylabel: str = ""):
+    """One group of bars per row of `table` (its index names the groups), one bar per column; NaN left out."""
+    columns = [c for c in columns if c in table]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(table) * max(1, len(columns)) / 2), 3.8))
+    width = 0.8 / max(1, len(columns))
+    x = np.arange(len(table))
+    for i, col in enumerate(columns):
+        vals = table[col].astype(float).to_numpy()
+        bars = ax.bar(x + (i - (len(columns) - 1) / 2) * width, np.nan_to_num(vals, nan=0.0), width, label=col, color=f"C{i}")
+        for b, v in zip(bars, vals):
+            if not np.isnan(v):
+                ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+    if hline is not None:
+        ax.axhline(hline, color="k", ls="--", lw=1, label=hline_label)
+    ax.set_xticks(x, [str(i) for i in table.index], fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
 

@@ -10,7 +10,7 @@ Design choices:
   removed, so the LM cannot have memorised the transcripts alignment is scored on.
 - Documents joined into one token stream with BOS between them; batches are random windows
   drawn with a seeded generator (a different stream per DDP rank).
-- An induction curriculum (issue 18): a frozen LM reads soft audio tokens as words only if it can
+- An induction curriculum: a frozen LM reads soft audio tokens as words only if it can
   copy from its context (an induction head), which a small LM does not learn from this much prose.
   A share `induction` of the windows (annealed over `induction_steps` down to `induction_floor`)
   are synthetic: random token ids in which spans of SPAN_MIN..SPAN_MAX tokens repeat verbatim at
@@ -144,7 +144,7 @@ def plant_induction_head(gpt: GPT, layer: int = 0, head: int = 0, unembed_scale:
     - lm_head starts as the normed token embeddings (times unembed_scale), so that embedding is read
       out as that very token.
     Why: from random init, content-matched copying over a 4096-token vocabulary did not form within
-    600-2000 steps here, with or without Muon, smear or smeared keys (issue 18's table); planted, a
+    600-2000 steps here, with or without Muon, smear or smeared keys (RESULTS.md, the copying LM); planted, a
     depth-2 GPT copied random spans at varied distances (100 %) after 100 steps."""
     att = gpt.transformer.h[layer].attn
     if att.key_smear is None:
@@ -252,8 +252,8 @@ def copy_test(gpt: GPT, tok, sentences: list[str], noise: float = 0.0, seed: int
     gen = torch.Generator().manual_seed(seed)
     first = second = 0.0
     n = 0
-    for text in sentences:
-        t = torch.tensor(tok.encode(text), dtype=torch.long)
+    for sentence in sentences:
+        t = torch.tensor(tok.encode(sentence), dtype=torch.long)
         src = t.clone()
         if noise > 0:
             hit = torch.rand(len(t), generator=gen) < noise

@@ -19,13 +19,13 @@ Design choices:
   0, 1, ... exactly as if it were alone, and padded slots are masked out as keys.
 - KV cache for generation: prefill [audio][idx] in one pass, then one token at a time; `stream`
   yields each step's tokens (for a server), `generate` collects them.
-- nanochat's later architecture (2026-01-11 on), each part a config field that is off by default, so
+- nanochat's later architecture, each part a config field that is off by default, so
   an omni LM folder or a ccf4b7f-era nanochat checkpoint computes exactly what it did before:
   `smear` (the previous token's embedding mixed into each position: previous-token information for
   free, which is what an induction head needs first), `lambdas` (per-layer residual and x0 scales),
   `value_embeds` (per-token value embeddings on alternating layers, gated), `backout` (the residual
   after the middle block subtracted before the final norm), `window_pattern` (sliding-window layers),
-  `rope_base`, `qk_scale`, `rotary_bf16` (nanochat's bf16 rotary tables, until 2026-03-04). Audio
+  `rope_base`, `qk_scale`, `rotary_bf16` (rotary tables rounded to bf16). Audio
   positions are not tokens: they get no value embedding. omni.model.nanochat maps each nanochat period on them.
 """
 
@@ -52,16 +52,16 @@ class GPTConfig:
     n_kv_head: int = 6  # key/value heads (GQA when < n_head; must divide n_head)
     n_embd: int = 384  # model width; head_dim = n_embd // n_head (must be even for rotary)
     softcap: float = 15.0  # logits = softcap * tanh(logits / softcap); 0 disables
-    rope_base: float = 10000.0  # rotary base theta (nanochat from 2026-03-09: 100000)
-    rotary_bf16: bool = False  # round the rotary cos/sin tables to bf16, as nanochat kept them (on every device) until 2026-03-04
+    rope_base: float = 10000.0  # rotary base theta (which nanochat period used which: omni.model.nanochat)
+    rotary_bf16: bool = False  # round the rotary cos/sin tables to bf16, as some nanochat periods kept them (omni.model.nanochat)
     qk_scale: float = 1.0  # q and k are each multiplied by this after QK-norm (nanochat today: 1.2)
     smear_keys: bool = False  # per kv head, k_j <- s * k_j + (1 - s) * k_{j-1}, s = sigmoid(learned): a head can match on the previous token (Olsson et al. 2022's smeared keys: induction in one layer). Not nanochat's
     smear: bool = False  # mix the previous position's embedding into each position through a learned gate (nanochat's smear)
     smear_channels: int = 24  # input channels of the smear gate
     lambdas: bool = False  # per-layer scalars: x = resid_lambdas[i] * x + x0_lambdas[i] * x0 before block i
     value_embeds: bool = False  # per-token value embeddings, gated, on layers i with i % 2 == (n_layer - 1) % 2
-    ve_gate_channels: int = 12  # input channels of a value-embedding gate (nanochat until 2026-03-09: 32)
-    ve_gate_scale: float = 3.0  # gate = scale * sigmoid(...) (nanochat until 2026-03-09: 2)
+    ve_gate_channels: int = 12  # input channels of a value-embedding gate (nanochat's periods differ: omni.model.nanochat)
+    ve_gate_scale: float = 3.0  # gate = scale * sigmoid(...) (nanochat's periods differ: omni.model.nanochat)
     backout: bool = False  # subtract backout_lambda * (residual after block n_layer // 2) before the final norm
     window_pattern: str = "L"  # per-layer attention span, tiled over layers: L = full, S = short_window; the last layer is always L
     short_window: int = 0  # keys an S layer sees before the query (query included: short_window + 1); 0 = full
@@ -149,6 +149,42 @@ class KVCache:
             self.prev_embedding = self.prev_embedding[index]
         self.prev_keys = {i: k[index] for i, k in self.prev_keys.items()}
         self.batch_size = int(index.numel())
+
+    @classmethod
+    def stack(cls, caches: list["KVCache"]) -> "KVCache":
+        """Single-sequence caches of different lengths as one batch with room for one more token: each
+        sequence right-aligned so that all end at slot P (the longest's length), the slots before it
+        masked as left padding (its `pad` grows by as many, so its positions do not change). One
+        batched decoding step of several conversations (GPT.step_many), each keeping a cache of its own."""
+        P = max(c.pos for c in caches)
+        first = caches[0]
+        out = cls(len(caches), P + 1)
+        n_layer, _, H, _, hd = first.k.shape
+        out.k, out.v = first.k.new_zeros(n_layer, len(caches), H, P + 1, hd), first.v.new_zeros(n_layer, len(caches), H, P + 1, hd)
+        out.key_mask = torch.ones(len(caches), P + 1, dtype=torch.bool, device=first.k.device)
+        out.pad = torch.zeros(len(caches), dtype=torch.long, device=first.k.device)
+        for i, c in enumerate(caches):
+            s = P - c.pos  # slots of padding before this sequence
+            out.k[:, i, :, s:P], out.v[:, i, :, s:P] = c.k[:, 0, :, : c.pos], c.v[:, 0, :, : c.pos]
+            out.key_mask[i, :s] = False
+            out.key_mask[i, s:P] = c.key_mask[0, : c.pos]
+            out.pad[i] = c.pad[0] + s
+        out.pos = P
+        if first.prev_embedding is not None:
+            out.prev_embedding = torch.cat([c.prev_embedding for c in caches])
+        out.prev_keys = {layer: torch.cat([c.prev_keys[layer] for c in caches]) for layer in first.prev_keys}
+        return out
+
+    def unstack(self, caches: list["KVCache"]) -> None:
+        """Write the step just taken on a `stack`ed batch back into each sequence's own cache."""
+        P = self.pos - 1  # the slot the step wrote
+        for i, c in enumerate(caches):
+            c.k[:, 0, :, c.pos], c.v[:, 0, :, c.pos] = self.k[:, i, :, P], self.v[:, i, :, P]
+            c.key_mask[0, c.pos] = True
+            c.pos += 1
+            if self.prev_embedding is not None:
+                c.prev_embedding = self.prev_embedding[i : i + 1]
+            c.prev_keys = {layer: k[i : i + 1] for layer, k in self.prev_keys.items()}
 
     def update(self, layer: int, k: Tensor, v: Tensor, n_layer: int) -> tuple[Tensor, Tensor]:
         # k, v (B, n_kv_head, T, hd) for the new tokens; returns all keys/values up to pos + T
@@ -293,7 +329,7 @@ class GPT(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=0.001)
             if block.attn.ve_gate is not None:  # gates start slightly above neutral, as nanochat's
                 nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
-        # the later parts start as nanochat (2026-04) starts them
+        # the later parts start as today's nanochat starts them
         L = c.n_layer
         if c.lambdas:  # stronger residual and more of x0 in early layers
             for i in range(L):
@@ -553,6 +589,16 @@ class GPT(nn.Module):
     def step(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """The next position's logits (B, V) after appending `tokens` (B,) to the cache."""
         return self.forward(tokens.unsqueeze(1), kv_cache=cache)[:, -1]
+
+    @torch.no_grad()
+    def step_many(self, tokens: Tensor, caches: list[KVCache]) -> Tensor:
+        """`step` for several sequences that each keep a cache of their own (e.g. the chat's
+        conversations, started at different times): one batched forward (KVCache.stack), its keys and
+        values written back to each cache. The same logits as stepping each alone, up to float rounding."""
+        batch = KVCache.stack(caches)
+        logits = self.step(tokens, batch)
+        batch.unstack(caches)
+        return logits
 
     def save(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
         """Weights as model.safetensors plus config.json (never pickle); dtype (e.g. torch.float16)

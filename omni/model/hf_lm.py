@@ -169,6 +169,12 @@ class HFLM(nn.Module):
         cache.pos = torch.cat([cache.pos, cache.pos[:, -1:] + 1], dim=1)
         return self._run(self.embed(tokens.unsqueeze(1)), cache.mask, cache.pos[:, -1:], cache.past).logits[:, -1].float()
 
+    @torch.no_grad()
+    def step_many(self, tokens: Tensor, caches: list["HFCache"]) -> Tensor:
+        """`step` for several sequences with caches of their own (omni.model.gpt.GPT.step_many): here one
+        after the other, since HF's caches of different lengths do not stack without copying every layer."""
+        return torch.cat([self.step(tokens[i : i + 1], c) for i, c in enumerate(caches)])
+
     def save(self, directory: str | Path) -> None:
         self.model.save_pretrained(str(directory))
 

@@ -1,4 +1,4 @@
-"""What ties audio tokens to the words spoken, beside alignment's cross-entropy (issue 10's levers).
+"""What ties audio tokens to the words spoken, beside alignment's cross-entropy.
 
 - `ctc_embedding_loss`: CTC over the LM's vocabulary, each audio token read through the LM's own
   input embeddings (`SpeechLM.audio_logits`), BOS the blank: it asks the projector for what a frozen LM

@@ -99,7 +99,7 @@ METRICS = {
     "shuffled_texture_mean": ("shuffled-audio baseline", ACC),
     "probe_texture_mean": ("linear-probe baseline", ACC),
     "texture_tasks_above_transcript_only": ("tasks above the transcript-only baseline", "tasks"),
-    "meets_bar": ("meets the bar (issue 20: per task and mean above the baselines)", "1 yes, 0 no"),
+    "meets_bar": ("meets the bar (per task and mean above the baselines)", "1 yes, 0 no"),
     "transcribe_wer": ("transcription through chat, WER", WER),
     "transcribe_clear_wer": ("transcription through chat, clear speech, WER", WER),
     "val_loss": ("validation loss", "nats/token"),

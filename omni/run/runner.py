@@ -24,7 +24,9 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import html
 import itertools
 import json
@@ -35,11 +37,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 from omni import params, track
-from omni.common import atomic_write
+from omni.common import DISK_FULL, atomic_write, disk_full
 from omni.run import index
 from omni.run.experiment import ExperimentError, checked_params, grid_points, load_experiment, read_notebook, slug, varying
 
@@ -119,9 +121,15 @@ def execute(notebook: Path, values: dict[str, Any], out_dir: Path, run_id: str, 
         status = "FAILED"
         error = _last_line(str(e))
     report, full = out_dir / "report.html", out_dir / "notebook.html"
-    if executed.exists():
-        _to_html(executed, report, values, summary["mlflow_url"], meta.get("run_name", ""))
-        _to_html(executed, full, values, summary["mlflow_url"], meta.get("run_name", ""), code=True)
+    try:
+        if executed.exists():
+            _to_html(executed, report, values, summary["mlflow_url"], meta.get("run_name", ""))
+            _to_html(executed, full, values, summary["mlflow_url"], meta.get("run_name", ""), code=True)
+    except OSError as e:  # a full disk: the run's checkpoints and MLflow history are whole; say so and fail the run
+        if e.errno not in DISK_FULL:
+            raise
+        status, error = "FAILED", disk_full(e, f"the report of {out_dir}", f"Checkpoints and the MLflow run are kept: free space, "
+                                            f"then `omni run --resume {out_dir}`").strerror
     metrics = {}
     if run_id:
         for path in (executed, full, report):
@@ -195,13 +203,56 @@ def _resume_targets(resume: str, reports: Path) -> tuple[Path | None, list[Path]
     return None, [folder]
 
 
+@contextlib.contextmanager
+def claimed(folder: Path) -> Iterator[None]:
+    """This process alone resumes `folder` while in the block: an exclusive lock on folder/.resume.lock
+    (released by the kernel if the process dies, so it never goes stale), holding the holder's pid."""
+    f = open(folder / ".resume.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise ExperimentError(f"{folder}: another `omni run --resume` is resuming it (pid {holder} on {socket.gethostname()}); "
+                              "wait for it to end") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def refuse_running(folders: list[Path]) -> None:
+    """A run still RUNNING (its process alive here, or on another host as far as its folder says) is
+    not resumed: two processes would write one folder and one MLflow run."""
+    for folder in folders:
+        s = index.read_summary(folder)
+        if s.get("status") == "RUNNING":
+            raise ExperimentError(f"{folder}: still running (pid {s.get('pid', '?')} on {s.get('host', '?')}, started {s.get('started', '?')}); "
+                                  "resume it once it has ended or was killed")
+
+
 def resume_experiment(resume: str, reports: str | Path = "reports", workers: int = 1) -> list[RunResult]:
     """Rerun an interrupted run (or a grid's unfinished points) in place: same notebook, parameters,
-    MLflow run and folder; training resumes from the checkpoints the run left there."""
+    MLflow run and folder; training resumes from the checkpoints the run left there. Refused while
+    the run (or another resume of it) is still going."""
     reports = Path(reports)
     grid, targets = _resume_targets(resume, reports)
     _prepare_env(workers)
-    index.mark_dead_runs(reports)
+    with contextlib.ExitStack() as stack:
+        for folder in ([grid] if grid is not None else []) + targets:
+            stack.enter_context(claimed(folder))
+        index.mark_dead_runs(reports)
+        refuse_running(targets)
+        return _resume(grid, targets, reports, workers)
+
+
+def _resume(grid: Path | None, targets: list[Path], reports: Path, workers: int) -> list[RunResult]:
 
     def one(folder: Path) -> RunResult:
         s = index.read_summary(folder)

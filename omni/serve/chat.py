@@ -7,8 +7,10 @@ a trained model and streams the answer back token by token.
 Design choices:
 - One model in memory, one worker thread for every model call (omni.serve.chat_worker.Worker): requests
   never run the model at the same time, and each answer has its own KV cache, so conversations
-  cannot mix. The worker interleaves the decoding steps of concurrent answers (round robin), so a
-  second tab waits for one step, not for a whole answer.
+  cannot mix. The decoding steps of concurrent answers run as one batch (GPT.step_many), so a second
+  tab costs little and waits for one step, not for a whole answer.
+- Runs decode as they were trained to (`Decoding`): a run with a CTC head answers a greedy request by
+  joint CTC/LM beam search, whose transcript is found whole and then sent token by token.
 - A clip is encoded (Whisper -> layer choice -> projector) when it is uploaded, while the user types,
   and kept with its conversation: the question's first token then waits only for the prefill.
 - Prompt layout = SpeechLM's with prompt_position="after": [audio soft tokens][question][BOS] and the
@@ -48,7 +50,8 @@ from omni.experiments.audio_run import load_run, run_decoding, run_encoder
 from omni.model.beam import joint_beam_search
 from omni.model.speech_lm import Decoding
 from omni.model import mel
-from omni.serve.chat_worker import Worker
+from omni.model.sampling import next_tokens
+from omni.serve.chat_worker import Step, Worker, run_alone
 
 ASSETS = Path(__file__).parent / "assets"
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # an upload over this is refused before its body is read
@@ -195,27 +198,31 @@ class Session:
             raise ValueError(f"max_new_tokens: {max_new_tokens} does not fit; with this question and clip at most {room} (sequence_len {self.sequence_len})")
         return ids
 
-    def answer(self, ids: list[int], clip: Clip | None, s: Sampling, t_request: float) -> Iterator[dict]:
+    def answer(self, ids: list[int], clip: Clip | None, s: Sampling, t_request: float) -> Iterator[dict | Step]:
         """Events for one answer: {"event": "token", "text"} per decoded piece, then "done" with timings.
+        A job for the worker (omni.serve.chat_worker): it prefills its own cache, then asks for each
+        decoding step (`Step`) and gets that step's logits back, so the worker batches the steps of
+        every answer under way; run_alone drives it without the worker.
 
         Time to first token counts from t_request (queueing in the worker included); tokens/s over
         the steps after the first."""
         device = self.model.gpt_device
         idx = torch.tensor([ids], device=device)
-        if clip is not None and clip.ctc_logp is not None and s.temperature == 0:  # joint decoding: the whole beam, then its tokens
-            steps = self.joint(idx, clip, s.max_new_tokens)
-        else:
-            steps = self.model.gpt.stream(
-                idx, audio=clip.prefix if clip else None, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                top_k=s.top_k or None, top_p=s.top_p, stop_token=self.eos, seed=s.seed,
-            )
         out: list[int] = []
         sent, t_first, n = "", 0.0, 0
-        for nxt in steps:
+        tokens, logits = self.tokens(idx, clip, s), None
+        while True:
+            try:
+                tok = tokens.send(logits) if logits is not None else next(tokens)
+            except StopIteration:
+                break
+            if isinstance(tok, Step):  # not a token: the next step, asked of the worker; its logits go back in
+                logits = yield tok
+                continue
+            logits = None
             n += 1
             if n == 1:
                 t_first = time.perf_counter()
-            tok = int(nxt[0])
             if tok == self.eos:
                 break
             out.append(tok)
@@ -236,8 +243,35 @@ class Session:
             "tokens_per_s": round((n - 1) / (t_end - t_first), 1) if n > 1 and t_end > t_first else None,
         }
 
+    def tokens(self, idx: torch.Tensor, clip: Clip | None, s: Sampling):
+        """The answer's tokens (ints, EOS last unless the budget ends first), with a `Step` before each
+        one after the first: the caller sends back that step's logits. Joint decoding when the run
+        decodes so and the answer is greedy: the whole beam search first (no steps to batch), then its tokens."""
+        if clip is not None and clip.ctc_logp is not None and s.temperature == 0:
+            yield from self.joint(idx, clip, s.max_new_tokens)
+            return
+        gen = torch.Generator(device=idx.device).manual_seed(s.seed) if s.seed is not None else None
+        with torch.no_grad():
+            logits, cache = self.model.gpt.prefill(idx, clip.prefix if clip else None, None, s.max_new_tokens)
+        done = torch.zeros(1, dtype=torch.bool, device=idx.device)
+        for step in range(s.max_new_tokens):
+            nxt, done = next_tokens(logits, done, self.eos, s.temperature, s.top_k or None, s.top_p, gen)
+            yield int(nxt[0])
+            if bool(done.all()) or step == s.max_new_tokens - 1:
+                return
+            logits = yield Step(nxt, cache)
 
-    def joint(self, idx: torch.Tensor, clip: Clip, max_new_tokens: int) -> Iterator[torch.Tensor]:
+    def step_many(self, tokens: torch.Tensor, caches: list) -> torch.Tensor:
+        """One decoding step of several answers at once (the worker's batch)."""
+        with torch.no_grad():
+            return self.model.gpt.step_many(tokens, caches)
+
+    def step(self, token: torch.Tensor, cache) -> torch.Tensor:
+        """One decoding step of one answer (run_alone)."""
+        with torch.no_grad():
+            return self.model.gpt.step(token, cache)
+
+    def joint(self, idx: torch.Tensor, clip: Clip, max_new_tokens: int) -> Iterator[int]:
         """The joint CTC/LM beam search's transcript (omni.model.beam), one token at a time once it is
         found (a beam changes its mind until the end, so nothing streams before), then EOS."""
         d = self.decoding
@@ -246,8 +280,7 @@ class Session:
             res = joint_beam_search(self.model.gpt, idx, clip.prefix, None, clip.ctc_logp, torch.tensor([T], device=idx.device),
                                     blank=self.bos, eos=self.eos, beam=d.beam, ctc_weight=d.ctc_decode_weight,
                                     max_new_tokens=max_new_tokens, candidates=d.candidates)
-        for tok in res.tokens[0] + [self.eos]:
-            yield torch.tensor([tok])
+        yield from res.tokens[0] + [self.eos]
 
 
 def describe(model, encoder) -> str:
@@ -273,7 +306,7 @@ def create_app(session: Session):
     """The FastAPI app: the page, its assets, and a small JSON + server-sent-events API."""
     app = FastAPI(title="omni chat", docs_url=None, redoc_url=None)
     app.mount("/assets", StaticFiles(directory=ASSETS), name="assets")
-    worker = Worker()
+    worker = Worker(session.step_many)
     conversations: OrderedDict[str, Conversation] = OrderedDict()
     app.state.session, app.state.worker, app.state.conversations = session, worker, conversations
 
@@ -400,7 +433,7 @@ def chat_cli(session: Session, paths: list[str], question: str, s: Sampling, out
         clip = next(session.encode(wave, path))
         ids = session.check(question, clip, s.max_new_tokens)
         print(f"{path}: ", end="", file=out, flush=True)
-        for event in session.answer(ids, clip, s, t0):
+        for event in run_alone(session.answer(ids, clip, s, t0), session.step):
             if event["event"] == "token":
                 print(event["text"], end="", file=out, flush=True)
         print(file=out, flush=True)

@@ -1,15 +1,20 @@
-"""One thread that runs every model call of the chat server, one step at a time.
+"""One thread that runs every model call of the chat server, the decoding steps of all answers batched.
 
 Design choices:
-- A job is a plain Python iterator; each next() is one unit of model work (encode a clip, one
-  decoding step). The worker advances the active jobs round robin, so requests never touch the
-  model at the same time, yet a second conversation's first token waits for one step of the first
-  conversation's answer, not for all of it. Each job owns its state (its own KV cache), so nothing
-  is shared between conversations but the weights.
-- What a job yields goes to the asyncio queue of the request that submitted it; an exception in a
-  job becomes an {"event": "error"} for that request alone, and the worker goes on.
+- A job is a plain Python generator. What it yields goes to the request that submitted it (an event,
+  a clip), except a `Step`: the job's request for one decoding step of its sequence (the token it
+  appends, the cache it appends to), answered with the logits that follow, sent back into the
+  generator (`logits = yield Step(token, cache)`). Encoding a clip or a prefill is work a job does
+  itself between two steps.
+- Each turn the worker advances every job that is not waiting for a step by one item (an event it
+  sends on, or the Step it asks for), then runs one decoding step for every waiting job at once
+  (`step_many`: one batched forward over caches that stay each job's own, omni.model.gpt.GPT.step_many).
+  Four conversations thus cost about one forward per token, not four, and a new conversation's
+  prefill and first token wait for at most one step of the others.
+- An exception in a job becomes an {"event": "error"} for that request alone, and the worker goes on.
 - A request that goes away (the client closed the tab) marks its job cancelled; the worker drops it
   at its next turn, so an abandoned answer stops using the CPU.
+- `run_alone` drives a job without the thread (the terminal chat, tests), stepping its sequence alone.
 """
 
 from __future__ import annotations
@@ -18,18 +23,33 @@ import asyncio
 import logging
 import queue
 import threading
-from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 log = logging.getLogger("omni.serve.chat")
 _END = object()  # marks the end of a job's output
+
+
+@dataclass
+class Step:
+    """A job's request for one decoding step of its sequence."""
+
+    token: torch.Tensor  # (1,) the token appended
+    cache: Any  # the sequence's own KV cache (omni's KVCache or an HF cache)
+
+
+StepMany = Callable[[torch.Tensor, list], torch.Tensor]  # (tokens (B,), caches) -> logits (B, V)
 
 
 class _Job:
     def __init__(self, steps: Iterator[Any], loop: asyncio.AbstractEventLoop, out: asyncio.Queue):
         self.steps, self.loop, self.out = steps, loop, out
         self.cancelled = False
+        self.waiting: Step | None = None  # the step it asked for, not run yet
+        self.reply: Any = None  # what goes back into it when it is advanced next
 
     def send(self, item: Any) -> None:
         try:
@@ -39,15 +59,16 @@ class _Job:
 
 
 class Worker:
-    """Runs submitted iterators on one daemon thread, interleaving their steps."""
+    """Runs submitted generators on one daemon thread; their decoding steps go through `step_many` together."""
 
-    def __init__(self) -> None:
+    def __init__(self, step_many: StepMany | None = None) -> None:
+        self.step_many = step_many
         self._inbox: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="omni-chat-worker", daemon=True)
         self._thread.start()
 
     async def run(self, steps: Iterator[Any]) -> AsyncIterator[Any]:
-        """Submit `steps`; yields what it yields, or one {"event": "error", "message"} if it raises."""
+        """Submit `steps`; yields what it yields (Steps aside), or one {"event": "error", "message"} if it raises."""
         out: asyncio.Queue = asyncio.Queue()
         job = _Job(steps, asyncio.get_running_loop(), out)
         self._inbox.put(job)
@@ -58,29 +79,75 @@ class Worker:
             job.cancelled = True  # a no-op when the job ended; stops it when the client went away
 
     def _loop(self) -> None:
-        active: deque[_Job] = deque()
+        active: list[_Job] = []
         while True:
             if not active:
                 active.append(self._inbox.get())  # idle: sleep until work arrives
             while not self._inbox.empty():
                 active.append(self._inbox.get_nowait())
-            job = active.popleft()
-            if job.cancelled:
-                _close(job)
-                continue
-            try:
-                item = next(job.steps)
-            except StopIteration:
-                job.send(_END)
-                continue
-            except Exception as e:  # a bad job must not take the server down
-                if not isinstance(e, ValueError):
-                    log.exception("chat job failed")
-                job.send({"event": "error", "message": f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)})
-                job.send(_END)
-                continue
+            for job in list(active):
+                if job.cancelled:
+                    _close(job)
+                    active.remove(job)
+                elif job.waiting is None and not self._advance(job):
+                    active.remove(job)
+            waiting = [j for j in active if j.waiting is not None]
+            if waiting:
+                self._step(waiting)
+
+    def _advance(self, job: _Job) -> bool:
+        """One turn of `job`: what it yields next is sent, or becomes its waiting Step (True); False when
+        it ended. One item a turn, so jobs that never step (a clip's encoding) still take turns."""
+        try:
+            item = job.steps.send(job.reply) if job.reply is not None else next(job.steps)
+            job.reply = None
+        except StopIteration:
+            job.send(_END)
+            return False
+        except Exception as e:  # a bad job must not take the server down
+            _report(job, e)
+            return False
+        if isinstance(item, Step):
+            job.waiting = item
+        else:
             job.send(item)
-            active.append(job)
+        return True
+
+    def _step(self, jobs: list[_Job]) -> None:
+        """One decoding step for every waiting job, batched; each job gets its own row of logits back."""
+        tokens = torch.cat([j.waiting.token for j in jobs])
+        caches = [j.waiting.cache for j in jobs]
+        try:
+            logits = self.step_many(tokens, caches)
+        except Exception as e:  # the batch failed: every job in it hears why
+            for j in jobs:
+                _report(j, e)
+                j.cancelled = True
+            return
+        for i, j in enumerate(jobs):
+            j.reply, j.waiting = logits[i : i + 1], None
+
+
+def run_alone(steps: Iterator[Any], step: Callable[[torch.Tensor, Any], torch.Tensor]) -> Iterator[Any]:
+    """Drive a job in this thread: its events in order, each Step answered by `step(token, cache)` alone."""
+    reply = None
+    while True:
+        try:
+            item = steps.send(reply) if reply is not None else next(steps)
+        except StopIteration:
+            return
+        reply = None
+        if isinstance(item, Step):
+            reply = step(item.token, item.cache)
+        else:
+            yield item
+
+
+def _report(job: _Job, e: Exception) -> None:
+    if not isinstance(e, ValueError):
+        log.exception("chat job failed", exc_info=e)
+    job.send({"event": "error", "message": f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)})
+    job.send(_END)
 
 
 def _close(job: _Job) -> None:

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 import pytest
 
 from conftest import tiny_lm
-from test_bench import fake_cache, fake_rows
+from test_texture import fake_cache, fake_rows
 from omni.data.instructions import TEXTURE_TASKS, InstructionConfig, answer_value, build_instructions
 from omni.data.manifest import write_manifest
-from omni.eval.texture import load_questions, shuffled_questions
+from omni.eval.texture import load_questions
+from omni.eval.texture_baselines import shuffled_questions
 from omni.experiments.audio_run import load_run
 from omni.experiments.tuning import (
     TuningConfig, answerer, assemble, build_model, conversation_batch, conversation_loss, draw, encode, mix_pools, prompt,
@@ -210,7 +211,7 @@ def test_config_refuses_bad_values_naming_the_parameter(field, value, message):
         TuningConfig(**{field: value})
 
 
-# --- issue 20: format, loss, mix, backbones, layout, watching, the start and the budget -----------
+# --- format, loss, mix, backbones, layout, watching, the start and the budget -----------------
 
 
 PROSE = ["The voice was higher than usual, and then lower again.", "She spoke faster, then slower, then fast and slow.",

@@ -11,10 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from omni.eval.texture import (
-    TaskScore, ask, findings, headline, is_correct, load_questions, majority_answerer, meets_bar, plot_scores, probe_answerer,
-    run_benchmark, score, shuffled_questions, task_table, text_probe_answerer, transcript_questions,
-)
+from omni.eval.texture import TaskScore, ask, findings, headline, is_correct, load_questions, meets_bar, run_benchmark, score, task_table
+from omni.eval.texture_baselines import majority_answerer, probe_answerer, shuffled_questions, text_probe_answerer, transcript_questions
+from omni.experiments.plots import texture_scores
 from omni.data.instructions import LETTERS, TASK_LABEL, TEXTURE_TASKS, InstructionConfig, build_instructions, label_answer
 from omni.data.manifest import write_manifest
 
@@ -196,7 +195,7 @@ def test_probe_ceiling(corpus, tmp_path):
     assert "transcribe" not in s and "last_word" not in s and "same_speaker" in s  # no clip label: not taken; pairs: the pair probe
     noise = run_benchmark(qs, probe_answerer(fake_cache(tmp_path / "noise", rows, informative=False), qs, layers=[0]))
     assert noise["accent"].accuracy < 0.6
-    fig = plot_scores({"probe": s, "noise probe": noise}, title="toy")
+    fig = texture_scores({"probe": s, "noise probe": noise}, title="toy")
     ax = fig.axes[0]
     assert len(ax.patches) == len(s) + len(noise) and [t.get_text() for t in ax.get_xticklabels()][-1] == "texture"
     with pytest.raises(ValueError, match="not in the feature cache"):
@@ -261,7 +260,7 @@ def test_table_headline_bar_and_sentences_from_the_numbers():
     assert len(said) == 3  # texture tasks only
 
 
-# --- issue 20: the sample, the baselines and the bar --------------------------------------------
+# --- the sample, the baselines and the bar --------------------------------------------------
 
 
 def _open_gender(rows, seed: int = 1):
@@ -337,7 +336,7 @@ def test_probes_cover_the_models_task_set_and_transcript_only_reads_only_the_tex
 
 
 def test_the_required_line():
-    """meets_bar is issue 20's line: each of gender, accent, rate, pitch, style 10 points above shuffled
+    """meets_bar is the texture bar: each of gender, accent, rate, pitch, style 10 points above shuffled
     audio and above train majority and transcript-only; the texture mean 25 points above the floor."""
     good = {"gender": 0.95, "accent": 0.9, "rate": 0.8, "pitch": 0.8, "style": 0.9}
     flat = {t: 0.5 for t in good}
