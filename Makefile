@@ -1,6 +1,7 @@
 # The two commands a newcomer needs (see README):
 #   make run    set up .venv, then run the main job: the research tour on the embedded defaults (CPU):
-#               the smoke test, then projector-only alignment into the committed copying LM (models/lm)
+#               the smoke test, then the trainable-axis table: the committed hearing model (models/hear)
+#               evaluated as it is beside a projector-only model trained on the spot (experiments/tour.yaml)
 #   make test   set up .venv, then run the test suite
 PY ?= python3
 VENV ?= .venv
@@ -26,7 +27,7 @@ $(VENV)/.installed: pyproject.toml notebooks/jupyter_server_config.json
 
 run: setup
 	$(BIN)/omni run experiments/smoke.yaml
-	$(BIN)/omni run experiments/alignment.yaml
+	$(BIN)/omni run experiments/tour.yaml
 
 # tests/test_chat.py and test_browser.py drive Debian's headless Chromium (Playwright never downloads a browser):
 # installed here when missing and we are root (CI, containers); elsewhere those tests skip and say why

@@ -49,6 +49,7 @@ layer: str = 'last'  # Whisper state(s) the projector reads: last | middle | <in
 k: int = 4  # Whisper frames per audio token (50 frames/s / k tokens per second)
 projector: str = 'stack'  # stack | conv | avg | lego (posteriors over the LM vocabulary mixing its token embeddings, LegoSLM)
 projector_hidden: int = 0  # the projector MLP's hidden width; 0 : the LM's width (n_embd)
+voice_tokens: int = 0  # soft tokens pooled from the whole clip (the voice: omni.model.projector.VoicePool) before the audio tokens; 0 : none
 trainable: str = 'projector'  # projector (frozen LM) | projector+lora (peft adapters on the LM) | projector+lm (the whole LM)
 lora_rank: int = 16  # LoRA rank r (trainable:projector+lora)
 lora_alpha: float = 32.0  # LoRA scale alpha / r

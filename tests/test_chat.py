@@ -398,7 +398,16 @@ def test_browser_uploads_a_clip_asks_and_sees_the_answer_stream(session, tmp_pat
     from omni.data import tts
 
     def slowly(events):  # 20 ms per piece, so the browser gets them in separate reads and shows each
-        for e in events:
+        reply = None
+        while True:
+            try:
+                e = events.send(reply)
+            except StopIteration:
+                return
+            if isinstance(e, Step):  # the decoding steps go on to the worker, their logits back in
+                reply = yield e
+                continue
+            reply = None
             time.sleep(0.02)
             yield e
 

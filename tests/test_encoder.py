@@ -213,3 +213,13 @@ def test_mask_frames_hides_spans_inside_each_clip_and_is_seeded():
     again = encoder.mask_frames(hidden, lengths, share=0.2, span=5, gen=torch.Generator().manual_seed(0))
     assert torch.equal(masked, again) and torch.equal(hidden, torch.ones(3, 2, 60, 4))  # seeded; the input untouched
     assert encoder.mask_frames(hidden, lengths, 0.0, 5, torch.Generator()) is hidden
+
+
+def test_a_one_state_choice_reads_just_its_state():
+    hidden = torch.randn(2, 5, 7, 3)
+    last = encoder.LayerSelect("last", 5)
+    assert last.states_read() == [4] and torch.equal(last(hidden[:, 4:5]), last(hidden)) and torch.equal(last(hidden), hidden[:, 4])
+    mixed = encoder.LayerSelect("weighted", 5)
+    assert mixed.states_read() is None
+    with pytest.raises(ValueError, match=r"hidden must be \(B, 5, T, d\)"):
+        mixed(hidden[:, 4:5])  # a mix needs every state

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from omni.model.gpt import GPT, GPTConfig
 
@@ -270,3 +271,26 @@ def test_step_many_equals_stepping_each_cache_alone(later: bool):
     for (_, a), (_, b) in zip(alone, together):
         assert a.pos == b.pos
         torch.testing.assert_close(a.k[:, :, :, : a.pos], b.k[:, :, :, : b.pos])
+
+
+def test_attention_to_is_the_attention_sdpa_used():
+    """GPT.attention_to's weights, applied to the values by hand, give the attention output SDPA gave."""
+    model = decisive(tiny(seed=3)).eval()
+    idx = torch.randint(0, 37, (2, 9))
+    query = torch.tensor([8, 5])
+    w = model.attention_to(idx, query)
+    assert w.shape == (2, 2, 4, 9)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, 4))
+    assert torch.all(w[1, :, :, 6:] == 0)  # causal: position 5 sees nothing after it
+    # layer 0 by hand: the weights times the values equal the block's attention output
+    attn = model.transformer.h[0].attn
+    seen = {}
+    hook = attn.c_proj.register_forward_hook(lambda m, inp, out: seen.setdefault("y", inp[0]))
+    with torch.no_grad():
+        model(idx)
+    hook.remove()
+    x = F.rms_norm(model.embed(idx), (32,))
+    v = attn.c_v(x).view(2, 9, 2, 8).repeat_interleave(2, dim=2)  # GQA: 2 kv heads serve 4 query heads
+    by_hand = torch.einsum("bht,bthd->bhd", w[:, 0], v)
+    got = seen["y"].view(2, 9, 4, 8)[torch.arange(2), query]
+    torch.testing.assert_close(by_hand, got, atol=1e-5, rtol=1e-4)

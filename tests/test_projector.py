@@ -121,3 +121,31 @@ def test_collapsed_lego_prefix_is_bos_then_the_words_embeddings():
     want = gpt.embed(torch.tensor([[tok.bos_id, ord("a"), ord("b")]]))
     assert mask.tolist() == [[True] * 3]
     torch.testing.assert_close(prefix, want, atol=1e-3, rtol=0)
+
+
+def test_voice_tokens_come_first_ignore_padding_and_round_trip(tmp_path):
+    """VoicePool: n tokens per clip before the content tokens, at the text scale, the same for a clip
+    alone and padded in a batch, saved and loaded with the audio path; they read every Whisper state."""
+    from omni.model.gpt import GPT, GPTConfig
+    from omni.model.speech_lm import SpeechLM, SpeechLMConfig
+    from omni.model.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(sequence_len=64, vocab_size=257, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    model = SpeechLM(gpt, ByteTokenizer(), n_states=3, d_whisper=8, config=SpeechLMConfig(layer="last", k=2, voice_tokens=2))
+    assert model.states_read() is None and model.select.states_read() == [2]
+    hidden, lengths = torch.randn(2, 3, 9, 8), torch.tensor([9, 4])
+    tokens, n = model.audio_tokens(hidden, lengths)
+    plain = SpeechLM(gpt, ByteTokenizer(), n_states=3, d_whisper=8, config=SpeechLMConfig(layer="last", k=2))
+    plain.projector.load_state_dict(model.projector.state_dict())
+    content, m = plain.audio_tokens(hidden, lengths)
+    assert n.tolist() == (m + 2).tolist() == [7, 4]
+    torch.testing.assert_close(tokens[:, 2:], content)  # the words follow the voice, unchanged
+    alone, _ = model.audio_tokens(hidden[1:, :, :4], lengths[1:])
+    torch.testing.assert_close(tokens[1, :4], alone[0])  # padding frames change nothing
+    rms = tokens[:, :2].pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.full_like(rms, float(model.projector.target_rms)), rtol=1e-4, atol=1e-4)
+    model.save_audio_path(tmp_path)
+    again = SpeechLM(gpt, ByteTokenizer(), n_states=3, d_whisper=8, config=SpeechLMConfig(layer="last", k=2, voice_tokens=2))
+    again.load_audio_path(tmp_path)
+    torch.testing.assert_close(again.audio_tokens(hidden, lengths)[0], tokens)

@@ -416,6 +416,34 @@ def test_tuning_starts_from_an_alignment_run(tiny_alignment, tmp_path, capsys):
     assert set(saved) == set(now) and all(torch.equal(saved[k], now[k]) for k in saved)
 
 
+@pytest.mark.parametrize("trainable", ["projector+lora", "projector+lm"])
+def test_a_tuned_run_is_read_like_any_run_by_transcribe_and_chat(tiny_alignment, tmp_path, capsys, trainable):
+    """One save and one load: a tuned run, started from an alignment run, says in audio_path.json what
+    an alignment run says (encoder, mode, LM, what it saved), and `omni transcribe` and `omni chat --cli`
+    read it with no special case."""
+    from omni.cli import main
+    from omni.data.instructions import write_instructions
+
+    write_instructions(InstructionConfig(corpus=str(tiny_alignment.corpus), out=str(tmp_path / "instr"), tasks=("gender",), chains=0))
+    out = tmp_path / "tuned"
+    cfg = TuningConfig(instructions=str(tmp_path / "instr"), run=str(tiny_alignment.run), trainable=trainable, steps=2, batch_size=4,
+                       eval_every=0, features=str(tiny_alignment.cache.path), device="cpu", out=str(out))
+    tune(cfg, cache=tiny_alignment.cache)
+    meta = json.loads((out / "audio_path.json").read_text())
+    aligned = json.loads((tiny_alignment.run / "model" / "audio_path.json").read_text())
+    assert meta["recipe"] == "tuning" and aligned["recipe"] == "alignment"
+    for key in ("encoder", "encoder_mode", "load_in", "speech_lm", "n_states", "d_whisper", "layout"):
+        assert meta[key] == aligned[key], key
+    assert meta["saved"] == (["audio_path", "lora"] if trainable == "projector+lora" else ["audio_path", "lm"])
+    clip = str(tiny_alignment.corpus / json.loads((tiny_alignment.corpus / "test.jsonl").read_text().splitlines()[0])["audio"])
+    capsys.readouterr()
+    assert main(["transcribe", "--run", str(out), clip]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(clip + "\t")
+    assert main(["chat", "--run", str(out), "--cli", clip, "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith(f"{clip}: ")
+
+
 def test_defaults_are_a_budget_that_can_listen(tmp_path, monkeypatch):
     """Budget: the default run draws about 500 conversations per texture task (150 x 8 with every task
     alike drew about 100), evaluates while it trains, benchmarks 150 questions per task and watches

@@ -81,7 +81,8 @@ def shuffled_questions(questions: Sequence[dict], seed: int = 0) -> list[dict]:
     return [dict(q, audios=[swap[a] for a in q["audios"]]) for q in questions]
 
 
-def _probe(X_train, y_train: list, seed: int):
+def fit_probe(X_train, y_train: list, seed: int):
+    """A linear probe: logistic regression (C=1) on standardised features, fitted."""
     from scipy import sparse
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -144,7 +145,7 @@ def _probe_answerer(views: Sequence[tuple], train: Sequence[dict], val: Sequence
         y_tr, y_va = [r[label] for r in train], [r[label] for r in val]
         if len(set(y_tr)) < 2:
             continue  # nothing to learn: the probe does not take these questions
-        fits = [_probe(Xtr, y_tr, seed) for Xtr, _, _ in views]
+        fits = [fit_probe(Xtr, y_tr, seed) for Xtr, _, _ in views]
         best = pick(fits, [f.score(Xva, y_va) if len(views) > 1 and Xva is not None and val else 0.0
                            for f, (_, Xva, _) in zip(fits, views)])
         clf = fits[best]
@@ -156,7 +157,7 @@ def _probe_answerer(views: Sequence[tuple], train: Sequence[dict], val: Sequence
         tr_pairs, tr_y = _pairs(train, seed)
         va_pairs, va_y = _pairs(val, seed) if val else ([], [])
         if len(set(tr_y)) == 2:
-            fits = [_probe(_pair_features(Xtr, tr_pairs), tr_y, seed) for Xtr, _, _ in views]
+            fits = [fit_probe(_pair_features(Xtr, tr_pairs), tr_y, seed) for Xtr, _, _ in views]
             best = pick(fits, [f.score(_pair_features(Xva, va_pairs), va_y) if len(views) > 1 and len(set(va_y)) == 2 else 0.0
                                for f, (_, Xva, _) in zip(fits, views)])
             test_pairs = [(test_at[q["clip_ids"][0]], test_at[q["clip_ids"][1]]) for q in pair_qs]

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -70,6 +70,7 @@ class AudioRunConfig:
     k: int = 4  # Whisper frames per audio token (50 frames/s / k tokens per second)
     projector: str = "stack"  # stack | conv | avg | lego (posteriors over the LM vocabulary mixing its token embeddings, LegoSLM)
     projector_hidden: int = 0  # the projector MLP's hidden width; 0 = the LM's width (n_embd)
+    voice_tokens: int = 0  # soft tokens pooled from the whole clip (the voice: omni.model.projector.VoicePool) before the audio tokens; 0 = none
     trainable: str = "projector"  # projector (frozen LM) | projector+lora (peft adapters on the LM) | projector+lm (the whole LM)
     lora_rank: int = 16  # LoRA rank r (trainable=projector+lora)
     lora_alpha: float = 32.0  # LoRA scale alpha / r
@@ -104,6 +105,7 @@ class AudioRunConfig:
         require(self.lr > 0, "lr", self.lr, "> 0")
         require(self.lm_lr >= 0, "lm_lr", self.lm_lr, ">= 0 (0 = lr)")
         require(self.projector_hidden >= 0, "projector_hidden", self.projector_hidden, ">= 0 (0 = the LM's width)")
+        require(self.voice_tokens >= 0, "voice_tokens", self.voice_tokens, ">= 0")
         require(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "> 0")
         require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
         require(self.early_lr_factor > 0, "early_lr_factor", self.early_lr_factor, "> 0")
@@ -164,6 +166,8 @@ def start_shape(cfg: AudioRunConfig) -> tuple[SpeechLMConfig, Path | None, dict]
     if (saved.layer, saved.k, saved.projector) != (shape.layer, shape.k, shape.projector):
         print(f"run {cfg.run}: the audio path starts from it, so layer={saved.layer}, k={saved.k}, projector={saved.projector} "
               f"(not {shape.layer}, {shape.k}, {shape.projector})")
+    if shape.voice_tokens and not saved.voice_tokens:  # voice tokens added on top of a run that had none: they start fresh
+        saved = replace(saved, voice_tokens=shape.voice_tokens)
     return saved, path, meta
 
 
@@ -185,8 +189,7 @@ def build_model(cfg: AudioRunConfig, n_states: int, d_whisper: int, device: torc
     torch.manual_seed(cfg.seed)  # the audio path first, right after the seed: initial_model rebuilds it so
     model = SpeechLM(gpt, tok, n_states, d_whisper, shape)
     lm_params = lm_parameters(gpt, cfg.trainable, cfg.lora())  # new adapters draw their init next
-    model.select.to(gpt_device(gpt))
-    model.projector.to(gpt_device(gpt))
+    model.audio_path_to(gpt_device(gpt))
     if start:
         if (meta["n_states"], meta["d_whisper"]) != (n_states, d_whisper):
             raise ValueError(f"run {cfg.run}: its audio path reads {meta['n_states']} x {meta['d_whisper']} Whisper states, "
@@ -208,6 +211,8 @@ def trainable_parameters(built: Built) -> dict[str, torch.nn.Parameter]:
     model = built.model
     params = {f"select.{n}": p for n, p in model.select.named_parameters()}
     params |= {f"projector.{n}": p for n, p in model.projector.named_parameters()}
+    if model.voice is not None:
+        params |= {f"voice.{n}": p for n, p in model.voice.named_parameters()}
     return params | {f"gpt.{n}": p for n, p in built.lm_params.items()}
 
 
@@ -332,8 +337,7 @@ def load_run(run: str | Path, device: str = "cpu", name: str = "run") -> tuple[S
     gpt, tok = load_lm(run_lm(path, meta), dev, load_in=meta.get("load_in", ""))
     load_lora(gpt, path)  # the run's adapters, if it trained some
     model = SpeechLM(gpt, tok, meta["n_states"], meta["d_whisper"], SpeechLMConfig(**meta["speech_lm"]))
-    model.select.to(dev)
-    model.projector.to(dev)
+    model.audio_path_to(dev)
     model.load_audio_path(path)
     model.eval()
     return model, meta

@@ -261,14 +261,21 @@ class LayerSelect(nn.Module):
             raise ValueError(f"layer={layer!r} is out of range for {n_states} hidden states (valid: {-n_states}..{n_states - 1})")
         self.index = index % n_states
 
+    def states_read(self) -> list[int] | None:
+        """The states this choice reads ([index] for one state, None for all): a caller may load just
+        those (FeatureCache.load_states(rows, layers)) and pass them in, (B, 1, T, d)."""
+        return None if self.weights is not None else [self.index]
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, S, T, d) -> (B, T, d); an unbatched (S, T, d) gives (T, d)."""
+        """(B, S, T, d) -> (B, T, d); an unbatched (S, T, d) gives (T, d). S is n_states, or 1 for a
+        one-state choice given only its state (states_read)."""
         if hidden.dim() == 3:
             return self.forward(hidden[None])[0]
-        if hidden.dim() != 4 or hidden.shape[1] != self.n_states:
+        one = self.weights is None and hidden.dim() == 4 and hidden.shape[1] == 1
+        if hidden.dim() != 4 or (hidden.shape[1] != self.n_states and not one):
             raise ValueError(f"hidden must be (B, {self.n_states}, T, d), got shape {tuple(hidden.shape)}")
         if self.weights is None:
-            return hidden[:, self.index]
+            return hidden[:, 0 if one else self.index]
         if self.layer_norm:
             hidden = F.layer_norm(hidden, hidden.shape[-1:])
         w = F.softmax(self.weights, dim=0).to(hidden.dtype)

@@ -216,6 +216,7 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate_channels, self.ve_gate_scale = config.ve_gate_channels, config.ve_gate_scale
         self.ve_gate = nn.Linear(config.ve_gate_channels, self.n_kv_head, bias=False) if config.has_ve(layer_idx) else None
         self.key_smear = nn.Parameter(torch.zeros(self.n_kv_head)) if config.smear_keys else None  # logit of s per kv head
+        self.capture: list[Tensor] | None = None  # set by GPT.attention_to: each forward appends its attention weights
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None,
                 ve: Tensor | None = None) -> Tensor:
@@ -244,6 +245,10 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.capture is not None:  # GPT.attention_to: the weights SDPA used, written out
+            allowed = mask if mask is not None else torch.ones(T, k.size(2), dtype=torch.bool, device=q.device).tril(k.size(2) - T)
+            scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(self.head_dim)
+            self.capture.append(scores.masked_fill(~allowed, float("-inf")).softmax(-1))
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
@@ -470,6 +475,23 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+    @torch.no_grad()
+    def attention_to(self, idx: Tensor, query: Tensor, embeds: Tensor | None = None) -> Tensor:
+        """Attention weights (B, n_layer, n_head, T) of the position `query` (B,) of each row over every
+        position, from one forward of `idx` (or `embeds`): where a position looks (the listening
+        ladder: how much an answer attends to the audio). Computed beside SDPA, for inspection only."""
+        blocks = [b.attn for b in self.transformer.h]
+        for a in blocks:
+            a.capture = []
+        try:
+            self.forward(idx, embeds=embeds)
+            weights = torch.stack([a.capture[0] for a in blocks], dim=1)  # (B, L, H, T, T)
+        finally:
+            for a in blocks:
+                a.capture = None
+        rows = torch.arange(idx.size(0), device=idx.device)
+        return weights[rows, :, :, query]
 
     def _smear(self, x: Tensor, kv_cache: KVCache | None) -> Tensor:
         """x_t += smear_lambda * sigmoid(smear_gate(x_t[:smear_channels])) * x_{t-1}, on the embeddings

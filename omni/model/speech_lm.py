@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from omni.model.beam import joint_beam_search
 from omni.model.encoder import LayerSelect
 from omni.model.lm import LoraSpec, add_lora
-from omni.model.projector import Projector, ProjectorConfig
+from omni.model.projector import Projector, ProjectorConfig, VoicePool
 
 PROMPT_POSITIONS = ("before", "after")
 # what trains beside the audio path (layer choice + projector): none of the LM (frozen, the research
@@ -81,6 +81,7 @@ class SpeechLMConfig:
     prompt_position: str = "after"  # before | after the audio
     collapse: bool = False  # one audio token per CTC segment (runs of the same most likely LM token, blanks dropped): the layout the frozen LM copies from
     audio_bos: bool = False  # BOS's embedding before the audio tokens, as a document starts in pretraining
+    voice_tokens: int = 0  # soft tokens pooled from the whole clip (VoicePool: the voice, not the words) before the audio tokens; 0 = none
 
 
 def compression_ratio(text: str) -> float:
@@ -177,6 +178,7 @@ class SpeechLM(nn.Module):
             ProjectorConfig(d_in=d_whisper, d_out=gpt.config.n_embd, k=config.k, kind=config.projector,
                             hidden=config.projector_hidden or gpt.config.n_embd, vocab=gpt.config.vocab_size if config.projector == "lego" else 0)
         )
+        self.voice = VoicePool(n_states, d_whisper, gpt.config.n_embd, config.voice_tokens) if config.voice_tokens else None
         self.match_text_scale()
 
     @torch.no_grad()
@@ -185,7 +187,21 @@ class SpeechLM(nn.Module):
         ids = torch.arange(self.gpt.config.vocab_size, device=self.gpt_device)[None, :]
         rms = self.gpt.embed(ids).float().pow(2).mean().sqrt().item()
         self.projector.set_target_rms(rms)
+        if self.voice is not None:
+            self.voice.target_rms.fill_(rms)
         return rms
+
+    def audio_path_to(self, device: torch.device | str) -> "SpeechLM":
+        """Move the trainable audio path (layer choice, projector, voice pool) to `device`, leaving the LM
+        where its loader placed it (a k-bit LM cannot be moved with .to)."""
+        for m in (self.select, self.projector, self.voice):
+            if m is not None:
+                m.to(device)
+        return self
+
+    def states_read(self) -> list[int] | None:
+        """The Whisper states the audio path reads ([i] or None for all): what a caller need load."""
+        return None if self.voice is not None else self.select.states_read()
 
     @property
     def gpt_device(self) -> torch.device:
@@ -227,6 +243,9 @@ class SpeechLM(nn.Module):
             tokens = out.softmax(-1) @ self.embedding_table() if self.config.projector == "lego" else out
             if self.config.collapse:
                 tokens, lengths = ctc_collapse(tokens, self._logits(out).argmax(-1), lengths, self.tokenizer.bos_id)
+            if self.voice is not None:  # the voice first, then the words: [voice tokens][audio tokens], still right-padded
+                tokens = torch.cat([self.voice(hidden.float(), frame_lengths).to(tokens.dtype), tokens], dim=1)
+                lengths = lengths + self.config.voice_tokens
             return tokens, lengths
 
     def prefix(self, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,6 +383,8 @@ class SpeechLM(nn.Module):
         d.mkdir(parents=True, exist_ok=True)
         state = {f"select.{k}": v for k, v in self.select.state_dict().items()}
         state |= {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
+        if self.voice is not None:
+            state |= {f"voice.{k}": v for k, v in self.voice.state_dict().items()}
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, d / "audio_path.safetensors")
         meta = {"speech_lm": asdict(self.config), "n_states": self.select.n_states, "d_whisper": self.projector.config.d_in}
         (d / "audio_path.json").write_text(json.dumps(meta, indent=2))
@@ -372,3 +393,6 @@ class SpeechLM(nn.Module):
         state = load_file(Path(directory) / "audio_path.safetensors")
         self.select.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("select.")})
         self.projector.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("projector.")})
+        voice = {k[6:]: v for k, v in state.items() if k.startswith("voice.")}
+        if self.voice is not None and voice:  # a run saved without voice tokens starts them fresh
+            self.voice.load_state_dict(voice)
