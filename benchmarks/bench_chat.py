@@ -45,14 +45,15 @@ def quick_run(work: Path) -> Path:
     """A smoke-size alignment run folder under `work` (built once)."""
     from omni.experiments import alignment
     from omni.experiments.alignment import AlignConfig, prepare_cache
-    from omni.experiments.pretrain_lm import PretrainConfig, run
+    from omni.experiments import pretrain_lm
+    from omni.experiments.pretrain_lm import PretrainConfig
 
     run = work / "run"
     if (run / "model" / "audio_path.json").exists():
         return run
     lm = work / "lm"
     if not (lm / "model.safetensors").exists():
-        run(PretrainConfig(out=str(lm), steps=20, eval_every=20, eval_tokens=4096, device="cpu"))
+        pretrain_lm.run(PretrainConfig(out=str(lm), steps=20, eval_every=20, eval_tokens=4096, device="cpu"))
     cfg = AlignConfig(corpus=str(work / "corpus"), sentences=24, features=str(work / "features"), lm=str(lm), steps=20,
                       eval_every=20, eval_clips=4, batch_size=8, max_new_tokens=20, whisper_baseline=False, device="cpu",
                       out=str(run / "model"))

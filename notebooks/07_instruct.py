@@ -73,12 +73,14 @@ instructions: str = 'data/instructions'  # folder with train.jsonl and val.jsonl
 texture_share: float = 0.85  # share of each batch drawn from the texture tasks (equally per task); the rest from transcription, content and multi-turn rows
 balance_answers: bool = True  # within a task, draw each answer equally often: a flat prior per task, so only the audio separates the answers
 val_rows: int = 64  # val conversations in each val-loss evaluation (a seeded subsample: the full split costs minutes on CPU); 0 : all
+perception_steps: int = 0  # the first steps train on voice captions alone ("describe": perception first, as LTU), then the task mix
 hard_corpus: str = 'data/synth_hard'  # the hard test corpus (split test_hard), rendered from `corpus`'s config if missing
 hard_clips: int = 300  # clips of the hard corpus when it is built; 0 : no hard set
 hard_features: str = 'cache/features'  # feature cache root for the hard corpus
 bench_per_task: int = 150  # questions per task in each benchmark (a seeded sample, stratified by answer); 0 : all
 watch_clips: int = 24  # held-out clips (split test) whose texture questions are asked at every evaluation, with their own and shuffled audio; left out of the benchmark; 0 : none
 transcripts: str = 'reference'  # what the transcript-only probe reads: reference (a perfect transcriber) | whisper
+ladder_per_task: int = 150  # questions per task (train and test each) of the listening ladder on the final model; 0 : no ladder
 mlflow_run_id: str = ""  # MLflow run to log into; empty: start a new run in the default store
 out_dir: str = "reports/instruct/adhoc"  # folder this run writes its files into
 

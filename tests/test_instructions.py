@@ -100,6 +100,8 @@ def test_answers_agree_with_labels(sets):
             "rate_compare": {"fast": "faster", "slow": "slower"}.get(r["rate_bucket"]),
             "pitch_compare": {"high": "higher", "low": "lower"}.get(r["pitch_bucket"]),
             "last_word": words(r["text"])[-1],
+            "describe": ", ".join(([r["gender"]] if r["gender"] in ("female", "male") else [])
+                                  + [r["rate_bucket"], r["pitch_bucket"], STYLE_NAMES[r["style"]]]),
         }
         if t in expected:
             assert said == expected[t], q

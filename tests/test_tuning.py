@@ -444,6 +444,25 @@ def test_a_tuned_run_is_read_like_any_run_by_transcribe_and_chat(tiny_alignment,
     assert capsys.readouterr().out.startswith(f"{clip}: ")
 
 
+def test_perception_first_trains_on_voice_captions_before_any_question(setup, monkeypatch):
+    import omni.experiments.tuning as tuning
+
+    root, rows, cache, cfg = setup
+    sets = build_instructions(rows, InstructionConfig(seed=0, tasks=TASKS + ("describe",), chains=0))
+    write_manifest(root / "captions" / "train.jsonl", sets["train"])
+    seen = []
+    real = tuning.conversation_loss
+    monkeypatch.setattr(tuning, "conversation_loss", lambda m, convs, st: seen.append(convs) or real(m, convs, st))
+    tune(replace(cfg, instructions=str(root / "captions"), trainable="projector", steps=4, perception_steps=2, eval_every=0), cache=cache)
+    answers = [[turn[1][0] for turn in conv if turn[0] in ("assistant", "gpt")] for step in seen for conv in step]
+    per_step = [answers[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(4)]
+    captions = {q["answer"] for q in sets["train"] if q["task"] == "describe"}
+    assert all(a[0] in captions for a in per_step[0] + per_step[1])  # the first two steps: captions only
+    assert any(a[0] not in captions for a in per_step[2] + per_step[3])  # then the task mix
+    with pytest.raises(ValueError, match="no voice captions"):
+        tune(replace(cfg, trainable="projector", steps=2, perception_steps=1), cache=cache)
+
+
 def test_defaults_are_a_budget_that_can_listen(tmp_path, monkeypatch):
     """Budget: the default run draws about 500 conversations per texture task (150 x 8 with every task
     alike drew about 100), evaluates while it trains, benchmarks 150 questions per task and watches
@@ -458,3 +477,24 @@ def test_defaults_are_a_budget_that_can_listen(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"parameter `lm` = 'models/lm': no LM there.*pretrain_lm.yaml"):
         require_lm("models/lm")
+
+
+def test_the_ladder_finds_the_voice_in_the_states_and_reads_every_rung(setup):
+    """omni.experiments.ladder on the fake cache, whose state 1 encodes gender and accent: the probe on the
+    states the projector reads finds gender, every rung and control is measured, attention shares are shares."""
+    from omni.experiments.ladder import RUNGS, run_ladder
+
+    root, rows, cache, cfg = setup
+    model = build_model(cfg, cache.n_states, cache.d_model, torch.device("cpu")).model
+    train_q = load_questions(root / "instr" / "train.jsonl", check_audio=False)
+    test_q = load_questions(root / "instr" / "test.jsonl", check_audio=False)
+    silence = torch.zeros(cache.n_states, 5, cache.d_model, dtype=torch.float16)
+    ladder = run_ladder(model, cache, train_q, test_q, silence=silence, per_task=40, seed=0)
+    assert ladder.tasks == ["gender", "style"]  # the required tasks this instruction set asks (accent, rate, pitch: not in TASKS here)
+    assert ladder.accuracy["whisper"]["gender"] >= 0.9  # the voice is in the states
+    assert all(0 <= ladder.accuracy[r][t] <= 1 for r in RUNGS for t in ladder.tasks)
+    assert set(ladder.margin) == set(ladder.answer_accuracy) == {"own", "shuffled", "silence"}
+    assert all(0 < ladder.attention[t] <= 1 for t in ladder.tasks) and ladder.n_test["gender"] > 0
+    rows_out = ladder.table()
+    assert [r["task"] for r in rows_out] == ["gender", "style"] and "answer, silence" in rows_out[0]
+    assert ladder.where_lost() and "ladder.whisper.gender" in ladder.metrics()

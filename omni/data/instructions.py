@@ -11,7 +11,9 @@ omni.data.manifest):
 
 Tasks (TASKS): transcription; gender; accent; rate and pitch as a bucket (slow/medium/fast,
 low/mid/high) and as a comparison ("faster or slower than usual?"); style; same speaker as a
-second clip (two tags in one turn); the last word; does the speaker mention a word.
+second clip (two tags in one turn); the last word; does the speaker mention a word; and a caption of
+the voice ("describe": "female, fast, high, whispered"), the factors in a fixed order, which a
+perception-first curriculum trains before any question (omni.experiments.tuning's perception_steps).
 
 Design choices:
 - One split of instructions per corpus split, each made only from that split's clips: the pair of
@@ -52,7 +54,7 @@ from omni.data.manifest import AUDIO_TAG, read_manifest, write_manifest
 from omni.data.synth import SPLITS
 
 TASKS = ("transcribe", "gender", "accent", "rate", "rate_compare", "pitch", "pitch_compare", "style",
-         "same_speaker", "last_word", "mention")
+         "same_speaker", "last_word", "mention", "describe")
 TEXTURE_TASKS = ("gender", "accent", "rate", "rate_compare", "pitch", "pitch_compare", "style", "same_speaker")
 STYLE_NAMES = {"whisper": "whispered", "croak": "creaky", "klatt": "synthetic-sounding", "elderly": "elderly",
                "normal": "normal"}
@@ -81,15 +83,16 @@ PHRASINGS: dict[str, tuple[str, ...]] = {
     "style": ("How does the voice sound?", "Which describes the voice best?", "What is the speaking style?"),
     "same_speaker": ("Are these two clips spoken by the same speaker?", "Is the second voice the same person as the first?",
                      "Same speaker in both clips? Answer yes or no."),
+    "describe": ("Describe the voice.", "What does the voice sound like?", "Describe the speaker's voice: gender, speed, pitch and style."),
     "last_word": ("What is the last word?", "Which word does the speaker say last?", "What is the final word spoken?"),
     "mention": ("Does the speaker mention the word '{word}'?", "Is the word '{word}' said?",
                 "Do you hear the word '{word}'? Answer yes or no."),
 }
-OPEN_ONLY = ("transcribe", "last_word", "same_speaker", "mention", "rate_compare", "pitch_compare")
+OPEN_ONLY = ("transcribe", "last_word", "same_speaker", "mention", "rate_compare", "pitch_compare", "describe")
 # task -> corpus label it asks about (what a linear probe would predict); None: not a clip label
 TASK_LABEL = {"gender": "gender", "accent": "accent", "rate": "rate_bucket", "rate_compare": "rate_bucket",
               "pitch": "pitch_bucket", "pitch_compare": "pitch_bucket", "style": "style", "same_speaker": None,
-              "transcribe": None, "last_word": None, "mention": None}
+              "transcribe": None, "last_word": None, "mention": None, "describe": None}
 
 
 @dataclass
@@ -207,6 +210,9 @@ def _question(cfg: InstructionConfig, task: str, r: dict, split_rows: list[dict]
     fmt = "open"
     if task == "transcribe":
         answer = r["text"]
+    elif task == "describe":  # a caption of the voice's factors, in a fixed order: perception before questions
+        gender = [r["gender"]] if r["gender"] in ("female", "male") else []
+        answer = ", ".join(gender + [r["rate_bucket"], r["pitch_bucket"], style_name(r["style"])])
     elif task == "last_word":
         ws = words(r["text"])
         if not ws:

@@ -42,6 +42,7 @@ from omni.eval import metrics, texture, texture_baselines
 from omni.eval.yardstick import whisper_hyps
 from omni.experiments import plots
 from omni.experiments.audio_run import load_run, require_lm, run_cache, run_meta
+from omni.experiments.ladder import Ladder, run_ladder, silence_states
 from omni.experiments.tuning import TuningConfig, TuningResult, Watch, answerer, tune
 from omni.model.speech_lm import SpeechLM
 from omni.params import require, require_choice
@@ -197,10 +198,11 @@ class InstructConfig(TuningConfig):
     bench_per_task: int = 150  # questions per task in each benchmark (a seeded sample, stratified by answer); 0 = all
     watch_clips: int = 24  # held-out clips (split test) whose texture questions are asked at every evaluation, with their own and shuffled audio; left out of the benchmark; 0 = none
     transcripts: str = "reference"  # what the transcript-only probe reads: reference (a perfect transcriber) | whisper
+    ladder_per_task: int = 150  # questions per task (train and test each) of the listening ladder on the final model; 0 = no ladder
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("hard_clips", "bench_per_task", "watch_clips"):
+        for name in ("hard_clips", "bench_per_task", "watch_clips", "ladder_per_task"):
             require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
         require_choice("transcripts", self.transcripts, TRANSCRIPTS)
 
@@ -211,6 +213,7 @@ class InstructResult:
     tuning: TuningResult
     benches: dict[str, BenchmarkResult]  # "test" (held-out voices), "test_hard" (voices made differently)
     metrics: dict[str, float]
+    ladder: Ladder | None = None  # where the voice is lost, on the final model (None: ladder_per_task=0)
 
 
 def corpus_config(corpus: str | Path, **changes) -> SynthConfig:
@@ -284,6 +287,13 @@ def run(cfg: InstructConfig, tracker: Tracker | NullTracker | None = None) -> In
         m |= texture.headline(b.results, prefix) | {f"{prefix}bench_seconds": time.perf_counter() - t0, f"{prefix}n_questions": float(len(qs))}
         m |= {f"{prefix}transcribe_{k}": v for k, v in b.transcribe.items()}
         m[f"{prefix}meets_bar"] = float(texture.meets_bar(b.results)[0])
+    ladder = None
+    if cfg.ladder_per_task:
+        t0 = time.perf_counter()
+        ladder = run_ladder(res.model, cache, texture.load_questions(folder / "train.jsonl", check_audio=False),
+                            texture.load_questions(folder / "test.jsonl", check_audio=False, exclude_clips=watched_clips),
+                            silence=silence_states(cfg.encoder), per_task=cfg.ladder_per_task, seed=cfg.seed)
+        m |= ladder.metrics() | {"ladder_seconds": time.perf_counter() - t0}
     tracker.log_metrics(m, step=cfg.steps)
     tracker.flush()
-    return InstructResult(cfg, res, benches, m)
+    return InstructResult(cfg, res, benches, m, ladder)

@@ -39,7 +39,8 @@ from omni.data.features import FeatureCache
 from omni.eval.texture import REQUIRED_TASKS
 from omni.eval.texture_baselines import fit_probe
 from omni.experiments.tuning import assemble, clip_rows, prompt, question_conversation
-from omni.model.encoder import collate_states
+from omni.model.encoder import WhisperEncoder, collate_states
+from omni.model.mel import SAMPLE_RATE
 from omni.model.speech_lm import SpeechLM
 
 RUNGS = ("whisper", "audio_tokens", "lm_state", "answer")
@@ -159,6 +160,13 @@ def answers_by_label(questions: Sequence[dict]) -> list[dict]:
         if q["task"] in REQUIRED_TASKS and q.get("options") and len(q["audios"]) == 1 and q.get("format") != "mc":
             out.append(dict(q, label_answer=q["answer"]))
     return out
+
+
+@torch.no_grad()
+def silence_states(encoder: str, seconds: float = 3.0) -> torch.Tensor:
+    """Whisper's states (S, T, d) of `seconds` of silence, float16 as the cache keeps them: the silence control."""
+    enc = WhisperEncoder.from_source(encoder)
+    return enc.encode([torch.zeros(int(seconds * SAMPLE_RATE))], batch_size=1)[0].half()
 
 
 def run_ladder(model: SpeechLM, cache: FeatureCache, train_questions: Sequence[dict], test_questions: Sequence[dict],

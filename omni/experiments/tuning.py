@@ -76,6 +76,7 @@ class TuningConfig(AudioRunConfig):
     texture_share: float = 0.85  # share of each batch drawn from the texture tasks (equally per task); the rest from transcription, content and multi-turn rows
     balance_answers: bool = True  # within a task, draw each answer equally often: a flat prior per task, so only the audio separates the answers
     val_rows: int = 64  # val conversations in each val-loss evaluation (a seeded subsample: the full split costs minutes on CPU); 0 = all
+    perception_steps: int = 0  # the first steps train on voice captions alone ("describe": perception first, as LTU), then the task mix
 
     ALIASES: ClassVar[dict[str, str]] = {"audio_path": "run"}  # old parameter names, accepted until the next release
 
@@ -83,6 +84,7 @@ class TuningConfig(AudioRunConfig):
         """Types and ranges, refused in one line naming the parameter before any data or LM is read."""
         super().__post_init__()
         require(self.val_rows >= 0, "val_rows", self.val_rows, ">= 0")
+        require(0 <= self.perception_steps <= self.steps, "perception_steps", self.perception_steps, f"in [0, steps={self.steps}]")
         require(0 <= self.texture_share <= 1, "texture_share", self.texture_share, "in [0, 1]")
 
 
@@ -307,9 +309,18 @@ def tune(cfg: TuningConfig, cache: FeatureCache | None = None, built: Built | No
     model.gpt.train(bool(built.lm_params))
     pools = mix_pools(train_labels, cfg.balance_answers)
 
+    captions = [i for i, r in enumerate(train_labels) if r.get("task") == "describe"]
+    if cfg.perception_steps and not captions:
+        raise ValueError(f"{folder / 'train.jsonl'}: no voice captions (task describe) for perception_steps={cfg.perception_steps}; "
+                         "rebuild the instructions (omni data instructions) or set perception_steps=0")
+
     def loss_fn(step: int):
         rng = random.Random(f"{cfg.seed}:batch:{step}")
-        return conversation_loss(model, [train_convs[i] for i in draw(pools, cfg.batch_size, cfg.texture_share, rng)], train_states)
+        if step < cfg.perception_steps:  # perception first: captions of the voice, no questions yet
+            rows = [rng.choice(captions) for _ in range(cfg.batch_size)]
+        else:
+            rows = draw(pools, cfg.batch_size, cfg.texture_share, rng)
+        return conversation_loss(model, [train_convs[i] for i in rows], train_states)
 
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, dtype=cfg.dtype, progress=False, eval_every=cfg.eval_every,
                        lora_grad_clip=cfg.lora_grad_clip, lm_lr=cfg.lm_lr, max_bad_steps=cfg.max_bad_steps, early_lr_factor=cfg.early_lr_factor,

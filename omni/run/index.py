@@ -103,9 +103,13 @@ METRICS = {
     "transcribe_wer": ("transcription through chat, WER", WER),
     "transcribe_clear_wer": ("transcription through chat, clear speech, WER", WER),
     "val_loss": ("validation loss", "nats/token"),
+    # 08 hearing (the trainable axis)
+    "clear_joint_median_wer": ("ours, joint, median WER per clip", WER),
 }
 PREFIXES = {"clear_": "clear speech", "hard_": "hard set", "before_": "before training", "after_": "after training"}
 PROBE = re.compile(r"probe\.(\w+)\.(\w+)\.(\w+)")  # probe.<attribute>.<linear|attention>.<split>
+LADDER = re.compile(r"ladder\.(whisper|audio_tokens|lm_state|answer)\.(\w+)")  # ladder.<rung>.<task>
+LADDER_RUNGS = {"whisper": "Whisper-state probe", "audio_tokens": "audio-token probe", "lm_state": "LM-state probe", "answer": "answer"}
 SPLITS = {"test": "unseen voices", "test_seen_voice": "training voices, new sentences"}
 
 
@@ -115,6 +119,8 @@ def metric_label(key: str) -> tuple[str, str] | None:
         return METRICS[key]
     if m := PROBE.fullmatch(key):
         return f"{m[1]} from a {m[2]} probe, {SPLITS.get(m[3], m[3])}", ACC
+    if m := LADDER.fullmatch(key):
+        return f"{m[2]} at the ladder's {LADDER_RUNGS.get(m[1], m[1])}, held-out voices", "balanced accuracy"
     for prefix, where in PREFIXES.items():
         if key.startswith(prefix) and (base := metric_label(key[len(prefix):])):
             return f"{base[0]}, {where}", base[1]

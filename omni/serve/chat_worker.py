@@ -48,6 +48,7 @@ class _Job:
     def __init__(self, steps: Iterator[Any], loop: asyncio.AbstractEventLoop, out: asyncio.Queue):
         self.steps, self.loop, self.out = steps, loop, out
         self.cancelled = False
+        self.decoding = False  # it has asked for a decoding step: it runs to its next one each turn
         self.waiting: Step | None = None  # the step it asked for, not run yet
         self.reply: Any = None  # what goes back into it when it is advanced next
 
@@ -96,22 +97,26 @@ class Worker:
                 self._step(waiting)
 
     def _advance(self, job: _Job) -> bool:
-        """One turn of `job`: what it yields next is sent, or becomes its waiting Step (True); False when
-        it ended. One item a turn, so jobs that never step (a clip's encoding) still take turns."""
-        try:
-            item = job.steps.send(job.reply) if job.reply is not None else next(job.steps)
-            job.reply = None
-        except StopIteration:
-            job.send(_END)
-            return False
-        except Exception as e:  # a bad job must not take the server down
-            _report(job, e)
-            return False
-        if isinstance(item, Step):
-            job.waiting = item
-        else:
+        """One turn of `job` (False when it ended): a decoding job (one that has asked for a step) runs
+        until it asks for the next, sending its events on the way, so every answer under way joins the
+        same batched step; any other job yields one item a turn, so jobs that never step (a clip's
+        encoding) still take turns."""
+        while True:
+            try:
+                item = job.steps.send(job.reply) if job.reply is not None else next(job.steps)
+                job.reply = None
+            except StopIteration:
+                job.send(_END)
+                return False
+            except Exception as e:  # a bad job must not take the server down
+                _report(job, e)
+                return False
+            if isinstance(item, Step):
+                job.waiting, job.decoding = item, True
+                return True
             job.send(item)
-        return True
+            if not job.decoding:
+                return True
 
     def _step(self, jobs: list[_Job]) -> None:
         """One decoding step for every waiting job, batched; each job gets its own row of logits back."""
