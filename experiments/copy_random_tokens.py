@@ -24,12 +24,12 @@ from omni.model.gpt import GPT, GPTConfig
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=64)
-    p.add_argument("--length", type=int, default=24)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=400, help="optimiser steps")
+    p.add_argument("--depth", type=int, default=2, help="GPT depth (width 64 per layer)")
+    p.add_argument("--vocab", type=int, default=64, help="random tokens are drawn from this many ids")
+    p.add_argument("--length", type=int, default=24, help="tokens per span; each window is BOS span BOS span")
+    p.add_argument("--batch", type=int, default=32, help="windows per step")
+    p.add_argument("--seed", type=int, default=0, help="fixes the model's init and every window")
     a = p.parse_args()
     torch.manual_seed(a.seed)
     gpt = GPT(GPTConfig.from_depth(a.depth, vocab_size=a.vocab, sequence_len=2 * a.length + 2))

@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -100,6 +101,18 @@ def papermill(notebook: str, executed: Path, env: dict, **values):
     args = [a for k, v in values.items() for a in ("-p", k, str(v))]
     return subprocess.run([sys.executable, "-m", "papermill", f"notebooks/{notebook}", str(executed), *args],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+
+def notebook_project(tmp_path: Path, monkeypatch, notebook: str, experiment: str) -> Path:
+    """A throwaway project to run `omni run` in: the working directory, its own MLflow store,
+    notebooks/<name> holding `notebook` and exp.yaml holding `experiment` (which names it)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    name = re.search(r"notebook: notebooks/(\S+)", experiment).group(1)
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / name).write_text(notebook)
+    (tmp_path / "exp.yaml").write_text(experiment)
+    return tmp_path
 
 
 def papermill_env(db: Path) -> dict:

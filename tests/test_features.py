@@ -46,6 +46,15 @@ def _mtimes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir())}
 
 
+def counting_encoder(monkeypatch) -> list[int]:
+    """The encoder, counting the clips of every call (the list it returns), with SHARD clips per shard."""
+    encoded: list[int] = []
+    real = WhisperEncoder.encode
+    monkeypatch.setattr(WhisperEncoder, "encode", lambda self, waves, **k: encoded.append(len(waves)) or real(self, waves, **k))
+    monkeypatch.setattr(features, "CLIPS_PER_SHARD", SHARD)
+    return encoded
+
+
 def _write(path: Path, lines: list[str]) -> Path:
     path.write_text("".join(line + "\n" for line in lines))
     return path
@@ -90,10 +99,7 @@ def test_interrupted_build_reencodes_only_the_missing_shard(built, corpus, tmp_p
     (copy / "index.json").unlink()
     (copy / "shard_00001.safetensors").unlink()  # killed while encoding shard 1 of 3
     before = _mtimes(copy)
-    encoded = []
-    real = WhisperEncoder.encode
-    monkeypatch.setattr(WhisperEncoder, "encode", lambda self, waves, **k: encoded.append(len(waves)) or real(self, waves, **k))
-    monkeypatch.setattr(features, "CLIPS_PER_SHARD", SHARD)
+    encoded = counting_encoder(monkeypatch)
     assert build_features(corpus / "manifest.jsonl", tmp_path, progress=False) == copy
     assert encoded == [SHARD]
     after = _mtimes(copy)
@@ -133,10 +139,7 @@ def test_a_damaged_shard_is_named_never_read_and_the_same_build_mends_only_it(bu
         cache.load_states([SHARD])
     assert cache.verified == {0}
     # re-running the build re-encodes exactly that shard, and the cache reads again
-    encoded = []
-    real = WhisperEncoder.encode
-    monkeypatch.setattr(WhisperEncoder, "encode", lambda self, waves, **k: encoded.append(len(waves)) or real(self, waves, **k))
-    monkeypatch.setattr(features, "CLIPS_PER_SHARD", SHARD)
+    encoded = counting_encoder(monkeypatch)
     assert build_features(corpus / "manifest.jsonl", tmp_path, progress=False) == copy
     assert encoded == [SHARD]
     states = FeatureCache.open(copy).load_states()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from conftest import notebook_project
 from omni import track
 from omni.cli import main
 
@@ -48,12 +49,7 @@ save_file({"w": w.detach()}, f"{out_dir}/final.safetensors")
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    Path("notebooks").mkdir()
-    Path("notebooks/train.py").write_text(NOTEBOOK)
-    Path("exp.yaml").write_text("name: tiny\nnotebook: notebooks/train.py\nheadline: [loss]\n")
-    return tmp_path
+    return notebook_project(tmp_path, monkeypatch, NOTEBOOK, "name: tiny\nnotebook: notebooks/train.py\nheadline: [loss]\n")
 
 
 def omni_run(*args: str) -> subprocess.CompletedProcess:

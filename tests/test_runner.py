@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import notebook_project
 from omni import track
 from omni.cli import main
 from omni.run.experiment import ExperimentError, grid_points, load_experiment, parse_overrides
@@ -38,12 +39,7 @@ assert not fail, "asked to fail"
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    Path("notebooks").mkdir()
-    Path("notebooks/nb.py").write_text(NOTEBOOK)
-    Path("exp.yaml").write_text("name: tiny\nnotebook: notebooks/nb.py\nparameters: {x: 2}\nheadline: [score]\n")
-    return tmp_path
+    return notebook_project(tmp_path, monkeypatch, NOTEBOOK, "name: tiny\nnotebook: notebooks/nb.py\nparameters: {x: 2}\nheadline: [score]\n")
 
 
 def test_run_logs_to_mlflow_and_writes_reports(project, capfd):

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import tiny_lm
 from test_texture import fake_cache, fake_rows
+from omni.data import audio
 from omni.data.instructions import TEXTURE_TASKS, InstructionConfig, answer_value, build_instructions
 from omni.data.manifest import write_manifest
 from omni.eval.texture import load_questions
@@ -440,8 +441,22 @@ def test_a_tuned_run_is_read_like_any_run_by_transcribe_and_chat(tiny_alignment,
     assert main(["transcribe", "--run", str(out), clip]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(clip + "\t")
-    assert main(["chat", "--run", str(out), "--cli", clip, "--max-new-tokens", "5"]) == 0
+    assert main(["chat", "--run", str(out), "--cli", clip, "--max-new-tokens", "5", "--question", "Is the voice male or female?"]) == 0
     assert capsys.readouterr().out.startswith(f"{clip}: ")
+    # the chat asks a tuned run in the conversation format it was trained on, its clip where the tag would stand
+    from omni.serve.chat import Session, load_model
+
+    session = Session(*load_model(str(out)))
+    assert session.tuned
+    c = next(session.encode(audio.load(clip), "x.wav"))
+    idx, prefix, prefix_ids = session.check("Is the voice male or female?", c, 5)
+    tok = session.tokenizer
+    ids = prefix_ids[0].tolist()
+    audio_at = [i for i, t in enumerate(ids) if t < 0]
+    assert len(audio_at) == c.tokens.size(1) and audio_at == list(range(audio_at[0], audio_at[-1] + 1))
+    assert ids[0] == tok.bos_id and tok.decode(ids[1 : audio_at[0]]) == "User:"
+    assert tok.decode(ids[audio_at[-1] + 1 :] + idx[0].tolist()) == " Is the voice male or female?\nAssistant:"
+    torch.testing.assert_close(prefix[0, audio_at[0] : audio_at[-1] + 1], c.tokens[0].to(prefix.dtype))
 
 
 def test_perception_first_trains_on_voice_captions_before_any_question(setup, monkeypatch):

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from omni.model.sampling import next_tokens
+from omni.model.sampling import stream_tokens
 
 
 @dataclass
@@ -581,21 +581,18 @@ class GPT(nn.Module):
             gen = torch.Generator(device=idx.device)
             gen.manual_seed(seed)
 
-        out = torch.empty(B, 0, dtype=torch.long, device=idx.device)
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         if use_cache:
             logits, cache = self.prefill(idx, audio, audio_mask, max_new_tokens, audio_idx)
-        for step in range(max_new_tokens):
-            if not use_cache:
-                logits = self.forward(torch.cat([idx, out], dim=1), audio=audio, audio_mask=audio_mask, audio_idx=audio_idx)[:, -1]
-            nxt, done = next_tokens(logits, done, stop_token, temperature, top_k, top_p, gen)
-            yield nxt
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            if use_cache:
-                logits = self.step(nxt, cache)
-            else:
-                out = torch.cat([out, nxt.unsqueeze(1)], dim=1)
+            step = lambda nxt: self.step(nxt, cache)  # noqa: E731
+        else:  # the reference for the cache: the whole sequence again at every step
+            seq = [idx]
+
+            def step(nxt: Tensor) -> Tensor:
+                seq.append(nxt.unsqueeze(1))
+                return self.forward(torch.cat(seq, dim=1), audio=audio, audio_mask=audio_mask, audio_idx=audio_idx)[:, -1]
+
+            logits = self.forward(idx, audio=audio, audio_mask=audio_mask, audio_idx=audio_idx)[:, -1]
+        yield from stream_tokens(logits, step, max_new_tokens, stop_token, temperature, top_k, top_p, gen)
 
     @torch.no_grad()
     def prefill(self, idx: Tensor, audio: Tensor | None = None, audio_mask: Tensor | None = None, max_new_tokens: int = 64,

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from omni.model.sampling import next_tokens
+from omni.model.sampling import stream_tokens
 
 LOAD_IN = ("", "8bit", "4bit")
 
@@ -135,21 +135,18 @@ class HFLM(nn.Module):
         gen = torch.Generator(device=idx.device).manual_seed(seed) if seed is not None else None
         if use_cache:
             logits, cache = self.prefill(idx, audio, audio_mask, max_new_tokens)
-        else:
+            step = lambda nxt: self.step(nxt, cache)  # noqa: E731
+        else:  # the reference for the cache: the whole sequence again at every step
             x, mask, _ = self._inputs(idx, audio, audio_mask)
+            state = {"x": x, "mask": mask}
+
+            def step(nxt: Tensor) -> Tensor:
+                state["x"] = torch.cat([state["x"], self.embed(nxt.unsqueeze(1))], dim=1)
+                state["mask"] = torch.cat([state["mask"], torch.ones_like(nxt, dtype=torch.bool).unsqueeze(1)], dim=1)
+                return self._run(state["x"], state["mask"], positions(state["mask"])).logits[:, -1].float()
+
             logits = self._run(x, mask, positions(mask)).logits[:, -1].float()
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for step in range(max_new_tokens):
-            nxt, done = next_tokens(logits, done, stop_token, temperature, top_k, top_p, gen)
-            yield nxt
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            if use_cache:
-                logits = self.step(nxt, cache)
-            else:  # the reference for the cache: the whole sequence again
-                x = torch.cat([x, self.embed(nxt.unsqueeze(1))], dim=1)
-                mask = torch.cat([mask, torch.ones_like(nxt, dtype=torch.bool).unsqueeze(1)], dim=1)
-                logits = self._run(x, mask, positions(mask)).logits[:, -1].float()
+        yield from stream_tokens(logits, step, max_new_tokens, stop_token, temperature, top_k, top_p, gen)
 
     @torch.no_grad()
     def prefill(self, idx: Tensor, audio: Tensor | None = None, audio_mask: Tensor | None = None, max_new_tokens: int = 64,

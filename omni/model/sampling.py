@@ -9,6 +9,8 @@ Design choices:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 from torch import Tensor
 
@@ -45,3 +47,17 @@ def sample_next(
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+
+
+def stream_tokens(logits: Tensor, step: Callable[[Tensor], Tensor], max_new_tokens: int, stop_token: int | None, temperature: float,
+                  top_k: int | None, top_p: float | None, gen: torch.Generator | None) -> Iterator[Tensor]:
+    """The one decoding loop of every backbone: from the first position's logits (B, V), yield the next
+    token of every row (B,), and ask `step(tokens)` for the logits after it, until every row stopped
+    or max_new_tokens."""
+    done = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
+    for i in range(max_new_tokens):
+        nxt, done = next_tokens(logits, done, stop_token, temperature, top_k, top_p, gen)
+        yield nxt
+        if bool(done.all()) or i == max_new_tokens - 1:
+            return
+        logits = step(nxt)

@@ -33,79 +33,88 @@ from omni.common import atomic_write
 UNREADABLE = "UNREADABLE"
 REPORT_FILES = ("summary.json", "notebook.ipynb", "report.html")  # a folder holding one of these is a report
 
-# headline metric -> (short label, unit), as reports/index.html shows it. A key may add a prefix to a
-# listed one: clear_ (clear speech), hard_ (the hard test set), before_ / after_ (training). Every
-# `headline:` key of experiments/*.yaml has one (tests/test_runner.py checks).
 WER, CER, ACC = "errors/word (>1: extra words)", "errors/char", "accuracy 0..1"
-METRICS = {
-    # 01 smoke
-    "final_loss": ("final training loss", "nats/token"),
-    "loss_drop": ("training loss drop", "nats/token"),
-    "control_gap": ("control's final loss minus ours", "nats/token"),
-    "control_gap_bits_per_caption": ("what the audio tells beyond the control", "bits/caption"),
-    "caption_accuracy": ("captions decoded from the audio", "fraction"),
-    "control_caption_accuracy": ("captions decoded by the control", "fraction"),
-    "passed": ("verdict", "1 pass, 0 fail"),
-    # 02 LM pretraining
-    "val_bpb": ("validation loss", "bits/byte"),
-    "first_nats": ("validation passages read once", "nats/token"),
-    "copy_nats": ("the same passages read again (copying)", "nats/token"),
-    "train_tokens": ("training tokens", "tokens"),
-    "random_copy": ("repeated random tokens predicted", "fraction"),
-    "noisy_copy_nats": ("passages read again after a copy with 20 % of tokens misspelt", "nats/token"),
-    # 03 alignment (held-out clips: unseen sentences and voices)
-    "wer": ("held-out WER", WER),
-    "median_wer": ("held-out median WER per clip", WER),
-    "cer": ("held-out CER", CER),
-    "whisper_wer": ("Whisper's own decoder, WER", WER),
-    "whisper_unguarded_wer": ("Whisper's own decoder without the loop guard, WER", WER),
-    "control_wer": ("shuffled-audio control, WER", WER),
-    "guard_floor": ("loop guard's log-prob floor", "nats/token"),
-    "unguarded_wer": ("ours, greedy without the loop guard, WER", WER),
-    "greedy_wer": ("ours, greedy (the LM alone), WER", WER),
-    "greedy_control_wer": ("ours, greedy, shuffled audio, WER", WER),
-    "joint_wer": ("ours, joint CTC/LM beam search, WER", WER),
-    "joint_control_wer": ("ours, joint, shuffled audio, WER", WER),
-    "joint_cer": ("ours, joint CTC/LM beam search, CER", CER),
-    "whisper_cer": ("Whisper's own decoder, CER", CER),
-    "ctc_cer": ("audio tokens read alone (CTC readout), CER", CER),
-    "ctc_wer": ("audio tokens read alone (CTC readout), WER", WER),
-    "wer_seen_voice": ("WER on new sentences in training voices", WER),
-    "test_loss": ("held-out loss", "nats/token"),
-    "fallback_fraction": ("clips the loop guard re-decoded", "fraction"),
-    "train_seconds": ("training time", "s"),
-    # 04/05 layer and projector ablations
-    "content.wer": ("content: held-out WER", WER),
-    "content.test_loss": ("content: held-out loss", "nats/token"),
-    "content.audio_tokens_per_s": ("audio tokens per second of speech", "tokens/s"),
-    "content.tokens_per_s": ("training throughput", "tokens/s"),
-    "time.total": ("wall time of this point", "s"),
-    "grid.wall_seconds": ("wall time of the grid", "s"),
-    # 06 embedding map
-    "retrieval_a2t": ("clip's audio finds its transcript, top-1", "fraction"),
-    "cos_clip": ("cosine, clip's audio tokens vs its transcript's embeddings", "cosine -1..1"),
-    "cka_word": ("linear CKA, audio tokens vs their words' embeddings", "0..1"),
-    "word_hit_at_5": ("audio tokens whose word is among their 5 nearest LM tokens", "fraction"),
-    # 07 instruction tuning on texture (mean over tasks)
-    "texture_mean": ("texture accuracy", ACC),
-    "texture_chance_mean": ("chance", ACC),
-    "texture_balanced_mean": ("balanced texture accuracy", ACC),
-    "texture_valid_mean": ("answers that are a valid option", "fraction"),
-    "texture_floor_mean": ("floor: max(chance, train majority)", ACC),
-    "texture_over_floor": ("texture accuracy above the floor", ACC),
-    "train_majority_texture_mean": ("train-majority baseline", ACC),
-    "hard_texture_floor_mean": ("hard set: floor", ACC),
-    "transcript_only_texture_mean": ("transcript-only baseline", ACC),
-    "shuffled_texture_mean": ("shuffled-audio baseline", ACC),
-    "probe_texture_mean": ("linear-probe baseline", ACC),
-    "texture_tasks_above_transcript_only": ("tasks above the transcript-only baseline", "tasks"),
-    "meets_bar": ("meets the bar (per task and mean above the baselines)", "1 yes, 0 no"),
-    "transcribe_wer": ("transcription through chat, WER", WER),
-    "transcribe_clear_wer": ("transcription through chat, clear speech, WER", WER),
-    "val_loss": ("validation loss", "nats/token"),
-    # 08 hearing (the trainable axis)
-    "clear_joint_median_wer": ("ours, joint, median WER per clip", WER),
-}
+
+
+def units_table(text: str) -> dict[str, tuple[str, str]]:
+    """`key | label | unit` lines (# lines: headings) -> {key: (label, unit)}; WER, CER and ACC name the units above."""
+    named = {"WER": WER, "CER": CER, "ACC": ACC}
+    rows = [[c.strip() for c in line.split("|")] for line in text.strip().splitlines() if line.strip() and not line.startswith("#")]
+    return {key: (label, named.get(unit, unit)) for key, label, unit in rows}
+
+
+# headline metric -> (short label, unit), as reports/index.html shows it; a table rather than a dict, so
+# it reads as one. A key may add a prefix to a listed one: clear_ (clear speech), hard_ (the hard test
+# set), before_ / after_ (training). Every `headline:` key of experiments/*.yaml has one (tests/test_runner.py checks).
+METRICS = units_table("""
+# 01 smoke
+final_loss | final training loss | nats/token
+loss_drop | training loss drop | nats/token
+control_gap | control's final loss minus ours | nats/token
+control_gap_bits_per_caption | what the audio tells beyond the control | bits/caption
+caption_accuracy | captions decoded from the audio | fraction
+control_caption_accuracy | captions decoded by the control | fraction
+passed | verdict | 1 pass, 0 fail
+# 02 LM pretraining
+val_bpb | validation loss | bits/byte
+first_nats | validation passages read once | nats/token
+copy_nats | the same passages read again (copying) | nats/token
+train_tokens | training tokens | tokens
+random_copy | repeated random tokens predicted | fraction
+noisy_copy_nats | passages read again after a copy with 20 % of tokens misspelt | nats/token
+# 03 alignment (held-out clips: unseen sentences and voices)
+wer | held-out WER | WER
+median_wer | held-out median WER per clip | WER
+cer | held-out CER | CER
+whisper_wer | Whisper's own decoder, WER | WER
+whisper_unguarded_wer | Whisper's own decoder without the loop guard, WER | WER
+control_wer | shuffled-audio control, WER | WER
+guard_floor | loop guard's log-prob floor | nats/token
+unguarded_wer | ours, greedy without the loop guard, WER | WER
+greedy_wer | ours, greedy (the LM alone), WER | WER
+greedy_control_wer | ours, greedy, shuffled audio, WER | WER
+joint_wer | ours, joint CTC/LM beam search, WER | WER
+joint_control_wer | ours, joint, shuffled audio, WER | WER
+joint_cer | ours, joint CTC/LM beam search, CER | CER
+whisper_cer | Whisper's own decoder, CER | CER
+ctc_cer | audio tokens read alone (CTC readout), CER | CER
+ctc_wer | audio tokens read alone (CTC readout), WER | WER
+wer_seen_voice | WER on new sentences in training voices | WER
+test_loss | held-out loss | nats/token
+fallback_fraction | clips the loop guard re-decoded | fraction
+train_seconds | training time | s
+# 04/05 layer and projector ablations
+content.wer | content: held-out WER | WER
+content.test_loss | content: held-out loss | nats/token
+content.audio_tokens_per_s | audio tokens per second of speech | tokens/s
+content.tokens_per_s | training throughput | tokens/s
+time.total | wall time of this point | s
+grid.wall_seconds | wall time of the grid | s
+# 06 embedding map
+retrieval_a2t | clip's audio finds its transcript, top-1 | fraction
+cos_clip | cosine, clip's audio tokens vs its transcript's embeddings | cosine -1..1
+cka_word | linear CKA, audio tokens vs their words' embeddings | 0..1
+word_hit_at_5 | audio tokens whose word is among their 5 nearest LM tokens | fraction
+# 07 instruction tuning on texture (mean over tasks)
+texture_mean | texture accuracy | ACC
+texture_chance_mean | chance | ACC
+texture_balanced_mean | balanced texture accuracy | ACC
+texture_valid_mean | answers that are a valid option | fraction
+texture_floor_mean | floor: max(chance, train majority) | ACC
+texture_over_floor | texture accuracy above the floor | ACC
+train_majority_texture_mean | train-majority baseline | ACC
+hard_texture_floor_mean | hard set: floor | ACC
+transcript_only_texture_mean | transcript-only baseline | ACC
+shuffled_texture_mean | shuffled-audio baseline | ACC
+probe_texture_mean | linear-probe baseline | ACC
+texture_tasks_above_transcript_only | tasks above the transcript-only baseline | tasks
+meets_bar | meets the bar (per task and mean above the baselines) | 1 yes, 0 no
+transcribe_wer | transcription through chat, WER | WER
+transcribe_clear_wer | transcription through chat, clear speech, WER | WER
+val_loss | validation loss | nats/token
+# 08 hearing (the trainable axis)
+clear_joint_median_wer | ours, joint, median WER per clip | WER
+""")
 PREFIXES = {"clear_": "clear speech", "hard_": "hard set", "before_": "before training", "after_": "after training"}
 PROBE = re.compile(r"probe\.(\w+)\.(\w+)\.(\w+)")  # probe.<attribute>.<linear|attention>.<split>
 LADDER = re.compile(r"ladder\.(whisper|audio_tokens|lm_state|answer)\.(\w+)")  # ladder.<rung>.<task>

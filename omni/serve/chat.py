@@ -47,6 +47,7 @@ from pydantic import AliasChoices, BaseModel, Field, ValidationError
 
 from omni.data import audio
 from omni.experiments.audio_run import load_run, run_decoding, run_encoder
+from omni.experiments.tuning import prompt as tuning_prompt
 from omni.model.beam import joint_beam_search
 from omni.model.speech_lm import Decoding
 from omni.model import mel
@@ -61,6 +62,7 @@ MAX_CONVERSATIONS = 64  # the least recently used conversation is forgotten beyo
 MAX_CLIPS = 8  # clips kept per conversation (oldest dropped)
 MIN_ANSWER_TOKENS = 16  # the clip limit leaves at least this much room for an answer
 MAX_NEW_TOKENS = 1024  # the most tokens one answer may ask for (the model's sequence_len may allow fewer)
+CLIP = Path("<clip>")  # where the clip stands in a tuned run's conversation (tuning.prompt splices audio at a Path)
 
 
 class Sampling(BaseModel):
@@ -90,12 +92,12 @@ def one_line(errors: list[dict]) -> str:
 
 
 def load_model(run: str, device: str = "cpu", decode: str = "", beam: int = 0, ctc_decode_weight: float = -1.0):
-    """(SpeechLM, WhisperEncoder, encoder_mode, Decoding) of a trained run (omni.experiments.audio_run), its
-    own decoding unless told otherwise, or one ValueError line."""
+    """(SpeechLM, WhisperEncoder, encoder_mode, Decoding, recipe) of a trained run (omni.experiments.audio_run),
+    its own decoding unless told otherwise, or one ValueError line."""
     try:
         model, meta = load_run(run, device, name="--run")
         decoding = run_decoding(meta, decode, beam, ctc_decode_weight)
-        return (model, *run_encoder(meta, model.gpt_device), decoding)
+        return (model, *run_encoder(meta, model.gpt_device), decoding, meta.get("recipe", "alignment"))
     except FileNotFoundError:  # already names the run and what is missing
         raise
     except Exception as e:  # half a run: bad JSON, missing keys, tensors that do not fit
@@ -137,9 +139,10 @@ class Undecodable(audio.AudioError):
 class Clip:
     name: str
     seconds: float
-    prefix: torch.Tensor  # (1, P, n_embd): what the GPT sees before the text
+    prefix: torch.Tensor  # (1, P, n_embd): what the GPT sees before the text (an alignment run's layout)
     encode_ms: float
     ctc_logp: torch.Tensor | None = None  # (1, T, vocab): the audio tokens' CTC log-posteriors, for joint decoding
+    tokens: torch.Tensor | None = None  # (1, A, n_embd): the bare audio tokens, spliced into a tuned run's conversation
 
 
 @dataclass
@@ -152,9 +155,10 @@ class Conversation:
 class Session:
     """A loaded model and everything that talks to it: encoding clips and streaming answers."""
 
-    def __init__(self, model, encoder, mode: str = "var", decoding: Decoding | None = None):
+    def __init__(self, model, encoder, mode: str = "var", decoding: Decoding | None = None, recipe: str = "alignment"):
         self.model, self.encoder, self.mode = model, encoder, mode
         self.decoding = decoding or Decoding()
+        self.tuned = recipe == "tuning"  # an instruction-tuned run answers in its conversation format
         self.tokenizer = model.tokenizer
         self.bos = model.tokenizer.bos_id
         self.eos = model.tokenizer.eos_id  # what ends an answer: BOS for omni/nanochat LMs, the HF tokenizer's EOS
@@ -166,7 +170,7 @@ class Session:
         room = self.sequence_len - before - len(self.own_prompt) - 1 - MIN_ANSWER_TOKENS
         per_second = mel.SAMPLE_RATE / mel.HOP_LENGTH / 2 / model.config.k  # mel hop, conv stride 2, k frames
         self.max_seconds = max(0.0, min(audio.MAX_SECONDS, room / per_second))
-        self.description = describe(model, encoder)
+        self.description = describe(model, encoder, self.decoding)
 
     def encode(self, wave: torch.Tensor, name: str) -> Iterator[Clip]:
         """One step (for the worker): the clip's soft prefix."""
@@ -178,27 +182,47 @@ class Session:
             frames = torch.tensor([hidden.size(2)], device=device)
             prefix, _ = self.model.prefix(hidden, frames)
             ctc = self.model.audio_logits(hidden, frames)[0].log_softmax(-1) if self.decoding.decode == "joint" else None
-        yield Clip(name, wave.numel() / audio.SAMPLE_RATE, prefix, (time.perf_counter() - t0) * 1000, ctc)
+            tokens = self.model.audio_tokens(hidden, frames)[0] if self.tuned else None
+        yield Clip(name, wave.numel() / audio.SAMPLE_RATE, prefix, (time.perf_counter() - t0) * 1000, ctc, tokens)
 
     def prompt(self, text: str, clip: Clip | None) -> list[int]:
+        """An alignment run's text after the audio: the question (or the run's own prompt) and BOS."""
         if clip is None:
             return [self.bos] + self.tokenizer.encode(text)  # text only: the LM continues it
         return (self.tokenizer.encode(text) if text else self.own_prompt) + [self.bos]
 
-    def check(self, text: str, clip: Clip | None, max_new_tokens: int) -> list[int]:
-        """The prompt ids, or a ValueError when question + clip + max_new_tokens exceed sequence_len."""
+    def inputs(self, text: str, clip: Clip | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(idx (1, L), prefix (1, P, n_embd) or None, the prefix's token ids (1, P), -1 on audio, or None):
+        what the LM reads before it answers. An alignment run: [audio][question][BOS]. A tuned run: its
+        conversation, `[BOS]User:<audio> question\nAssistant:` (omni.experiments.tuning's format), all but
+        the last token as a prefix of embeddings carrying the text's ids (so value embeddings match training)."""
+        device = self.model.gpt_device
+        if not self.tuned:
+            return torch.tensor([self.prompt(text, clip)], device=device), (clip.prefix if clip else None), None
+        items = tuning_prompt([("user", ([CLIP] if clip else []) + ([text] if text else []))], self.tokenizer)
+        if clip is None:
+            return torch.tensor([items], device=device), None, None
+        at = items.index(CLIP)
+        text_ids = torch.tensor([[i for i in items[:-1] if not isinstance(i, Path)]], device=device)
+        embeds = self.model.gpt.embed(text_ids)
+        prefix = torch.cat([embeds[:, :at], clip.tokens.to(embeds.dtype), embeds[:, at:]], dim=1)
+        prefix_ids = torch.cat([text_ids[:, :at], torch.full((1, clip.tokens.size(1)), -1, device=device), text_ids[:, at:]], dim=1)
+        return torch.tensor([items[-1:]], device=device), prefix, prefix_ids
+
+    def check(self, text: str, clip: Clip | None, max_new_tokens: int) -> tuple:
+        """The LM's inputs (`inputs`), or a ValueError when question + clip + max_new_tokens exceed sequence_len."""
         if not text and clip is None:
             raise ValueError("text: type a question or attach a clip")
-        ids = self.prompt(text, clip)
-        used = len(ids) + (clip.prefix.size(1) if clip else 0)
+        idx, prefix, prefix_ids = self.inputs(text, clip)
+        used = idx.size(1) + (prefix.size(1) if prefix is not None else 0)
         room = self.sequence_len - used + 1
         if room < 1:
-            raise ValueError(f"text: the question ({len(ids)} tokens) with this clip leaves no room in the model's {self.sequence_len} positions")
+            raise ValueError(f"text: the question ({idx.size(1)} tokens) with this clip leaves no room in the model's {self.sequence_len} positions")
         if max_new_tokens > room:
             raise ValueError(f"max_new_tokens: {max_new_tokens} does not fit; with this question and clip at most {room} (sequence_len {self.sequence_len})")
-        return ids
+        return idx, prefix, prefix_ids
 
-    def answer(self, ids: list[int], clip: Clip | None, s: Sampling, t_request: float) -> Iterator[dict | Step]:
+    def answer(self, inputs: tuple, clip: Clip | None, s: Sampling, t_request: float) -> Iterator[dict | Step]:
         """Events for one answer: {"event": "token", "text"} per decoded piece, then "done" with timings.
         A job for the worker (omni.serve.chat_worker): it prefills its own cache, then asks for each
         decoding step (`Step`) and gets that step's logits back, so the worker batches the steps of
@@ -206,11 +230,9 @@ class Session:
 
         Time to first token counts from t_request (queueing in the worker included); tokens/s over
         the steps after the first."""
-        device = self.model.gpt_device
-        idx = torch.tensor([ids], device=device)
         out: list[int] = []
         sent, t_first, n = "", 0.0, 0
-        tokens, logits = self.tokens(idx, clip, s), None
+        tokens, logits = self.tokens(inputs, clip, s), None
         while True:
             try:
                 tok = tokens.send(logits) if logits is not None else next(tokens)
@@ -243,16 +265,17 @@ class Session:
             "tokens_per_s": round((n - 1) / (t_end - t_first), 1) if n > 1 and t_end > t_first else None,
         }
 
-    def tokens(self, idx: torch.Tensor, clip: Clip | None, s: Sampling):
+    def tokens(self, inputs: tuple, clip: Clip | None, s: Sampling):
         """The answer's tokens (ints, EOS last unless the budget ends first), with a `Step` before each
         one after the first: the caller sends back that step's logits. Joint decoding when the run
         decodes so and the answer is greedy: the whole beam search first (no steps to batch), then its tokens."""
-        if clip is not None and clip.ctc_logp is not None and s.temperature == 0:
+        idx, prefix, prefix_ids = inputs
+        if clip is not None and clip.ctc_logp is not None and s.temperature == 0 and not self.tuned:
             yield from self.joint(idx, clip, s.max_new_tokens)
             return
         gen = torch.Generator(device=idx.device).manual_seed(s.seed) if s.seed is not None else None
         with torch.no_grad():
-            logits, cache = self.model.gpt.prefill(idx, clip.prefix if clip else None, None, s.max_new_tokens)
+            logits, cache = self.model.gpt.prefill(idx, prefix, None, s.max_new_tokens, prefix_ids)
         done = torch.zeros(1, dtype=torch.bool, device=idx.device)
         for step in range(s.max_new_tokens):
             nxt, done = next_tokens(logits, done, self.eos, s.temperature, s.top_k or None, s.top_p, gen)
@@ -283,13 +306,14 @@ class Session:
         yield from res.tokens[0] + [self.eos]
 
 
-def describe(model, encoder) -> str:
+def describe(model, encoder, decoding: Decoding | None = None) -> str:
     """One line for the page: what was loaded, so no one takes a transcriber for an assistant."""
     c, g = model.config, model.gpt.config
     prompt = f", prompt {c.prompt!r} {c.prompt_position} the audio" if c.prompt else ""
+    how = (f"; decoded by joint CTC/LM beam search (beam {decoding.beam})" if decoding is not None and decoding.decode == "joint" else "")
     return (
         f"Alignment model (a transcriber, not an assistant): Whisper {encoder.source or 'encoder'} -> {c.projector} projector "
-        f"(k={c.k}, layer {c.layer}{prompt}) -> {g.n_layer}-layer GPT ({g.sequence_len} positions). "
+        f"(k={c.k}, layer {c.layer}{prompt}) -> {g.n_layer}-layer GPT ({g.sequence_len} positions){how}. "
         "It was trained to write down what it hears; a question is only text after the audio."
     )
 
@@ -391,7 +415,7 @@ def create_app(session: Session):
                 raise Refused(404, f"clip: {msg.clip!r} is not a clip of this conversation (upload it first)")
             clip = conv.clips[msg.clip]
         try:
-            ids = session.check(msg.text, clip, msg.max_new_tokens)
+            inputs = session.check(msg.text, clip, msg.max_new_tokens)
         except ValueError as e:
             raise Refused(422, str(e)) from None
         s = Sampling(**msg.model_dump(exclude={"text", "clip"}))
@@ -399,7 +423,7 @@ def create_app(session: Session):
         async def events():
             import json
 
-            async for event in worker.run(session.answer(ids, clip, s, t_request)):
+            async for event in worker.run(session.answer(inputs, clip, s, t_request)):
                 if event.get("event") == "done":
                     conv.history.append({"question": msg.text, "clip": clip.name if clip else None, "answer": event["text"],
                                          "first_token_ms": event["first_token_ms"], "tokens_per_s": event["tokens_per_s"]})
@@ -431,9 +455,9 @@ def chat_cli(session: Session, paths: list[str], question: str, s: Sampling, out
     for path, wave in zip(paths, waves):
         t0 = time.perf_counter()
         clip = next(session.encode(wave, path))
-        ids = session.check(question, clip, s.max_new_tokens)
+        inputs = session.check(question, clip, s.max_new_tokens)
         print(f"{path}: ", end="", file=out, flush=True)
-        for event in run_alone(session.answer(ids, clip, s, t0), session.step):
+        for event in run_alone(session.answer(inputs, clip, s, t0), session.step):
             if event["event"] == "token":
                 print(event["text"], end="", file=out, flush=True)
         print(file=out, flush=True)

@@ -95,7 +95,11 @@ async function toggleRecording() {
   }
   let stream;
   try {
-    stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    // the voice as it is: Whisper was trained on unprocessed audio, and noise suppression or automatic
+    // gain would reshape the very texture (pitch, breathiness, loudness) the model is asked about
+    stream = await navigator.mediaDevices.getUserMedia({
+      audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: false },
+    });
   } catch (e) {
     showError(`Microphone unavailable: ${e.message}`);
     return;
