@@ -58,6 +58,9 @@ def main() -> None:
     p.add_argument("--axis", default="", help="report folder of the trainable-axis grid the run was chosen from")
     p.add_argument("--out", default=str(REPO / "models" / "hear"), help="where the committed model goes")
     p.add_argument("--recipe", default="experiments/hear.yaml", help="the one command that reproduces it")
+    p.add_argument("--decode", default="joint", help="how it transcribes by default (greedy | joint)")
+    p.add_argument("--ctc-decode-weight", type=float, default=-1.0, help="joint decoding's CTC weight (default: the run's own), "
+                   "e.g. the one an evaluation chose on the val split (ctc_decode_weights)")
     args = p.parse_args()
     path, meta = run_meta(args.run)
     out = Path(args.out)
@@ -78,7 +81,10 @@ def main() -> None:
         if (path / name).exists():
             shutil.copy(path / name, out / name)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    meta |= {"lm": lm_ref, "lm_sha256": weights_sha256(out / lm_ref if lm_ref == "lm" else lm), "features": "", "manifest": "",
+    decoding = meta.get("decoding", {}) | {"decode": args.decode}
+    if args.ctc_decode_weight >= 0:
+        decoding["ctc_decode_weight"] = args.ctc_decode_weight
+    meta |= {"decoding": decoding, "lm": lm_ref, "lm_sha256": weights_sha256(out / lm_ref if lm_ref == "lm" else lm), "features": "", "manifest": "",
              "started_from": ""}
     (out / "audio_path.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
     provenance = {

@@ -75,6 +75,8 @@ kl_weight: float = 0.0  # + this x KL from the same LM reading the transcript wh
 decode: str = 'greedy'  # how ours is decoded in the final evaluation and by default afterwards: greedy (the LM alone, under the loop guard) | joint (CTC/LM beam search; needs a CTC head). A run with a CTC head is scored both ways
 beam: int = 8  # joint decoding: hypotheses kept per clip
 ctc_decode_weight: float = 0.3  # joint decoding: weight of the CTC prefix log-probability (the LM's: 1 minus it)
+ctc_decode_weights: str = ''  # e.g. "0.3,0.5,0.7,0.9": joint decoding's CTC weight chosen on the val split (sentences and clips never in training nor test), the best used on the held-out clips and saved with the run; "" : ctc_decode_weight as given
+tune_clips: int = 100  # val clips the CTC weight is chosen on (ctc_decode_weights)
 eval_clips: int = 100  # held-out clips decoded at each intermediate evaluation
 max_new_tokens: int = 80  # decoding budget per clip, in LM tokens
 whisper_baseline: bool = True  # also decode the held-out clips with Whisper's own decoder (shipped transcripts are used where the clips match)
@@ -91,7 +93,7 @@ from IPython.display import Markdown, display
 
 from omni import params, track
 from omni.eval import metrics
-from omni.experiments import alignment, plots
+from omni.experiments import alignment, hearing, plots
 
 t_start = time.perf_counter()
 cfg = params.from_params(alignment.AlignConfig, globals(), out=f"{out_dir}/model")  # the trained audio path; resume checkpoints under it
@@ -112,6 +114,19 @@ print(f"{s['n_clear']:.0f} clear held-out clips (variants {', '.join(res.test.cl
       f"this report took {(time.perf_counter() - t_start) / 60:.1f} min (corpus and cache when missing, training, decoding)")
 plots.table(pd.DataFrame(alignment.headline(res)).set_index("system"))
 print(alignment.verdict(res))
+
+# %% [markdown]
+# ## Where this sits: the trainable axis
+# How much of the LM must move before the model hears, as measured for the committed hearing model
+# (`models/hear/provenance.json`, by `omni run experiments/hearing.yaml`): the same clips, each arm decoded
+# greedy and joint beside its shuffled-audio control, the CTC readout and Whisper's own decoder.
+
+# %%
+axis = hearing.provenance_rows("models/hear")
+if len(axis):
+    plots.table(axis)
+else:
+    print("no committed trainable-axis table (models/hear/provenance.json) in this checkout")
 
 # %% [markdown]
 # ## Held-out results, every style

@@ -452,3 +452,23 @@ def test_headline_table_leads_with_ours_the_control_and_whisper_on_the_same_clip
     with_whisper = replace(res, scores=s | {"clear_whisper_wer": 0.4, "clear_whisper_median_wer": 0.3, "whisper_wer": 0.5, "clear_whisper_cer": 0.2})
     assert alignment.headline(with_whisper)[2] == {"system": f"Whisper {res.config.encoder}'s own decoder (loop guard)", "WER": 0.4,
                                                    "CER": 0.2, "median WER": 0.3, "WER, all styles": 0.5}
+
+
+def test_joint_decoding_with_a_ctc_head_is_scored_and_its_weight_chosen_on_val(tiny_alignment, tmp_path):
+    """A run with a CTC head is decoded greedy and joint, each beside its control; with ctc_decode_weights
+    the weight is chosen on the val split (never the test clips), used on the test clips, and saved."""
+    cfg = replace(tiny_alignment.cfg, ctc_weight=1.0, decode="joint", ctc_decode_weights="0.2,0.9", tune_clips=2, steps=2,
+                  eval_every=2, out=str(tmp_path / "model"))
+    res = alignment.run(cfg, cache=tiny_alignment.cache)
+    s = res.scores
+    tried = {0.2: s["val_joint_wer.ctc0.2"], 0.9: s["val_joint_wer.ctc0.9"]}
+    assert s["ctc_decode_weight_chosen"] == min(tried, key=lambda w: (tried[w], w))
+    refs = res.test.refs
+    for name in ("greedy", "joint", "greedy_control", "joint_control", "ctc"):
+        assert s[f"{name}_wer"] == metrics.wer(refs, res.test.systems[name]), name
+    assert res.test.hyps == res.test.systems["joint"] and s["wer"] == s["joint_wer"]  # decode=joint: ours is the joint search
+    meta = json.loads((tmp_path / "model" / "audio_path.json").read_text())
+    assert meta["ctc_head"] and meta["decoding"]["decode"] == "joint"
+    assert meta["decoding"]["ctc_decode_weight"] == s["ctc_decode_weight_chosen"]
+    with pytest.raises(ValueError, match="parameter `ctc_decode_weights`"):
+        replace(cfg, ctc_decode_weights="0.5,1.5")

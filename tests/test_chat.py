@@ -448,3 +448,45 @@ def test_browser_uploads_a_clip_asks_and_sees_the_answer_stream(session, tmp_pat
             assert page.locator("#error").is_hidden()
         finally:
             browser.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
+def test_speech_into_the_microphone_is_heard_by_the_hearing_model(tmp_path):
+    """A user speaking into the microphone: Chromium's fake capture plays a wav of speech
+    (--use-file-for-fake-audio-capture) as the microphone; the page records it, converts it to WAV,
+    uploads it; asked "What did you hear?", the committed hearing model (models/hear, joint decoding)
+    answers with the spoken words."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from omni.cli import HEAR
+    from omni.data import tts
+    from omni.eval import metrics
+
+    session = Session(*load_model(HEAR))
+    spoken = SPOKEN
+    wav = tmp_path / "speech.wav"
+    audio.save(wav, torch.cat([torch.zeros(8000), tts.synthesize(spoken, voice="en-us+f4", rate=150), torch.zeros(16000)]))
+    seconds = audio.load(wav).numel() / 16000
+    mic = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream", f"--use-file-for-fake-audio-capture={wav}%noloop"]
+    with serving(session) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + mic)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            expect(page.locator("#model")).to_contain_text("joint CTC/LM", timeout=15000)
+            page.click("#record")
+            expect(page.locator("#record")).to_contain_text("Stop")
+            page.wait_for_timeout(int(1000 * seconds) + 500)  # the whole utterance, as a speaker would
+            page.click("#record")
+            expect(page.locator("#clip-label")).to_contain_text("recording.wav", timeout=20000)
+            page.fill("#max_new_tokens", "40")
+            page.fill("#text", "What did you hear?")
+            page.click("#send")
+            expect(page.locator(".bot .stats")).to_contain_text("first token", timeout=30000)
+            heard = page.locator(".bot .bubble").text_content()
+            assert page.locator("#error").is_hidden()
+        finally:
+            browser.close()
+    said = metrics.normalize_text(spoken).split()
+    got = set(metrics.normalize_text(heard).split())
+    assert sum(w in got for w in said) >= 0.75 * len(said), (spoken, heard)

@@ -63,6 +63,8 @@ class AlignConfig(AudioRunConfig):
     decode: str = "greedy"  # how ours is decoded in the final evaluation and by default afterwards: greedy (the LM alone, under the loop guard) | joint (CTC/LM beam search; needs a CTC head). A run with a CTC head is scored both ways
     beam: int = 8  # joint decoding: hypotheses kept per clip
     ctc_decode_weight: float = 0.3  # joint decoding: weight of the CTC prefix log-probability (the LM's: 1 minus it)
+    ctc_decode_weights: str = ""  # e.g. "0.3,0.5,0.7,0.9": joint decoding's CTC weight chosen on the val split (sentences and clips never in training nor test), the best used on the held-out clips and saved with the run; "" = ctc_decode_weight as given
+    tune_clips: int = 100  # val clips the CTC weight is chosen on (ctc_decode_weights)
     eval_clips: int = 100  # held-out clips decoded at each intermediate evaluation
     max_new_tokens: int = 80  # decoding budget per clip, in LM tokens
     whisper_baseline: bool = True  # also decode the held-out clips with Whisper's own decoder (shipped transcripts are used where the clips match)
@@ -85,6 +87,16 @@ class AlignConfig(AudioRunConfig):
         require(self.kl_weight >= 0, "kl_weight", self.kl_weight, ">= 0")
         if self.decode == "joint" and not self.ctc_weight and self.projector != "lego" and not self.run:
             raise ParamError("parameter `decode` = 'joint': needs a CTC head (ctc_weight > 0 or projector=lego) for its CTC term")
+        require(self.tune_clips >= 1, "tune_clips", self.tune_clips, ">= 1")
+        try:
+            weights = self.decode_weights()
+        except ValueError:
+            raise ParamError(f"parameter `ctc_decode_weights` = {self.ctc_decode_weights!r}: must be comma-separated numbers in [0, 1]") from None
+        require(all(0 <= w <= 1 for w in weights), "ctc_decode_weights", self.ctc_decode_weights, "comma-separated numbers in [0, 1]")
+
+    def decode_weights(self) -> list[float]:
+        """The CTC weights to choose from on the val split ([] = none: ctc_decode_weight as given)."""
+        return [float(w) for w in self.ctc_decode_weights.split(",") if w.strip()]
 
     def decoding(self) -> Decoding:
         return Decoding(self.decode, self.beam, self.ctc_decode_weight)
@@ -305,8 +317,11 @@ def evaluate(cfg: AlignConfig, built: Built, cache: FeatureCache, data: Splits, 
     meta = [cache.rows[r] for r in rows]
     labels = [m["labels"] for m in meta]
     ctc_head = has_ctc_head(cfg, built)
-    decodings = {"greedy": Decoding("greedy")} | ({"joint": cfg.decoding() if cfg.decode == "joint" else replace(cfg.decoding(), decode="joint")}
-                                                   if ctc_head else {})
+    joint = replace(cfg.decoding(), decode="joint")
+    tuned: dict[str, float] = {}
+    if ctc_head and cfg.decode_weights():
+        joint, tuned = choose_ctc_weight(cfg, model, cache, joint)
+    decodings = {"greedy": Decoding("greedy")} | ({"joint": joint} if ctc_head else {})
     systems: dict[str, list[str]] = {}
     seconds: dict[str, float] = {}
     decoded: dict[str, list[Hypothesis]] = {}
@@ -343,6 +358,8 @@ def evaluate(cfg: AlignConfig, built: Built, cache: FeatureCache, data: Splits, 
         "skipped_steps": hist.skipped,
         "n_train": len(data.train),
         "n_test": len(rows),
+        **({"ctc_decode_weight_chosen": joint.ctc_decode_weight} if ctc_head else {}),
+        **tuned,
     }
     best = min(hist.evals, key=lambda e: e["eval_loss"]) if hist.evals else None
     if best:
@@ -357,6 +374,24 @@ def evaluate(cfg: AlignConfig, built: Built, cache: FeatureCache, data: Splits, 
                                      guard=guard, decoding=decodings[cfg.decode]))
         scores["wer_seen_voice"] = metrics.wer([cache.rows[r]["text"] for r in data.seen], seen_hyps)
     return test, scores
+
+
+def choose_ctc_weight(cfg: AlignConfig, model: SpeechLM, cache: FeatureCache, joint: Decoding) -> tuple[Decoding, dict[str, float]]:
+    """Joint decoding's CTC weight, chosen among cfg.ctc_decode_weights by WER on `tune_clips` clips of the
+    val split (sentences that are neither trained on nor tested; seen voices): how much to trust this
+    run's LM is a property of the run, not a constant, and the test clips must not choose it. Returns the
+    decoding with the best weight and {"val_joint_wer.ctc<w>": WER} for every weight tried."""
+    rows = cache.select(split="val")[: cfg.tune_clips]
+    if not rows:
+        raise ValueError(f"{cache.path}: no val split to choose ctc_decode_weight on (parameter `ctc_decode_weights`)")
+    states = cache.load_states(rows, model.states_read())
+    refs = [cache.rows[r]["text"] for r in rows]
+    wers = {}
+    for w in cfg.decode_weights():
+        hyps = hyp_texts(decode(model, cache, rows, states, cfg.batch_size, cfg.max_new_tokens, decoding=replace(joint, ctc_decode_weight=w)))
+        wers[w] = metrics.wer(refs, hyps)
+    best = min(wers, key=lambda w: (wers[w], w))
+    return replace(joint, ctc_decode_weight=best), {f"val_joint_wer.ctc{w:g}": v for w, v in wers.items()}
 
 
 SYSTEM_NAMES = {  # the systems of a held-out evaluation as a report names them
@@ -430,6 +465,7 @@ def run(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None, cache: F
     if rank == 0:
         tracker.flush()  # the tracker buffers: unflushed, the final scores never reach MLflow
         if cfg.out:
-            save_run(built, cfg, cache, "alignment", {"scores": scores}, ctc_head=has_ctc_head(cfg, built), decoding=cfg.decoding())
+            chosen = replace(cfg.decoding(), ctc_decode_weight=scores.get("ctc_decode_weight_chosen", cfg.ctc_decode_weight))
+            save_run(built, cfg, cache, "alignment", {"scores": scores}, ctc_head=has_ctc_head(cfg, built), decoding=chosen)
             tracker.log_artifact(cfg.out, artifact_path="model")
     return res
