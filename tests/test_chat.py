@@ -22,7 +22,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import CHROMIUM, CHROMIUM_ARGS, NO_CHROMIUM
+from conftest import REPO, CHROMIUM, CHROMIUM_ARGS, NO_CHROMIUM
 from omni.cli import main
 from omni.data import audio
 from omni.model.encoder import collate_states
@@ -450,7 +450,11 @@ def test_browser_uploads_a_clip_asks_and_sees_the_answer_stream(session, tmp_pat
             browser.close()
 
 
+SPOKEN = "I found her more interesting than her little problem."  # spoken by a voice no model here trained on (en-us+f4)
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
+@pytest.mark.skipif(not (REPO / "models" / "hear" / "audio_path.json").exists(), reason="TEMPORARY: models/hear not committed yet")
 def test_speech_into_the_microphone_is_heard_by_the_hearing_model(tmp_path):
     """A user speaking into the microphone: Chromium's fake capture plays a wav of speech
     (--use-file-for-fake-audio-capture) as the microphone; the page records it, converts it to WAV,
