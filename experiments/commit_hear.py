@@ -42,20 +42,26 @@ def half(src: Path, dst: Path) -> None:
     save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, str(dst))
 
 
-def axis_rows(report: Path) -> list[dict]:
-    """The trainable-axis table of a hearing grid's report (its trainable_axis.csv), as rows."""
+def axis_rows(axis: str) -> list[dict]:
+    """The trainable-axis table as rows: from a hearing grid's report (its trainable_axis.csv), or from
+    run folders, comma-separated (each arm's saved scores; omni.experiments.hearing.run_rows)."""
     import pandas as pd
 
-    f = report / "trainable_axis.csv"
-    if not f.is_file():
-        raise FileNotFoundError(f"--axis {report}: no trainable_axis.csv (the report folder of `omni run experiments/hearing.yaml`)")
-    return json.loads(pd.read_csv(f).to_json(orient="records"))
+    from omni.experiments.hearing import run_rows
+
+    folders = [a.strip() for a in axis.split(",") if a.strip()]
+    if len(folders) == 1 and (Path(folders[0]) / "trainable_axis.csv").is_file():
+        table = pd.read_csv(Path(folders[0]) / "trainable_axis.csv")
+    else:
+        table = run_rows(folders).reset_index()
+    return json.loads(table.to_json(orient="records"))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="the trained run to commit")
-    p.add_argument("--axis", default="", help="report folder of the trainable-axis grid the run was chosen from")
+    p.add_argument("--axis", default="", help="the trainable axis the run was chosen from: a hearing grid's report folder, "
+                   "or the arms' run folders, comma-separated")
     p.add_argument("--out", default=str(REPO / "models" / "hear"), help="where the committed model goes")
     p.add_argument("--recipe", default="experiments/hear.yaml", help="the one command that reproduces it")
     p.add_argument("--decode", default="joint", help="how it transcribes by default (greedy | joint)")
@@ -91,7 +97,7 @@ def main() -> None:
         "commit": commit, "measured_by": args.recipe, "reproduce": f".venv/bin/omni run {args.recipe}",
         "trained_from": str(path), "config": meta.get("config", {}), "scores": meta.get("scores", {}),
         "base_lm": {"path": "models/lm", "sha256": weights_sha256(REPO / "models" / "lm")},
-        "trainable_axis": axis_rows(Path(args.axis)) if args.axis else [],
+        "trainable_axis": axis_rows(args.axis) if args.axis else [],
     }
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

@@ -62,7 +62,7 @@ class AlignConfig(AudioRunConfig):
     kl_weight: float = 0.0  # + this x KL from the same LM reading the transcript where the audio stands (distill_loss); 0 means off
     decode: str = "greedy"  # how ours is decoded in the final evaluation and by default afterwards: greedy (the LM alone, under the loop guard) | joint (CTC/LM beam search; needs a CTC head). A run with a CTC head is scored both ways
     beam: int = 8  # joint decoding: hypotheses kept per clip
-    ctc_decode_weight: float = 0.3  # joint decoding: weight of the CTC prefix log-probability (the LM's: 1 minus it)
+    ctc_decode_weight: float = -1.0  # joint decoding: weight of the CTC prefix log-probability (the LM's: 1 minus it); -1 = the started run's own (`run`), else 0.3
     ctc_decode_weights: str = ""  # e.g. "0.3,0.5,0.7,0.9": joint decoding's CTC weight chosen on the val split (sentences and clips never in training nor test), the best used on the held-out clips and saved with the run; "" = ctc_decode_weight as given
     tune_clips: int = 100  # val clips the CTC weight is chosen on (ctc_decode_weights)
     eval_clips: int = 100  # held-out clips decoded at each intermediate evaluation
@@ -81,7 +81,8 @@ class AlignConfig(AudioRunConfig):
             require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
         require_choice("prompt_position", self.prompt_position, PROMPT_POSITIONS)
         require_choice("decode", self.decode, DECODES)
-        require(0 <= self.ctc_decode_weight <= 1, "ctc_decode_weight", self.ctc_decode_weight, "in [0, 1]")
+        require(0 <= self.ctc_decode_weight <= 1 or self.ctc_decode_weight == -1, "ctc_decode_weight", self.ctc_decode_weight,
+                "in [0, 1], or -1 (the started run's own, else 0.3)")
         require(self.ctc_weight >= 0, "ctc_weight", self.ctc_weight, ">= 0")
         require(0 <= self.time_mask < 1, "time_mask", self.time_mask, "in [0, 1)")
         require(self.kl_weight >= 0, "kl_weight", self.kl_weight, ">= 0")
@@ -98,8 +99,13 @@ class AlignConfig(AudioRunConfig):
         """The CTC weights to choose from on the val split ([] = none: ctc_decode_weight as given)."""
         return [float(w) for w in self.ctc_decode_weights.split(",") if w.strip()]
 
-    def decoding(self) -> Decoding:
-        return Decoding(self.decode, self.beam, self.ctc_decode_weight)
+    def decoding(self, started: dict | None = None) -> Decoding:
+        """How ours is decoded; ctc_decode_weight -1 takes the started run's own (its audio_path.json
+        `decoding`: an evaluation of a run decodes it as the run does), else Decoding's default."""
+        weight = self.ctc_decode_weight
+        if weight < 0:
+            weight = (started or {}).get("decoding", {}).get("ctc_decode_weight", Decoding.ctc_decode_weight)
+        return Decoding(self.decode, self.beam, weight)
 
 
 @dataclass
@@ -317,7 +323,8 @@ def evaluate(cfg: AlignConfig, built: Built, cache: FeatureCache, data: Splits, 
     meta = [cache.rows[r] for r in rows]
     labels = [m["labels"] for m in meta]
     ctc_head = has_ctc_head(cfg, built)
-    joint = replace(cfg.decoding(), decode="joint")
+    started = run_meta(built.start)[1] if built.start else None
+    joint = replace(cfg.decoding(started), decode="joint")
     tuned: dict[str, float] = {}
     if ctc_head and cfg.decode_weights():
         joint, tuned = choose_ctc_weight(cfg, model, cache, joint)
@@ -465,7 +472,8 @@ def run(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None, cache: F
     if rank == 0:
         tracker.flush()  # the tracker buffers: unflushed, the final scores never reach MLflow
         if cfg.out:
-            chosen = replace(cfg.decoding(), ctc_decode_weight=scores.get("ctc_decode_weight_chosen", cfg.ctc_decode_weight))
+            chosen = cfg.decoding(run_meta(built.start)[1] if built.start else None)
+            chosen = replace(chosen, ctc_decode_weight=scores.get("ctc_decode_weight_chosen", chosen.ctc_decode_weight))
             save_run(built, cfg, cache, "alignment", {"scores": scores}, ctc_head=has_ctc_head(cfg, built), decoding=chosen)
             tracker.log_artifact(cfg.out, artifact_path="model")
     return res

@@ -28,7 +28,7 @@ COLUMNS = {  # table column -> the child run's metric (clear held-out speech)
     "greedy WER": "clear_greedy_wer", "greedy, shuffled audio": "clear_greedy_control_wer",
     "joint WER": "clear_joint_wer", "joint, shuffled audio": "clear_joint_control_wer",
     "CTC readout WER": "clear_ctc_wer", "joint CER": "clear_joint_cer", "greedy CER": "clear_greedy_cer",
-    "Whisper WER": "clear_whisper_wer", "train s": "train_seconds",
+    "Whisper WER": "clear_whisper_wer", "CTC weight": "ctc_decode_weight_chosen", "train s": "train_seconds",
 }
 WHISPER_CLEAR = 0.454  # Whisper tiny.en (guarded) on the default corpus's 202 clear held-out clips: omni/eval/baselines
 
@@ -52,6 +52,25 @@ def grid_table(parent_run_id: str) -> pd.DataFrame:
         row |= {col: float(r.get(f"metrics.{m}", math.nan)) for col, m in COLUMNS.items()}
         rows.append(row)
     return pd.DataFrame(rows).set_index("system") if rows else pd.DataFrame(columns=["source", *COLUMNS]).rename_axis("system")
+
+
+def run_rows(folders: list[str | Path]) -> pd.DataFrame:
+    """The table's rows from saved runs (each folder's audio_path.json: its config and scores), e.g. the
+    arms of a grid evaluated again with their CTC weight chosen on the val split (steps=0, run=ARM)."""
+    from omni.experiments.audio_run import run_meta
+
+    rows = []
+    for folder in folders:
+        path, meta = run_meta(folder)
+        cfg, scores = meta.get("config", {}), meta.get("scores", {})
+        started = meta.get("started_from") and run_meta(meta["started_from"])[1].get("config", {})
+        params = {"trainable": (started or cfg).get("trainable", "projector"), "steps": str(cfg.get("steps", "")), "run": ""}
+        row = {"system": row_label(params), "source": f"measured: {path}"}
+        row |= {col: float(scores.get(m, math.nan)) for col, m in COLUMNS.items()}
+        if started:  # an evaluation of an arm: its training time is the arm's own
+            row["train s"] = float(run_meta(meta["started_from"])[1].get("scores", {}).get("train_seconds", math.nan))
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("system")
 
 
 def provenance_rows(model_dir: str | Path) -> pd.DataFrame:
