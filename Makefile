@@ -7,7 +7,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test bench clean-reports
+.PHONY: setup run test test-slow bench clean-reports
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ run: setup
 test: setup
 	@[ -x /usr/bin/chromium ] || [ "$$(id -u)" != 0 ] || { apt-get update -qq && apt-get install -y -qq chromium; } || echo "chromium not installed: the browser tests will skip"
 	$(BIN)/python -m pytest -q
+
+# the cases too slow for every run (pytest.mark.slow: a grid through papermill, parallel first runs, umap, DDP)
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
 
 bench: setup
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done

@@ -39,7 +39,7 @@ def test_transcribe_a_manifest_prints_hypotheses_and_scores(tiny_alignment, caps
     hyps = [h for _, h, _ in out]
     assert [r for _, _, r in out] == [f"(ref: {t})" for t in refs]
     assert all(p.endswith(".wav") for p, _, _ in out)
-    assert re.fullmatch(r"4 clips, \S+ s, loop guard", lines[4]), lines[4]
+    assert re.fullmatch(r"4 clips, \S+ s, greedy, loop guard", lines[4]), lines[4]
     assert _scores(lines, "aligned") == (round(metrics.wer(refs, hyps), 3), round(metrics.cer(refs, hyps), 3), round(metrics.median_wer(refs, hyps), 3))
     # per-label breakdowns: the labels with a few values (style, variant, ...), not ids or paths
     labels = breakdown_labels([{k: v for k, v in r.items() if k not in ("audio", "text")} for r in rows])

@@ -128,6 +128,7 @@ def test_ablation_config_is_an_alignment_config():
         layer_ablation.run(layer_ablation.AblationConfig(probes="linear,svm"))
 
 
+@pytest.mark.slow  # a 6-point grid through papermill: ~70 s on 2 busy cores; test_grid_point_notebook runs one point every time
 def test_tiny_grid_end_to_end(tiny, tmp_path, monkeypatch):
     from omni.run.runner import run_experiment
 

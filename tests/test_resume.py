@@ -94,6 +94,7 @@ def test_resume_by_run_id_and_unknown_run(project, capsys):
     assert "0123456789abcdef" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # three runs at once on a new MLflow store: ~60 s on 2 busy cores
 def test_parallel_first_runs_on_a_fresh_store_all_land(project):
     procs = [subprocess.Popen([sys.executable, "-m", "omni.cli", "run", "exp.yaml", "-p", "steps", str(2 + i)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})

@@ -275,7 +275,7 @@ def test_batches_follow_the_task_mix_and_balance_answers():
         answers = collections.Counter(answer_value(r) for r in texture if r["task"] == task)
         assert len(answers) >= 2 and max(answers.values()) < 1.3 * min(answers.values()), (task, answers)
     other = collections.Counter(r["task"] for r in drawn if r["task"] not in TEXTURE_TASKS)
-    assert set(other) == {"transcribe", "last_word", "mention", "multi_turn"}
+    assert set(other) == {"transcribe", "last_word", "mention", "multi_turn", "describe"}
     plain = collections.Counter(answer_value(labels[i]) for i in draw(mix_pools(labels, balance_answers=False), 4000, 1.0, random.Random(0))
                                 if labels[i]["task"] == "gender")
     assert plain["male"] > 1.2 * plain["female"]  # without balancing the written prior comes back

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from omni.eval.compare import child_runs
+from omni.experiments.audio_run import run_meta
 
 ARMS = {"projector": "projector only (frozen LM)", "projector+lora": "projector + LoRA", "projector+lm": "projector + the whole LM"}
 COLUMNS = {  # table column -> the child run's metric (clear held-out speech)
@@ -57,8 +58,6 @@ def grid_table(parent_run_id: str) -> pd.DataFrame:
 def run_rows(folders: list[str | Path]) -> pd.DataFrame:
     """The table's rows from saved runs (each folder's audio_path.json: its config and scores), e.g. the
     arms of a grid evaluated again with their CTC weight chosen on the val split (steps=0, run=ARM)."""
-    from omni.experiments.audio_run import run_meta
-
     rows = []
     for folder in folders:
         path, meta = run_meta(folder)

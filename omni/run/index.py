@@ -83,6 +83,7 @@ wer_seen_voice | WER on new sentences in training voices | WER
 test_loss | held-out loss | nats/token
 fallback_fraction | clips the loop guard re-decoded | fraction
 train_seconds | training time | s
+ctc_decode_weight_chosen | joint decoding's CTC weight, chosen on val | weight
 # 04/05 layer and projector ablations
 content.wer | content: held-out WER | WER
 content.test_loss | content: held-out loss | nats/token
