@@ -47,7 +47,7 @@ from omni.model.gpt import GPT, GPTConfig
 from omni.model.tokenizer import BPETokenizer, ByteTokenizer
 from omni.params import require, require_choice, require_device
 from omni.track import NullTracker, Tracker, git_state
-from omni.train import DTYPES, History, TrainConfig, pick_device, train
+from omni.train import DTYPES, History, TrainConfig, init_ddp, pick_device, train
 
 
 SPAN_MIN, SPAN_MAX = 4, 32  # tokens in a repeated span (a spoken sentence is 5-30 BPE tokens)
@@ -314,18 +314,10 @@ def bits_per_byte(gpt: GPT, val_ids: torch.Tensor, n_bytes: int, seq: int, batch
 
 def run(cfg: PretrainConfig, tracker: Tracker | NullTracker | None = None) -> PretrainResult:
     tracker = tracker or NullTracker()
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank = 0
-    if ddp:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank = dist.get_rank()
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        if rank != 0:
-            tracker = NullTracker()
+    rank, world, cfg.device = init_ddp(cfg.device)  # under torchrun: the process group, this rank's GPU
+    ddp = world > 1
+    if rank != 0:
+        tracker = NullTracker()
     device = pick_device(cfg.device)
     train_text, val_text = corpus(cfg.sources)
     if cfg.tokenizer == "bpe":
