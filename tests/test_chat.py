@@ -454,7 +454,6 @@ SPOKEN = "I found her more interesting than her little problem."  # spoken by a 
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
-@pytest.mark.skipif(not (REPO / "models" / "hear" / "audio_path.json").exists(), reason="TEMPORARY: models/hear not committed yet")
 def test_speech_into_the_microphone_is_heard_by_the_hearing_model(tmp_path):
     """A user speaking into the microphone: Chromium's fake capture plays a wav of speech
     (--use-file-for-fake-audio-capture) as the microphone; the page records it, converts it to WAV,
@@ -483,6 +482,7 @@ def test_speech_into_the_microphone_is_heard_by_the_hearing_model(tmp_path):
             page.wait_for_timeout(int(1000 * seconds) + 500)  # the whole utterance, as a speaker would
             page.click("#record")
             expect(page.locator("#clip-label")).to_contain_text("recording.wav", timeout=20000)
+            expect(page.locator("#clip-label")).to_contain_text("audio tokens", timeout=20000)  # uploaded and encoded, not "Uploading ..."
             page.fill("#max_new_tokens", "40")
             page.fill("#text", "What did you hear?")
             page.click("#send")
