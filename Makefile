@@ -1,7 +1,7 @@
 # The two commands a newcomer needs (see README):
 #   make run    set up .venv, then run the main job: the research tour on the embedded defaults (CPU):
 #               the smoke test, then the trainable-axis table: the committed hearing model (models/hear)
-#               evaluated as it is beside a projector-only model trained on the spot (experiments/tour.yaml)
+#               evaluated as it is, beside the arms its research run measured (experiments/tour.yaml)
 #   make test   set up .venv, then run the test suite
 PY ?= python3
 VENV ?= .venv

@@ -472,3 +472,17 @@ def test_joint_decoding_with_a_ctc_head_is_scored_and_its_weight_chosen_on_val(t
     assert meta["decoding"]["ctc_decode_weight"] == s["ctc_decode_weight_chosen"]
     with pytest.raises(ValueError, match="parameter `ctc_decode_weights`"):
         replace(cfg, ctc_decode_weights="0.5,1.5")
+
+
+def test_clear_only_decodes_the_clear_held_out_clips_alone(tiny_alignment, tmp_path):
+    """clear_only (the tour's budget): the final figures are the clear held-out clips' (style normal), the
+    same numbers as the clear_ columns of a full evaluation; no seen-voice decoding."""
+    cfg = replace(tiny_alignment.cfg, steps=2, eval_every=2, out=str(tmp_path / "full"))
+    full = alignment.run(cfg, cache=tiny_alignment.cache)
+    clear = alignment.run(replace(cfg, clear_only=True, out=str(tmp_path / "clear")), cache=tiny_alignment.cache)
+    styles = [r["labels"].get("style", "normal") for r in full.test.rows]
+    assert "normal" in styles and set(styles) != {"normal"}, styles  # the corpus has other styles to leave out
+    assert clear.scores["n_test"] == styles.count("normal") == len(clear.test.refs)
+    assert {r["labels"].get("style", "normal") for r in clear.test.rows} == {"normal"}
+    assert clear.scores["wer"] == clear.scores["clear_wer"] == full.scores["clear_wer"]
+    assert "wer_seen_voice" in full.scores and "wer_seen_voice" not in clear.scores

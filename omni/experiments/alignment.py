@@ -67,6 +67,7 @@ class AlignConfig(AudioRunConfig):
     tune_clips: int = 100  # val clips the CTC weight is chosen on (ctc_decode_weights)
     eval_clips: int = 100  # held-out clips decoded at each intermediate evaluation
     max_new_tokens: int = 80  # decoding budget per clip, in LM tokens
+    clear_only: bool = False  # decode only the clear held-out clips (style normal: the trainable-axis table's) and not the seen-voice sentences: the tour's budget; whispered and other styles then go unscored
     whisper_baseline: bool = True  # also decode the held-out clips with Whisper's own decoder (shipped transcripts are used where the clips match)
     guard: bool = True  # greedy decodes (ours, control, Whisper) under the loop guard (LoopGuard); the unguarded figures kept as *unguarded*
     guard_logprob: float = 0.0  # our decoder's guard: re-decode below this mean token log-prob; 0 takes minus the LM's own validation nats per token (pretrain.json's first_nats: a transcript the LM is less sure of than of prose it reads unaided has failed), or the compression ratio alone where the LM has no such figure. Whisper keeps openai-whisper's -1
@@ -319,6 +320,9 @@ def evaluate(cfg: AlignConfig, built: Built, cache: FeatureCache, data: Splits, 
     guard = LoopGuard(seed=cfg.seed, logprob_threshold=floor) if cfg.guard else None
     whisper_guard = LoopGuard(seed=cfg.seed) if cfg.guard else None  # Whisper's own calibration
     rows, states = data.test, data.test_states
+    if cfg.clear_only:
+        keep = clear_rows([cache.rows[r]["labels"] for r in rows])
+        rows, states = [rows[i] for i in keep], [states[i] for i in keep]
     refs = [cache.rows[r]["text"] for r in rows]
     meta = [cache.rows[r] for r in rows]
     labels = [m["labels"] for m in meta]
@@ -376,7 +380,7 @@ def evaluate(cfg: AlignConfig, built: Built, cache: FeatureCache, data: Splits, 
     named = {"ours" if k == "" else k: v for k, v in systems.items() if k not in (cfg.decode, f"{cfg.decode}_control")}
     test = HeldOut(refs=refs, hyps=systems[""], control_hyps=systems["control"], rows=meta, table=score_table(refs, named, labels),
                    clear_variants=sorted({str(labels[i].get("variant")) for i in clear_rows(labels)}), systems=systems)
-    if data.seen:
+    if data.seen and not cfg.clear_only:
         seen_hyps = hyp_texts(decode(model, cache, data.seen, cache.load_states(data.seen, data.layers), cfg.batch_size, cfg.max_new_tokens,
                                      guard=guard, decoding=decodings[cfg.decode]))
         scores["wer_seen_voice"] = metrics.wer([cache.rows[r]["text"] for r in data.seen], seen_hyps)
