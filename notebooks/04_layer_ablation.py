@@ -80,6 +80,7 @@ ctc_decode_weights: str = ''  # e.g. "0.3,0.5,0.7,0.9": joint decoding's CTC wei
 tune_clips: int = 100  # val clips the CTC weight is chosen on (ctc_decode_weights)
 eval_clips: int = 8  # clips decoded per intermediate evaluation: only the curves use them
 max_new_tokens: int = 60  # decoding budget per clip, in LM tokens
+clear_only: bool = False  # decode only the clear held-out clips (style normal: the trainable-axis table's) and not the seen-voice sentences: the tour's budget; whispered and other styles then go unscored
 guard: bool = True  # greedy decodes (ours, control, Whisper) under the loop guard (LoopGuard); the unguarded figures kept as *unguarded*
 guard_logprob: float = 0.0  # our decoder's guard: re-decode below this mean token log-prob; 0 takes minus the LM's own validation nats per token (pretrain.json's first_nats: a transcript the LM is less sure of than of prose it reads unaided has failed), or the compression ratio alone where the LM has no such figure. Whisper keeps openai-whisper's -1
 weights_every: int = 20  # eval_every for weighted choices: each evaluation records the content layer weights
