@@ -112,6 +112,7 @@ def test_parallel_first_runs_on_a_fresh_store_all_land(project):
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
 
 
+@pytest.mark.slow  # a grid killed and resumed through papermill: ~50 s on 2 cores; test_killed_run_is_marked_then_resumed_bit_identical runs every time
 def test_resumed_grid_reruns_only_unfinished_points(project):
     Path("kill-me").touch()
     killed = omni_run("exp.yaml", "-p", "kill_file", "kill-me", "-p", "steps=[4,8]")  # steps=4 ends before the kill at step 5
