@@ -62,12 +62,12 @@ def run_rows(folders: list[str | Path]) -> pd.DataFrame:
     for folder in folders:
         path, meta = run_meta(folder)
         cfg, scores = meta.get("config", {}), meta.get("scores", {})
-        started = meta.get("started_from") and run_meta(meta["started_from"])[1].get("config", {})
-        params = {"trainable": (started or cfg).get("trainable", "projector"), "steps": str(cfg.get("steps", "")), "run": ""}
+        arm = run_meta(meta["started_from"])[1] if meta.get("started_from") else None  # an evaluation of an arm: the arm trained
+        params = {"trainable": ((arm or {}).get("config") or cfg).get("trainable", "projector"), "steps": str(cfg.get("steps", "")), "run": ""}
         row = {"system": row_label(params), "source": f"measured: {path}"}
         row |= {col: float(scores.get(m, math.nan)) for col, m in COLUMNS.items()}
-        if started:  # an evaluation of an arm: its training time is the arm's own
-            row["train s"] = float(run_meta(meta["started_from"])[1].get("scores", {}).get("train_seconds", math.nan))
+        if arm:  # its training time is the arm's own
+            row["train s"] = float(arm.get("scores", {}).get("train_seconds", math.nan))
         rows.append(row)
     return pd.DataFrame(rows).set_index("system")
 
