@@ -10,7 +10,11 @@ clip (the server decodes it and runs encoder + layer choice + projector: "upload
 question and read the server-sent events: "first token" is from sending the question to receiving
 the first token event (prefill, one step, waiting in the worker's queue); tokens/s per conversation is
 over the tokens after the first; "aggregate" is all tokens of the round over its wall time.
-With 4 conversations the 4 uploads go together, then (after a barrier) the 4 questions.
+With 4 conversations the 4 uploads go together, then (after a barrier) the 4 questions. Two kinds of
+round: a burst (each conversation asks one question; the round ends with its longest answer, so short
+answers of different lengths leave the batch part-empty at the end) and sustained (each conversation
+asks --questions questions, the next as soon as its answer ends, as people chatting would: the
+throughput of four conversations at once).
 
 Sampling: temperature 1, top-k 50, a fixed seed per conversation, so answers run to --new tokens
 rather than stopping at an early BOS; the count actually generated is printed.
@@ -79,7 +83,7 @@ def clip_bytes(seconds: float) -> bytes:
     return buf.getvalue()
 
 
-def start_server(session) -> tuple[int, object]:
+def start_server(session, threads: int = 0) -> tuple[int, object]:
     import uvicorn
 
     from omni.serve.chat import create_app
@@ -87,7 +91,7 @@ def start_server(session) -> tuple[int, object]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(session), host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(create_app(session, threads), host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=srv.run, daemon=True).start()
     while not srv.started:
         time.sleep(0.05)
@@ -105,50 +109,57 @@ def request(port: int, method: str, path: str, body: bytes | None = None, ctype:
     return out
 
 
-def conversation(port: int, wav: bytes, new: int, seed: int, barrier: threading.Barrier, out: list) -> None:
+def ask(port: int, cid: str, clip_id: str, new: int, seed: int) -> dict:
+    """One question about the clip; its answer read as server-sent events, timed."""
+    body = json.dumps({"clip": clip_id, "text": "", "max_new_tokens": new, "temperature": 1.0, "top_k": 50, "seed": seed}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    t_send = time.perf_counter()
+    conn.request("POST", f"/api/conversations/{cid}/messages", body=body, headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    # read in chunks and parse once at the end: a browser is another machine, and a client that parsed
+    # every event here would take the server's CPU on a small box (first/last token: the chunk they came in)
+    t_first = t_last = None
+    body = b""
+    while chunk := r.read1(65536):
+        if b'"token"' in chunk:
+            t_last = time.perf_counter()
+            t_first = t_first or t_last
+        body += chunk
+    t_end = time.perf_counter()
+    conn.close()
+    events = [json.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: ")]
+    if errors := [e["message"] for e in events if e["event"] == "error"]:
+        raise RuntimeError(errors[0])
+    done = next(e for e in events if e["event"] == "done")
+    n = done["tokens"]
+    return {"first_ms": ((t_first or t_end) - t_send) * 1000, "server_first_ms": done["first_token_ms"], "tokens": n,
+            "t_send": t_send, "t_end": t_end,
+            "tps": (n - 1) / (t_last - t_first) if n > 1 and t_last and t_last > t_first else float("nan")}
+
+
+def conversation(port: int, wav: bytes, new: int, seed: int, questions: int, barrier: threading.Barrier, out: list) -> None:
+    """Upload the clip, wait for the other conversations, then ask `questions` questions one after another."""
     cid = request(port, "POST", "/api/conversations")["id"]
     t0 = time.perf_counter()
     clip = request(port, "POST", f"/api/conversations/{cid}/clips?name=bench.wav", wav, "audio/wav")
     upload_ms = (time.perf_counter() - t0) * 1000
     barrier.wait()
-    body = json.dumps({"clip": clip["id"], "text": "", "max_new_tokens": new, "temperature": 1.0, "top_k": 50, "seed": seed}).encode()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    t_send = time.perf_counter()
-    conn.request("POST", f"/api/conversations/{cid}/messages", body=body, headers={"Content-Type": "application/json"})
-    r = conn.getresponse()
-    t_first = t_last = None
-    done = None
-    while line := r.readline():
-        if not line.startswith(b"data: "):
-            continue
-        ev = json.loads(line[6:])
-        if ev["event"] == "token":
-            t_last = time.perf_counter()
-            t_first = t_first or t_last
-        elif ev["event"] == "done":
-            done = ev
-        elif ev["event"] == "error":
-            raise RuntimeError(ev["message"])
-    conn.close()
-    t_end = time.perf_counter()
-    n = done["tokens"]
-    out.append({
-        "upload_ms": upload_ms, "encode_ms": clip["encode_ms"], "first_ms": ((t_first or t_end) - t_send) * 1000,
-        "server_first_ms": done["first_token_ms"], "tokens": n, "t_send": t_send, "t_end": t_end,
-        "tps": (n - 1) / (t_last - t_first) if n > 1 and t_last and t_last > t_first else float("nan"),
-    })
+    for q in range(questions):
+        out.append(ask(port, cid, clip["id"], new, seed + 1000 * q) | {"upload_ms": upload_ms, "encode_ms": clip["encode_ms"]})
 
 
-def round_(port: int, wav: bytes, k: int, new: int, seed: int) -> dict:
+def round_(port: int, wav: bytes, k: int, new: int, seed: int, questions: int = 1) -> dict:
+    """k conversations at once, each asking `questions` questions; aggregate = all their tokens over the
+    round's wall time (first question sent to last answer ended)."""
     out: list[dict] = []
     barrier = threading.Barrier(k)
-    threads = [threading.Thread(target=conversation, args=(port, wav, new, seed + i, barrier, out)) for i in range(k)]
+    threads = [threading.Thread(target=conversation, args=(port, wav, new, seed + i, questions, barrier, out)) for i in range(k)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    if len(out) != k:
-        raise RuntimeError(f"{k - len(out)} of {k} conversations failed (see above)")
+    if len(out) != k * questions:
+        raise RuntimeError(f"{k * questions - len(out)} of {k * questions} answers failed (see above)")
     wall = max(o["t_end"] for o in out) - min(o["t_send"] for o in out)
     return {"convs": out, "aggregate_tps": sum(o["tokens"] for o in out) / wall}
 
@@ -161,25 +172,29 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64, help="max tokens per answer")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="the model's torch threads, as `omni chat --threads` (0 = every core but one)")
+    ap.add_argument("--questions", type=int, default=8, help="sustained rounds: questions each conversation asks, one after another")
     args = ap.parse_args()
 
-    from omni.serve.chat import Session, load_model
+    from omni.serve.chat import Session, load_model, model_threads
 
     run = args.run or str(quick_run(Path(args.work)))
     session = Session(*load_model(run, args.device))
     gpt = session.model.gpt
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, device {session.model.gpt_device}, "
+    print(f"torch {torch.__version__}, {args.threads or model_threads()} threads for the model, {os.cpu_count()} CPUs, device {session.model.gpt_device}, "
           f"load average {'/'.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"run {run}: GPT {gpt.num_params() / 1e6:.1f}M params ({gpt.config.n_layer} layers x {gpt.config.n_embd}, vocab "
           f"{gpt.config.vocab_size}); {session.description}")
-    port, srv = start_server(session)
+    port, srv = start_server(session, args.threads)
     wav = clip_bytes(args.seconds)
     rounds: dict[int, list[dict]] = {1: [], 4: []}
+    sustained: dict[int, list[dict]] = {1: [], 4: []}
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
         clients.submit(round_, port, wav, 1, args.new, 0).result()  # warm-up: first calls allocate
         for r in range(args.repeats):
             for k in (1, 4):
                 rounds[k].append(clients.submit(round_, port, wav, k, args.new, 100 * r).result())
+                sustained[k].append(clients.submit(round_, port, wav, k, args.new, 100 * r + 50, args.questions).result())
     srv.should_exit = True
 
     def med(k: int, key: str) -> float:
@@ -195,6 +210,10 @@ def main() -> None:
         print(f"{label:34s}{a:12.1f}{b:12.1f}{b / a:11.2f}")
     agg = {k: statistics.median(rd["aggregate_tps"] for rd in rounds[k]) for k in (1, 4)}
     print(f"{'aggregate tokens/s (all convs)':34s}{agg[1]:12.1f}{agg[4]:12.1f}{agg[4] / agg[1]:11.2f}")
+    held = {k: statistics.median(rd["aggregate_tps"] for rd in sustained[k]) for k in (1, 4)}
+    print(f"{'  sustained (' + str(args.questions) + ' questions each)':34s}{held[1]:12.1f}{held[4]:12.1f}{held[4] / held[1]:11.2f}")
+    print("aggregate: one question per conversation, all sent at once; the round lasts as long as its longest answer.\n"
+          f"sustained: each conversation asks its next question as soon as its answer ends, {args.questions} in all.")
     e2e = med(1, "upload_ms") + med(1, "first_ms")
     print(f"\n1 conversation, upload + question -> first token: {e2e:.0f} ms; the encoder+projector is "
           f"{med(1, 'encode_ms') / e2e:.0%} of it and runs at upload, before the question is sent.")

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from omni.data import audio, tts  # noqa: E402
-from omni.model.gpt import KVCache  # noqa: E402
+from omni.model.kvcache import KVCache  # noqa: E402
 from omni.model.mel import log_mel  # noqa: E402
 from omni.model.speech_lm import left_pad  # noqa: E402
 

@@ -247,6 +247,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     s = sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
     problems = [f"--port {args.port}: must be in 1..65535"] if not 1 <= args.port <= 65535 else []
+    problems += [f"--threads {args.threads}: must be >= 0 (0 = every core but one)"] if args.threads < 0 else []
     if not problems and not args.cli:
         problems += port_problem(args.host, args.port)
     run, found = _resolve_run(args.run)  # all of them before seconds go into loading the model
@@ -256,7 +257,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.cli:
         chat_cli(session, args.cli, args.question, s)
     else:
-        serve(session, args.host, args.port)
+        serve(session, args.host, args.port, args.threads)
     return 0
 
 
@@ -362,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", "--max-tokens", type=int, default=120, help="decoding budget per answer (--max-tokens: the old name)")
     c.add_argument("--seed", type=int, default=None, help="fixes sampling when temperature > 0 (default: not fixed)")
     c.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
+    c.add_argument("--threads", type=int, default=0, help="torch threads of the model (0 = every core but one: the page's streams need one)")
     add_decoding(c)
     c.set_defaults(fn=cmd_chat)
 

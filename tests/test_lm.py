@@ -143,6 +143,32 @@ def test_left_padded_batch_equals_each_sample_alone(backbones, kind):
             torch.testing.assert_close(batch[i], alone[0], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ALL)
+def test_a_head_read_once_goes_on_in_copies_as_a_prefill_would(backbones, kind):
+    """The chat reads a clip once (extend with no text) and each question about it goes on in a copy of
+    that cache (extend with all but its last token, then step): the logits a prefill of the whole
+    prompt gives, question after question, the head untouched by the questions before."""
+    lm, tok = load_lm(backbones[kind])
+    lm.eval()
+    audio = _prefix(lm)[0][:1]
+    head = lm.new_cache(1, audio.size(1))
+    with torch.no_grad():
+        assert lm.extend(head, torch.zeros(1, 0, dtype=torch.long), audio) is None
+        for question in ("the fox", "a question of three", "x"):
+            idx = torch.tensor([tok.encode(question, bos=True)])
+            want, _ = lm.prefill(idx, audio, None, 4)
+            cache = head.copy(audio.size(1) + idx.size(1) + 4)
+            if idx.size(1) > 1:
+                lm.extend(cache, idx[:, :-1])
+            got = lm.step(idx[0, -1:], cache)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            nxt = got.argmax(-1)
+            torch.testing.assert_close(lm.step(nxt, cache), lm.prefill(torch.cat([idx, nxt[None]], 1), audio, None, 4)[0], atol=1e-4, rtol=1e-4)
+        text = torch.tensor([tok.encode("the fox jumps", bos=True)])  # no head: a fresh cache
+        empty = lm.new_cache(1, text.size(1) + 2)
+        torch.testing.assert_close(lm.extend(empty, text), lm.prefill(text, None, None, 2)[0], atol=1e-4, rtol=1e-4)
+
+
 def test_hf_tokenizer_chat_template(backbones):
     _, tok = load_lm(backbones["hf"])
     ids = tok.chat_ids("Transcribe:")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from omni.model.gpt import KVCache
+from omni.model.kvcache import KVCache
 from omni.model.lm import lm_kind, load_lm
 from omni.model.nanochat import recognise
 

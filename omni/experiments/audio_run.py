@@ -335,7 +335,8 @@ def load_run(run: str | Path, device: str = "cpu", name: str = "run") -> tuple[S
     path, meta = run_meta(run, name)
     dev = pick_device(device)
     gpt, tok = load_lm(run_lm(path, meta), dev, load_in=meta.get("load_in", ""))
-    load_lora(gpt, path)  # the run's adapters, if it trained some
+    if load_lora(gpt, path) and not meta.get("load_in"):  # the run's adapters, if it trained some: folded into
+        merge_lora(gpt)  # the weights (as a run started from it does), one matmul per layer instead of three
     model = SpeechLM(gpt, tok, meta["n_states"], meta["d_whisper"], SpeechLMConfig(**meta["speech_lm"]))
     model.audio_path_to(dev)
     model.load_audio_path(path)

@@ -19,6 +19,7 @@ Design choices:
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -166,6 +167,25 @@ class HFLM(nn.Module):
         cache.pos = torch.cat([cache.pos, cache.pos[:, -1:] + 1], dim=1)
         return self._run(self.embed(tokens.unsqueeze(1)), cache.mask, cache.pos[:, -1:], cache.past).logits[:, -1].float()
 
+    def new_cache(self, batch_size: int, max_len: int = 0) -> "HFCache":
+        """An empty cache for `extend` (max_len: HF's cache grows as it goes, so it is not needed)."""
+        from transformers import DynamicCache
+
+        device = self.model.get_input_embeddings().weight.device
+        empty = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+        return HFCache(DynamicCache(), empty.bool(), empty)
+
+    @torch.no_grad()
+    def extend(self, cache: "HFCache", idx: Tensor, audio: Tensor | None = None, audio_idx: Tensor | None = None) -> Tensor | None:
+        """As omni.model.gpt.GPT.extend: append [audio][idx] to `cache`; the last position's logits (B, V),
+        or None when idx is empty."""
+        x, mask, _ = self._inputs(idx, audio, None)
+        start = cache.pos[:, -1:] + 1 if cache.pos.size(1) else torch.zeros(idx.size(0), 1, dtype=torch.long, device=idx.device)
+        pos = start + torch.arange(x.size(1), device=idx.device)
+        cache.mask, cache.pos = torch.cat([cache.mask, mask], dim=1), torch.cat([cache.pos, pos], dim=1)
+        logits = self._run(x, cache.mask, pos, cache.past).logits
+        return logits[:, -1].float() if idx.size(1) else None
+
     @torch.no_grad()
     def step_many(self, tokens: Tensor, caches: list["HFCache"]) -> Tensor:
         """`step` for several sequences with caches of their own (omni.model.gpt.GPT.step_many): here one
@@ -184,8 +204,12 @@ class HFCache:
     mask: Tensor  # (B, S) bool, False = left padding
     pos: Tensor  # (B, S) position ids
 
+    def copy(self, max_len: int = 0) -> "HFCache":
+        """A cache of its own with the same contents (omni.model.kvcache.KVCache.copy; max_len not needed)."""
+        return HFCache(copy.deepcopy(self.past), self.mask.clone(), self.pos.clone())
+
     def select(self, index: Tensor) -> None:
-        """Keep the samples `index`, in that order, repeats allowed (omni.model.gpt.KVCache.select)."""
+        """Keep the samples `index`, in that order, repeats allowed (omni.model.kvcache.KVCache.select)."""
         self.past.reorder_cache(index)
         self.mask, self.pos = self.mask[index], self.pos[index]
 

@@ -35,18 +35,21 @@ def sample_next(
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
+    V = logits.size(-1)
+    k = V if top_k is None else min(top_k, V)
+    nucleus = top_p is not None and top_p < 1.0
+    if k == V and not nucleus:
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=gen).squeeze(1)
+    # the k best, sorted: top-k keeps them, nucleus cuts their tail; the draw is among them alone
+    # (a third of the cost of masking all V logits, which a chat pays for every token)
+    kept, order = torch.topk(logits, k, dim=-1)
+    if nucleus:
+        probs = kept.softmax(dim=-1)
         # drop a token when the tokens before it already cover top_p; the most likely always stays
         drop = probs.cumsum(dim=-1) - probs >= top_p
         drop[:, 0] = False
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        kept = kept.masked_fill(drop, float("-inf"))
+    return order.gather(-1, torch.multinomial(kept.softmax(dim=-1), 1, generator=gen)).squeeze(1)
 
 
 def stream_tokens(logits: Tensor, step: Callable[[Tensor], Tensor], max_new_tokens: int, stop_token: int | None, temperature: float,

@@ -7,12 +7,14 @@ a trained model and streams the answer back token by token.
 Design choices:
 - One model in memory, one worker thread for every model call (omni.serve.chat_worker.Worker): requests
   never run the model at the same time, and each answer has its own KV cache, so conversations
-  cannot mix. The decoding steps of concurrent answers run as one batch (GPT.step_many), so a second
-  tab costs little and waits for one step, not for a whole answer.
+  cannot mix. The decoding steps of concurrent answers run as one batch (GPT.step_many), and a
+  question joins that batch from its first token, so a second tab costs little and waits for one
+  step, not for a whole answer.
 - Runs decode as they were trained to (`Decoding`): a run with a CTC head answers a greedy request by
   joint CTC/LM beam search, whose transcript is found whole and then sent token by token.
-- A clip is encoded (Whisper -> layer choice -> projector) when it is uploaded, while the user types,
-  and kept with its conversation: the question's first token then waits only for the prefill.
+- A clip is encoded (Whisper -> layer choice -> projector) and read into the LM's KV cache when it is
+  uploaded, while the user types, and kept with its conversation: a question then reads only its own
+  tokens (on a copy of the clip's cache), and a second question about the clip does not read it again.
 - Prompt layout = SpeechLM's with prompt_position="after": [audio soft tokens][question][BOS] and the
   answer follows (an empty question uses the run's own prompt, as in training). Without audio the
   turn is [BOS][question]: the LM continues the text. Each turn stands alone: the trained models are
@@ -28,12 +30,14 @@ Design choices:
 from __future__ import annotations
 
 import io
+import os
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -51,7 +55,7 @@ from omni.experiments.tuning import prompt as tuning_prompt
 from omni.model.beam import joint_beam_search
 from omni.model.speech_lm import Decoding
 from omni.model import mel
-from omni.model.sampling import next_tokens
+from omni.model.sampling import sample_next
 from omni.serve.chat_worker import Step, Worker, run_alone
 
 ASSETS = Path(__file__).parent / "assets"
@@ -143,6 +147,8 @@ class Clip:
     encode_ms: float
     ctc_logp: torch.Tensor | None = None  # (1, T, vocab): the audio tokens' CTC log-posteriors, for joint decoding
     tokens: torch.Tensor | None = None  # (1, A, n_embd): the bare audio tokens, spliced into a tuned run's conversation
+    head: Any = None  # the LM's cache after reading the clip's part of every prompt about it (Session.head)
+    head_ids: list[int] = field(default_factory=list)  # that part's token ids, -1 at audio tokens
 
 
 @dataclass
@@ -173,7 +179,7 @@ class Session:
         self.description = describe(model, encoder, self.decoding)
 
     def encode(self, wave: torch.Tensor, name: str) -> Iterator[Clip]:
-        """One step (for the worker): the clip's soft prefix."""
+        """One step (for the worker): the clip's soft prefix, read into the LM's cache (`head`)."""
         t0 = time.perf_counter()
         device = self.model.gpt_device
         with torch.no_grad():
@@ -183,7 +189,30 @@ class Session:
             prefix, _ = self.model.prefix(hidden, frames)
             ctc = self.model.audio_logits(hidden, frames)[0].log_softmax(-1) if self.decoding.decode == "joint" else None
             tokens = self.model.audio_tokens(hidden, frames)[0] if self.tuned else None
-        yield Clip(name, wave.numel() / audio.SAMPLE_RATE, prefix, (time.perf_counter() - t0) * 1000, ctc, tokens)
+            clip = Clip(name, wave.numel() / audio.SAMPLE_RATE, prefix, 0.0, ctc, tokens)
+            clip.head, clip.head_ids = self.head(clip)
+        clip.encode_ms = (time.perf_counter() - t0) * 1000
+        yield clip
+
+    def head(self, clip: Clip) -> tuple[Any, list[int]]:
+        """(the LM's cache, token ids with -1 at audio tokens) after the part of every prompt about the clip
+        that comes before the question: an alignment run's audio prefix, a tuned run's `[BOS]User:<audio>`.
+        Read once, on upload (while the user types): a question then reads only its own tokens, and the
+        second question about a clip does not read the audio again."""
+        gpt, device = self.model.gpt, self.model.gpt_device
+        if not self.tuned:
+            embeds, ids = clip.prefix, None
+            head_ids = [-1] * clip.prefix.size(1)
+        else:
+            items = tuning_prompt([("user", [CLIP])], self.tokenizer)
+            before = torch.tensor([items[: items.index(CLIP)]], device=device)
+            n = clip.tokens.size(1)
+            embeds = torch.cat([gpt.embed(before), clip.tokens.to(gpt.embed(before).dtype)], dim=1)
+            ids = torch.cat([before, torch.full((1, n), -1, dtype=before.dtype, device=device)], dim=1)
+            head_ids = ids[0].tolist()
+        cache = gpt.new_cache(1, embeds.size(1))
+        gpt.extend(cache, torch.zeros(1, 0, dtype=torch.long, device=device), embeds, ids)
+        return cache, head_ids
 
     def prompt(self, text: str, clip: Clip | None) -> list[int]:
         """An alignment run's text after the audio: the question (or the run's own prompt) and BOS."""
@@ -191,48 +220,40 @@ class Session:
             return [self.bos] + self.tokenizer.encode(text)  # text only: the LM continues it
         return (self.tokenizer.encode(text) if text else self.own_prompt) + [self.bos]
 
-    def inputs(self, text: str, clip: Clip | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(idx (1, L), prefix (1, P, n_embd) or None, the prefix's token ids (1, P), -1 on audio, or None):
-        what the LM reads before it answers. An alignment run: [audio][question][BOS]. A tuned run: its
-        conversation, `[BOS]User:<audio> question\nAssistant:` (omni.experiments.tuning's format), all but
-        the last token as a prefix of embeddings carrying the text's ids (so value embeddings match training)."""
-        device = self.model.gpt_device
+    def inputs(self, text: str, clip: Clip | None) -> torch.Tensor:
+        """idx (1, T): the tokens the LM reads after the clip's `head` (the whole turn without a clip) before
+        it answers. An alignment run: [audio][question][BOS]. A tuned run: its conversation,
+        `[BOS]User:<audio> question\nAssistant:` (omni.experiments.tuning's format)."""
         if not self.tuned:
-            return torch.tensor([self.prompt(text, clip)], device=device), (clip.prefix if clip else None), None
-        items = tuning_prompt([("user", ([CLIP] if clip else []) + ([text] if text else []))], self.tokenizer)
-        if clip is None:
-            return torch.tensor([items], device=device), None, None
-        at = items.index(CLIP)
-        text_ids = torch.tensor([[i for i in items[:-1] if not isinstance(i, Path)]], device=device)
-        embeds = self.model.gpt.embed(text_ids)
-        prefix = torch.cat([embeds[:, :at], clip.tokens.to(embeds.dtype), embeds[:, at:]], dim=1)
-        prefix_ids = torch.cat([text_ids[:, :at], torch.full((1, clip.tokens.size(1)), -1, device=device), text_ids[:, at:]], dim=1)
-        return torch.tensor([items[-1:]], device=device), prefix, prefix_ids
+            items = self.prompt(text, clip)
+        else:
+            items = tuning_prompt([("user", ([CLIP] if clip else []) + ([text] if text else []))], self.tokenizer)
+            items = items[items.index(CLIP) + 1 :] if clip else items
+        return torch.tensor([items], device=self.model.gpt_device)
 
-    def check(self, text: str, clip: Clip | None, max_new_tokens: int) -> tuple:
+    def check(self, text: str, clip: Clip | None, max_new_tokens: int) -> torch.Tensor:
         """The LM's inputs (`inputs`), or a ValueError when question + clip + max_new_tokens exceed sequence_len."""
         if not text and clip is None:
             raise ValueError("text: type a question or attach a clip")
-        idx, prefix, prefix_ids = self.inputs(text, clip)
-        used = idx.size(1) + (prefix.size(1) if prefix is not None else 0)
-        room = self.sequence_len - used + 1
+        idx = self.inputs(text, clip)
+        room = self.sequence_len - idx.size(1) - (len(clip.head_ids) if clip else 0) + 1
         if room < 1:
             raise ValueError(f"text: the question ({idx.size(1)} tokens) with this clip leaves no room in the model's {self.sequence_len} positions")
         if max_new_tokens > room:
             raise ValueError(f"max_new_tokens: {max_new_tokens} does not fit; with this question and clip at most {room} (sequence_len {self.sequence_len})")
-        return idx, prefix, prefix_ids
+        return idx
 
-    def answer(self, inputs: tuple, clip: Clip | None, s: Sampling, t_request: float) -> Iterator[dict | Step]:
+    def answer(self, idx: torch.Tensor, clip: Clip | None, s: Sampling, t_request: float) -> Iterator[dict | Step]:
         """Events for one answer: {"event": "token", "text"} per decoded piece, then "done" with timings.
-        A job for the worker (omni.serve.chat_worker): it prefills its own cache, then asks for each
-        decoding step (`Step`) and gets that step's logits back, so the worker batches the steps of
-        every answer under way; run_alone drives it without the worker.
+        A job for the worker (omni.serve.chat_worker): it continues a copy of the clip's cache with the
+        question, then asks for each decoding step (`Step`) and gets that step's logits back, so the
+        worker batches the steps of every answer under way; run_alone drives it without the worker.
 
         Time to first token counts from t_request (queueing in the worker included); tokens/s over
         the steps after the first."""
         out: list[int] = []
         sent, t_first, n = "", 0.0, 0
-        tokens, logits = self.tokens(inputs, clip, s), None
+        tokens, logits = self.tokens(idx, clip, s), None
         while True:
             try:
                 tok = tokens.send(logits) if logits is not None else next(tokens)
@@ -265,22 +286,25 @@ class Session:
             "tokens_per_s": round((n - 1) / (t_end - t_first), 1) if n > 1 and t_end > t_first else None,
         }
 
-    def tokens(self, inputs: tuple, clip: Clip | None, s: Sampling):
-        """The answer's tokens (ints, EOS last unless the budget ends first), with a `Step` before each
-        one after the first: the caller sends back that step's logits. Joint decoding when the run
+    def tokens(self, idx: torch.Tensor, clip: Clip | None, s: Sampling):
+        """The answer's tokens (ints, EOS last unless the budget ends first), each after a `Step` (the
+        caller sends back that step's logits): the first step reads the prompt's last token, so a new
+        question joins the batch of answers under way. Joint decoding when the run
         decodes so and the answer is greedy: the whole beam search first (no steps to batch), then its tokens."""
-        idx, prefix, prefix_ids = inputs
         if clip is not None and clip.ctc_logp is not None and s.temperature == 0 and not self.tuned:
             yield from self.joint(idx, clip, s.max_new_tokens)
             return
         gen = torch.Generator(device=idx.device).manual_seed(s.seed) if s.seed is not None else None
+        gpt, room = self.model.gpt, idx.size(1) + s.max_new_tokens
         with torch.no_grad():
-            logits, cache = self.model.gpt.prefill(idx, prefix, None, s.max_new_tokens, prefix_ids)
-        done = torch.zeros(1, dtype=torch.bool, device=idx.device)
+            cache = clip.head.copy(len(clip.head_ids) + room) if clip is not None else gpt.new_cache(1, room)
+            if idx.size(1) > 1:
+                gpt.extend(cache, idx[:, :-1])
+        logits = yield Step(idx[0, -1:], cache)
         for step in range(s.max_new_tokens):
-            nxt, done = next_tokens(logits, done, self.eos, s.temperature, s.top_k or None, s.top_p, gen)
+            nxt = sample_next(logits, s.temperature, s.top_k or None, s.top_p, gen)  # the rule of every decoder (omni.model.sampling)
             yield int(nxt[0])
-            if bool(done.all()) or step == s.max_new_tokens - 1:
+            if int(nxt[0]) == self.eos or step == s.max_new_tokens - 1:
                 return
             logits = yield Step(nxt, cache)
 
@@ -326,11 +350,17 @@ def sampling(**kw) -> Sampling:
         raise ValueError(one_line(e.errors())) from None
 
 
-def create_app(session: Session):
-    """The FastAPI app: the page, its assets, and a small JSON + server-sent-events API."""
+def model_threads() -> int:
+    """The chat's torch threads when not told: every core but one (kept for the HTTP loop), at least 1."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+def create_app(session: Session, threads: int = 0):
+    """The FastAPI app: the page, its assets, and a small JSON + server-sent-events API. threads: torch
+    threads of the model calls (0 = model_threads())."""
     app = FastAPI(title="omni chat", docs_url=None, redoc_url=None)
     app.mount("/assets", StaticFiles(directory=ASSETS), name="assets")
-    worker = Worker(session.step_many)
+    worker = Worker(session.step_many, threads=threads or model_threads())
     conversations: OrderedDict[str, Conversation] = OrderedDict()
     app.state.session, app.state.worker, app.state.conversations = session, worker, conversations
 
@@ -435,7 +465,7 @@ def create_app(session: Session):
 
 
 
-def serve(session: Session, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(session: Session, host: str = "127.0.0.1", port: int = 8000, threads: int = 0) -> None:
     """Serve the app with uvicorn until Ctrl-C; prints the address first."""
     import uvicorn
 
@@ -443,7 +473,7 @@ def serve(session: Session, host: str = "127.0.0.1", port: int = 8000) -> None:
         print(f"omni chat: listening on {host}: anyone who can reach this machine can use the model")
     print(f"omni chat: {session.description}")
     print(f"omni chat: open http://{'localhost' if host == '127.0.0.1' else host}:{port}/  (Ctrl-C stops)", flush=True)
-    uvicorn.run(create_app(session), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(session, threads), host=host, port=port, log_level="warning")
 
 
 def chat_cli(session: Session, paths: list[str], question: str, s: Sampling, out=None) -> None:

@@ -4,13 +4,17 @@ Design choices:
 - A job is a plain Python generator. What it yields goes to the request that submitted it (an event,
   a clip), except a `Step`: the job's request for one decoding step of its sequence (the token it
   appends, the cache it appends to), answered with the logits that follow, sent back into the
-  generator (`logits = yield Step(token, cache)`). Encoding a clip or a prefill is work a job does
-  itself between two steps.
+  generator (`logits = yield Step(token, cache)`). Encoding a clip (and reading it into the LM's
+  cache) or reading a question's first tokens is work a job does itself between two steps.
 - Each turn the worker advances every job that is not waiting for a step by one item (an event it
   sends on, or the Step it asks for), then runs one decoding step for every waiting job at once
   (`step_many`: one batched forward over caches that stay each job's own, omni.model.gpt.GPT.step_many).
-  Four conversations thus cost about one forward per token, not four, and a new conversation's
-  prefill and first token wait for at most one step of the others.
+  Four conversations thus cost about one forward per token, not four, and a new question's first
+  token (its last prompt token, asked as a Step) waits for at most one step of the others.
+- The worker's torch threads leave a core to the server (`threads`, set by omni.serve.chat.create_app):
+  the HTTP loop streams every answer's tokens, and on a small CPU intra-op threads that spin against it
+  cost more than they give a small model (benchmarks/bench_chat.py on 2 cores: a step of 4
+  conversations took 2.3x one conversation's with 2 threads, 1.1x with 1).
 - An exception in a job becomes an {"event": "error"} for that request alone, and the worker goes on.
 - A request that goes away (the client closed the tab) marks its job cancelled; the worker drops it
   at its next turn, so an abandoned answer stops using the CPU.
@@ -62,8 +66,9 @@ class _Job:
 class Worker:
     """Runs submitted generators on one daemon thread; their decoding steps go through `step_many` together."""
 
-    def __init__(self, step_many: StepMany | None = None) -> None:
+    def __init__(self, step_many: StepMany | None = None, threads: int = 0) -> None:
         self.step_many = step_many
+        self.threads = threads  # torch's intra-op threads for this thread's model calls; 0 = torch's default
         self._inbox: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="omni-chat-worker", daemon=True)
         self._thread.start()
@@ -80,6 +85,8 @@ class Worker:
             job.cancelled = True  # a no-op when the job ended; stops it when the client went away
 
     def _loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         active: list[_Job] = []
         while True:
             if not active:
