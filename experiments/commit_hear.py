@@ -1,10 +1,13 @@
 """Make a trained alignment run the committed hearing model, `models/hear`.
 
     python experiments/commit_hear.py RUN [--axis GRID_REPORT] [--out models/hear]
+    python experiments/commit_hear.py --add-axis ARM,ARM... [--out models/hear]
 
 RUN is the run to commit (a run folder, its report folder or an MLflow run id: omni.experiments.audio_run);
 --axis the report folder of the trainable-axis grid it won (`omni run experiments/hearing.yaml`), whose
-table goes into the provenance. What it writes:
+table goes into the provenance. --add-axis puts the rows of arms measured later (their run folders, on
+the same recipe and budget) into the committed model's provenance, replacing rows of the same arm, and
+touches nothing else. What it writes:
 
     models/hear/audio_path.safetensors  the audio path, float16
     models/hear/audio_path.json         as the run saved it, with `lm` relative to the folder: "lm" (its own
@@ -57,9 +60,21 @@ def axis_rows(axis: str) -> list[dict]:
     return json.loads(table.to_json(orient="records"))
 
 
+def add_axis(out: Path, arms: str) -> None:
+    """The arms' rows into out/provenance.json's trainable axis (a row of the same arm is replaced)."""
+    f = out / "provenance.json"
+    provenance = json.loads(f.read_text())
+    new = axis_rows(arms)
+    kept = [r for r in provenance.get("trainable_axis", []) if r["system"] not in {n["system"] for n in new}]
+    provenance["trainable_axis"] = kept + new
+    f.write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+    print(f"{f}: trainable axis = {', '.join(r['system'] for r in provenance['trainable_axis'])}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run", help="the trained run to commit")
+    p.add_argument("run", nargs="?", default="", help="the trained run to commit")
+    p.add_argument("--add-axis", default="", help="only add these arms' rows (run folders, comma-separated) to the committed model's trainable axis")
     p.add_argument("--axis", default="", help="the trainable axis the run was chosen from: a hearing grid's report folder, "
                    "or the arms' run folders, comma-separated")
     p.add_argument("--out", default=str(REPO / "models" / "hear"), help="where the committed model goes")
@@ -68,6 +83,11 @@ def main() -> None:
     p.add_argument("--ctc-decode-weight", type=float, default=-1.0, help="joint decoding's CTC weight (default: the run's own), "
                    "e.g. the one an evaluation chose on the val split (ctc_decode_weights)")
     args = p.parse_args()
+    if args.add_axis:
+        add_axis(Path(args.out), args.add_axis)
+        return
+    if not args.run:
+        p.error("RUN is required (unless --add-axis)")
     path, meta = run_meta(args.run)
     out = Path(args.out)
     if out.exists():

@@ -57,3 +57,27 @@ def test_the_verdict_names_the_best_row_whether_it_hears_and_the_distance_to_whi
     deaf = table.assign(**{"joint, shuffled audio": table["joint WER"] + 0.05})
     assert hearing.verdict(deaf).startswith("It does not hear yet")
     assert "nothing to compare" in hearing.verdict(table.assign(**{"joint WER": float("nan")}))
+
+
+def test_arms_measured_later_join_the_committed_models_axis_once(tiny_alignment, tmp_path):
+    """experiments/commit_hear.py --add-axis: an arm's row (from its run folder's scores) goes into the
+    committed model's provenance beside the rows already there; adding it again replaces it."""
+    import importlib.util
+    import shutil
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("commit_hear", REPO / "experiments" / "commit_hear.py")
+    commit_hear = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(commit_hear)
+    shutil.copy(REPO / "models" / "hear" / "provenance.json", tmp_path / "provenance.json")
+    before = json.loads((tmp_path / "provenance.json").read_text())["trainable_axis"]
+    for _ in range(2):
+        commit_hear.add_axis(tmp_path, str(tiny_alignment.run))
+        rows = json.loads((tmp_path / "provenance.json").read_text())["trainable_axis"]
+        assert rows[: len(before)] == before and len(rows) == len(before) + 1
+    new, scores = rows[-1], tiny_alignment.result.scores
+    assert new["system"] == hearing.ARMS["projector"] and new["source"].startswith("measured: ")
+    assert not any(r["system"] == new["system"] for r in before)
+    measured = [(col, m) for col, m in hearing.COLUMNS.items() if m in scores]
+    assert measured and all(new[col] == pytest.approx(scores[m]) for col, m in measured)
