@@ -176,7 +176,8 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=8, help="sustained rounds: questions each conversation asks, one after another")
     args = ap.parse_args()
 
-    from omni.serve.chat import Session, load_model, model_threads
+    from omni.serve.chat import model_threads
+    from omni.serve.session import Session, load_model
 
     run = args.run or str(quick_run(Path(args.work)))
     session = Session(*load_model(run, args.device))

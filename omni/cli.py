@@ -243,7 +243,8 @@ def breakdown_labels(labels: list[dict], max_groups: int = 30) -> list[str]:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from omni.serve.chat import Session, chat_cli, load_model, sampling, serve
+    from omni.serve.chat import chat_cli, serve
+    from omni.serve.session import Session, load_model, sampling
 
     s = sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
     problems = [f"--port {args.port}: must be in 1..65535"] if not 1 <= args.port <= 65535 else []

@@ -22,11 +22,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import REPO, CHROMIUM, CHROMIUM_ARGS, NO_CHROMIUM
+from conftest import CHROMIUM, CHROMIUM_ARGS, NO_CHROMIUM
 from omni.cli import main
 from omni.data import audio
 from omni.model.encoder import collate_states
-from omni.serve.chat import MAX_UPLOAD_BYTES, Session, create_app, load_model
+from omni.serve.chat import MAX_UPLOAD_BYTES, create_app
+from omni.serve.session import Session, load_model
 from omni.serve.chat_worker import Step, Worker
 
 
@@ -378,9 +379,9 @@ def test_cli_streams_answers_and_refuses_a_run_that_is_not_a_model(tiny_alignmen
 
 
 def test_a_port_in_use_is_one_clear_line_before_the_model_loads(tiny_alignment, capsys, monkeypatch):
-    import omni.serve.chat
+    import omni.serve.session
 
-    monkeypatch.setattr(omni.serve.chat, "load_model", lambda *a, **k: pytest.fail("the model loaded before the port was checked"))
+    monkeypatch.setattr(omni.serve.session, "load_model", lambda *a, **k: pytest.fail("the model loaded before the port was checked"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -444,7 +444,7 @@ def test_a_tuned_run_is_read_like_any_run_by_transcribe_and_chat(tiny_alignment,
     assert main(["chat", "--run", str(out), "--cli", clip, "--max-new-tokens", "5", "--question", "Is the voice male or female?"]) == 0
     assert capsys.readouterr().out.startswith(f"{clip}: ")
     # the chat asks a tuned run in the conversation format it was trained on, its clip where the tag would stand
-    from omni.serve.chat import Session, load_model
+    from omni.serve.session import Session, load_model
 
     session = Session(*load_model(str(out)))
     assert session.tuned
