@@ -309,12 +309,13 @@ def has_ctc_head(cfg: AlignConfig, built: Built) -> bool:
     return bool(cfg.ctc_weight > 0 or cfg.projector == "lego" or started)
 
 
-def evaluate(cfg: AlignConfig, built: Built, cache: FeatureCache, data: Splits, hist: History) -> tuple[HeldOut, dict[str, float]]:
+def evaluate(cfg: AlignConfig, built: Built, cache: FeatureCache, data: Splits, hist: History) -> tuple[HeldOut, dict[str, float], Decoding]:
     """The final figures on the whole held-out split: ours decoded greedy (the LM alone, under the loop
     guard; unguarded beside) and, with a CTC head, joint (CTC/LM beam search), each beside its
     shuffled-audio control; what the audio tokens spell alone (CTC readout); Whisper's own decoder;
     the held-out loss, costs, and the WER of seen voices on new sentences. "" and "control" are the
-    decoding `decode` names."""
+    decoding `decode` names. Also the decoding the run is saved with: `decode`, and joint decoding's
+    CTC weight as chosen on the val split (ctc_decode_weights) or given."""
     model = built.model
     floor = guard_floor(cfg, cfg.lm)
     guard = LoopGuard(seed=cfg.seed, logprob_threshold=floor) if cfg.guard else None
@@ -384,7 +385,7 @@ def evaluate(cfg: AlignConfig, built: Built, cache: FeatureCache, data: Splits, 
         seen_hyps = hyp_texts(decode(model, cache, data.seen, cache.load_states(data.seen, data.layers), cfg.batch_size, cfg.max_new_tokens,
                                      guard=guard, decoding=decodings[cfg.decode]))
         scores["wer_seen_voice"] = metrics.wer([cache.rows[r]["text"] for r in data.seen], seen_hyps)
-    return test, scores
+    return test, scores, replace(joint, decode=cfg.decode)
 
 
 def choose_ctc_weight(cfg: AlignConfig, model: SpeechLM, cache: FeatureCache, joint: Decoding) -> tuple[Decoding, dict[str, float]]:
@@ -470,14 +471,12 @@ def run(cfg: AlignConfig, tracker: Tracker | NullTracker | None = None, cache: F
                      train_config(cfg, rank), tracker, eval_fn=partial(eval_step, model=model, cfg=cfg, cache=cache, data=data, curves=curves))
     else:  # an evaluation of the started run as it is
         hist = History()
-    test, scores = evaluate(cfg, built, cache, data, hist)
+    test, scores, chosen = evaluate(cfg, built, cache, data, hist)
     tracker.log_metrics(scores, step=cfg.steps)
     res = AlignResult(cfg, hist, model, test, scores, curves.layer_weights, curves.wer)
     if rank == 0:
         tracker.flush()  # the tracker buffers: unflushed, the final scores never reach MLflow
         if cfg.out:
-            chosen = cfg.decoding(run_meta(built.start)[1] if built.start else None)
-            chosen = replace(chosen, ctc_decode_weight=scores.get("ctc_decode_weight_chosen", chosen.ctc_decode_weight))
             save_run(built, cfg, cache, "alignment", {"scores": scores}, ctc_head=has_ctc_head(cfg, built), decoding=chosen)
             tracker.log_artifact(cfg.out, artifact_path="model")
     return res
