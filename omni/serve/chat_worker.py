@@ -15,6 +15,8 @@ Design choices:
   the HTTP loop streams every answer's tokens, and on a small CPU intra-op threads that spin against it
   cost more than they give a small model (benchmarks/bench_chat.py on 2 cores: a step of 4
   conversations took 2.3x one conversation's with 2 threads, 1.1x with 1).
+- What jobs send goes out once a turn, before the step: one wake-up of the request loop for every
+  answer's token, not one each.
 - An exception in a job becomes an {"event": "error"} for that request alone, and the worker goes on.
 - A request that goes away (the client closed the tab) marks its job cancelled; the worker drops it
   at its next turn, so an abandoned answer stops using the CPU.
@@ -49,18 +51,18 @@ StepMany = Callable[[torch.Tensor, list], torch.Tensor]  # (tokens (B,), caches)
 
 
 class _Job:
-    def __init__(self, steps: Iterator[Any], loop: asyncio.AbstractEventLoop, out: asyncio.Queue):
-        self.steps, self.loop, self.out = steps, loop, out
+    def __init__(self, steps: Iterator[Any], loop: asyncio.AbstractEventLoop, out: asyncio.Queue, outbox: list["_Job"]):
+        self.steps, self.loop, self.out, self.outbox = steps, loop, out, outbox
         self.cancelled = False
         self.decoding = False  # it has asked for a decoding step: it runs to its next one each turn
         self.waiting: Step | None = None  # the step it asked for, not run yet
         self.reply: Any = None  # what goes back into it when it is advanced next
+        self.pending: list[Any] = []  # what it sent this turn, delivered by Worker._flush
 
     def send(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
-        except RuntimeError:  # the request's event loop is gone: nobody is listening
-            self.cancelled = True
+        if not self.pending:
+            self.outbox.append(self)
+        self.pending.append(item)
 
 
 class Worker:
@@ -70,13 +72,14 @@ class Worker:
         self.step_many = step_many
         self.threads = threads  # torch's intra-op threads for this thread's model calls; 0 = torch's default
         self._inbox: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._outbox: list[_Job] = []  # jobs with events to deliver
         self._thread = threading.Thread(target=self._loop, name="omni-chat-worker", daemon=True)
         self._thread.start()
 
     async def run(self, steps: Iterator[Any]) -> AsyncIterator[Any]:
         """Submit `steps`; yields what it yields (Steps aside), or one {"event": "error", "message"} if it raises."""
         out: asyncio.Queue = asyncio.Queue()
-        job = _Job(steps, asyncio.get_running_loop(), out)
+        job = _Job(steps, asyncio.get_running_loop(), out, self._outbox)
         self._inbox.put(job)
         try:
             while (item := await out.get()) is not _END:
@@ -90,6 +93,7 @@ class Worker:
         active: list[_Job] = []
         while True:
             if not active:
+                self._flush()
                 active.append(self._inbox.get())  # idle: sleep until work arrives
             while not self._inbox.empty():
                 active.append(self._inbox.get_nowait())
@@ -99,9 +103,25 @@ class Worker:
                     active.remove(job)
                 elif job.waiting is None and not self._advance(job):
                     active.remove(job)
+            self._flush()  # the turn's events go out while the step runs
             waiting = [j for j in active if j.waiting is not None]
             if waiting:
                 self._step(waiting)
+
+    def _flush(self) -> None:
+        """Deliver what the jobs sent since the last flush: one wake-up of each request loop per turn, not
+        one per event (the loop and this thread share the interpreter lock)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, list[Any]]]] = {}
+        for job in self._outbox:
+            by_loop.setdefault(job.loop, []).append((job, job.pending))
+            job.pending = []
+        self._outbox.clear()
+        for loop, sent in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, [(job.out, item) for job, items in sent for item in items])
+            except RuntimeError:  # the request's event loop is gone: nobody is listening
+                for job, _ in sent:
+                    job.cancelled = True
 
     def _advance(self, job: _Job) -> bool:
         """One turn of `job` (False when it ended): a decoding job (one that has asked for a step) runs
@@ -153,6 +173,11 @@ def run_alone(steps: Iterator[Any], step: Callable[[torch.Tensor, Any], torch.Te
             reply = step(item.token, item.cache)
         else:
             yield item
+
+
+def _deliver(sent: list[tuple[asyncio.Queue, Any]]) -> None:
+    for out, item in sent:
+        out.put_nowait(item)
 
 
 def _report(job: _Job, e: Exception) -> None:
