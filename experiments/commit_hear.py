@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from omni.experiments.audio_run import run_lm, run_meta, weights_sha256  # noqa: E402
+from omni.experiments.hearing import ARMS  # noqa: E402
 from omni.model.gpt import GPT  # noqa: E402
 from omni.model.lm import load_lm, save_lm  # noqa: E402
 
@@ -66,7 +67,8 @@ def add_axis(out: Path, arms: str) -> None:
     provenance = json.loads(f.read_text())
     new = axis_rows(arms)
     kept = [r for r in provenance.get("trainable_axis", []) if r["system"] not in {n["system"] for n in new}]
-    provenance["trainable_axis"] = kept + new
+    order = list(ARMS.values())  # the axis in its own order: projector only, + LoRA, + the whole LM
+    provenance["trainable_axis"] = sorted(kept + new, key=lambda r: order.index(r["system"]) if r["system"] in order else len(order))
     f.write_text(json.dumps(provenance, indent=2, default=str) + "\n")
     print(f"{f}: trainable axis = {', '.join(r['system'] for r in provenance['trainable_axis'])}")
 

@@ -61,23 +61,23 @@ def test_the_verdict_names_the_best_row_whether_it_hears_and_the_distance_to_whi
 
 def test_arms_measured_later_join_the_committed_models_axis_once(tiny_alignment, tmp_path):
     """experiments/commit_hear.py --add-axis: an arm's row (from its run folder's scores) goes into the
-    committed model's provenance beside the rows already there; adding it again replaces it."""
+    committed model's provenance beside the rows already there, replacing an older row of the same arm,
+    in the axis's order; adding it again changes nothing."""
     import importlib.util
-    import shutil
 
     from conftest import REPO
 
     spec = importlib.util.spec_from_file_location("commit_hear", REPO / "experiments" / "commit_hear.py")
     commit_hear = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(commit_hear)
-    shutil.copy(REPO / "models" / "hear" / "provenance.json", tmp_path / "provenance.json")
-    before = json.loads((tmp_path / "provenance.json").read_text())["trainable_axis"]
+    lora = {"system": hearing.ARMS["projector+lora"], "source": "committed", "joint WER": 0.3}
+    stale = {"system": hearing.ARMS["projector"], "source": "an older run", "joint WER": 9.9}
+    (tmp_path / "provenance.json").write_text(json.dumps({"commit": "abc", "trainable_axis": [lora, stale]}))
     for _ in range(2):
         commit_hear.add_axis(tmp_path, str(tiny_alignment.run))
         rows = json.loads((tmp_path / "provenance.json").read_text())["trainable_axis"]
-        assert rows[: len(before)] == before and len(rows) == len(before) + 1
-    new, scores = rows[-1], tiny_alignment.result.scores
-    assert new["system"] == hearing.ARMS["projector"] and new["source"].startswith("measured: ")
-    assert not any(r["system"] == new["system"] for r in before)
+        assert [r["system"] for r in rows] == [hearing.ARMS["projector"], hearing.ARMS["projector+lora"]] and rows[1] == lora
+    new, scores = rows[0], tiny_alignment.result.scores
+    assert new["source"].startswith("measured: ") and new["joint WER"] != 9.9
     measured = [(col, m) for col, m in hearing.COLUMNS.items() if m in scores]
     assert measured and all(new[col] == pytest.approx(scores[m]) for col, m in measured)
