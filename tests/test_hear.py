@@ -45,3 +45,14 @@ def test_transcribe_without_a_run_hears_the_words(tmp_path, capsys):
     out = [line.split("\t") for line in capsys.readouterr().out.splitlines() if "\t" in line]
     assert len(out) == 1 and out[0][0] == str(wav)
     assert metrics.normalize_text(out[0][1]) == metrics.normalize_text(SENTENCE), out[0][1]
+
+
+def test_chat_without_a_run_answers_with_the_words_and_no_rate_for_a_joint_transcript(tmp_path, capsys):
+    """`omni chat --cli` on the committed model: the joint beam search's transcript, found whole and then
+    sent at once, so no tokens/s is claimed for it."""
+    wav = tmp_path / "clip.wav"
+    audio.save(wav, torch.cat([torch.zeros(4000), tts.synthesize(SENTENCE, voice=VOICE, rate=150), torch.zeros(8000)]))
+    assert main(["chat", "--cli", str(wav)]) == 0
+    out, err = capsys.readouterr()
+    assert metrics.normalize_text(out.split(": ", 1)[1]) == metrics.normalize_text(SENTENCE), out
+    assert "found whole by the joint beam search" in err and "tokens/s" not in err

@@ -235,5 +235,6 @@ def chat_cli(session: Session, paths: list[str], question: str, s: Sampling, out
             if event["event"] == "token":
                 print(event["text"], end="", file=out, flush=True)
         print(file=out, flush=True)
-        print(f"  (encoder {clip.encode_ms:.0f} ms, first token {event['first_token_ms']:.0f} ms, "
-              f"{event['tokens_per_s'] or 0:.1f} tokens/s, {event['tokens']} tokens)", file=sys.stderr, flush=True)
+        rate = f"{event['tokens_per_s']:.1f} tokens/s" if event["tokens_per_s"] is not None else "found whole by the joint beam search"
+        print(f"  (encoder {clip.encode_ms:.0f} ms, first token {event['first_token_ms']:.0f} ms, {rate}, "
+              f"{event['tokens']} tokens)", file=sys.stderr, flush=True)

@@ -188,7 +188,7 @@ class Session:
         worker batches the steps of every answer under way; run_alone drives it without the worker.
 
         Time to first token counts from t_request (queueing in the worker included); tokens/s over
-        the steps after the first."""
+        the steps after the first, None for a joint transcript (found whole, then sent at once)."""
         out: list[int] = []
         sent, t_first, n = "", 0.0, 0
         tokens, logits = self.tokens(idx, clip, s), None
@@ -221,7 +221,7 @@ class Session:
             "text": text,
             "tokens": n,
             "first_token_ms": round((t_first - t_request) * 1000, 1),
-            "tokens_per_s": round((n - 1) / (t_end - t_first), 1) if n > 1 and t_end > t_first else None,
+            "tokens_per_s": round((n - 1) / (t_end - t_first), 1) if n > 1 and t_end > t_first and not self.joint_for(clip, s) else None,
         }
 
     def tokens(self, idx: torch.Tensor, clip: Clip | None, s: Sampling):
@@ -229,7 +229,7 @@ class Session:
         caller sends back that step's logits): the first step reads the prompt's last token, so a new
         question joins the batch of answers under way. Joint decoding when the run
         decodes so and the answer is greedy: the whole beam search first (no steps to batch), then its tokens."""
-        if clip is not None and clip.ctc_logp is not None and s.temperature == 0 and not self.tuned:
+        if self.joint_for(clip, s):
             yield from self.joint(idx, clip, s.max_new_tokens)
             return
         gen = torch.Generator(device=idx.device).manual_seed(s.seed) if s.seed is not None else None
@@ -245,6 +245,11 @@ class Session:
             if int(nxt[0]) == self.eos or step == s.max_new_tokens - 1:
                 return
             logits = yield Step(nxt, cache)
+
+    def joint_for(self, clip: Clip | None, s: Sampling) -> bool:
+        """Whether this answer is the joint CTC/LM beam search's transcript: a greedy answer about a clip,
+        from an alignment run that decodes jointly (its clip has CTC posteriors)."""
+        return clip is not None and clip.ctc_logp is not None and s.temperature == 0 and not self.tuned
 
     def step_many(self, tokens: torch.Tensor, caches: list) -> torch.Tensor:
         """One decoding step of several answers at once (the worker's batch)."""
