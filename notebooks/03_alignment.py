@@ -125,7 +125,7 @@ print(alignment.verdict(res))
 # %%
 axis = hearing.provenance_rows("models/hear")
 if len(axis):
-    plots.table(axis)
+    display(plots.table(axis))  # inside a block nothing is shown unless displayed
 else:
     print("no committed trainable-axis table (models/hear/provenance.json) in this checkout")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import jupytext
 import pytest
 
-from conftest import only_run, papermill, papermill_env
+from conftest import REPO, only_run, papermill, papermill_env
 from omni import params
 from omni.run.experiment import checked_params, grid_points, load_experiment, read_notebook
 
@@ -126,6 +126,8 @@ def test_alignment_notebook(tiny_alignment, tmp_path, env):
     nb = jupytext.read(tmp_path / "out.ipynb")
     tables = "".join(o.get("data", {}).get("text/html", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert tables.count("<table") >= 3 and ">nan<" not in tables and not re.search(r"\d\.000000", tables)
+    committed = json.loads((REPO / "models" / "hear" / "provenance.json").read_text())["trainable_axis"]
+    assert committed and all(row["system"] in tables for row in committed)  # the trainable axis, shown
     assert "Whisper's own decoder was skipped in this run" in html and "ours vs Whisper" not in html
     assert "above 1" in html and "If it rises while the training loss falls" in html  # WER > 1 and a rising curve explained
     assert re.search(r"held-out WER \(greedy, 2 clips\)(: [\d.]+ at step 60 \(one evaluation\)| (rose|fell) from| stayed at)", html)  # the curve in words
