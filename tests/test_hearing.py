@@ -40,13 +40,15 @@ def test_rows_are_the_finished_children_in_the_order_they_ran(grid):
 
 
 def test_committed_rows_fill_in_only_the_arms_the_grid_did_not_train(grid, tmp_path):
-    rows = [{"system": "projector only (frozen LM)", "joint WER": 0.6}, {"system": "projector + LoRA", "joint WER": 0.45, "train s": 900.0}]
+    rows = [{"system": "projector only (frozen LM)", "joint WER": 0.6}, {"system": "projector + LoRA", "joint WER": 0.45, "train s": 900.0},
+            {"system": "projector + the whole LM", "joint WER": 0.46, "source": "measured: reports/hearing/later/model"}]
     (tmp_path / "provenance.json").write_text(json.dumps({"commit": "0123456789abc", "measured_by": "experiments/hearing.yaml",
                                                           "trainable_axis": rows}))
     table = hearing.axis_table("parent", tmp_path)
     assert table.loc["projector only (frozen LM)", "joint WER"] == 0.50  # measured here wins over the committed figure
     assert table.loc["projector + LoRA", "joint WER"] == 0.45 and "committed" in table.loc["projector + LoRA", "source"]
     assert "012345678" in table.loc["projector + LoRA", "source"] and math.isnan(table.loc["projector + LoRA", "CTC readout WER"])
+    assert table.loc["projector + the whole LM", "source"] == "committed: reports/hearing/later/model"  # a row added later keeps its own
     assert hearing.axis_table("parent", tmp_path / "nothing").shape[0] == 2  # no provenance: the grid alone
 
 

@@ -74,12 +74,14 @@ def run_rows(folders: list[str | Path]) -> pd.DataFrame:
 
 def provenance_rows(model_dir: str | Path) -> pd.DataFrame:
     """The trainable-axis table a committed model's research run measured (its provenance.json), marked
-    with where it comes from; empty when there is none."""
+    with where each row was measured (the row's own source, else the provenance's run and commit);
+    empty when there is none."""
     f = Path(model_dir) / "provenance.json"
     if not f.is_file():
         return pd.DataFrame()
     prov = json.loads(f.read_text())
-    rows = [{"system": r["system"], "source": f"committed: {prov.get('measured_by', 'its research run')} at {prov.get('commit', '?')[:9]}"}
+    default = f"{prov.get('measured_by', 'its research run')} at {prov.get('commit', '?')[:9]}"
+    rows = [{"system": r["system"], "source": f"committed: {r.get('source', '').removeprefix('measured: ') or default}"}
             | {col: r.get(col, math.nan) for col in COLUMNS} for r in prov.get("trainable_axis", [])]
     return pd.DataFrame(rows).set_index("system") if rows else pd.DataFrame()
 
