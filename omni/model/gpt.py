@@ -44,7 +44,6 @@ from omni.model.kvcache import KVCache
 from omni.model.sampling import stream_tokens
 
 
-
 @dataclass
 class GPTConfig:
     sequence_len: int = 1024  # max total positions (audio prefix + text) in one forward

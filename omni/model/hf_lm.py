@@ -163,9 +163,7 @@ class HFLM(nn.Module):
     @torch.no_grad()
     def step(self, tokens: Tensor, cache: "HFCache") -> Tensor:
         """The next position's logits (B, V) after appending `tokens` (B,) to the cache."""
-        cache.mask = torch.cat([cache.mask, torch.ones_like(tokens, dtype=torch.bool).unsqueeze(1)], dim=1)
-        cache.pos = torch.cat([cache.pos, cache.pos[:, -1:] + 1], dim=1)
-        return self._run(self.embed(tokens.unsqueeze(1)), cache.mask, cache.pos[:, -1:], cache.past).logits[:, -1].float()
+        return self.extend(cache, tokens.unsqueeze(1))
 
     def new_cache(self, batch_size: int, max_len: int = 0) -> "HFCache":
         """An empty cache for `extend` (max_len: HF's cache grows as it goes, so it is not needed)."""

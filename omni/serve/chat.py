@@ -19,6 +19,7 @@ Design choices:
   which libsndfile cannot read: the page decodes its own recordings and uploads them as WAV.
 - Every refusal is a 4xx JSON {"error": "..."} naming the parameter or file; the server keeps serving.
 """
+
 from __future__ import annotations
 
 import io
