@@ -21,7 +21,10 @@ rather than stopping at an early BOS; the count actually generated is printed.
 
 Without --run a quick smoke-size model is trained into --work (reused next time): a 24-sentence
 synthesized corpus, omni.experiments.pretrain_lm's default LM (depth 4, BPE 4096) for 20 steps, a 20-step
-alignment. Timing does not depend on how well it is trained, only on its shape.
+alignment. Timing does not depend on how well it is trained, only on its shape: `--depth 12` puts an
+untrained LM of the user's nanochat d12 shape behind it (where batching pays: at 7.3M parameters
+the weights stay in the CPU's cache and a step of four costs 1.5x a step of one; at d12 a step
+reads its weights from memory, once for the whole batch).
 Prints absolute ms and ratios; asserts nothing about timing.
 """
 
@@ -35,6 +38,7 @@ import argparse  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
+import shutil  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
 import threading  # noqa: E402
@@ -48,19 +52,32 @@ import torch  # noqa: E402
 SENTENCE = "The quick brown fox jumps over the lazy dog near the quiet river bank this morning."
 
 
-def quick_run(work: Path) -> Path:
-    """A smoke-size alignment run folder under `work` (built once)."""
+def quick_run(work: Path, depth: int = 0) -> Path:
+    """A smoke-size alignment run folder under `work` (built once). depth > 0: its LM is an untrained
+    GPT of that depth (omni.experiments.pretrain_lm's shape for it, the committed LM's tokenizer):
+    only the shape sets the speed, and an untrained LM's near-uniform answers run to --new tokens
+    (a few pretraining steps teach it the end-of-text token first, and its answers stop at once)."""
     from omni.experiments import alignment
     from omni.experiments.alignment import AlignConfig, prepare_cache
     from omni.experiments import pretrain_lm
     from omni.experiments.pretrain_lm import PretrainConfig
+    from omni.model.gpt import GPT
 
+    work = work / f"d{depth}" if depth else work
     run = work / "run"
     if (run / "model" / "audio_path.json").exists():
         return run
     lm = work / "lm"
     if not (lm / "model.safetensors").exists():
-        pretrain_lm.run(PretrainConfig(out=str(lm), steps=20, eval_every=20, eval_tokens=4096, device="cpu"))
+        if depth:
+            committed = Path(__file__).resolve().parents[1] / "models" / "lm"
+            vocab = json.loads((committed / "config.json").read_text())["vocab_size"]
+            gpt = GPT(pretrain_lm.gpt_config(PretrainConfig(depth=depth), vocab_size=vocab))
+            gpt.init_weights()
+            gpt.save(lm)
+            shutil.copy(committed / "tokenizer.json", lm / "tokenizer.json")
+        else:
+            pretrain_lm.run(PretrainConfig(out=str(lm), steps=20, eval_every=20, eval_tokens=4096, device="cpu"))
     cfg = AlignConfig(corpus=str(work / "corpus"), sentences=24, features=str(work / "features"), lm=str(lm), steps=20,
                       eval_every=20, eval_clips=4, batch_size=8, max_new_tokens=20, whisper_baseline=False, device="cpu",
                       out=str(run / "model"))
@@ -173,13 +190,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="the model's torch threads, as `omni chat --threads` (0 = every core but one)")
+    ap.add_argument("--depth", type=int, default=0, help="without --run: an untrained LM of this depth (12 = the user's nanochat d12 shape) instead of a smoke-size trained one")
     ap.add_argument("--questions", type=int, default=8, help="sustained rounds: questions each conversation asks, one after another")
     args = ap.parse_args()
 
     from omni.serve.chat import model_threads
     from omni.serve.session import Session, load_model
 
-    run = args.run or str(quick_run(Path(args.work)))
+    run = args.run or str(quick_run(Path(args.work), args.depth))
     session = Session(*load_model(run, args.device))
     gpt = session.model.gpt
     print(f"torch {torch.__version__}, {args.threads or model_threads()} threads for the model, {os.cpu_count()} CPUs, device {session.model.gpt_device}, "

@@ -244,11 +244,13 @@ def test_half_precision_save_loads_as_float32(tmp_path):
     assert 0 < diff < 0.05  # rounded to fp16, not bit-equal, but close
 
 
-@pytest.mark.parametrize("later", [False, True])
-def test_step_many_equals_stepping_each_cache_alone(later: bool):
-    """Three sequences started apart (different prompts, prefixes and lengths), stepped as one batch:
-    the same logits as each stepped alone, and each cache left as its own steps would leave it.
-    later: nanochat's later parts (smear, smeared keys, value embeddings, sliding windows) on."""
+@pytest.mark.parametrize("later,room", [(False, 64), (True, 64), (True, 2)])
+def test_step_many_equals_stepping_each_cache_alone(later: bool, room: int):
+    """Three sequences started apart (different prompts, prefixes and lengths), stepped as one batch, then
+    one of them alone while the other two go on together, then all three again (the batch kept, remade,
+    and, with room 2, outgrown): the same logits as each stepped alone, and each cache left as its own
+    steps would leave it. later: nanochat's later parts (smear, smeared keys, value embeddings, sliding
+    windows) on."""
     extra = dict(smear=True, smear_channels=8, smear_keys=True, value_embeds=True, ve_gate_channels=8, lambdas=True,
                  window_pattern="SL", short_window=3) if later else {}
     torch.manual_seed(0)
@@ -259,18 +261,26 @@ def test_step_many_equals_stepping_each_cache_alone(later: bool):
     starts = [(torch.randint(0, 50, (1, n)), torch.randn(1, a, 16) if a else None) for n, a in ((3, 4), (7, 0), (1, 9))]
 
     def fresh():
-        return [model.prefill(idx, audio, None, 8) for idx, audio in starts]
+        return [model.prefill(idx, audio, None, 9) for idx, audio in starts]
 
     alone, together = fresh(), fresh()
+    caches = [cache for _, cache in together]
     tokens = torch.stack([logits.argmax(-1) for logits, _ in alone]).flatten()
-    for _ in range(4):
+    for step in range(9):
         want = torch.cat([model.step(tokens[i : i + 1], cache) for i, (_, cache) in enumerate(alone)])
-        got = model.step_many(tokens, [cache for _, cache in together])
+        if 3 <= step < 5:  # sequence 1 steps alone, 0 and 2 together
+            got = torch.cat([model.step_many(tokens[[0, 2]], [caches[0], caches[2]], room=room), model.step_many(tokens[1:2], [caches[1]], room=room)])[[0, 2, 1]]
+        else:
+            got = model.step_many(tokens, caches, room=room)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         tokens = want.argmax(-1)
-    for (_, a), (_, b) in zip(alone, together):
-        assert a.pos == b.pos
+    assert caches[0].batch is not None  # kept for the next step: its own slots lag behind
+    caches[0].batch.unstack()
+    for (_, a), b in zip(alone, caches):
+        assert a.pos == b.pos and b.batch is None
         torch.testing.assert_close(a.k[:, :, :, : a.pos], b.k[:, :, :, : b.pos])
+        torch.testing.assert_close(a.v[:, :, :, : a.pos], b.v[:, :, :, : b.pos])
+        assert bool(b.key_mask[0, : b.pos].all())
 
 
 def test_attention_to_is_the_attention_sdpa_used():

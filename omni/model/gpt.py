@@ -542,14 +542,22 @@ class GPT(nn.Module):
         return self.forward(tokens.unsqueeze(1), kv_cache=cache)[:, -1]
 
     @torch.no_grad()
-    def step_many(self, tokens: Tensor, caches: list[KVCache]) -> Tensor:
+    def step_many(self, tokens: Tensor, caches: list[KVCache], room: int = 64) -> Tensor:
         """`step` for several sequences that each keep a cache of their own (e.g. the chat's
-        conversations, started at different times): one batched forward (KVCache.stack), its keys and
-        values written back to each cache. The same logits as stepping each alone, up to float rounding."""
-        batch = KVCache.stack(caches)
-        logits = self.step(tokens, batch)
-        batch.unstack(caches)
-        return logits
+        conversations, started at different times): one batched forward on their `KVCache.stack`, which
+        is kept for the next call while the same caches step together (room: the steps a batch is made
+        for, fewer where a sequence's own cache has less room); a cache that steps alone or in another
+        batch is brought up to date first. The same logits as stepping each alone, up to float rounding;
+        read a cache's own slots only after its batch's `unstack` (or its next step alone)."""
+        batch = caches[0].batch
+        if batch is None or not batch.stacks(caches):
+            if len(caches) == 1:  # alone: step its own cache (a batch of one would only copy it)
+                if batch is not None:
+                    batch.unstack()
+                return self.step(tokens, caches[0])
+            room = max(1, min([room] + [c.max_len - c.pos for c in caches]))
+            batch = KVCache.stack(caches, room)
+        return self.step(tokens, batch)
 
     def save(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
         """Weights as model.safetensors plus config.json (never pickle); dtype (e.g. torch.float16)
