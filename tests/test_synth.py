@@ -144,3 +144,35 @@ def test_hard_config_is_checked(change, message):
     with pytest.raises(ValueError, match=message):
         synth.plan(dataclasses.replace(synth.SynthConfig(hard_clips=10), **change))
 
+
+
+def test_prepare_corpus_builds_a_missing_corpus_once_and_uses_an_existing_one_as_it_is(tmp_path):
+    """What `omni run` of an alignment or instruct recipe does on a fresh machine: the corpus is built
+    when it has no manifest; a corpus already there is never rebuilt, whatever config is asked."""
+    out = tmp_path / "corpus"
+    assert synth.prepare_corpus(small(out)) == out
+    rows = (out / "manifest.jsonl").read_text()
+    assert len(rows.splitlines()) == len(synth.plan(small(out)))
+    stamp = (out / "manifest.jsonl").stat().st_mtime_ns
+    synth.prepare_corpus(dataclasses.replace(small(out), sentences=20))  # another size: the corpus there is used as it is
+    assert (out / "manifest.jsonl").stat().st_mtime_ns == stamp and (out / "manifest.jsonl").read_text() == rows
+    assert not list(tmp_path.glob(".corpus.prepare.lock"))  # no lock left behind
+
+
+def test_an_instruct_run_builds_the_default_corpus_when_it_is_missing(tmp_path, monkeypatch):
+    """A fresh machine's `omni run experiments/instruct.yaml`: the default corpus is built (as `omni data
+    synth` builds it) before its instructions and features, not refused as missing."""
+    from omni.experiments import instruct
+
+    asked = []
+
+    def record(cfg):
+        asked.append(cfg)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(instruct, "prepare_corpus", record)
+    with pytest.raises(RuntimeError, match="stop here"):
+        instruct.prepare_data(instruct.InstructConfig(corpus=str(tmp_path / "synth"), instructions=str(tmp_path / "instructions")))
+    (cfg,) = asked
+    assert cfg.out == str(tmp_path / "synth") and cfg.sentences == synth.SynthConfig().sentences and cfg.seed == 0
+    assert not (tmp_path / "instructions").exists()  # nothing was built before the corpus

@@ -60,7 +60,7 @@ from pathlib import Path
 
 import soundfile as sf
 
-from omni.common import atomic_save, progress
+from omni.common import atomic_save, file_lock, progress
 from omni.data import audio, tts
 from omni.data import text as text_source
 from omni.data.manifest import read_manifest, write_manifest
@@ -283,6 +283,21 @@ def _worker_init() -> None:
     import torch
 
     torch.set_num_threads(1)  # one process per core; threads inside would fight over them
+
+
+def prepare_corpus(cfg: SynthConfig) -> Path:
+    """The corpus at cfg.out, built when it has no manifest yet (an existing corpus is used as it is,
+    whatever config built it). Safe from parallel grid workers: the first holds a lock while it
+    builds, the others wait and then find it in place."""
+    out = Path(cfg.out)
+    lock = out.parent / f".{out.name}.prepare.lock"
+    with file_lock(lock):
+        try:
+            if not (out / "manifest.jsonl").is_file():
+                build_corpus(cfg)
+        finally:  # built or failed, no lock file stays behind (a waiter then locks afresh: common.file_lock)
+            lock.unlink(missing_ok=True)
+    return out
 
 
 def build_corpus(cfg: SynthConfig) -> Path:

@@ -34,9 +34,9 @@ from typing import ClassVar
 
 import torch
 
-from omni.common import derangement, file_lock
+from omni.common import derangement
 from omni.data.features import FeatureCache, build_features
-from omni.data.synth import SynthConfig, build_corpus
+from omni.data.synth import SynthConfig, prepare_corpus
 from omni.eval import metrics
 from omni.eval.yardstick import clear_rows, content_scores, score_table, whisper_hyps
 from omni.experiments.audio_run import AudioRunConfig, Built, build_model, check_layer, run_meta, save_run, trainable_parameters
@@ -139,15 +139,13 @@ class AlignResult:
 
 def prepare_cache(cfg: AlignConfig, progress: bool = True) -> FeatureCache:
     """The synthesized corpus and its feature cache, built on first use (both idempotent; an existing
-    corpus is used as it is). Safe from parallel grid workers: the first holds a lock while it
-    builds, the others wait and then find everything in place."""
+    corpus is used as it is). Safe from parallel grid workers (omni.data.synth.prepare_corpus and
+    build_features each lock while they build)."""
     if (Path(cfg.features) / "index.json").is_file():  # a cache folder itself
         return FeatureCache.open(cfg.features)
-    corpus = Path(cfg.corpus)
-    with file_lock(corpus.parent / f".{corpus.name}.prepare.lock"):
-        if not (corpus / "manifest.jsonl").exists():
-            build_corpus(SynthConfig(out=str(corpus), sentences=cfg.sentences, clips_per_sentence=cfg.clips_per_sentence, seed=0))
-        return FeatureCache.open(build_features(corpus / "manifest.jsonl", cfg.features, cfg.encoder, mode=cfg.encoder_mode, progress=progress))
+    corpus = prepare_corpus(SynthConfig(out=cfg.corpus, sentences=cfg.sentences, clips_per_sentence=cfg.clips_per_sentence, seed=0))
+    # build_features takes a lock of its own: parallel workers encode once
+    return FeatureCache.open(build_features(corpus / "manifest.jsonl", cfg.features, cfg.encoder, mode=cfg.encoder_mode, progress=progress))
 
 
 def decode(model: SpeechLM, cache: FeatureCache, rows: list[int], states: list[torch.Tensor], batch_size: int, max_new_tokens: int,

@@ -37,7 +37,7 @@ from omni.common import atomic_write
 from omni.data.features import FeatureCache, build_features
 from omni.data.instructions import TEXTURE_TASKS, InstructionConfig, load_corpus_rows, write_instructions
 from omni.data.manifest import read_manifest
-from omni.data.synth import HARD, SynthConfig, build_corpus
+from omni.data.synth import HARD, SynthConfig, build_corpus, prepare_corpus
 from omni.eval import metrics, texture, texture_baselines
 from omni.eval.yardstick import whisper_hyps
 from omni.experiments import plots
@@ -250,8 +250,10 @@ def prepare_hard(cfg: InstructConfig, progress: bool = False) -> FeatureCache | 
 
 
 def prepare_data(cfg: InstructConfig) -> FeatureCache:
-    """The instruction manifests (built from `corpus` when missing) and the corpus's feature cache:
-    `features` is a cache folder (index.json) or a root to build it under."""
+    """The corpus (the default one, as `omni data synth` builds it, when missing), its instruction
+    manifests (built from it when missing) and its feature cache: `features` is a cache folder
+    (index.json) or a root to build it under."""
+    prepare_corpus(SynthConfig(out=cfg.corpus, seed=0))
     if not (Path(cfg.instructions) / "train.jsonl").is_file():
         write_instructions(InstructionConfig(corpus=cfg.corpus, out=cfg.instructions))
     f = Path(cfg.features or "cache/features")
