@@ -74,6 +74,7 @@ texture_share: float = 0.85  # share of each batch drawn from the texture tasks 
 balance_answers: bool = True  # within a task, draw each answer equally often: a flat prior per task, so only the audio separates the answers
 val_rows: int = 64  # val conversations in each val-loss evaluation (a seeded subsample: the full split costs minutes on CPU); 0 : all
 perception_steps: int = 0  # the first steps train on voice captions alone ("describe": perception first, as LTU), then the task mix
+voice_at_answer: bool = False  # the clip's voice tokens again just before each "Assistant:", two positions from where the answer is read (the ladder finds the voice in the audio tokens but not in the LM's state at the answer); needs voice_tokens
 hard_corpus: str = 'data/synth_hard'  # the hard test corpus (split test_hard), rendered from `corpus`'s config if missing
 hard_clips: int = 300  # clips of the hard corpus when it is built; 0 : no hard set
 hard_features: str = 'cache/features'  # feature cache root for the hard corpus

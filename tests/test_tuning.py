@@ -23,6 +23,7 @@ from omni.data.manifest import write_manifest
 from omni.eval.texture import load_questions
 from omni.eval.texture_baselines import shuffled_questions
 from omni.experiments.audio_run import load_run
+from omni.model.encoder import collate_states
 from omni.experiments.tuning import (
     TuningConfig, answerer, assemble, build_model, conversation_batch, conversation_loss, draw, encode, mix_pools, prompt,
     question_conversation, read_conversations, tune,
@@ -348,6 +349,75 @@ def test_cached_answers_equal_the_training_forward_on_a_nanochat_style_lm(setup,
     generate = model.gpt.generate
     model.gpt.generate = lambda *a, audio_idx=None, **kw: generate(*a, **kw)  # the prefix's text as soft tokens only
     assert answerer(model, cache, max_new_tokens=4)(qs) != want
+
+
+def test_the_voice_again_before_the_answer_is_read_alike_in_training_the_benchmark_and_the_chat(setup, tmp_path):
+    """voice_at_answer: the clip's voice tokens stand again right before "Assistant:" (never a target);
+    the benchmark's cached greedy answers and the chat's (which reads the question, then [voice] and the
+    role word, into the clip's cache) are what training's forward gives, token by token."""
+    from types import SimpleNamespace
+
+    from omni.experiments.tuning import Voice
+    from omni.model.gpt import GPT, GPTConfig
+    from omni.serve.chat_worker import run_alone
+    from omni.serve.session import Clip, Session, sampling
+
+    root, rows, cache, cfg = setup
+    with pytest.raises(ValueError, match="voice_at_answer"):
+        replace(cfg, voice_at_answer=True)  # needs voice tokens
+    torch.manual_seed(1)
+    gpt = GPT(GPTConfig(sequence_len=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, value_embeds=True, ve_gate_channels=8,
+                        lambdas=True, smear=True, smear_channels=8, smear_keys=True))
+    with torch.no_grad():
+        for name, p in gpt.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.3)
+    gpt.save(tmp_path / "nano")
+    vcfg = replace(cfg, lm=str(tmp_path / "nano"), voice_tokens=2, voice_at_answer=True)
+    model = build_model(vcfg, cache.n_states, cache.d_model, torch.device("cpu")).model.eval()
+    tok = model.tokenizer
+    qs = load_questions(root / "instr" / "test.jsonl", check_audio=False)[:6]
+    row_of = {Path(r["audio"]).resolve(): i for i, r in enumerate(rows)}
+
+    conv = question_conversation(qs[0]) + [("assistant", ["female"])]
+    seq, turn = encode(conv, tok, voice_at_answer=True)
+    (clip,) = [s for s in seq if isinstance(s, Path)]
+    at = seq.index(Voice(clip))
+    assert tok.decode(seq[at + 1 : at + 1 + len(tok.encode("Assistant:"))]) == "Assistant:" and turn[at] == -1
+    states = {clip: cache.load_states([row_of[clip]])[0]}
+    idx, embeds, _, n_tok = assemble(model, [seq], states)
+    start = seq.index(clip)  # one item per token before the clip
+    voice = embeds[0, start : start + 2]  # the clip's tokens begin with its voice tokens
+    pos = at - 1 + n_tok[clip]  # the Voice item, past the clip's tokens
+    assert n_tok[Voice(clip)] == 2 and torch.equal(embeds[0, pos : pos + 2], voice) and bool((idx[0, pos : pos + 2] < 0).all())
+    _, _, targets, _ = conversation_batch(model, [conv], states)
+    assert bool((targets[0, pos - 1 : pos + 2] < 0).all())  # nothing predicts the voice
+
+    def forward_answer(conv: list, states: dict, n: int = 4) -> str:
+        seq, new = prompt(conv, tok, voice_at_answer=True), []
+        for _ in range(n):
+            idx, embeds, _, _ = assemble(model, [seq + new], states)
+            with torch.no_grad():
+                new.append(model.gpt(idx, embeds=embeds)[0, -1].argmax().item())
+            if new[-1] == tok.eos_id:
+                new.pop()
+                break
+        return tok.decode(new).strip()
+
+    want = [forward_answer(question_conversation(q), {c: cache.load_states([row_of[c]])[0] for c in question_conversation(q)[0][1]
+                                                        if isinstance(c, Path)}) for q in qs]
+    assert answerer(model, cache, max_new_tokens=4)(qs) == want and len(set(want)) > 1
+
+    session = Session(model, SimpleNamespace(source=""), recipe="tuning")
+    for q in qs[:3]:
+        c = Path(q["audios"][0]).resolve()
+        states = {c: cache.load_states([row_of[c]])[0]}
+        hidden, frames = collate_states([states[c].float()])
+        clip = Clip("x.wav", 1.0, torch.zeros(1, 0, 32), 0.0, tokens=model.audio_tokens(hidden, frames)[0])
+        clip.head, clip.head_ids = session.head(clip)
+        text = "Is the voice male or female?"
+        events = list(run_alone(session.answer(session.check(text, clip, 4), clip, sampling(max_new_tokens=4), 0.0), session.step))
+        assert events[-1]["text"].strip() == forward_answer([("user", [c, text])], states)
 
 
 def test_a_question_written_audio_last_is_asked_audio_last(setup):

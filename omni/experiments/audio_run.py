@@ -168,6 +168,7 @@ def start_shape(cfg: AudioRunConfig) -> tuple[SpeechLMConfig, Path | None, dict]
               f"(not {shape.layer}, {shape.k}, {shape.projector})")
     if shape.voice_tokens and not saved.voice_tokens:  # voice tokens added on top of a run that had none: they start fresh
         saved = replace(saved, voice_tokens=shape.voice_tokens)
+    saved = replace(saved, voice_at_answer=shape.voice_at_answer)  # the conversation's layout is the new run's to choose
     return saved, path, meta
 
 

@@ -122,7 +122,7 @@ def answer_position(model: SpeechLM, questions: Sequence[dict], states: dict[Pat
     hidden, logits, att = [], [], []
     try:
         for i in range(0, len(questions), batch_size):
-            seqs = [prompt(question_conversation(q), tok) for q in questions[i : i + batch_size]]
+            seqs = [prompt(question_conversation(q), tok, model.config.voice_at_answer) for q in questions[i : i + batch_size]]
             idx, embeds, lengths, _ = assemble(model, seqs, states)
             seen.clear()
             out = model.gpt(idx, embeds=embeds)

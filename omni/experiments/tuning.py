@@ -21,6 +21,9 @@ Design choices:
   often (`balance_answers`), so a task's training prior is flat and only the audio separates its
   answers (the held-out voices' label mix differs from training's: two of three held-out variants
   are female, and two of three training voices male).
+- With `voice_at_answer`, the clip's voice tokens (SpeechLMConfig.voice_tokens) stand again just before
+  each "Assistant:" (a `Voice` item): the listening ladder found the voice in the audio tokens and lost
+  in the LM's state where the answer is read, a hop of attention from the start of the conversation.
 - Audio sits where its tag stands, not only as a prefix: the sequence is assembled as embeddings
   (text through the LM's own `embed`, each clip through SpeechLM's `audio_tokens`) and run with
   `embeds=` (omni's GPT and Hugging Face LMs alike), so any turn may carry audio anywhere.
@@ -66,6 +69,16 @@ from omni.train import History, TrainConfig, pick_device, train
 USER, ASSISTANT = "User:", "Assistant:"  # role words; what follows each starts with its own space
 
 Segment = str | Path  # text, or the resolved path of a clip
+
+
+@dataclass(frozen=True)
+class Voice:
+    """An item of an encoded conversation: the voice tokens of `clip` again (TuningConfig.voice_at_answer)."""
+
+    clip: Path
+
+
+Item = int | Path | Voice  # a token id, a clip's audio tokens, or a clip's voice tokens
 Conversation = list[tuple[str, list[Segment]]]  # (role, segments in order)
 Watch = Callable[[SpeechLM, int], dict[str, float]]  # metrics of the model at a step (held-out accuracy, ...)
 
@@ -77,6 +90,7 @@ class TuningConfig(AudioRunConfig):
     balance_answers: bool = True  # within a task, draw each answer equally often: a flat prior per task, so only the audio separates the answers
     val_rows: int = 64  # val conversations in each val-loss evaluation (a seeded subsample: the full split costs minutes on CPU); 0 = all
     perception_steps: int = 0  # the first steps train on voice captions alone ("describe": perception first, as LTU), then the task mix
+    voice_at_answer: bool = False  # the clip's voice tokens again just before each "Assistant:", two positions from where the answer is read (the ladder finds the voice in the audio tokens but not in the LM's state at the answer); needs voice_tokens
 
     ALIASES: ClassVar[dict[str, str]] = {"audio_path": "run"}  # old parameter names, accepted until the next release
 
@@ -86,6 +100,7 @@ class TuningConfig(AudioRunConfig):
         require(self.val_rows >= 0, "val_rows", self.val_rows, ">= 0")
         require(0 <= self.perception_steps <= self.steps, "perception_steps", self.perception_steps, f"in [0, steps={self.steps}]")
         require(0 <= self.texture_share <= 1, "texture_share", self.texture_share, "in [0, 1]")
+        require(self.voice_tokens > 0 or not self.voice_at_answer, "voice_at_answer", self.voice_at_answer, "only with voice_tokens > 0")
 
 
 @dataclass
@@ -114,16 +129,16 @@ def read_conversations(path: str | Path) -> list[Conversation]:
     return read_examples(path)[0]
 
 
-def encode(conv: Conversation, tok) -> tuple[list[int | Path], list[int]]:
-    """Token ids (a Path where a clip goes) and, per item, the index of the assistant turn it is a
-    trained token of (the answer's tokens and its closing EOS), -1 for context (user and system text,
-    audio, role words)."""
-    items: list[int | Path] = [tok.bos_id]
+def encode(conv: Conversation, tok, voice_at_answer: bool = False) -> tuple[list[Item], list[int]]:
+    """Token ids (a Path where a clip goes; with `voice_at_answer` a Voice of the last clip before each
+    "Assistant:") and, per item, the index of the assistant turn it is a trained token of (the answer's
+    tokens and its closing EOS), -1 for context (user and system text, audio, role words)."""
+    items: list[Item] = [tok.bos_id]
     turn = [-1]
     n_answers = 0
     for role, segs in conv:
         if role in ASSISTANT_ROLES:
-            head = tok.encode(ASSISTANT)
+            head = voice_before(items, voice_at_answer) + tok.encode(ASSISTANT)
             body = tok.encode(" " + " ".join(s for s in segs if isinstance(s, str))) + [tok.eos_id]
             items += head + body
             turn += [-1] * len(head) + [n_answers] * len(body)
@@ -143,15 +158,23 @@ def encode(conv: Conversation, tok) -> tuple[list[int | Path], list[int]]:
     return items, turn
 
 
-def prompt(conv: Conversation, tok) -> list[int | Path]:
+def voice_before(items: list[Item], voice_at_answer: bool) -> list[Item]:
+    """[Voice(the last clip in items)] where the conversation repeats the voice before an answer, else []."""
+    clips = [s for s in items if isinstance(s, Path)]
+    return [Voice(clips[-1])] if voice_at_answer and clips else []
+
+
+def prompt(conv: Conversation, tok, voice_at_answer: bool = False) -> list[Item]:
     """The sequence a model answers from: the conversation so far, then the assistant's role word."""
-    return encode(conv, tok)[0] + tok.encode(ASSISTANT)
+    items = encode(conv, tok, voice_at_answer)[0]
+    return items + voice_before(items, voice_at_answer) + tok.encode(ASSISTANT)
 
 
-def assemble(model: SpeechLM, seqs: Sequence[list[int | Path]], states: dict[Path, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[Path, int]]:
-    """(idx (B, L), embeds (B, L, D), lengths (B,), audio tokens per clip): each sequence's clips
-    expanded into their audio tokens, right-padded; idx holds -1 at audio positions (not tokens: only
-    embeds is read there, and they get no value embedding) and 0 at padding."""
+def assemble(model: SpeechLM, seqs: Sequence[list[Item]], states: dict[Path, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[Path | Voice, int]]:
+    """(idx (B, L), embeds (B, L, D), lengths (B,), soft tokens per clip and per Voice): each sequence's
+    clips expanded into their audio tokens (a Voice into its clip's first voice_tokens of them),
+    right-padded; idx holds -1 at audio positions (not tokens: only embeds is read there, and they get
+    no value embedding) and 0 at padding."""
     device = model.gpt_device
     clips = sorted({s for seq in seqs for s in seq if isinstance(s, Path)})
     tokens, n_tok = None, {}
@@ -160,11 +183,14 @@ def assemble(model: SpeechLM, seqs: Sequence[list[int | Path]], states: dict[Pat
         audio, lengths = model.audio_tokens(hidden.to(device), frames.to(device))
         tokens = {c: audio[i, : int(lengths[i])] for i, c in enumerate(clips)}
         n_tok = {c: int(lengths[i]) for i, c in enumerate(clips)}
-    rows, where = [], []  # ids per sequence; (batch, start, clip) of each audio span
+        for v in {s for seq in seqs for s in seq if isinstance(s, Voice)}:
+            tokens[v] = tokens[v.clip][: model.config.voice_tokens]  # the clip's tokens begin with its voice tokens
+            n_tok[v] = model.config.voice_tokens
+    rows, where = [], []  # ids per sequence; (batch, start, clip or Voice) of each soft span
     for b, seq in enumerate(seqs):
         ids: list[int] = []
         for s in seq:
-            if isinstance(s, Path):
+            if not isinstance(s, int):
                 where.append((b, len(ids), s))
                 ids += [-1] * n_tok[s]
             else:
@@ -183,11 +209,11 @@ def assemble(model: SpeechLM, seqs: Sequence[list[int | Path]], states: dict[Pat
     return idx, embeds, torch.tensor([len(r) for r in rows], device=device), n_tok
 
 
-def expand(seq: list[int | Path], per_item: list, n_tok: dict[Path, int], fill) -> list:
-    """A per-item list stretched over each clip's audio tokens (`fill` there: audio is never a target)."""
+def expand(seq: list[Item], per_item: list, n_tok: dict[Path | Voice, int], fill) -> list:
+    """A per-item list stretched over each clip's (or Voice's) soft tokens (`fill` there: audio is never a target)."""
     out: list = []
     for s, m in zip(seq, per_item):
-        out += [fill] * n_tok[s] if isinstance(s, Path) else [m]
+        out += [fill] * n_tok[s] if not isinstance(s, int) else [m]
     return out
 
 
@@ -196,7 +222,7 @@ def conversation_batch(model: SpeechLM, convs: Sequence[Conversation], states: d
     is an assistant token to predict, else -1 (user text, audio, role words, padding); weights[b, p]
     is 1 / (tokens of its turn x assistant turns of its conversation), so each conversation's
     weights sum to 1 (the per-turn, then per-conversation mean)."""
-    encoded = [encode(c, model.tokenizer) for c in convs]
+    encoded = [encode(c, model.tokenizer, model.config.voice_at_answer) for c in convs]
     idx, embeds, _, n_tok = assemble(model, [s for s, _ in encoded], states)
     targets = torch.full_like(idx, -1)
     weights = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)
@@ -277,8 +303,10 @@ def check_lengths(model: SpeechLM, convs: Sequence[Conversation], states: dict[P
     the LM's sequence_len, before any training step."""
     max_len, longest = model.gpt.config.sequence_len, 0
     for i, c in enumerate(convs):
-        seq, _ = encode(c, model.tokenizer)
-        n = sum(int(model.projector.token_lengths(torch.tensor(states[s].size(1)))) if isinstance(s, Path) else 1 for s in seq)
+        seq, _ = encode(c, model.tokenizer, model.config.voice_at_answer)
+        # a clip: its audio tokens and the voice tokens before them; a Voice: those again
+        n = sum(model.config.voice_tokens + (int(model.projector.token_lengths(torch.tensor(states[s].size(1)))) if isinstance(s, Path) else 0)
+                if not isinstance(s, int) else 1 for s in seq)
         if n > max_len:
             raise ValueError(f"{where}: row {i + 1} is {n} tokens with its audio, over the LM's sequence_len={max_len}")
         longest = max(longest, n)
@@ -379,7 +407,7 @@ def question_conversation(q: dict) -> Conversation:
 
 
 @torch.no_grad()
-def greedy(model: SpeechLM, seqs: Sequence[list[int | Path]], states: dict[Path, torch.Tensor], max_new_tokens: int) -> list[list[int]]:
+def greedy(model: SpeechLM, seqs: Sequence[list[Item]], states: dict[Path, torch.Tensor], max_new_tokens: int) -> list[list[int]]:
     """Greedy continuations of `seqs` until EOS (left out) or max_new_tokens, with the LM's KV cache:
     each sequence but its last token goes in as a left-padded prefix of embeddings, carrying the token
     ids of its text (`audio_idx`, so omni's GPT gives that text its value embeddings, as in training),
@@ -427,7 +455,7 @@ def answerer(model: SpeechLM, cache: FeatureCache, max_new_tokens: int = 12, tra
         states = _states_for(cache, convs, "the benchmark's questions", by_audio)
         # each question its own budget (the batch decodes to the largest), so an answer never depends on its batch
         budgets = [transcribe_tokens if q.get("task") == "transcribe" else answer_budget(q, tok, max_new_tokens) for q in qs]
-        out = greedy(model, [prompt(c, tok) for c in convs], states, max(budgets))
+        out = greedy(model, [prompt(c, tok, model.config.voice_at_answer) for c in convs], states, max(budgets))
         model.train(was)
         return [tok.decode(row[:n]).strip() for row, n in zip(out, budgets)]
 

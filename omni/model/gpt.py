@@ -340,8 +340,10 @@ class GPT(nn.Module):
             x = torch.cat([audio.to(x.dtype), x], dim=1)
         elif audio_mask is not None:
             raise ValueError("audio_mask given without audio")
-        if kv_cache is not None and A > 0 and kv_cache.pos > 0:
-            raise ValueError("an audio prefix can only be given on the first (prefill) call with a kv_cache")
+        if kv_cache is not None and audio_mask is not None and kv_cache.pos > 0:
+            # padded soft tokens set the cache's padding, which only a first call may do; unpadded ones
+            # may follow text (a tuned run's voice tokens before "Assistant:", omni.serve.session)
+            raise ValueError("a padded audio prefix (audio_mask) can only be given on the first (prefill) call with a kv_cache")
 
         S = A + T  # new positions in this call
         start = kv_cache.pos if kv_cache is not None else 0
@@ -531,7 +533,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def extend(self, cache: KVCache, idx: Tensor, audio: Tensor | None = None, audio_idx: Tensor | None = None) -> Tensor | None:
-        """Append [audio][idx] to `cache` (audio only while it is empty): the last position's logits
+        """Append [audio][idx] to `cache` (soft tokens at any point: a clip first, a voice before an answer): the last position's logits
         (B, V), or None when idx is empty (a clip read ahead of any question, omni.serve.chat)."""
         logits = self.forward(idx, audio=audio, kv_cache=cache, audio_idx=audio_idx)
         return logits[:, -1] if idx.size(1) else None

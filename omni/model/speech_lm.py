@@ -82,6 +82,7 @@ class SpeechLMConfig:
     collapse: bool = False  # one audio token per CTC segment (runs of the same most likely LM token, blanks dropped): the layout the frozen LM copies from
     audio_bos: bool = False  # BOS's embedding before the audio tokens, as a document starts in pretraining
     voice_tokens: int = 0  # soft tokens pooled from the whole clip (VoicePool: the voice, not the words) before the audio tokens; 0 = none
+    voice_at_answer: bool = False  # a tuned run's conversation repeats the clip's voice tokens just before each "Assistant:", next to where the answer is read (omni.experiments.tuning)
 
 
 def compression_ratio(text: str) -> float:

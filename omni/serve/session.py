@@ -30,6 +30,7 @@ from pydantic import AliasChoices, BaseModel, Field, ValidationError
 
 from omni.data import audio
 from omni.experiments.audio_run import load_run, run_decoding, run_encoder
+from omni.experiments.tuning import Voice
 from omni.experiments.tuning import prompt as tuning_prompt
 from omni.model import mel
 from omni.model.beam import joint_beam_search
@@ -162,12 +163,15 @@ class Session:
     def inputs(self, text: str, clip: Clip | None) -> torch.Tensor:
         """idx (1, T): the tokens the LM reads after the clip's `head` (the whole turn without a clip) before
         it answers. An alignment run: [audio][question][BOS]. A tuned run: its conversation,
-        `[BOS]User:<audio> question\nAssistant:` (omni.experiments.tuning's format)."""
+        `[BOS]User:<audio> question\nAssistant:` (omni.experiments.tuning's format), with -1 where
+        the clip's voice tokens stand again before "Assistant:" (SpeechLMConfig.voice_at_answer)."""
         if not self.tuned:
             items = self.prompt(text, clip)
         else:
-            items = tuning_prompt([("user", ([CLIP] if clip else []) + ([text] if text else []))], self.tokenizer)
+            items = tuning_prompt([("user", ([CLIP] if clip else []) + ([text] if text else []))], self.tokenizer,
+                                  self.model.config.voice_at_answer)
             items = items[items.index(CLIP) + 1 :] if clip else items
+            items = [x for s in items for x in ([-1] * self.model.config.voice_tokens if isinstance(s, Voice) else [s])]
         return torch.tensor([items], device=self.model.gpt_device)
 
     def check(self, text: str, clip: Clip | None, max_new_tokens: int) -> torch.Tensor:
@@ -237,8 +241,13 @@ class Session:
         gpt, room = self.model.gpt, idx.size(1) + s.max_new_tokens
         with torch.no_grad():
             cache = clip.head.copy(len(clip.head_ids) + room) if clip is not None else gpt.new_cache(1, room)
-            if idx.size(1) > 1:
-                gpt.extend(cache, idx[:, :-1])
+            ids = idx[:, :-1]
+            if bool((ids < 0).any()):  # the clip's voice tokens again before "Assistant:" (inputs): text, then [voice][text]
+                at, n = int((ids[0] < 0).nonzero()[0]), self.model.config.voice_tokens
+                gpt.extend(cache, ids[:, :at])
+                gpt.extend(cache, ids[:, at + n :], audio=clip.tokens[:, :n])
+            elif ids.size(1):
+                gpt.extend(cache, ids)
         logits = yield Step(idx[0, -1:], cache)
         for step in range(s.max_new_tokens):
             nxt = sample_next(logits, s.temperature, s.top_k or None, s.top_p, gen)  # the rule of every decoder (omni.model.sampling)
