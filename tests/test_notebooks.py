@@ -157,10 +157,12 @@ def test_instruct_notebook(tiny_alignment, tmp_path, env):
     assert run.info.status == "FINISHED"
     assert {f.name for f in dataclasses.fields(InstructConfig)} | {"out_dir"} == set(run.data.params)
     assert {"texture_mean", "texture_chance_mean", "transcript_only_texture_mean", "hard_texture_mean",
-            "hard_transcribe_wer", "meets_bar", "loss"} <= set(run.data.metrics)
+            "hard_transcribe_wer", "meets_bar", "loss", "texture_open_mean", "texture_mc_mean"} <= set(run.data.metrics)
     assert run.data.metrics["texture_mean"] > run.data.metrics["shuffled_texture_mean"]
     html = (tmp_path / "out.ipynb").read_text()
-    assert "hears" in html and "transcription through chat" in html
+    assert "hears" in html and "transcription through chat" in html and "top_answer_share" in html
+    formats = json.loads((tmp_path / "run" / "bench_test" / "scores.json").read_text())["formats"]
+    assert {(r["task"], r["format"]) for r in formats} == {(t, f) for t in ("gender", "accent", "style") for f in ("open", "mc")}
 
 
 def test_tables_and_curves_read_for_people():

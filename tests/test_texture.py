@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from omni.eval.texture import TaskScore, ask, findings, headline, is_correct, load_questions, meets_bar, run_benchmark, score, task_table
+from omni.eval.texture import TaskScore, ask, by_format, findings, headline, is_correct, load_questions, meets_bar, run_benchmark, score, task_table
 from omni.eval.texture_baselines import majority_answerer, probe_answerer, shuffled_questions, text_probe_answerer, transcript_questions
 from omni.experiments.plots import texture_scores
 from omni.data.instructions import LETTERS, TASK_LABEL, TEXTURE_TASKS, InstructionConfig, build_instructions, label_answer
@@ -115,6 +115,33 @@ def test_constant_answer_scores_chance():
     assert s.chance == 0.25 and s.lo <= 0.25 <= s.hi and abs(s.accuracy - 0.25) < 0.04
     assert s.hi - s.lo < 0.06  # 2000 questions: a tight interval
     assert score(qs, ["A"] * len(qs), seed=0)["accent"] == s  # seeded bootstrap
+
+
+def test_by_format_tells_a_model_that_hears_but_cannot_bind_letters():
+    """An answerer that names the right value to open questions and says "A" to every lettered one:
+    the per-task score averages the two, the format table shows both, and the collapse."""
+    rng = random.Random(0)
+    qs, preds = [], []
+    for i in range(400):
+        value = ("female", "male")[i % 2]
+        if i % 4 < 2:
+            qs.append({"task": "gender", "format": "open", "answer": value, "options": ["female", "male"], "chance": 0.5})
+            preds.append(value)
+        else:
+            shown = ["female", "male"]
+            rng.shuffle(shown)
+            qs.append({"task": "gender", "format": "mc", "answer": LETTERS[shown.index(value)], "options": shown, "chance": 0.5})
+            preds.append("A")
+    qs.append({"task": "transcribe", "format": "open", "answer": "the cat", "options": [], "chance": 0.0})
+    preds.append("the cat")  # not a texture question: not in the table
+    rows = {r["format"]: r for r in by_format(qs, preds)}
+    assert set(rows) == {"open", "mc"} and rows["open"]["n"] == rows["mc"]["n"] == 200
+    assert rows["open"]["balanced"] == 1.0 and rows["open"]["top_answer_share"] == 0.5
+    assert abs(rows["mc"]["balanced"] - 0.5) < 0.1 and rows["mc"]["top_answer"] == "a" and rows["mc"]["top_answer_share"] == 1.0
+    assert abs(score(qs, preds)["gender"].balanced - 0.75) < 0.05  # what the per-task score alone says
+    assert [r["format"] for r in by_format(qs, preds)] == ["open", "mc"]  # open first, as the notebook lists them
+    with pytest.raises(ValueError, match="1 predictions for 401 questions"):
+        by_format(qs, preds[:1])
 
 
 def test_shuffled_audio_drops_an_audio_oracle_to_chance(corpus):

@@ -178,6 +178,31 @@ def score(questions: Sequence[dict], predictions: Sequence[str | None], seed: in
     return out
 
 
+def by_format(questions: Sequence[dict], predictions: Sequence[str | None]) -> list[dict]:
+    """Per texture task and question format ("open": the answer in words; "mc": lettered options,
+    answered with a letter): questions, balanced accuracy, and the share of the answer given most
+    often. Choosing the right value and binding it to its letter are two steps (arXiv 2210.12353
+    calls the second "multiple choice symbol binding"; arXiv 2601.03914 finds them in two stages);
+    a model that hears but cannot bind answers open questions well and every lettered one with the
+    same letter (share near 1), which the per-task score averages into one middling number."""
+    if len(questions) != len(predictions):
+        raise ValueError(f"{len(predictions)} predictions for {len(questions)} questions")
+    groups: dict[tuple[str, str], list[tuple[bool, str, str]]] = collections.defaultdict(list)
+    for q, p in zip(questions, predictions):
+        if p is not None and q["task"] in TEXTURE_TASKS and q.get("options"):
+            groups[(q["task"], q.get("format", "open"))].append((is_correct(p, q), answer_value(q), normalize_text(p)))
+    order = {t: i for i, t in enumerate(TEXTURE_TASKS)}
+    rows = []
+    for (task, fmt), hits in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1] != "open")):
+        by_answer = collections.defaultdict(list)
+        for hit, value, _ in hits:
+            by_answer[value].append(hit)
+        most = collections.Counter(h[2] for h in hits).most_common(1)[0]
+        rows.append({"task": task, "format": fmt, "n": len(hits), "balanced": float(np.mean([np.mean(v) for v in by_answer.values()])),
+                     "top_answer": most[0], "top_answer_share": most[1] / len(hits)})
+    return rows
+
+
 def ask(questions: Sequence[dict], answer: Answerer, batch_size: int = 64, length: Callable[[dict], float] | None = None) -> list:
     """`answer`'s predictions for every question, in order, asked in batches of one task at a time
     (an answerer may then size its decoding budget to the task: transcripts are long, labels short).

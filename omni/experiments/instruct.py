@@ -27,7 +27,7 @@ import json
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -56,6 +56,7 @@ class BenchmarkResult:
     results: dict  # {answerer name: {task: omni.eval.texture.TaskScore}}
     transcribe: dict[str, float]  # WER of the chat transcripts: wer, median_wer, clear_wer, clear_median_wer, n, n_clear
     n_questions: int
+    formats: list[dict] = field(default_factory=list)  # the model per texture task and question format (omni.eval.texture.by_format)
 
 
 def instruction_rows(path: str | Path) -> list[dict]:
@@ -98,7 +99,7 @@ def benchmark(model: SpeechLM, cache: FeatureCache, questions: list[dict], clips
         texture.SHUFFLED: texture.run_benchmark(texture_baselines.shuffled_questions(heard, seed), ask, seed=seed, length=size),
         texture.PROBE: texture.run_benchmark(questions, texture_baselines.probe_answerer(cache, questions, seed=seed, clips=clips), seed=seed),
     }
-    return BenchmarkResult(results, transcription_wer(questions, predictions, clips), len(questions))
+    return BenchmarkResult(results, transcription_wer(questions, predictions, clips), len(questions), texture.by_format(questions, predictions))
 
 
 def watcher(cache: FeatureCache, questions: list[dict], seed: int = 0) -> Watch:
@@ -155,7 +156,7 @@ def save_benchmark(res: BenchmarkResult, out: str | Path, title: str = ""):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "scores.json", json.dumps({"scores": {k: {t: asdict(v) for t, v in r.items()} for k, r in res.results.items()},
-                                                  "transcribe": res.transcribe, "n_questions": res.n_questions}, indent=1))
+                                                  "transcribe": res.transcribe, "n_questions": res.n_questions, "formats": res.formats}, indent=1))
     fig = plots.texture_scores(res.results, title=title or f"texture benchmark: {res.n_questions} questions")
     fig.savefig(out / "bench.png", dpi=110)
     return fig
@@ -289,6 +290,10 @@ def run(cfg: InstructConfig, tracker: Tracker | NullTracker | None = None) -> In
         m |= texture.headline(b.results, prefix) | {f"{prefix}bench_seconds": time.perf_counter() - t0, f"{prefix}n_questions": float(len(qs))}
         m |= {f"{prefix}transcribe_{k}": v for k, v in b.transcribe.items()}
         m[f"{prefix}meets_bar"] = float(texture.meets_bar(b.results)[0])
+        for fmt in ("open", "mc"):  # the texture mean per question format: hearing the value vs binding it to a letter
+            got = [r["balanced"] for r in b.formats if r["format"] == fmt and r["task"] in texture.REQUIRED_TASKS]
+            if got:
+                m[f"{prefix}texture_{fmt}_mean"] = float(np.mean(got))
     ladder = None
     if cfg.ladder_per_task:
         t0 = time.perf_counter()
