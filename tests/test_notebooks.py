@@ -160,7 +160,7 @@ def test_instruct_notebook(tiny_alignment, tmp_path, env):
             "hard_transcribe_wer", "meets_bar", "loss", "texture_open_mean", "texture_mc_mean"} <= set(run.data.metrics)
     assert run.data.metrics["texture_mean"] > run.data.metrics["shuffled_texture_mean"]
     html = (tmp_path / "out.ipynb").read_text()
-    assert "hears" in html and "transcription through chat" in html and "top_answer_share" in html
+    assert "hears" in html and "transcription through chat" in html and "top_answer_share" in html and "the largest fall" in html
     formats = json.loads((tmp_path / "run" / "bench_test" / "scores.json").read_text())["formats"]
     assert {(r["task"], r["format"]) for r in formats} == {(t, f) for t in ("gender", "accent", "style") for f in ("open", "mc")}
 

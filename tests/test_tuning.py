@@ -23,6 +23,7 @@ from omni.data.manifest import write_manifest
 from omni.eval.texture import load_questions
 from omni.eval.texture_baselines import shuffled_questions
 from omni.experiments.audio_run import load_run
+from omni.experiments import plots
 from omni.model.encoder import collate_states
 from omni.experiments.tuning import (
     TuningConfig, answerer, assemble, build_model, conversation_batch, conversation_loss, draw, encode, mix_pools, prompt,
@@ -583,3 +584,13 @@ def test_the_ladder_finds_the_voice_in_the_states_and_reads_every_rung(setup):
     rows_out = ladder.table()
     assert [r["task"] for r in rows_out] == ["gender", "style"] and "answer, silence" in rows_out[0]
     assert ladder.where_lost() and "ladder.whisper.gender" in ladder.metrics()
+    assert ladder.voice == {} and "voice_tokens" not in rows_out[0] and ladder.chance["gender"] == 0.5 and 0.25 <= ladder.chance["style"] <= 0.5
+    # with voice tokens: a probe on them alone, beside the audio tokens (which no longer count them)
+    vmodel = build_model(replace(cfg, voice_tokens=2), cache.n_states, cache.d_model, torch.device("cpu")).model
+    vladder = run_ladder(vmodel, cache, train_q, test_q, per_task=40, seed=0)
+    assert set(vladder.voice) == {"gender", "style"} and vladder.voice["gender"] >= 0.8  # the pool reads every state, state 1 among them
+    assert "voice_tokens" in vladder.table()[0] and "ladder.voice_tokens.gender" in vladder.metrics()
+    better = "voice_tokens" if vladder.voice["gender"] > vladder.accuracy["audio_tokens"]["gender"] else "audio_tokens"
+    assert f"{better} {max(vladder.voice['gender'], vladder.accuracy['audio_tokens']['gender']):.2f}" in vladder.where_lost()[0]
+    fig = plots.ladder(vladder.table())
+    assert len(fig.axes[0].get_xticklabels()) == 5  # four rungs and the shuffled control (no silence asked here)

@@ -5,6 +5,8 @@ about the voice, rung by rung, on the held-out clips (unseen voices):
 
     whisper       a linear probe on the Whisper state(s) the projector reads, mean over the clip
     audio_tokens  a linear probe on the audio tokens the projector writes, mean over the clip
+    (voice_tokens a linear probe on the voice tokens alone, side by side, when the model has them:
+                  the pooled voice is a path of its own beside the audio tokens, not a rung above them)
     lm_state      a linear probe on the LM's last hidden state at the answer position (the question asked)
     answer        the model's own answer, read from its logits: the option whose first token scores highest
 
@@ -54,12 +56,17 @@ class Ladder:
     answer_accuracy: dict[str, dict[str, float]]  # "own" | "shuffled" | "silence" -> task -> balanced accuracy of the answer rung
     attention: dict[str, float] = field(default_factory=dict)  # task -> share of the answer position's attention on audio (own audio)
     n_test: dict[str, int] = field(default_factory=dict)  # task -> test questions
+    voice: dict[str, float] = field(default_factory=dict)  # task -> balanced accuracy of a probe on the voice tokens (empty: the model has none)
+    chance: dict[str, float] = field(default_factory=dict)  # task -> 1 / the test answers' classes: a balanced accuracy's chance
 
     def table(self) -> list[dict]:
         """One row per task: every rung's accuracy, the margins, the attention share."""
         rows = []
         for t in self.tasks:
             row = {"task": t} | {r: self.accuracy[r].get(t, float("nan")) for r in RUNGS}
+            if self.voice:
+                row["voice_tokens"] = self.voice.get(t, float("nan"))
+            row["chance"] = self.chance.get(t, float("nan"))
             row |= {f"answer, {k}": v.get(t, float("nan")) for k, v in self.answer_accuracy.items() if k != "own"}
             row |= {f"margin, {k}": v.get(t, float("nan")) for k, v in self.margin.items()}
             row |= {"attention on audio": self.attention.get(t, float("nan")), "questions": self.n_test.get(t, 0)}
@@ -67,19 +74,24 @@ class Ladder:
         return rows
 
     def where_lost(self) -> list[str]:
-        """Per task, a sentence: the rung where accuracy falls most (the voice's largest loss)."""
+        """Per task, a sentence: the rung where accuracy falls most (the voice's largest loss). With
+        voice tokens the second rung is the better of the two paths into the LM (audio or voice tokens)."""
         out = []
         for t in self.tasks:
+            names = list(RUNGS)
             acc = [self.accuracy[r].get(t, float("nan")) for r in RUNGS]
-            drops = [(acc[i] - acc[i + 1], RUNGS[i], RUNGS[i + 1]) for i in range(len(RUNGS) - 1) if not np.isnan(acc[i] - acc[i + 1])]
+            if t in self.voice:
+                names[1] = "voice_tokens" if self.voice[t] > acc[1] else "audio_tokens"
+                acc[1] = max(acc[1], self.voice[t])
+            drops = [(acc[i] - acc[i + 1], names[i], names[i + 1]) for i in range(len(names) - 1) if not np.isnan(acc[i] - acc[i + 1])]
             if not drops:
                 continue
             drop, a, b = max(drops)
-            out.append(f"{t}: {', '.join(f'{r} {v:.2f}' for r, v in zip(RUNGS, acc))}; the largest fall, {drop:+.2f}, is from {a} to {b}")
+            out.append(f"{t}: {', '.join(f'{r} {v:.2f}' for r, v in zip(names, acc))}; the largest fall, {drop:+.2f}, is from {a} to {b}")
         return out
 
     def metrics(self) -> dict[str, float]:
-        out = {f"ladder.{r}.{t}": v for r, by in self.accuracy.items() for t, v in by.items()}
+        out = {f"ladder.{r}.{t}": v for r, by in (self.accuracy | {"voice_tokens": self.voice}).items() for t, v in by.items()}
         out |= {f"ladder.margin_{k}.{t}": v for k, by in self.margin.items() for t, v in by.items()}
         out |= {f"ladder.attention.{t}": v for t, v in self.attention.items()}
         return out
@@ -94,9 +106,11 @@ def balanced(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
 
 
 @torch.no_grad()
-def clip_features(model: SpeechLM, states: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    """(Whisper state the projector reads, audio tokens), each the mean over the clip: (N, d) arrays."""
-    whisper, tokens = [], []
+def clip_features(model: SpeechLM, states: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(Whisper state the projector reads, audio tokens), each the mean over the clip: (N, d) arrays,
+    and the voice tokens side by side (N, voice_tokens * n_embd), None when the model has none."""
+    whisper, tokens, voice = [], [], []
+    n_voice = model.config.voice_tokens if model.voice is not None else 0
     device = model.gpt_device
     for i in range(0, len(states), 64):
         hidden, frames = collate_states([s.float() for s in states[i : i + 64]])
@@ -105,8 +119,10 @@ def clip_features(model: SpeechLM, states: list[torch.Tensor]) -> tuple[np.ndarr
         out, lengths = model.audio_tokens(hidden, frames)
         for b in range(hidden.size(0)):
             whisper.append(picked[b, : int(frames[b])].mean(0).cpu().numpy())
-            tokens.append(out[b, : int(lengths[b])].mean(0).float().cpu().numpy())
-    return np.stack(whisper), np.stack(tokens)
+            tokens.append(out[b, n_voice : int(lengths[b])].mean(0).float().cpu().numpy())  # the projector's tokens alone
+            if n_voice:  # the voice tokens lead the audio tokens (SpeechLM.audio_tokens)
+                voice.append(out[b, :n_voice].flatten().float().cpu().numpy())
+    return np.stack(whisper), np.stack(tokens), (np.stack(voice) if voice else None)
 
 
 @torch.no_grad()
@@ -187,6 +203,8 @@ def run_ladder(model: SpeechLM, cache: FeatureCache, train_questions: Sequence[d
     answer_acc: dict[str, dict[str, float]] = {k: {} for k in margin}
     attention: dict[str, float] = {}
     n_test: dict[str, int] = {}
+    voice: dict[str, float] = {}
+    chance: dict[str, float] = {}
     for t in tasks:
         tr, te = pick(train_q, t), pick(test_q, t)
         n_test[t] = len(te)
@@ -194,15 +212,18 @@ def run_ladder(model: SpeechLM, cache: FeatureCache, train_questions: Sequence[d
         states = dict(zip(clips, cache.load_states([by_audio[c] for c in clips])))
         clip_of = lambda q: Path(q["audios"][0]).resolve()  # noqa: E731
         y_tr, y_te = [q["label_answer"] for q in tr], [q["label_answer"] for q in te]
-        # rungs 1-2: the clip, before the LM
-        w_tr, a_tr = clip_features(model, [states[clip_of(q)] for q in tr])
-        w_te, a_te = clip_features(model, [states[clip_of(q)] for q in te])
-        for rung, X_tr, X_te in (("whisper", w_tr, w_te), ("audio_tokens", a_tr, a_te)):
-            accuracy[rung][t] = balanced(y_te, fit_probe(X_tr, y_tr, seed).predict(X_te)) if len(set(y_tr)) > 1 else float("nan")
+        chance[t] = 1.0 / max(1, len(set(y_te)))
+        probe = lambda X_tr, X_te: balanced(y_te, fit_probe(X_tr, y_tr, seed).predict(X_te)) if len(set(y_tr)) > 1 else float("nan")  # noqa: E731
+        # rungs 1-2: the clip, before the LM (and the voice tokens beside the audio tokens)
+        w_tr, a_tr, v_tr = clip_features(model, [states[clip_of(q)] for q in tr])
+        w_te, a_te, v_te = clip_features(model, [states[clip_of(q)] for q in te])
+        accuracy["whisper"][t], accuracy["audio_tokens"][t] = probe(w_tr, w_te), probe(a_tr, a_te)
+        if v_tr is not None:
+            voice[t] = probe(v_tr, v_te)
         # rung 3: the LM at the answer position; rung 4: its answer
         h_tr, _, _ = answer_position(model, tr, states)
         h_te, logits, att = answer_position(model, te, states, attention=True)
-        accuracy["lm_state"][t] = balanced(y_te, fit_probe(h_tr, y_tr, seed).predict(h_te)) if len(set(y_tr)) > 1 else float("nan")
+        accuracy["lm_state"][t] = probe(h_tr, h_te)
         chosen, margins = option_choice(logits, te, model.tokenizer)
         accuracy["answer"][t] = answer_acc["own"][t] = balanced(y_te, chosen)
         margin["own"][t] = float(np.mean(margins))
@@ -217,4 +238,4 @@ def run_ladder(model: SpeechLM, cache: FeatureCache, train_questions: Sequence[d
             chosen_c, margins_c = option_choice(logits_c, te, model.tokenizer)
             answer_acc[name][t], margin[name][t] = balanced(y_te, chosen_c), float(np.mean(margins_c))
     model.train(was)
-    return Ladder(tasks, accuracy, margin, answer_acc, attention, n_test)
+    return Ladder(tasks, accuracy, margin, answer_acc, attention, n_test, voice, chance)

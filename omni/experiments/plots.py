@@ -3,7 +3,7 @@
 people (a report is read, not computed with): integers as integers, a missing value as "–" with a
 footnote saying what it means, never "nan" or "202.000000". `trend` says in words where a curve went.
 
-Training curves (loss_curves, curve, copy_curves, listening_curves, bars_by); ablation grids from a comparison table
+Training curves (loss_curves, curve, copy_curves, listening_curves, bars_by); the listening ladder (ladder); ablation grids from a comparison table
 (omni.eval.compare: probe_accuracy, grid_metrics, weight_histories, final_weights); embedding maps
 (omni.experiments.embedding_viz: embedding_map, embedding_labels, alignment_bars). Points, not bars, where a
 difference of a few percent matters: a bar drawn from zero hides it.
@@ -145,6 +145,32 @@ def listening_curves(evals: list[dict], tasks: Sequence[str]):
     ax.plot(steps, [e["watch_shuffled_texture"] for e in evals], color="black", lw=1.5, ls="--", label="mean, shuffled audio")
     ax.set_ylim(0, 1.02), ax.set_xlabel("step"), ax.set_ylabel("balanced accuracy (held-out voices)")
     ax.set_title("listening while training: own audio (solid) vs shuffled audio (dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def ladder(rows: Sequence[dict]):
+    """The listening ladder (omni.experiments.ladder.Ladder.table()): per texture task, balanced accuracy
+    at each rung from the Whisper states to the answer (points joined by a line), the voice tokens beside
+    the audio tokens (a hollow marker), the answer with shuffled audio and with silence (crosses), and
+    the task's chance (dotted). Where a task's line falls is where its voice is lost."""
+    rungs = [("whisper", "Whisper\nstates"), ("audio_tokens", "audio\ntokens"), ("lm_state", "LM state\nat answer"), ("answer", "answer")]
+    controls = [("answer, shuffled", "answer,\nshuffled"), ("answer, silence", "answer,\nsilence")]
+    controls = [c for c in controls if any(c[0] in r for r in rows)]
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    for i, r in enumerate(rows):
+        c = f"C{i}"
+        ax.plot(range(len(rungs)), [r[k] for k, _ in rungs], marker="o", color=c, label=r["task"])
+        if "voice_tokens" in r:
+            ax.plot([1], [r["voice_tokens"]], marker="o", mfc="none", ms=10, color=c)
+        for j, (k, _) in enumerate(controls):
+            ax.plot([len(rungs) + j], [r[k]], marker="x", ms=8, color=c)
+        ax.hlines(r.get("chance", float("nan")), -0.2, len(rungs) + len(controls) - 0.8, colors=c, linestyles=":", lw=1)
+    ax.set_xticks(range(len(rungs) + len(controls)), [n for _, n in rungs + controls])
+    ax.set_ylim(0, 1.02), ax.set_ylabel("balanced accuracy (held-out voices)")
+    ax.set_title("where the voice is lost" + (" (hollow: the voice tokens alone)" if any("voice_tokens" in r for r in rows) else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
