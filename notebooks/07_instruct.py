@@ -20,8 +20,9 @@
 
 # %% [markdown]
 # # 07 · Instruction tuning on texture, and the texture benchmark
-# Frozen Whisper states of the synthesized corpus go through the projector into the LM, which is tuned
-# (LoRA adapters by default) on questions about the voice: gender, accent, rate, pitch, style, same
+# Frozen Whisper states of the synthesized corpus go through the projector (and a few pooled voice
+# tokens) into the LM, which is tuned (LoRA adapters or the whole LM; `instruct.yaml` starts from the
+# hearing model and tunes the whole LM) on questions about the voice: gender, accent, rate, pitch, style, same
 # speaker, plus transcription and two content checks. Answers are written as prose ("Assistant:" then
 # " female"), the loss is a mean per answer, then per conversation, and batches are mostly texture
 # questions with every answer of a task drawn equally often, so a task's prior says nothing and only
@@ -34,7 +35,8 @@
 # frequent training answer: a model that learned the prior), **transcript only** (a probe on the transcript's
 # text: what the words give away), **shuffled audio** (another clip's audio: a listening model falls to the
 # prior) and a **linear probe** on pooled Whisper states (a ceiling for what the features hold, always
-# answering in a valid form; hence the model's share of valid answers beside its accuracy).
+# answering in a valid form; hence the model's share of valid answers beside its accuracy). Last, the
+# **listening ladder** says where, between the audio and the answer, each texture is lost.
 
 # %% tags=["parameters"]
 # generated from omni.experiments.instruct.InstructConfig by `python -m omni.params`: edit the dataclass, not this cell
@@ -127,6 +129,35 @@ for name, b in res.benches.items():
     table = pd.DataFrame(texture.task_table(b.results)).set_index("task")
     print(names[name])
     display(table.style.format({c: "{:.3f}" for c in table.columns if c != "n"}, na_rep="-"))
+
+# %% [markdown]
+# ## Hearing the value, or binding it to a letter
+# Half the closed questions name the answer in words ("open"), half list lettered options ("mc") and
+# want the letter. Picking the right value and binding it to its letter are two steps; a model that
+# hears but cannot bind answers the open questions well and every lettered one with the same letter.
+# Per texture task and format: balanced accuracy and the share of the answer given most often.
+
+# %%
+for name, b in res.benches.items():
+    if b.formats:
+        print(names[name])
+        display(pd.DataFrame(b.formats).set_index(["task", "format"]).style.format({"balanced": "{:.3f}", "top_answer_share": "{:.2f}"}))
+
+# %% [markdown]
+# ## Where the voice is lost: the listening ladder
+# On held-out voices, per texture task: a linear probe on the Whisper states the projector reads, on the
+# audio tokens it writes (mean over the clip), on the LM's state where the answer starts, and the model's
+# own answer (the option its first token prefers); the voice tokens (hollow) are a path beside the audio
+# tokens. Crosses: the answer with another clip's audio and with silence. Where a line falls is where
+# that task's voice is lost; the table adds the right answer's logit margin and the share of the answer
+# position's attention on the audio.
+
+# %%
+if res.ladder is not None:
+    plots.show(tracker, plots.ladder(res.ladder.table()), "ladder.png")
+    display(pd.DataFrame(res.ladder.table()).set_index("task").style.format(precision=2))
+    for line in res.ladder.where_lost():
+        print(line)
 
 # %% [markdown]
 # ## What the model hears, and what it does not

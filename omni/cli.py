@@ -9,7 +9,7 @@
     omni data librispeech ROOT/train-clean-100 --out M.jsonl     manifest from LibriSpeech
     omni features --manifest M.jsonl --encoder tiny.en --features cache/features [--encoder-mode var]
     omni transcribe --run RUN_DIR --manifest M.jsonl [--whisper-baseline] | AUDIO ...
-    omni texture --run RUN [--out reports/bench]                  texture benchmark + baselines of a tuned run
+    omni texture --run RUN [--out reports/bench] [--ladder-per-task 150]   texture benchmark + baselines (+ the listening ladder) of a tuned run
     omni chat --run RUN [--host H --port P] | --cli AUDIO ... [--question Q]   chat demo (web page or terminal)
 
 Imports happen inside the handlers: `omni --help` should not pay for torch or mlflow.
@@ -113,6 +113,8 @@ def cmd_texture(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     from omni.experiments.instruct import benchmark_run
 
+    if args.ladder_per_task < 0:
+        raise ValueError(f"--ladder-per-task must be >= 0 (0 = no ladder), got {args.ladder_per_task}")
     results = benchmark_run(args.run, args.out, args.questions, args.transcripts, args.device, args.bench_per_task, args.seed, args.features)
     tasks = sorted({t for r in results.values() for t in r}, key=lambda t: (t == "texture", t))
     print(f"{'task':14s} {'chance':>7s} " + " ".join(f"{k[:22]:>22s}" for k in results))
@@ -121,6 +123,13 @@ def cmd_texture(args: argparse.Namespace) -> int:
         chance = next(r[t].chance for r in results.values() if t in r)
         print(f"{t:14s} {chance:7.2f} " + " ".join(f"{c:>22s}" for c in cells))
     print(f"-> {Path(args.out) / 'scores.json'}, {Path(args.out) / 'bench.png'}")
+    if args.ladder_per_task:
+        from omni.experiments.instruct import ladder_run
+
+        lad = ladder_run(args.run, args.out, args.ladder_per_task, args.seed, args.device)
+        for line in lad.where_lost():
+            print(line)
+        print(f"-> {Path(args.out) / 'ladder.json'}, {Path(args.out) / 'ladder.png'}")
     return 0
 
 
@@ -377,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--features", default="", help="feature cache of the questions' clips when not the run's own (e.g. the hard set's)")
     b.add_argument("--seed", type=int, default=0, help="fixes the subsample of questions, the shuffled audio and the probe's fit")
     b.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
+    b.add_argument("--ladder-per-task", type=int, default=0, help="> 0: also the listening ladder, this many questions per task (the instruct run's: 150) -> ladder.json, ladder.png")
     b.set_defaults(fn=cmd_texture)
     return p
 

@@ -90,7 +90,7 @@ def test_multi_turn_audio_in_place_and_assistant_only_loss(setup):
     assert abs(conversation_loss(model, [parsed], other)[0].item() - loss.item()) > 1e-6
 
 
-def test_few_steps_lower_the_loss_save_and_bench(setup, capsys):
+def test_few_steps_lower_the_loss_save_and_bench(setup, capsys, monkeypatch):
     root, rows, cache, cfg = setup
     res = tune(replace(cfg, out=str(root / "run"), eval_every=6, trainable="projector+lm"), cache=cache)
     assert [e["step"] for e in res.history.evals] == [5, 11] and res.history.evals[-1]["val_loss"] == res.val_loss
@@ -119,6 +119,17 @@ def test_few_steps_lower_the_loss_save_and_bench(setup, capsys):
     small = fake_cache(root / "bench_small_cache", rows[:3], informative=False)
     assert main(["texture", "--run", str(root / "run"), "--out", str(root / "bench2"), "--features", str(small.path)]) == 2
     assert "not in the feature cache" in capsys.readouterr().err
+    # --ladder-per-task: the listening ladder of the saved run beside its benchmark (silence: the fake cache's shape, not Whisper's)
+    from omni.experiments import instruct
+
+    monkeypatch.setattr(instruct, "silence_states", lambda encoder: torch.zeros(cache.n_states, 5, cache.d_model, dtype=torch.float16))
+    assert main(["texture", "--run", str(root / "run"), "--out", str(root / "bench3"), "--bench-per-task", "3", "--ladder-per-task", "10"]) == 0
+    assert "the largest fall" in capsys.readouterr().out
+    saved = json.loads((root / "bench3" / "ladder.json").read_text())
+    assert [r["task"] for r in saved["table"]] == ["gender", "style"] and len(saved["where_lost"]) == 2
+    assert all(0 <= r["answer"] <= 1 and r["questions"] <= 10 for r in saved["table"]) and (root / "bench3" / "ladder.png").stat().st_size > 1000
+    assert main(["texture", "--run", str(root / "run"), "--out", str(root / "bench4"), "--ladder-per-task", "-1"]) == 2
+    assert "--ladder-per-task" in capsys.readouterr().err and not (root / "bench4").exists()  # refused before any work
 
 
 

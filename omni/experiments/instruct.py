@@ -188,6 +188,36 @@ def benchmark_run(run: str | Path, out: str | Path, questions: str | Path = "", 
     return res.results
 
 
+def listening_ladder(model: SpeechLM, cache: FeatureCache, instructions: str | Path, watched_clips: list[str], encoder: str,
+                     per_task: int, seed: int = 0) -> Ladder:
+    """The ladder (omni.experiments.ladder) of a tuned model on its instruction set: probes fitted on
+    train.jsonl's questions, scored on test.jsonl's less the clips watched while it trained."""
+    folder = Path(instructions)
+    return run_ladder(model, cache, texture.load_questions(folder / "train.jsonl", check_audio=False),
+                      texture.load_questions(folder / "test.jsonl", check_audio=False, exclude_clips=watched_clips),
+                      silence=silence_states(encoder), per_task=per_task, seed=seed)
+
+
+def ladder_run(run: str | Path, out: str | Path, per_task: int = 150, seed: int = 0, device: str = "cpu") -> Ladder:
+    """The listening ladder of an instruction-tuned run, as its own run measured it at the end (the
+    same held-out clips: the test questions less those it watched); writes OUT/ladder.json (the table
+    and where each task's voice is lost) and OUT/ladder.png."""
+    _, meta = run_meta(run, "--run")
+    if meta.get("recipe") != "tuning":
+        raise FileNotFoundError(f"--run {run}: not an instruction-tuned run (its audio_path.json was not written by omni.experiments.tuning)")
+    model, meta = load_run(run, device, "--run")
+    cfg = meta.get("config", {})
+    _, watched = watch_questions(Path(meta["instructions"]) / "test.jsonl", int(cfg.get("watch_clips", 0)), int(cfg.get("seed", seed)))
+    lad = listening_ladder(model, run_cache(meta), meta["instructions"], watched, meta.get("encoder", "tiny.en"), per_task, seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "ladder.json", json.dumps({"table": lad.table(), "where_lost": lad.where_lost()}, indent=1))
+    fig = plots.ladder(lad.table())
+    fig.savefig(out / "ladder.png", dpi=110)
+    plt.close(fig)
+    return lad
+
+
 # --- the experiment: data, training, the benchmark on two test sets -----------------------------
 
 
@@ -297,9 +327,7 @@ def run(cfg: InstructConfig, tracker: Tracker | NullTracker | None = None) -> In
     ladder = None
     if cfg.ladder_per_task:
         t0 = time.perf_counter()
-        ladder = run_ladder(res.model, cache, texture.load_questions(folder / "train.jsonl", check_audio=False),
-                            texture.load_questions(folder / "test.jsonl", check_audio=False, exclude_clips=watched_clips),
-                            silence=silence_states(cfg.encoder), per_task=cfg.ladder_per_task, seed=cfg.seed)
+        ladder = listening_ladder(res.model, cache, folder, watched_clips, cfg.encoder, cfg.ladder_per_task, cfg.seed)
         m |= ladder.metrics() | {"ladder_seconds": time.perf_counter() - t0}
     tracker.log_metrics(m, step=cfg.steps)
     tracker.flush()
