@@ -103,6 +103,8 @@ texture_balanced_mean | balanced texture accuracy | ACC
 texture_valid_mean | answers that are a valid option | fraction
 texture_floor_mean | floor: max(chance, train majority) | ACC
 texture_over_floor | texture accuracy above the floor | ACC
+texture_open_mean | balanced accuracy, questions answered in words (5 tasks) | ACC
+texture_mc_mean | balanced accuracy, lettered questions (5 tasks) | ACC
 train_majority_texture_mean | train-majority baseline | ACC
 hard_texture_floor_mean | hard set: floor | ACC
 transcript_only_texture_mean | transcript-only baseline | ACC
