@@ -37,7 +37,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -148,6 +148,15 @@ def bootstrap_ci(correct: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tupl
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def balanced_accuracy(hits: Iterable[tuple[bool, str]]) -> float:
+    """Mean over answers of the accuracy on that answer's questions; hits: (correct, answer value);
+    nan when there are none."""
+    by_answer: dict[str, list[bool]] = collections.defaultdict(list)
+    for hit, value in hits:
+        by_answer[value].append(hit)
+    return float(np.mean([np.mean(v) for v in by_answer.values()])) if by_answer else float("nan")
+
+
 def score(questions: Sequence[dict], predictions: Sequence[str | None], seed: int = 0, n_boot: int = 1000) -> dict[str, TaskScore]:
     """Per-task scores plus "texture" (all texture tasks' questions pooled; its balanced accuracy is
     the mean of the tasks'); a None prediction means the answerer does not take that question, which
@@ -166,10 +175,7 @@ def score(questions: Sequence[dict], predictions: Sequence[str | None], seed: in
     for i, (task, hits) in enumerate(sorted(groups.items())):
         c = np.array([h[0] for h in hits], dtype=np.float64)
         lo, hi = bootstrap_ci(c, n_boot, seed + i)
-        by_answer = collections.defaultdict(list)
-        for h in hits:
-            by_answer[h[2]].append(h[0])
-        balanced = float(np.mean([np.mean(v) for v in by_answer.values()])) if "" not in by_answer else float("nan")
+        balanced = balanced_accuracy((h[0], h[2]) for h in hits) if all(h[2] != "" for h in hits) else float("nan")
         valid = [h[3] for h in hits if h[3] is not None]
         out[task] = TaskScore(task, float(c.mean()), lo, hi, float(np.mean([h[1] for h in hits])), len(c), balanced,
                               float(np.mean(valid)) if valid else float("nan"))
@@ -194,11 +200,8 @@ def by_format(questions: Sequence[dict], predictions: Sequence[str | None]) -> l
     order = {t: i for i, t in enumerate(TEXTURE_TASKS)}
     rows = []
     for (task, fmt), hits in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1] != "open")):
-        by_answer = collections.defaultdict(list)
-        for hit, value, _ in hits:
-            by_answer[value].append(hit)
         most = collections.Counter(h[2] for h in hits).most_common(1)[0]
-        rows.append({"task": task, "format": fmt, "n": len(hits), "balanced": float(np.mean([np.mean(v) for v in by_answer.values()])),
+        rows.append({"task": task, "format": fmt, "n": len(hits), "balanced": balanced_accuracy((h[0], h[1]) for h in hits),
                      "top_answer": most[0], "top_answer_share": most[1] / len(hits)})
     return rows
 

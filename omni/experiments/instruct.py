@@ -162,6 +162,14 @@ def save_benchmark(res: BenchmarkResult, out: str | Path, title: str = ""):
     return fig
 
 
+def load_tuned(run: str | Path, device: str = "cpu") -> tuple[SpeechLM, dict]:
+    """(model, meta) of an instruction-tuned run (`--run`); any other run is refused before its weights are read."""
+    _, meta = run_meta(run, "--run")
+    if meta.get("recipe") != "tuning":
+        raise FileNotFoundError(f"--run {run}: not an instruction-tuned run (its audio_path.json was not written by omni.experiments.tuning)")
+    return load_run(run, device, "--run")
+
+
 def benchmark_run(run: str | Path, out: str | Path, questions: str | Path = "", transcripts: str = "reference",
                   device: str = "cpu", bench_per_task: int = 0, seed: int = 0, features: str | Path = "") -> dict:
     """The benchmark on an instruction-tuned run: the model, and on the same questions train majority,
@@ -173,10 +181,7 @@ def benchmark_run(run: str | Path, out: str | Path, questions: str | Path = "", 
     bench_per_task: questions per task (a seeded sample stratified by answer); 0 = all.
     """
     require_choice("transcripts", transcripts, TRANSCRIPTS)
-    _, meta = run_meta(run, "--run")
-    if meta.get("recipe") != "tuning":
-        raise FileNotFoundError(f"--run {run}: not an instruction-tuned run (its audio_path.json was not written by omni.experiments.tuning)")
-    model, meta = load_run(run, device, "--run")
+    model, meta = load_tuned(run, device)
     cache = run_cache(meta)
     clips = FeatureCache.open(features) if features else cache
     qs = texture.load_questions(questions or Path(meta["instructions"]) / "test.jsonl", check_audio=False,
@@ -202,10 +207,7 @@ def ladder_run(run: str | Path, out: str | Path, per_task: int = 150, seed: int 
     """The listening ladder of an instruction-tuned run, as its own run measured it at the end (the
     same held-out clips: the test questions less those it watched); writes OUT/ladder.json (the table
     and where each task's voice is lost) and OUT/ladder.png."""
-    _, meta = run_meta(run, "--run")
-    if meta.get("recipe") != "tuning":
-        raise FileNotFoundError(f"--run {run}: not an instruction-tuned run (its audio_path.json was not written by omni.experiments.tuning)")
-    model, meta = load_run(run, device, "--run")
+    model, meta = load_tuned(run, device)
     cfg = meta.get("config", {})
     _, watched = watch_questions(Path(meta["instructions"]) / "test.jsonl", int(cfg.get("watch_clips", 0)), int(cfg.get("seed", seed)))
     lad = listening_ladder(model, run_cache(meta), meta["instructions"], watched, meta.get("encoder", "tiny.en"), per_task, seed)

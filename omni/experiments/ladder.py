@@ -38,7 +38,7 @@ import torch
 
 from omni.common import derangement
 from omni.data.features import FeatureCache
-from omni.eval.texture import REQUIRED_TASKS
+from omni.eval.texture import REQUIRED_TASKS, balanced_accuracy
 from omni.eval.texture_baselines import fit_probe
 from omni.experiments.tuning import assemble, clip_rows, prompt, question_conversation
 from omni.model.encoder import WhisperEncoder, collate_states
@@ -98,11 +98,8 @@ class Ladder:
 
 
 def balanced(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
-    """Mean over the true classes of the share predicted right."""
-    by: dict[str, list[bool]] = {}
-    for t, p in zip(y_true, y_pred):
-        by.setdefault(t, []).append(t == p)
-    return float(np.mean([np.mean(v) for v in by.values()])) if by else float("nan")
+    """Mean over the true classes of the share predicted right (the benchmark's balanced accuracy)."""
+    return balanced_accuracy((t == p, t) for t, p in zip(y_true, y_pred))
 
 
 @torch.no_grad()
